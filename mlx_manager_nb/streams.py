@@ -1,0 +1,148 @@
+"""The consumer side of a request: a finished result, or a stream of text deltas, sync or async.
+
+Events arrive on the engine thread; a sync stream reads them from a ``queue.Queue``, an async
+stream from an ``asyncio.Queue`` fed through ``loop.call_soon_threadsafe``. Leaving a stream early
+(``close()``, ``break``, KeyboardInterrupt, a cancelled task) cancels the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator
+
+from .engine import Delta, Done, Event, Failed, Request
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation."""
+
+    id: str
+    model: str
+    text: str
+    finish_reason: str  # "stop", "length", "cancelled" or "timeout"
+    stop: str | None  # the stop string that matched, if one did
+    usage: Usage
+    ttft: float | None  # seconds to the first token
+    tokens_per_second: float | None
+    duration: float
+
+
+def make_result(request_id: str, model: str, text: str, done: Done) -> Result:
+    usage = Usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+    return Result(request_id, model, text, done.finish_reason, done.stop, usage, done.ttft,
+                  done.tokens_per_second, done.duration)
+
+
+class TextStream:
+    """Iterate over text deltas; ``.text`` holds what arrived so far, ``.result`` the end.
+
+    >>> s = pool.chat([{"role": "user", "content": "Hi"}], stream=True)
+    >>> for delta in s: print(delta, end="")
+    >>> s.result.usage.completion_tokens
+    """
+
+    def __init__(self, request_id: str, model: str, request: Request, events: queue.Queue):
+        self.id, self.model, self.text = request_id, model, ""
+        self.result: Result | None = None
+        self._request, self._events = request, events
+        self._it = self._iterate()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop reading; the engine drops the request within one step."""
+        self._it.close()
+        self._request.cancelled.set()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _iterate(self) -> Iterator[str]:
+        try:
+            while True:
+                event = self._events.get()
+                if isinstance(event, Delta):
+                    self.text += event.text
+                    yield event.text
+                elif isinstance(event, Done):
+                    self.result = make_result(self.id, self.model, self.text, event)
+                    return
+                else:
+                    raise event.error
+        finally:
+            if self.result is None:
+                self._request.cancelled.set()
+
+
+def queue_sink() -> tuple[queue.Queue, Callable[[Event], None]]:
+    q: queue.Queue = queue.Queue()
+    return q, q.put
+
+
+class AsyncTextStream:
+    """The async twin of :class:`TextStream`: ``async for delta in stream``."""
+
+    def __init__(self, request_id: str, model: str, request: Request, events: asyncio.Queue):
+        self.id, self.model, self.text = request_id, model, ""
+        self.result: Result | None = None
+        self._request, self._events = request, events
+        self._it = self._iterate()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._it.__anext__()
+
+    async def aclose(self) -> None:
+        self._request.cancelled.set()
+        await self._it.aclose()
+
+    async def collect(self) -> Result:
+        """Read to the end and return the result."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                event = await self._events.get()
+                if isinstance(event, Delta):
+                    self.text += event.text
+                    yield event.text
+                elif isinstance(event, Done):
+                    self.result = make_result(self.id, self.model, self.text, event)
+                    return
+                elif isinstance(event, Failed):
+                    raise event.error
+        finally:
+            if self.result is None:
+                self._request.cancelled.set()
+
+
+def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[Event], None]]:
+    q: asyncio.Queue = asyncio.Queue()
+    return q, lambda event: loop.call_soon_threadsafe(q.put_nowait, event)
