@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from mlx_manager_nb import audit as audit_module
-from mlx_manager_nb.audit import AuditLog, new_request_id, utc_now
+from mlx_manager_nb import audit_log as audit_module
+from mlx_manager_nb.audit_log import AuditLog, new_request_id, utc_now
 from mlx_manager_nb.errors import MLXManagerError
 
 INJECTION = "x' OR 1=1 --"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mlx_manager_nb.errors import EngineError, ModelNotFoundError, PoolFullError
-from mlx_manager_nb.pool import Pool
+from mlx_manager_nb.model_pool import Pool
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -339,3 +339,24 @@ def test_a_dead_engine_thread_shows_in_health_and_restarts(pool, monkeypatch):
     monkeypatch.undo()
     assert pool.chat(HELLO, max_tokens=3).usage.completion_tokens == 3
     assert pool.health()["engine"] == "alive"
+
+
+def test_every_request_leaves_an_audit_row_even_when_refused(tiny_model_path, tmp_path):
+    from mlx_manager_nb.audit_log import AuditLog
+
+    audit = AuditLog(tmp_path / "audit.db")
+    p = Pool(keep_alive=None, audit=audit)
+    p.load(tiny_model_path)
+    p.chat(HELLO, max_tokens=3)
+    s = p.chat(HELLO, max_tokens=400, stream=True, meta={"source": "magic"})
+    next(s)
+    s.close()
+    with pytest.raises(ValueError):
+        p.chat(HELLO, temperature=-1)
+    assert wait_for(lambda: len(audit.query()) == 3)
+    rows = {r["status"]: r for r in audit.query()}
+    assert rows["ok"]["completion_tokens"] == 3 and rows["ok"]["source"] == "api"
+    assert rows["cancelled"]["source"] == "magic"
+    assert "temperature" in rows["error"]["error_message"]
+    p.close()
+    audit.close()

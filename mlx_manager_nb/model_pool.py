@@ -17,7 +17,6 @@ import asyncio
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from mlx_lm.utils import load as load_model  # imported here: transformers first
 # thread leaves a C++ thread that aborts the process at exit ("terminate called...")
 
 from . import store
+from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import InvalidModelError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, make_params
@@ -61,10 +61,6 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
-
-
 def _model_bytes(model: Any) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
@@ -88,7 +84,7 @@ class Pool:
 
     ``max_models`` and ``max_memory`` (bytes) bound the pool: loading past them evicts the least
     recently used idle, unpinned model. ``keep_alive`` (seconds, None for ever) unloads models
-    left idle that long. ``audit`` is an :class:`~mlx_manager_nb.audit.AuditLog` or None.
+    left idle that long. ``audit`` is an :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
     """
 
     def __init__(
@@ -366,14 +362,14 @@ class Pool:
                 p = replace(p, max_tokens=min(DEFAULT_MAX_TOKENS, ctx - len(tokens)))
         meta = dict(meta or {})
         request_id = meta.get("id") or new_request_id()
-        started = time.time()
+        started, started_at = time.time(), utc_now()
         text: list[str] = []
 
         def emit(event: Event) -> None:
             if isinstance(event, Delta):
                 text.append(event.text)
             elif isinstance(event, (Done, Failed)):
-                self._finished(info.name, request_id, started, kind, content, "".join(text), event, meta)
+                self._finished(info.name, request_id, started, started_at, kind, content, "".join(text), event, meta)
             sink(event)
 
         request = Request(info.name, tokens, p, emit,
@@ -386,7 +382,7 @@ class Pool:
         self.engine.submit(request)
         return request_id, info.alias or info.name, request
 
-    def _finished(self, name: str, request_id: str, started: float, kind: str, content: Any, text: str,
+    def _finished(self, name: str, request_id: str, started: float, started_at: str, kind: str, content: Any, text: str,
                   event: Done | Failed, meta: dict) -> None:
         with self._lock:
             self._in_flight[name] = self._in_flight.get(name, 1) - 1
@@ -394,7 +390,7 @@ class Pool:
                 self._touch(name)
         row = {
             "id": request_id,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)) + f".{int(started % 1 * 1e6):06d}Z",
+            "started_at": started_at,
             "source": meta.get("source", "api"),
             "endpoint": meta.get("endpoint", f"pool.{kind}"),
             "protocol": meta.get("protocol", "python"),
@@ -416,10 +412,32 @@ class Pool:
         if self.audit is not None:
             self.audit.record(row, {"prompt": content, "completion": text})
 
+    def rejected(self, error: BaseException, model: str | None, meta: dict | None, kind: str = "chat") -> None:
+        """Record a request refused before it reached the engine (bad input, unknown model)."""
+        meta = meta or {}
+        row = {
+            "id": meta.get("id") or new_request_id(), "started_at": utc_now(), "status": "error",
+            "source": meta.get("source", "api"), "endpoint": meta.get("endpoint", f"pool.{kind}"),
+            "protocol": meta.get("protocol", "python"), "model": model, "stream": bool(meta.get("stream")),
+            "http_status": meta.get("http_status"), "client": meta.get("client"),
+            "user_agent": meta.get("user_agent"), "error_type": type(error).__name__,
+            "error_message": str(error)[:500],
+        }
+        self._publish({"type": "request", "phase": "end", **row})
+        if self.audit is not None:
+            self.audit.record(row)
+
+    def _start_or_record(self, kind, content, model, sink, meta, timeout, params):
+        try:
+            return self._start(kind, content, model, sink, meta, timeout, params)
+        except Exception as e:
+            self.rejected(e, model, meta, kind)
+            raise
+
     def _run(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
              timeout: float | None, params: dict) -> Result | TextStream:
         events, sink = queue_sink()
-        request_id, name, request = self._start(kind, content, model, sink, meta, timeout, params)
+        request_id, name, request = self._start_or_record(kind, content, model, sink, meta, timeout, params)
         s = TextStream(request_id, name, request, events)
         if stream:
             return s
@@ -432,7 +450,7 @@ class Pool:
     def _arun(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
               timeout: float | None, params: dict) -> Any:
         events, sink = async_sink(asyncio.get_running_loop())
-        request_id, name, request = self._start(kind, content, model, sink, meta, timeout, params)
+        request_id, name, request = self._start_or_record(kind, content, model, sink, meta, timeout, params)
         s = AsyncTextStream(request_id, name, request, events)
         return s if stream else s.collect()
 
