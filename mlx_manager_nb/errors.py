@@ -27,3 +27,7 @@ class PoolFullError(MLXManagerError):
 
 class EngineError(MLXManagerError):
     """A failure inside the inference engine."""
+
+
+class ServerError(MLXManagerError):
+    """The HTTP server cannot start or stop as asked (port in use, already running, unsafe bind)."""
