@@ -361,6 +361,7 @@ class Pool:
             if params.get("max_tokens") is None:
                 p = replace(p, max_tokens=min(DEFAULT_MAX_TOKENS, ctx - len(tokens)))
         meta = dict(meta or {})
+        meta["audit"] = meta.get("audit") or self.audit
         request_id = meta.get("id") or new_request_id()
         started, started_at = time.time(), utc_now()
         text: list[str] = []
@@ -409,8 +410,8 @@ class Pool:
             row.update(status="error", error_type=type(event.error).__name__, error_message=str(event.error)[:500],
                        duration=time.time() - started)
         self._publish({"type": "request", "phase": "end", **row})
-        if self.audit is not None:
-            self.audit.record(row, {"prompt": content, "completion": text})
+        if meta["audit"] is not None:
+            meta["audit"].record(row, {"prompt": content, "completion": text})
 
     def rejected(self, error: BaseException, model: str | None, meta: dict | None, kind: str = "chat") -> None:
         """Record a request refused before it reached the engine (bad input, unknown model)."""
@@ -424,8 +425,9 @@ class Pool:
             "error_message": str(error)[:500],
         }
         self._publish({"type": "request", "phase": "end", **row})
-        if self.audit is not None:
-            self.audit.record(row)
+        audit = meta.get("audit") or self.audit
+        if audit is not None:
+            audit.record(row)
 
     def _start_or_record(self, kind, content, model, sink, meta, timeout, params):
         try:

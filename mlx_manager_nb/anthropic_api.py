@@ -1,0 +1,149 @@
+"""Anthropic-compatible endpoints: ``/messages`` (streamed and not) and ``/messages/count_tokens``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .http_common import MODEL, POOL, REQUEST_ID, STATS, ApiError, audit_meta, field_of, resolve_model, send_event, sse_response
+from .openai_api import anext_or_none
+
+UNSUPPORTED = ("tools", "tool_choice", "thinking", "mcp_servers")
+STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "timeout": "max_tokens"}
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or an array of content blocks", param=where)
+    parts = []
+    for i, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+        if kind != "text" or not isinstance(block.get("text"), str):
+            raise ApiError(400, f"{where}[{i}]: content blocks of type {kind!r} are not supported yet (text only)",
+                           param=where)
+        parts.append(block["text"])
+    return "".join(parts)
+
+
+def _conversation(body: dict) -> list[dict]:
+    messages = field_of(body, "messages", list, required=True)
+    if not messages:
+        raise ApiError(400, "messages: at least one message is required", param="messages")
+    out = []
+    system = body.get("system")
+    if system is not None:
+        out.append({"role": "system", "content": _text(system, "system")})
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant', got {role!r}",
+                           param=f"messages.{i}.role")
+        out.append({"role": m["role"], "content": _text(m.get("content"), f"messages.{i}.content")})
+    return out
+
+
+def _params(body: dict) -> dict:
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported yet", param=name)
+    temperature = field_of(body, "temperature", (int, float))
+    if temperature is not None and not 0 <= temperature <= 1:
+        raise ApiError(400, f"temperature: must be in [0, 1], got {temperature}", param="temperature")
+    stops = field_of(body, "stop_sequences", list)
+    if stops is not None and not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop_sequences must be a list of non-empty strings", param="stop_sequences")
+    return {
+        "max_tokens": field_of(body, "max_tokens", int, required=True),
+        "temperature": temperature,
+        "top_p": field_of(body, "top_p", (int, float)),
+        "top_k": field_of(body, "top_k", int),
+        "stop": stops or None,
+    }
+
+
+def _message(rid: str, model: str, text: str | None, result=None, input_tokens: int = 0) -> dict:
+    reason = STOP_REASON[result.finish_reason] if result else None
+    if result is not None and result.stop is not None:
+        reason = "stop_sequence"
+    return {
+        "id": rid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}] if text is not None else [],
+        "stop_reason": reason,
+        "stop_sequence": result.stop if result else None,
+        "usage": {"input_tokens": result.usage.prompt_tokens if result else input_tokens,
+                  "output_tokens": result.usage.completion_tokens if result else 0},
+    }
+
+
+async def messages(request: web.Request, body: dict) -> web.StreamResponse:
+    model = field_of(body, "model", str, required=True)
+    request[MODEL] = model
+    stream = field_of(body, "stream", bool, default=False)
+    params = _params(body)
+    conversation = _conversation(body)
+    if conversation[-1]["role"] == "assistant":
+        raise ApiError(400, "a final assistant message (prefill) is not supported yet", param="messages")
+    name = await resolve_model(request, model)
+    pool, stats = request.app[POOL], request.app[STATS]
+    meta = audit_meta(request, "anthropic", stream)
+    stats.requests += 1
+    rid = "msg_" + request[REQUEST_ID]
+    if not stream:
+        result = await pool.achat(conversation, model=name, meta=meta, **params)
+        stats.finished(result.usage.completion_tokens, result.duration)
+        return web.json_response(_message(rid, model, result.text, result))
+    input_tokens = pool.count_tokens(conversation, model=name)
+    s = pool.achat(conversation, model=name, stream=True, meta=meta, **params)
+    stats.active_streams += 1
+    try:
+        first = await anext_or_none(s)
+        response = await sse_response(request)
+        try:
+            start = _message(rid, model, None, input_tokens=input_tokens)
+            await send_event(response, {"type": "message_start", "message": start}, "message_start")
+            await send_event(response, {"type": "content_block_start", "index": 0,
+                                        "content_block": {"type": "text", "text": ""}}, "content_block_start")
+            await send_event(response, {"type": "ping"}, "ping")
+            deltas = [first] if first else []
+            async for delta in _chain(deltas, s):
+                await send_event(response, {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": delta}}, "content_block_delta")
+            result = s.result
+            final = _message(rid, model, None, result)
+            await send_event(response, {"type": "content_block_stop", "index": 0}, "content_block_stop")
+            await send_event(response, {"type": "message_delta",
+                                        "delta": {"stop_reason": final["stop_reason"],
+                                                  "stop_sequence": final["stop_sequence"]},
+                                        "usage": {"output_tokens": result.usage.completion_tokens}},
+                             "message_delta")
+            await send_event(response, {"type": "message_stop"}, "message_stop")
+            stats.finished(result.usage.completion_tokens, result.duration)
+        except (ConnectionResetError, ConnectionError):
+            raise
+        except Exception as e:  # mid-stream failure: an error event, then a clean end
+            await send_event(response, {"type": "error", "error": {"type": "api_error", "message": str(e)}}, "error")
+        return response
+    finally:
+        stats.active_streams -= 1
+        await s.aclose()
+
+
+async def _chain(first: list[str], stream):
+    for d in first:
+        yield d
+    async for d in stream:
+        yield d
+
+
+async def count_tokens(request: web.Request, body: dict) -> web.Response:
+    model = field_of(body, "model", str, required=True)
+    request[MODEL] = model
+    conversation = _conversation(body)
+    name = await resolve_model(request, model)
+    return web.json_response({"input_tokens": request.app[POOL].count_tokens(conversation, model=name)})

@@ -1,0 +1,212 @@
+"""OpenAI-compatible endpoints: ``/chat/completions``, ``/completions`` and ``/models``.
+
+Each handler reads the request into pool parameters, runs it on the pool, and formats the
+result (or the stream of deltas) in OpenAI's shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import store
+from .http_common import (
+    MODEL,
+    POOL,
+    REQUEST_ID,
+    STATS,
+    ApiError,
+    audit_meta,
+    field_of,
+    resolve_model,
+    send_event,
+    sse_response,
+)
+
+UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format", "audio", "modalities")
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length"}
+
+
+def _text_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"{where}[{i}] of type {kind!r} is not supported yet: only text parts are",
+                               param=where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where} must be a string or an array of text parts", param=where)
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = field_of(body, "messages", list, required=True)
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role {role!r} is not supported (system, user, assistant)",
+                           param=f"messages[{i}].role")
+        if m.get("tool_calls"):
+            raise ApiError(400, "tool calls are not supported yet", param=f"messages[{i}].tool_calls")
+        out.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}].content")})
+    if not out:
+        raise ApiError(400, "'messages' must not be empty", param="messages")
+    return out
+
+
+def _params(body: dict) -> dict:
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported yet", param=name)
+    n = field_of(body, "n", int, default=1)
+    if n != 1:
+        raise ApiError(400, "'n' other than 1 is not supported yet", param="n")
+    max_tokens = field_of(body, "max_completion_tokens", int) or field_of(body, "max_tokens", int)
+    stop = field_of(body, "stop", (str, list))
+    return {
+        "temperature": field_of(body, "temperature", (int, float)),
+        "top_p": field_of(body, "top_p", (int, float)),
+        "top_k": field_of(body, "top_k", int),
+        "min_p": field_of(body, "min_p", (int, float)),
+        "repetition_penalty": field_of(body, "repetition_penalty", (int, float)),
+        "seed": field_of(body, "seed", int),
+        "max_tokens": max_tokens,
+        "stop": stop,
+    }
+
+
+def _usage(result) -> dict:
+    u = result.usage
+    usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+             "total_tokens": u.total_tokens}
+    if u.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
+    return usage
+
+
+async def _run(request: web.Request, body: dict, kind: str) -> web.StreamResponse:
+    model = field_of(body, "model", str, required=True)
+    request[MODEL] = model
+    stream = field_of(body, "stream", bool, default=False)
+    options = field_of(body, "stream_options", dict, default={})
+    include_usage = bool(options.get("include_usage"))
+    params = _params(body)
+    if kind == "chat":
+        content: Any = _messages(body)
+    else:
+        content = field_of(body, "prompt", (str, list), required=True)
+        if isinstance(content, list):
+            if len(content) != 1 or not isinstance(content[0], str):
+                raise ApiError(400, "'prompt' as a list must hold exactly one string (batches are not supported yet)",
+                               param="prompt")
+            content = content[0]
+    name = await resolve_model(request, model)
+    pool, stats = request.app[POOL], request.app[STATS]
+    run = pool.achat if kind == "chat" else pool.acomplete
+    meta = audit_meta(request, "openai", stream)
+    stats.requests += 1
+    created = int(time.time())
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
+    if not stream:
+        result = await run(content, model=name, meta=meta, **params)
+        stats.finished(result.usage.completion_tokens, result.duration)
+        return web.json_response(_final(kind, rid, created, model, result))
+    s = run(content, model=name, stream=True, meta=meta, **params)
+    stats.active_streams += 1
+    try:
+        # validation happens before the first byte, so errors still get a proper status
+        first = await anext_or_none(s)
+        response = await sse_response(request)
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(delta_text: str | None, finish: str | None, role: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+            out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        try:
+            if kind == "chat":
+                await send_event(response, chunk(None, None, role=True))
+            if first is not None:
+                await send_event(response, chunk(first, None))
+            async for delta in s:
+                await send_event(response, chunk(delta, None))
+            result = s.result
+            await send_event(response, chunk(None, FINISH[result.finish_reason]))
+            if include_usage:
+                await send_event(response, {"id": rid, "object": obj, "created": created, "model": model,
+                                            "choices": [], "usage": _usage(result)})
+            await send_event(response, "[DONE]")
+            stats.finished(result.usage.completion_tokens, result.duration)
+        except (ConnectionResetError, ConnectionError):
+            raise
+        except Exception as e:  # a failure mid-stream: tell the client in the stream, then end it cleanly
+            await send_event(response, {"error": {"message": str(e), "type": "server_error", "param": None,
+                                                  "code": None}})
+        return response
+    finally:
+        stats.active_streams -= 1
+        await s.aclose()
+
+
+async def anext_or_none(stream) -> str | None:
+    """The first delta of a stream, or None if it ended at once; errors surface here."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _final(kind: str, rid: str, created: int, model: str, result) -> dict:
+    finish = FINISH[result.finish_reason]
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                  "finish_reason": finish}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+            "usage": _usage(result), "system_fingerprint": None}
+
+
+async def chat_completions(request: web.Request, body: dict) -> web.StreamResponse:
+    return await _run(request, body, "chat")
+
+
+async def completions(request: web.Request, body: dict) -> web.StreamResponse:
+    return await _run(request, body, "complete")
+
+
+async def models(request: web.Request, body: dict) -> web.Response:
+    """Loaded models first (with state and size), then local ones that can be loaded on first use."""
+    pool = request.app[POOL]
+    data, seen = [], set()
+    for m in pool.models():
+        name = m.alias or m.name
+        seen.update({m.name, m.alias, m.ref})
+        data.append({"id": name, "object": "model", "created": int(m.last_used), "owned_by": "local",
+                     "state": m.state, "size_bytes": m.size_bytes, "loaded": True})
+    local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
+    for m in local:
+        if m.name not in seen:
+            data.append({"id": m.name, "object": "model", "created": 0, "owned_by": "local",
+                         "state": "available", "size_bytes": m.size_bytes, "loaded": False})
+    return web.json_response({"object": "list", "data": data})
