@@ -10,7 +10,11 @@ In IPython: ``%load_ext mlx_manager_nb``, then ``%mlx`` and ``%%chat``.
 
 from typing import Any
 
-from .errors import (
+from . import blas
+
+blas.bind()  # must run before anything imports mlx: MLX binds its BLAS when it is loaded
+
+from .errors import (  # noqa: E402
     DemoModelUnavailableError,
     EngineError,
     InvalidModelError,
@@ -38,7 +42,22 @@ def __getattr__(name: str) -> Any:
 
             _defaults["pool"] = Pool(audit=__getattr__("audit"))
         return _defaults["pool"]
+    if name == "dashboard":
+        from .widgets import dashboard
+
+        return dashboard
+    if name == "doctor":
+        from .doctor import doctor
+
+        return doctor
     raise AttributeError(f"module 'mlx_manager_nb' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext mlx_manager_nb``: register the ``%mlx`` and ``%%chat`` magics."""
+    from .magics import load
+
+    load(ipython)
 
 
 __all__ = [
@@ -50,5 +69,7 @@ __all__ = [
     "PoolFullError",
     "UnsupportedModelError",
     "audit",
+    "dashboard",
+    "doctor",
     "pool",
 ]

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model
 from mlx_lm.utils import load as load_model  # imported here: transformers first imported on a worker
 # thread leaves a C++ thread that aborts the process at exit ("terminate called...")
 
@@ -65,10 +66,17 @@ def _model_bytes(model: Any) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def _load_runner(name: str, path: Path, progress: Callable[[str, float], None]) -> Runner:
-    """Load weights and tokenizer (on the engine thread), reporting progress per tensor."""
+def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], dequantize: bool) -> Runner:
+    """Load weights and tokenizer (on the engine thread), reporting progress per tensor.
+
+    ``dequantize`` turns quantized layers into float32 ones: on CPUs, MLX's quantized kernels are
+    slow and do not speed up with batching, while float32 matmuls go through an optimized BLAS.
+    """
     try:
         model, tokenizer = load_model(str(path), lazy=True)
+        if dequantize:
+            model = dequantize_model(model)
+            model.set_dtype(mx.float32)
         params = tree_flatten(model.parameters())
         for i, (_, v) in enumerate(params):
             mx.eval(v)
@@ -84,7 +92,8 @@ class Pool:
 
     ``max_models`` and ``max_memory`` (bytes) bound the pool: loading past them evicts the least
     recently used idle, unpinned model. ``keep_alive`` (seconds, None for ever) unloads models
-    left idle that long. ``audit`` is an :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
+    left idle that long. ``dequantize`` loads quantized models as float32: None (the default) does
+    so on CPU devices when the float weights fit in ``max_memory``. ``audit`` is an :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
     """
 
     def __init__(
@@ -93,11 +102,13 @@ class Pool:
         max_memory: int | None = None,
         keep_alive: float | None = 1800.0,
         audit: Any = None,
+        dequantize: bool | None = None,
     ):
         self.max_models = max_models
         self.max_memory = max_memory if max_memory is not None else int(physical_memory() * 0.5)
         self.keep_alive = keep_alive
         self.audit = audit
+        self.dequantize = dequantize
         self.default: str | None = None
         self.engine = Engine(on_tick=self._reap_idle)
         self._lock = threading.RLock()
@@ -218,9 +229,10 @@ class Pool:
     def _load_new(self, name, ref, path, alias, pin, keep_alive, report) -> ModelInfo:
         if name in self._models and self._models[name].state == "ready":
             return self._touch(name, alias=alias or self._models[name].alias, pinned=pin or self._models[name].pinned)
-        estimate = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        self._make_room(estimate, exclude=name)
         config = store.describe(path)
+        disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        dequantize, estimate = self._dequantize_plan(path, disk, name)
+        self._make_room(estimate, exclude=name)
         ka = self.keep_alive if keep_alive == "default" else keep_alive
         with self._lock:
             self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
@@ -229,7 +241,7 @@ class Pool:
         report("loading weights", 0.0)
 
         def load_on_engine() -> Runner:
-            runner = _load_runner(name, path, report)
+            runner = _load_runner(name, path, report, dequantize)
             self.engine.runners[name] = runner
             return runner
 
@@ -243,6 +255,20 @@ class Pool:
         report("ready", 1.0)
         info = self._set(name, state="ready", size_bytes=_model_bytes(runner.model))
         return self._touch(name)
+
+    def _dequantize_plan(self, path: Path, disk: int, name: str) -> tuple[bool, int]:
+        """Whether to load quantized weights as float32, and the bytes the model will take."""
+        quantization = store.read_config(path).get("quantization")
+        if not quantization or self.dequantize is False:
+            return False, disk
+        bits = quantization.get("bits", 4)
+        floats = int(disk * 32 / (bits + 1))  # scales and biases add about one bit per weight
+        if self.dequantize is None:
+            on_cpu = mx.default_device().type == mx.DeviceType.cpu
+            room = self.max_memory - sum(m.size_bytes for m in self.models() if m.name != name and (m.pinned or m.in_flight))
+            if not on_cpu or floats > room:
+                return False, disk
+        return True, floats
 
     def _touch(self, name: str, **changes: Any) -> ModelInfo:
         now = time.time()

@@ -127,9 +127,14 @@ def _quantization(config: dict) -> str:
     return "/".join(f"{b}" for b in sorted(bits)) + "-bit" if bits else "quantized"
 
 
+def read_config(path: Path) -> dict:
+    """A model folder's config.json."""
+    return _read_json(Path(path) / "config.json")
+
+
 def describe(path: Path, name: str | None = None, origin: str = "store") -> LocalModel:
     """Describe a model folder from config.json and tokenizer files (weights are never read)."""
-    config = _read_json(path / "config.json")
+    config = read_config(path)
     text = config.get("text_config", {})
     return LocalModel(
         name=name or path.name,

@@ -68,9 +68,12 @@ class TextStream:
         return next(self._it)
 
     def close(self) -> None:
-        """Stop reading; the engine drops the request within one step."""
-        self._it.close()
+        """Stop reading; the engine drops the request within one step. Safe from any thread."""
         self._request.cancelled.set()
+        try:
+            self._it.close()
+        except ValueError:  # another thread is iterating: it ends when the engine reports the cancel
+            pass
 
     def __enter__(self) -> "TextStream":
         return self

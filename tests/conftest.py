@@ -1,3 +1,4 @@
+import mlx_manager_nb  # noqa: F401  (first, so MLX binds the fast BLAS as it does for users)
 import pytest
 
 from tiny_model import build_tiny_model
