@@ -1,0 +1,147 @@
+"""The chat panel: a conversation with a loaded model, streamed, with Stop and Clear."""
+
+from __future__ import annotations
+
+import threading
+import time
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+
+from .common import coalesced, default_pool, error_html, make_panel, ready_options, set_options, ui_caller
+
+if TYPE_CHECKING:
+    from ..model_pool import Pool
+
+CHAT_META = {"source": "widget", "endpoint": "chat_panel", "protocol": "python", "stream": True}
+STREAM_INTERVAL = 0.1  # seconds between two renders of streamed text
+
+
+def _bubble(role: str, text: str) -> str:
+    color = {"user": "#1565c0", "assistant": "#2e7d32"}.get(role, "#555")
+    return (f"<div style='margin:4px 0'><b style='color:{color}'>{escape(role)}</b>"
+            f"<div style='white-space:pre-wrap'>{escape(text)}</div></div>")
+
+
+def _speed(result: Any) -> str:
+    if result is None:
+        return "stopped"
+    tps = result.tokens_per_second
+    rate = f"{tps:.1f} tok/s" if tps is not None else "– tok/s"
+    return f"{result.usage.completion_tokens} tokens · {rate} · {result.finish_reason}"
+
+
+def chat_panel(pool: Pool | None = None) -> widgets.VBox:
+    """Chat with a loaded model: the answer streams in; Stop cancels it in the engine."""
+    pool = default_pool(pool)
+    call = ui_caller()
+    model = widgets.Dropdown(description="Model")
+    system = widgets.Textarea(description="System", placeholder="optional system prompt",
+                              layout=widgets.Layout(width="600px"))
+    temperature = widgets.FloatSlider(value=0.7, min=0.0, max=2.0, step=0.05, description="Temperature")
+    max_tokens = widgets.BoundedIntText(value=512, min=1, max=131072, description="Max tokens")
+    conversation = widgets.HTML()
+    prompt = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="600px"))
+    send = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
+    stop = widgets.Button(description="Stop", icon="stop", disabled=True)
+    clear = widgets.Button(description="Clear", icon="trash")
+    speed = widgets.Label()
+    error = widgets.HTML()
+    history: list[dict] = []
+    current: threading.Event | None = None  # set to stop the running request
+
+    def render(partial: str | None = None) -> None:
+        bubbles = [_bubble(m["role"], m["content"]) for m in history]
+        if partial is not None:
+            bubbles.append(_bubble("assistant", partial + "▌"))
+        conversation.value = "".join(bubbles) or "<i>No messages yet.</i>"
+
+    def busy(on: bool) -> None:
+        send.disabled, stop.disabled = on, not on
+
+    def progress(flag: threading.Event, text: str, rate: str) -> None:
+        if flag is current:
+            render(text)
+            speed.value = rate
+
+    def finish(flag: threading.Event, text: str, result: Any, failure: BaseException | None) -> None:
+        nonlocal current
+        if flag is not current:  # cleared meanwhile
+            return
+        current = None
+        if text:
+            history.append({"role": "assistant", "content": text})
+        elif history:
+            history.pop()  # keep user and assistant turns alternating
+        speed.value = _speed(result) if failure is None else ""
+        error.value = error_html(failure)
+        busy(False)
+        render()
+
+    def consume(stream: Any, flag: threading.Event) -> None:
+        failure, first, last, n = None, None, 0.0, 0
+        try:
+            with stream:  # leaving early closes the stream, which cancels the request
+                for _ in stream:
+                    if flag.is_set():
+                        break
+                    now = time.perf_counter()
+                    first, n = first or now, n + 1
+                    if now - last >= STREAM_INTERVAL:
+                        last = now
+                        rate = f"≈ {(n - 1) / (now - first):.1f} tok/s" if now > first else ""
+                        call(progress, flag, stream.text, rate)
+        except Exception as e:
+            failure = e
+        call(finish, flag, stream.text, stream.result, failure)
+
+    def on_send(_: Any) -> None:
+        nonlocal current
+        text = prompt.value.strip()
+        if not text or current is not None:
+            return
+        turn = {"role": "user", "content": text}
+        messages = ([{"role": "system", "content": system.value}] if system.value.strip() else []) + history + [turn]
+        try:
+            stream = pool.chat(messages, model=model.value, stream=True, meta=dict(CHAT_META),
+                               temperature=temperature.value, max_tokens=max_tokens.value)
+        except Exception as e:
+            error.value = error_html(e)
+            return
+        history.append(turn)
+        prompt.value, error.value, speed.value = "", "", ""
+        current = threading.Event()
+        busy(True)
+        render("")
+        threading.Thread(target=consume, args=(stream, current), name="mlx-nb-chat", daemon=True).start()
+
+    def on_stop(_: Any) -> None:
+        if current is not None:
+            current.set()
+
+    def on_clear(_: Any) -> None:
+        nonlocal current
+        on_stop(None)
+        current = None
+        history.clear()
+        speed.value = error.value = ""
+        busy(False)
+        render()
+
+    def refresh_models() -> None:
+        set_options(model, ready_options(pool), pool.default)
+
+    send.on_click(on_send)
+    stop.on_click(on_stop)
+    clear.on_click(on_clear)
+    refresh_soon = coalesced(call, refresh_models)
+    unsubscribe = pool.subscribe(lambda e: refresh_soon() if e["type"] == "model" else None)
+    refresh_models()
+    render()
+    parts = dict(model=model, system=system, temperature=temperature, max_tokens=max_tokens,
+                 conversation=conversation, prompt=prompt, send=send, stop=stop, clear=clear, speed=speed,
+                 error=error, history=history)
+    children = [widgets.HBox([model, temperature, max_tokens]), system, conversation, prompt,
+                widgets.HBox([send, stop, clear, speed]), error]
+    return make_panel(children, parts, [unsubscribe])
