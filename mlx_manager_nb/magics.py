@@ -1,0 +1,490 @@
+"""IPython magics: ``%mlx`` manages models, the HTTP server and the audit log; ``%%chat`` talks to a model.
+
+    %load_ext mlx_manager_nb
+    %mlx load demo
+    %%chat -t 0
+    What is the capital of {country}?
+
+Errors a user can cause (unknown model, bad option, busy port...) print one line, never a traceback.
+Both magics work on the package's default ``pool`` and ``audit`` log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import string
+import time
+from typing import Any, Callable, NoReturn
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from . import display as out
+from . import store
+from .errors import MLXManagerError, ModelNotFoundError, ServerError
+
+META = {"source": "magic", "endpoint": "%%chat", "protocol": "python", "stream": True}
+HINT = "See `%mlx ls` for local models, or start with `%mlx load demo`."
+FORMATS = ("markdown", "text", "code", "json")
+FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+
+
+class UsageError(Exception):
+    """A bad magic command line, shown as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A ``%%chat`` stopped by a kernel interrupt; IPython shows it as one line."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+class _Exit(Exception):
+    """argparse finished (after ``--help``) and wants to exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of exiting the kernel."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}. See `{self.prog} --help`.")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _Exit
+
+
+def parse(parser: argparse.ArgumentParser, line: str) -> argparse.Namespace | None:
+    """Parse a magic's line; None when ``--help`` was printed."""
+    try:
+        words = shlex.split(line)
+    except ValueError as e:  # an unclosed quote
+        parser.error(str(e))
+    try:
+        return parser.parse_args(words)
+    except _Exit:
+        return None
+
+
+def _pool() -> Any:
+    import mlx_manager_nb
+
+    return mlx_manager_nb.pool
+
+
+def _audit() -> Any:
+    import mlx_manager_nb
+
+    return mlx_manager_nb.audit
+
+
+def banner() -> str:
+    """The line ``%load_ext`` prints: version, device, models loaded and how to start."""
+    import mlx.core as mx
+
+    from . import __version__, _defaults
+
+    device = "GPU" if mx.default_device().type == mx.gpu else "CPU"
+    pool = _defaults.get("pool")
+    n = sum(m.state == "ready" for m in pool.models()) if pool is not None else 0
+    return (f"mlx_manager_nb {__version__} · {device} · {n} model{'' if n == 1 else 's'} loaded · "
+            f"start with `%mlx load demo`, then `%%chat`; `%mlx --help` lists the commands")
+
+
+# -- %mlx commands ------------------------------------------------------------------------------
+
+
+def keep_alive(text: str) -> float | str | None:
+    """``--keep-alive``: seconds, ``forever`` (None) or ``default`` (the pool's)."""
+    if text in ("default", "forever"):
+        return None if text == "forever" else text
+    seconds = float(text)
+    if seconds < 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _with_progress(shell: Any, label: str, fn: Callable[[Callable[[str, float], None]], Any]) -> tuple[Any, out.Live]:
+    """Run ``fn(progress)`` showing a progress bar; return its result and the bar, to be replaced."""
+    live = out.Live(out.can_update(shell))
+    try:
+        return fn(lambda stage, fraction: live.update(out.progress(label, stage, fraction))), live
+    except BaseException:
+        live.update({}, final=True)
+        raise
+
+
+def cmd_load(m: "MLXMagics", a: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    info, live = _with_progress(m.shell, a.model, lambda progress: _pool().load(
+        a.model, alias=a.alias, pin=a.pin, keep_alive=a.keep_alive, progress=progress))
+    name = info.name + (f" as {info.alias!r}" if info.alias else "")
+    details = f"{out.size(info.size_bytes)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
+    live.update({"text/plain": f"Loaded {name} ({details}) in {out.seconds(time.perf_counter() - started)}. "
+                               f"Chat with `%%chat`."}, final=True)
+
+
+def cmd_unload(m: "MLXMagics", a: argparse.Namespace) -> None:
+    _pool().unload(a.name)
+    print(f"Unloaded {a.name}.")
+
+
+def cmd_pin(m: "MLXMagics", a: argparse.Namespace) -> None:
+    _pool().pin(a.name)
+    print(f"Pinned {a.name}: it stays loaded until `%mlx unpin {a.name}`.")
+
+
+def cmd_unpin(m: "MLXMagics", a: argparse.Namespace) -> None:
+    info = _pool().unpin(a.name)
+    print(f"Unpinned {a.name}: it unloads after {out.seconds(info.keep_alive)} idle, or when room is needed.")
+
+
+def cmd_ls(m: "MLXMagics", a: argparse.Namespace) -> None:
+    models = store.list_local_models()
+    if not models:
+        print(f"No local models in {store.models_dir()} or the Hugging Face cache. "
+              f"Try `%mlx load demo` or `%mlx import-gguf PATH`.")
+        return
+    rows = [[x.name, x.architecture, out.size(x.size_bytes), x.quantization, x.context_length,
+             "yes" if x.has_chat_template else "no", x.origin] for x in models]
+    out.show(out.table(rows, ["name", "architecture", "size", "quantization", "context", "chat template", "origin"]))
+
+
+def cmd_ps(m: "MLXMagics", a: argparse.Namespace) -> None:
+    pool = _pool()
+    models = pool.models()
+    if not models:
+        print("No model is loaded. Try `%mlx load demo`.")
+        return
+    rows = [[x.name + (" (default)" if pool.default in (x.name, x.alias) else ""), x.alias, x.state,
+             out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "yes" if x.pinned else "no",
+             out.seconds(x.keep_alive)] for x in models]
+    out.show(out.table(rows, ["name", "alias", "state", "size", "in flight", "last used", "pinned", "keep-alive"]))
+
+
+def cmd_default(m: "MLXMagics", a: argparse.Namespace) -> None:
+    pool = _pool()
+    if a.model is not None:
+        info = pool.find(a.model)
+        pool.default = info.alias or info.name
+    print(f"`%%chat` uses {pool.default or 'the most recently used model'} when no model is named.")
+
+
+def cmd_import_gguf(m: "MLXMagics", a: argparse.Namespace) -> None:
+    path, live = _with_progress(m.shell, a.path, lambda progress: store.import_gguf(a.path, a.name, progress))
+    live.update({"text/plain": f"Imported {a.path} into the store as {path.name}. "
+                               f"Load it with `%mlx load {path.name}`."}, final=True)
+
+
+def cmd_serve(m: "MLXMagics", a: argparse.Namespace) -> None:
+    if m.server is not None and m.server.running:
+        raise ServerError(f"A server is already running at {m.server.url}: `%mlx stop` it first.")
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ServerError(f"The HTTP server is not available ({e}).") from None
+    m.server = serve(pool=_pool(), audit=_audit(), host=a.host, port=a.port, api_key=a.api_key,
+                     mode="thread" if a.thread else None, allow_remote=a.allow_remote)
+    print(f"Serving at {m.server.url}. `%mlx status` shows it, `%mlx stop` stops it.")
+
+
+def cmd_stop(m: "MLXMagics", a: argparse.Namespace) -> None:
+    if m.server is None or not m.server.running:
+        raise ServerError("No server is running. Start one with `%mlx serve`.")
+    server, m.server = m.server, None
+    pending = server.stop(drain=5.0)  # kernel mode: a task on this loop, done after the cell
+    print(f"The server at {server.url} " + ("stopped." if pending is None else
+                                            "is stopping: open streams get 5 s to finish."))
+
+
+def cmd_status(m: "MLXMagics", a: argparse.Namespace) -> None:
+    pool, audit, server = _pool(), _audit(), m.server
+    health = pool.health()
+    rows: list[list[Any]] = []
+    if server is not None and server.running:
+        stats = server.stats()
+        rows += [["server", f"{server.url} ({server.mode} mode)"], ["requests", stats["requests"]],
+                 ["active streams", stats["active_streams"]], ["tokens/s", f"{stats['tokens_per_second']:.1f}"]]
+    else:
+        rows.append(["server", "not running (`%mlx serve` starts it)"])
+    engine = health["engine"] + (f" ({health['engine_error']})" if health.get("engine_error") else "")
+    rows += [["engine", engine], ["models", ", ".join(health["models"]) or "none"],
+             ["default model", pool.default or "the most recently used"],
+             ["memory", f"{out.size(health['memory_used'])} used of {out.size(health['max_memory'])}"],
+             ["audit log", str(audit.path) + (f" (problem: {audit.error})" if audit.error else "")]]
+    out.show(out.table(rows))
+
+
+def cmd_audit(m: "MLXMagics", a: argparse.Namespace) -> None:
+    from .audit_log import FAILED
+
+    audit = _audit()
+    if a.what == "stats":
+        stats = audit.stats(model=a.model)
+        rows = [[s["model"], s["requests"], s["errors"], f"{s['error_rate']:.0%}",
+                 *(None if s[k] is None else out.seconds(s[k])
+                   for k in ("p50_duration", "p95_duration", "p50_ttft", "p95_ttft")),
+                 None if s["mean_tokens_per_second"] is None else f"{s['mean_tokens_per_second']:.1f}"]
+                for s in stats]
+        header = ["model", "requests", "errors", "error rate", "p50 time", "p95 time", "p50 TTFT", "p95 TTFT",
+                  "tokens/s"]
+    else:
+        if a.errors:
+            found = [r for status in FAILED for r in audit.query(model=a.model, status=status, limit=a.last)]
+            found = sorted(found, key=lambda r: r["started_at"], reverse=True)[: a.last]
+        else:
+            found = audit.query(model=a.model, limit=a.last)
+        rows = [[out.local_time(r["started_at"]), r["source"], r["endpoint"], r["model"], r["status"],
+                 f"{r['prompt_tokens'] or 0}→{r['completion_tokens'] or 0}",
+                 None if r["ttft"] is None else out.seconds(r["ttft"]),
+                 None if r["duration"] is None else out.seconds(r["duration"]),
+                 None if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.1f}",
+                 f"{r['error_type']}: {r['error_message'][:80]}" if r["error_type"] else None] for r in found]
+        header = ["time", "source", "endpoint", "model", "status", "tokens", "TTFT", "time", "tokens/s", "error"]
+    if not rows:
+        print(f"No requests recorded in {audit.path}" + (f" for {a.model}." if a.model else "."))
+        return
+    out.show(out.table(rows, header))
+
+
+def cmd_dashboard(m: "MLXMagics", a: argparse.Namespace) -> None:
+    try:
+        from .widgets import dashboard
+    except ImportError as e:
+        raise MLXManagerError(f"The dashboard is not available ({e}).") from None
+    from IPython.display import display
+
+    display(dashboard(_pool(), _audit()))
+
+
+def mlx_parser() -> argparse.ArgumentParser:
+    """The ``%mlx`` command line: one subcommand per action, each with ``--help``."""
+    p = _Parser(prog="%mlx", description="Manage local MLX models, the HTTP server and the request audit log. "
+                                         "`%mlx COMMAND --help` describes a command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, run: Callable, text: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=text.replace("%", "%%"), description=text[0].upper() + text[1:] + ".")
+        c.set_defaults(run=run)
+        return c
+
+    c = add("load", cmd_load, "load a model: 'demo', a folder, a .gguf file, a store name or a Hugging Face repo")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--as", dest="alias", metavar="ALIAS", help="a short name to use it by")
+    c.add_argument("--pin", action="store_true", help="never unload it to make room or when idle")
+    c.add_argument("--keep-alive", type=keep_alive, default="default", metavar="SECONDS",
+                   help="unload it after this many idle seconds ('forever': never)")
+    for name, run, text in (("unload", cmd_unload, "unload a model"),
+                            ("pin", cmd_pin, "keep a model loaded until unpinned"),
+                            ("unpin", cmd_unpin, "let a model be unloaded again when idle or to make room")):
+        add(name, run, text).add_argument("name", metavar="NAME", help="model name or alias")
+    add("ls", cmd_ls, "list the models on this machine")
+    add("ps", cmd_ps, "list the loaded models")
+    add("default", cmd_default, "show or set the model %%chat uses when none is named").add_argument(
+        "model", nargs="?", metavar="MODEL", help="a loaded model's name or alias")
+    c = add("import-gguf", cmd_import_gguf, "convert a GGUF file into a model in the store")
+    c.add_argument("path", metavar="PATH")
+    c.add_argument("--as", dest="name", metavar="NAME", help="the store name (default: from the file name)")
+    c = add("serve", cmd_serve, "start the HTTP server (OpenAI and Anthropic style APIs) on the loaded models")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--api-key", metavar="KEY", help="require this bearer key from clients")
+    c.add_argument("--thread", action="store_true", help="serve from a thread instead of the kernel's event loop")
+    c.add_argument("--allow-remote", action="store_true", help="allow a host other than loopback")
+    add("stop", cmd_stop, "stop the HTTP server")
+    add("status", cmd_status, "show the server, the engine and memory use")
+    c = add("audit", cmd_audit, "show the latest requests, or per-model statistics with `audit stats`")
+    c.add_argument("what", nargs="?", choices=("stats",), help="'stats': per-model latency and error rates")
+    c.add_argument("--last", type=int, default=20, metavar="N", help="how many requests to show (default 20)")
+    c.add_argument("--model", metavar="M", help="only this model's requests")
+    c.add_argument("--errors", action="store_true", help="only failed requests")
+    add("dashboard", cmd_dashboard, "show the live dashboard widgets")
+    return p
+
+
+# -- %%chat -------------------------------------------------------------------------------------
+
+
+def chat_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%%chat", description=(
+        "Send the cell to a model and stream the answer below it. {name} in the cell is filled from the "
+        "notebook's variables; write {{ and }} for literal braces. Each conversation remembers its turns."))
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="a loaded model (default: `%%mlx default`, else the most recently used)")
+    p.add_argument("-t", "--temperature", type=float, metavar="TEMPERATURE", help="0 is greedy (default 0.7)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="the longest answer, in tokens")
+    p.add_argument("--system", metavar="TEXT", help="the conversation's system prompt")
+    p.add_argument("--name", default="default", metavar="CONVERSATION", help="which conversation to continue")
+    p.add_argument("--new", action="store_true", help="start the conversation over")
+    p.add_argument("--out", metavar="VAR",
+                   help="store the answer in this variable (the code for --format code, the value for json)")
+    p.add_argument("--format", choices=FORMATS, default="markdown",
+                   help="code: put the answer's code in a new cell below; json: parse the answer's JSON")
+    return p
+
+
+def fill(template: str, namespace: dict) -> str:
+    """Fill ``{name}`` fields from ``namespace`` (``str.format`` rules; ``{{`` is a literal brace)."""
+    try:
+        return string.Formatter().vformat(template, (), namespace)
+    except KeyError as e:
+        raise UsageError(f"%%chat: {{{e.args[0]}}} is not defined in the notebook. "
+                         f"Define it, or write {{{{ and }}}} for literal braces.") from None
+    except IndexError:
+        raise UsageError("%%chat: {} needs a variable name inside; write {{}} for literal braces.") from None
+    except (AttributeError, TypeError, ValueError) as e:
+        raise UsageError(f"%%chat: cannot fill in the message ({e}); write {{{{ and }}}} for literal braces.") from None
+
+
+def with_system(history: list[dict], system: str | None) -> list[dict]:
+    """``history`` with its system message replaced by ``system`` (unchanged if None)."""
+    if system is None:
+        return list(history)
+    return [{"role": "system", "content": system}] + [x for x in history if x["role"] != "system"]
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of ``text``, else all of it."""
+    match = FENCE.search(text)
+    return match.group(1).rstrip() if match else text.strip()
+
+
+def extract_json(text: str) -> Any:
+    """The first JSON object or array in ``text``; ValueError if there is none."""
+    decoder = json.JSONDecoder()
+    for start in re.finditer(r"[\[{]", text):
+        try:
+            return decoder.raw_decode(text, start.start())[0]
+        except ValueError:
+            continue
+    raise ValueError("the answer holds no JSON object or array")
+
+
+def footer(result: Any) -> str:
+    """Model, tokens, time to first token and speed, on one line."""
+    parts = [result.model, f"{result.usage.completion_tokens} tokens"]
+    if result.ttft is not None:
+        parts.append(f"first token {out.seconds(result.ttft)}")
+    if result.tokens_per_second:
+        parts.append(f"{result.tokens_per_second:.1f} tokens/s")
+    if result.finish_reason == "length":
+        parts.append("stopped at --max-tokens")
+    return " · ".join(parts)
+
+
+def _answer(text: str, fmt: str) -> dict:
+    return {"text/plain": text} if fmt == "text" else {"text/markdown": text, "text/plain": text}
+
+
+def show_stream(stream: Any, live: bool, fmt: str) -> bool:
+    """Show the answer as it arrives, updated in place where ``live``; True if it was interrupted."""
+    view = out.Live(live)
+    if live:
+        view.update(_answer("…", fmt), final=True)
+    try:
+        for delta in stream:
+            if live:
+                view.update(_answer(stream.text, fmt))
+            else:
+                print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        stream.close()
+        return True
+    finally:
+        if live:
+            view.update(_answer(stream.text, fmt), final=True)
+        else:
+            print()
+    return False
+
+
+def deliver(shell: Any, a: argparse.Namespace, text: str) -> None:
+    """Apply ``--format`` code or json to the answer, and store it in ``--out``."""
+    value: Any = text
+    if a.format == "code":
+        value = extract_code(text)
+        shell.set_next_input(value, replace=False)
+    elif a.format == "json":
+        value = extract_json(text)
+        out.show({"application/json": value, "text/plain": json.dumps(value, indent=2, ensure_ascii=False)})
+    if a.out:
+        shell.user_ns[a.out] = value
+
+
+def run_chat(m: "MLXMagics", line: str, cell: str) -> None:
+    a = parse(chat_parser(), line)
+    if a is None:
+        return
+    if a.out is not None and not a.out.isidentifier():
+        raise UsageError(f"%%chat: --out needs a variable name, got {a.out!r}.")
+    prompt = fill(cell, m.shell.user_ns).strip()
+    if not prompt:
+        raise UsageError("%%chat: the cell is empty; write your message below the %%chat line.")
+    history = [] if a.new else m.conversations.get(a.name, [])
+    messages = with_system(history, a.system) + [{"role": "user", "content": prompt}]
+    try:
+        stream = _pool().chat(messages, model=a.model, stream=True, meta=dict(META),
+                              temperature=a.temperature, max_tokens=a.max_tokens)
+    except ValueError as e:
+        if history and "context" in str(e):
+            raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
+        raise
+    interrupted = show_stream(stream, out.can_update(m.shell), a.format)
+    m.conversations[a.name] = messages + [{"role": "assistant", "content": stream.text}]
+    if interrupted:
+        raise Interrupted(f"generation stopped; the partial answer is kept in conversation {a.name!r}")
+    out.show(out.note(footer(stream.result)))
+    deliver(m.shell, a, stream.text)
+
+
+# -- the Magics class ---------------------------------------------------------------------------
+
+
+def _guarded(fn: Callable[[], None]) -> None:
+    """Run ``fn``, showing a user's mistake or a library error as one line."""
+    try:
+        fn()
+    except UsageError as e:
+        out.error(str(e))
+    except ModelNotFoundError as e:
+        out.error(f"{type(e).__name__}: {e} {HINT}")
+    except (MLXManagerError, ValueError, OSError) as e:
+        out.error(f"{type(e).__name__}: {e}")
+
+
+@magics_class
+class MLXMagics(Magics):
+    """``%mlx`` and ``%%chat``; holds the conversations and the server started from the notebook."""
+
+    def __init__(self, shell: Any = None):
+        super().__init__(shell)
+        self.conversations: dict[str, list[dict]] = {}
+        self.server: Any = None
+
+    @line_magic
+    def mlx(self, line: str) -> None:
+        """Manage models, the HTTP server and the audit log: `%mlx --help` lists the commands."""
+
+        def run() -> None:
+            a = parse(mlx_parser(), line)
+            if a is None:
+                return
+            if a.command is None:
+                mlx_parser().print_help()
+                return
+            a.run(self, a)
+
+        _guarded(run)
+
+    @cell_magic
+    def chat(self, line: str, cell: str) -> None:
+        """Chat with a loaded model: `%%chat --help` lists the options."""
+        _guarded(lambda: run_chat(self, line, cell))
+
+
+def load(ip: Any) -> None:
+    """Register the magics in ``ip`` and print the banner."""
+    ip.register_magics(MLXMagics)
+    print(banner())
