@@ -259,6 +259,16 @@ def cmd_dashboard(m: "MLXMagics", a: argparse.Namespace) -> None:
     display(dashboard(_pool(), _audit()))
 
 
+def cmd_doctor(m: "MLXMagics", a: argparse.Namespace) -> None:
+    from .doctor import doctor
+
+    report = doctor(_pool())
+    for key in ("physical_memory", "memory_used", "max_memory"):
+        report[key] = out.size(report[key])
+    report["gflops"] = f"{report['gflops']} GFLOPS (1024² float32 matmul)"
+    out.show(out.table([[k.replace("_", " "), v] for k, v in report.items()]))
+
+
 def mlx_parser() -> argparse.ArgumentParser:
     """The ``%mlx`` command line: one subcommand per action, each with ``--help``."""
     p = _Parser(prog="%mlx", description="Manage local MLX models, the HTTP server and the request audit log. "
@@ -301,6 +311,7 @@ def mlx_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", metavar="M", help="only this model's requests")
     c.add_argument("--errors", action="store_true", help="only failed requests")
     add("dashboard", cmd_dashboard, "show the live dashboard widgets")
+    add("doctor", cmd_doctor, "show MLX's device, the BLAS in use with a measured speed, and the settings")
     return p
 
 

@@ -322,6 +322,8 @@ class Pool:
         info = self._get(name)
         self._set(info.name, state="unloading")
         self.engine.run(self._unload_on_engine, info.name).result()
+        if self.audit is not None:
+            self.audit.flush()
 
     def _get(self, name: str) -> ModelInfo:
         with self._lock:

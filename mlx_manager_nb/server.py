@@ -155,6 +155,9 @@ class Server:
             await asyncio.sleep(0.05)
         await self._runner.cleanup()  # cancels what is still streaming; their requests are cancelled
         self._sock.close()
+        audit = self._v1[OPTIONS].audit or getattr(self._v1[POOL], "audit", None)
+        if audit is not None:  # the rows of the requests just ended are written before stop returns
+            await asyncio.get_running_loop().run_in_executor(None, audit.flush)
 
     def _start(self) -> None:
         if self.mode == "kernel":

@@ -20,7 +20,7 @@ from mlx_manager_nb.params import GenParams
 from mlx_manager_nb.streams import TextStream
 
 COMMANDS = ["load", "unload", "pin", "unpin", "ls", "ps", "default", "import-gguf", "serve", "stop", "status",
-            "audit", "dashboard"]
+            "audit", "dashboard", "doctor"]
 
 
 def reset_defaults():
@@ -336,6 +336,13 @@ def test_dashboard_shows_the_widgets_or_one_line(ip, monkeypatch):
     assert "application/vnd.jupyter.widget-view+json" in mlx(ip, "dashboard").outputs[0].data
     monkeypatch.setitem(sys.modules, "mlx_manager_nb.widgets", None)
     assert "The dashboard is not available" in one_line_error(mlx(ip, "dashboard"))
+
+
+def test_doctor_shows_the_blas_and_its_measured_speed(ip):
+    from mlx_manager_nb import blas
+
+    text = mlx(ip, "doctor").outputs[0].data["text/plain"]
+    assert blas.status in text and "GFLOPS" in text and "max memory" in text
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """%%chat in a real IPython kernel: streaming display updates, memory across cells, interrupts, serve."""
 
 import json
+import subprocess
 import sys
 import urllib.request
 
@@ -162,6 +163,13 @@ def test_serve_runs_on_the_kernel_loop(kernel):
     url = out.split()[2].rstrip(".")
     assert f"{url} (kernel mode)" in shown(kc, "%mlx status")
     assert json.load(urllib.request.urlopen(url + "/health", timeout=10))
+    # a separate process calls the idle kernel's server with the official SDK
+    client = (f"import openai; c = openai.OpenAI(base_url={url + '/v1'!r}, api_key='x'); "
+              "r = c.chat.completions.create(model='tiny', messages=[{'role': 'user', 'content': 'Hi'}], "
+              "max_tokens=5); print(r.usage.completion_tokens)")
+    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "5", done.stderr
+    assert printed(kc, "print(6 * 7)").strip() == "42"  # the kernel still runs cells
     assert "is stopping" in printed(kc, "%mlx stop")
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=5)

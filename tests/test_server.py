@@ -457,3 +457,33 @@ def test_the_app_mounts_inside_a_parent_app(pool):
     parent_answer, r = asyncio.run(main())
     assert parent_answer == {"parent": True} and r.usage.completion_tokens == 2
     assert pool.is_loaded("tiny")  # the app's cleanup unloaded nothing
+
+
+def test_500_concurrent_requests_leave_500_audit_rows(pool, audit):
+    s = serve(pool, port=0, mode="thread")
+
+    async def main():
+        limit = asyncio.Semaphore(50)
+        async with aiohttp.ClientSession() as session:
+
+            async def one(i):
+                async with limit:
+                    if i % 2:
+                        body = {"model": "tiny", "max_tokens": 1, "messages": HI}
+                        url = "/v1/messages"
+                    else:
+                        body = {"model": "tiny", "max_tokens": 1, "messages": HI, "stream": i % 4 == 0}
+                        url = "/v1/chat/completions"
+                    async with session.post(s.url + url, json=body) as r:
+                        await r.read()
+                        return r.status
+
+            return await asyncio.gather(*(one(i) for i in range(500)))
+
+    statuses = asyncio.run(main())
+    s.stop(drain=1)  # stopping flushes the audit log
+    assert statuses == [200] * 500
+    assert audit.pending == 0
+    rows = audit.query(limit=None)
+    assert len(rows) == 500 and {r["status"] for r in rows} == {"ok"}
+    assert sum(r["protocol"] == "anthropic" for r in rows) == 250
