@@ -6,7 +6,18 @@ from typing import Any
 
 from aiohttp import web
 
-from .http_common import MODEL, POOL, REQUEST_ID, STATS, ApiError, audit_meta, field_of, resolve_model, send_event, sse_response
+from .http_common import (
+    MODEL,
+    POOL,
+    REQUEST_ID,
+    STATS,
+    ApiError,
+    audit_meta,
+    field_of,
+    resolve_model,
+    send_event,
+    sse_response,
+)
 from .openai_api import anext_or_none
 
 UNSUPPORTED = ("tools", "tool_choice", "thinking", "mcp_servers")

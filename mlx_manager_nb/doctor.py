@@ -45,6 +45,8 @@ def doctor(pool: Any = None) -> dict:
         "blas": blas.status,
         "blas_library": blas.bound_library(),
         "gflops": pool.engine.run(_gflops).result(),
+        "mx.compile": "on" if os.environ.get("MLX_NB_COMPILE") == "1" or device.type == mx.DeviceType.gpu
+        else "off on CPU (MLX_NB_COMPILE=1 turns it on)",
         "cpu_count": os.cpu_count(),
         "physical_memory": physical_memory(),
         "memory_used": pool.memory_used(),

@@ -26,14 +26,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model
 from mlx_lm.utils import load as load_model  # imported here: transformers first imported on a worker
-# thread leaves a C++ thread that aborts the process at exit ("terminate called...")
 
+# thread leaves a C++ thread that aborts the process at exit ("terminate called...")
 from . import store
 from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import InvalidModelError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, make_params
-from .streams import AsyncTextStream, Result, TextStream, async_sink, make_result, queue_sink
+from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
 
 ROLES = ("system", "user", "assistant")
 Listener = Callable[[dict], None]
@@ -56,6 +56,10 @@ class ModelInfo:
     expires_at: float | None  # epoch seconds, None when pinned or kept forever
     context_length: int | None = None
     error: str | None = None
+
+
+def _why_held(m: ModelInfo) -> str:
+    return "pinned" if m.pinned else f"{m.in_flight} in flight" if m.in_flight else m.state
 
 
 def physical_memory() -> int:
@@ -93,7 +97,8 @@ class Pool:
     ``max_models`` and ``max_memory`` (bytes) bound the pool: loading past them evicts the least
     recently used idle, unpinned model. ``keep_alive`` (seconds, None for ever) unloads models
     left idle that long. ``dequantize`` loads quantized models as float32: None (the default) does
-    so on CPU devices when the float weights fit in ``max_memory``. ``audit`` is an :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
+    so on CPU devices when the float weights fit in ``max_memory``. ``audit`` is an
+    :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
     """
 
     def __init__(
@@ -111,6 +116,10 @@ class Pool:
         self.dequantize = dequantize
         self.default: str | None = None
         self.engine = Engine(on_tick=self._reap_idle)
+        if mx.default_device().type == mx.DeviceType.cpu and os.environ.get("MLX_NB_COMPILE") != "1":
+            # On CPU, mx.compile builds C++ kernels with the system compiler for each new shape: a
+            # second or more per new prompt length or batch size, for no steady-state gain.
+            mx.disable_compile()
         self._lock = threading.RLock()
         self._models: dict[str, ModelInfo] = {}
         self._loading: dict[str, Future] = {}
@@ -253,7 +262,7 @@ class Pool:
                 self._models.pop(name, None)
             raise
         report("ready", 1.0)
-        info = self._set(name, state="ready", size_bytes=_model_bytes(runner.model))
+        self._set(name, state="ready", size_bytes=_model_bytes(runner.model))
         return self._touch(name)
 
     def _dequantize_plan(self, path: Path, disk: int, name: str) -> tuple[bool, int]:
@@ -265,7 +274,8 @@ class Pool:
         floats = int(disk * 32 / (bits + 1))  # scales and biases add about one bit per weight
         if self.dequantize is None:
             on_cpu = mx.default_device().type == mx.DeviceType.cpu
-            room = self.max_memory - sum(m.size_bytes for m in self.models() if m.name != name and (m.pinned or m.in_flight))
+            held = [m for m in self.models() if m.name != name and (m.pinned or m.in_flight)]
+            room = self.max_memory - sum(m.size_bytes for m in held)
             if not on_cpu or floats > room:
                 return False, disk
         return True, floats
@@ -289,11 +299,7 @@ class Pool:
                     return
                 idle = [m for m in live if m.state == "ready" and not m.pinned and m.in_flight == 0]
                 if not idle:
-                    holders = ", ".join(
-                        f"{m.name} ({'pinned' if m.pinned else f'{m.in_flight} in flight' if m.in_flight else m.state}, "
-                        f"{m.size_bytes / 2**20:.0f} MiB)"
-                        for m in live
-                    )
+                    holders = ", ".join(f"{m.name} ({_why_held(m)}, {m.size_bytes / 2**20:.0f} MiB)" for m in live)
                     limit = (f"max_models={self.max_models}" if too_many
                              else f"max_memory={self.max_memory / 2**20:.0f} MiB, {needed / 2**20:.0f} MiB needed")
                     raise PoolFullError(f"Pool full ({limit}) and nothing can be evicted: {holders}")
@@ -315,7 +321,8 @@ class Pool:
             if self.default in (name, getattr(info, "alias", None)):
                 self.default = None
         if info is not None:
-            self._publish({"type": "model", "name": name, "state": "unloaded", "model": replace(info, state="unloaded")})
+            gone = replace(info, state="unloaded")
+            self._publish({"type": "model", "name": name, "state": "unloaded", "model": gone})
 
     def unload(self, name: str) -> None:
         """Unload a model (by name or alias); requests still running on it fail."""
@@ -330,7 +337,8 @@ class Pool:
             for m in self._models.values():
                 if name in (m.name, m.alias, m.ref):
                     return m
-        raise ModelNotFoundError(f"Model {name!r} is not in the pool. In the pool: {', '.join(self._models) or 'none'}.")
+        present = ", ".join(self._models) or "none"
+        raise ModelNotFoundError(f"Model {name!r} is not in the pool. In the pool: {present}.")
 
     def pin(self, name: str) -> ModelInfo:
         """Exempt a model from eviction and idle unloading."""
@@ -384,7 +392,8 @@ class Pool:
                 raise ValueError(f"the prompt is {len(tokens)} tokens; {info.name}'s context is {ctx}")
             if params.get("max_tokens") is not None and len(tokens) + p.max_tokens > ctx:
                 raise ValueError(
-                    f"max_tokens={p.max_tokens} plus the {len(tokens)}-token prompt exceeds {info.name}'s context of {ctx}"
+                    f"max_tokens={p.max_tokens} plus the {len(tokens)}-token prompt exceeds "
+                    f"{info.name}'s context of {ctx}"
                 )
             if params.get("max_tokens") is None:
                 p = replace(p, max_tokens=min(DEFAULT_MAX_TOKENS, ctx - len(tokens)))

@@ -132,7 +132,9 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
 
         def chunk(delta_text: str | None, finish: str | None, role: bool = False) -> dict:
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+                delta = {"content": delta_text} if delta_text else {}
+                if role:
+                    delta = {"role": "assistant", "content": ""}
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}

@@ -12,7 +12,7 @@ import queue
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
-from .engine import Delta, Done, Event, Failed, Request
+from .engine import Delta, Done, Event, Request
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,17 @@ def make_result(request_id: str, model: str, text: str, done: Done) -> Result:
     usage = Usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
     return Result(request_id, model, text, done.finish_reason, done.stop, usage, done.ttft,
                   done.tokens_per_second, done.duration)
+
+
+def _consume(stream: "TextStream | AsyncTextStream", event: Event) -> str | None:
+    """Apply one engine event to a stream: the delta's text, None at the end, or the failure raised."""
+    if isinstance(event, Delta):
+        stream.text += event.text
+        return event.text
+    if isinstance(event, Done):
+        stream.result = make_result(stream.id, stream.model, stream.text, event)
+        return None
+    raise event.error
 
 
 class TextStream:
@@ -83,16 +94,8 @@ class TextStream:
 
     def _iterate(self) -> Iterator[str]:
         try:
-            while True:
-                event = self._events.get()
-                if isinstance(event, Delta):
-                    self.text += event.text
-                    yield event.text
-                elif isinstance(event, Done):
-                    self.result = make_result(self.id, self.model, self.text, event)
-                    return
-                else:
-                    raise event.error
+            while (text := _consume(self, self._events.get())) is not None:
+                yield text
         finally:
             if self.result is None:
                 self._request.cancelled.set()
@@ -131,16 +134,8 @@ class AsyncTextStream:
 
     async def _iterate(self) -> AsyncIterator[str]:
         try:
-            while True:
-                event = await self._events.get()
-                if isinstance(event, Delta):
-                    self.text += event.text
-                    yield event.text
-                elif isinstance(event, Done):
-                    self.result = make_result(self.id, self.model, self.text, event)
-                    return
-                elif isinstance(event, Failed):
-                    raise event.error
+            while (text := _consume(self, await self._events.get())) is not None:
+                yield text
         finally:
             if self.result is None:
                 self._request.cancelled.set()

@@ -1,12 +1,12 @@
-import mlx_manager_nb  # noqa: F401  (first, so MLX binds the fast BLAS as it does for users)
+import mlx_manager_nb  # noqa: F401, I001  (first, so MLX binds the fast BLAS as it does for users)
 import pytest
-
-from tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A tiny random-weight llama model folder (mlx-lm layout) with a trained tokenizer."""
+    from tiny_model import build_tiny_model
+
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 

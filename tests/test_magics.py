@@ -5,10 +5,10 @@ import queue
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
+from helpers import wait_for
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
@@ -90,12 +90,6 @@ def fake_stream(text):
     events.put(Done("stop", None, 3, 2, 0, 0.01, 0.02))
     return TextStream("req_fake", "fake", Request("fake", [], GenParams(), lambda e: None), events)
 
-
-def wait_for(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < end:
-        time.sleep(0.01)
-    return predicate()
 
 
 # -- %load_ext, parsing and help ----------------------------------------------------------------

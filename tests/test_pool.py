@@ -3,23 +3,15 @@
 import asyncio
 import shutil
 import threading
-import time
 
 import pytest
+from helpers import wait_for
 
 from mlx_manager_nb.errors import EngineError, ModelNotFoundError, PoolFullError
 from mlx_manager_nb.model_pool import Pool
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
-
-def wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ import json
 import shutil
 import socket
 import threading
-import time
 
 import aiohttp
 import anthropic
 import openai
 import pytest
 from aiohttp import web
+from helpers import wait_for
 
 from mlx_manager_nb import store
 from mlx_manager_nb.audit_log import AuditLog
@@ -21,14 +21,6 @@ from mlx_manager_nb.server import create_app, serve
 
 HI = [{"role": "user", "content": "Hi"}]
 
-
-def wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import shutil
 
 import pytest
-
 from gguf_writer import write_tiny_gguf
+
 from mlx_manager_nb import store
 from mlx_manager_nb.demo import DEMO_NAME, ensure_demo
 from mlx_manager_nb.errors import DemoModelUnavailableError, InvalidModelError, ModelNotFoundError

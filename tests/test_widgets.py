@@ -9,6 +9,7 @@ import urllib.request
 from html import escape
 
 import pytest
+from helpers import wait_for
 
 import mlx_manager_nb
 from mlx_manager_nb.audit_log import AuditLog
@@ -20,14 +21,6 @@ from mlx_manager_nb.widgets import audit_panel, chat_panel, dashboard, pool_pane
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
-
-def wait_for(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @pytest.fixture
