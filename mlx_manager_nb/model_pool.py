@@ -453,6 +453,11 @@ class Pool:
     def rejected(self, error: BaseException, model: str | None, meta: dict | None, kind: str = "chat") -> None:
         """Record a request refused before it reached the engine (bad input, unknown model)."""
         meta = meta or {}
+        if model is None:  # the model the request would have gone to, so stats group it there
+            try:
+                model = self.find(None).name
+            except ModelNotFoundError:
+                pass
         row = {
             "id": meta.get("id") or new_request_id(), "started_at": utc_now(), "status": "error",
             "source": meta.get("source", "api"), "endpoint": meta.get("endpoint", f"pool.{kind}"),
@@ -476,6 +481,7 @@ class Pool:
     def _run(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
              timeout: float | None, params: dict) -> Result | TextStream:
         events, sink = queue_sink()
+        meta = {"stream": stream, **(meta or {})}
         request_id, name, request = self._start_or_record(kind, content, model, sink, meta, timeout, params)
         s = TextStream(request_id, name, request, events)
         if stream:
@@ -489,6 +495,7 @@ class Pool:
     def _arun(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
               timeout: float | None, params: dict) -> Any:
         events, sink = async_sink(asyncio.get_running_loop())
+        meta = {"stream": stream, **(meta or {})}
         request_id, name, request = self._start_or_record(kind, content, model, sink, meta, timeout, params)
         s = AsyncTextStream(request_id, name, request, events)
         return s if stream else s.collect()

@@ -221,7 +221,7 @@ def _hf_repo(repo: str, progress: Progress | None) -> Path:
         pass
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(
-            f"{repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
+            f"{repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set."
         )
     if progress:
         progress("downloading", 0.0)

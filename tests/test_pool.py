@@ -352,3 +352,18 @@ def test_every_request_leaves_an_audit_row_even_when_refused(tiny_model_path, tm
     assert "temperature" in rows["error"]["error_message"]
     p.close()
     audit.close()
+
+
+def test_audit_rows_say_whether_the_answer_was_streamed(pool, tmp_path):
+    from mlx_manager_nb.audit_log import AuditLog
+
+    pool.audit = AuditLog(tmp_path / "audit.db")
+    list(pool.chat(HELLO, max_tokens=2, stream=True))
+    pool.chat(HELLO, max_tokens=2)
+    with pytest.raises(ValueError):
+        pool.chat(HELLO, top_p=7)
+    pool.audit.flush()
+    rows = pool.audit.query()
+    assert [r["stream"] for r in rows if r["status"] == "ok"] == [False, True]
+    assert [r["model"] for r in rows if r["status"] == "error"] == ["tiny-llama"]  # the default model
+    pool.audit.close()

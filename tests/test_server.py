@@ -350,7 +350,7 @@ def test_stop_drains_open_streams(pool):
     stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=60, stream=True,
                                             stream_options={"include_usage": True})
     first = next(iter(stream))
-    stopper = threading.Thread(target=s.stop, kwargs={"drain": 10})
+    stopper = threading.Thread(target=s.stop, kwargs={"drain": 60})
     stopper.start()
     rest = list(stream)
     stopper.join()

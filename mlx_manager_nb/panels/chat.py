@@ -39,7 +39,8 @@ def chat_panel(pool: Pool | None = None) -> widgets.VBox:
     model = widgets.Dropdown(description="Model")
     system = widgets.Textarea(description="System", placeholder="optional system prompt",
                               layout=widgets.Layout(width="600px"))
-    temperature = widgets.FloatSlider(value=0.7, min=0.0, max=2.0, step=0.05, description="Temperature")
+    temperature = widgets.FloatSlider(value=0.7, min=0.0, max=2.0, step=0.05, description="Temperature",
+                                        style={"description_width": "initial"})
     max_tokens = widgets.BoundedIntText(value=512, min=1, max=131072, description="Max tokens")
     conversation = widgets.HTML()
     prompt = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="600px"))
