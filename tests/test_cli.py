@@ -1,0 +1,50 @@
+"""The command line: `python -m mlx_manager_nb serve` serves from a terminal and stops on Ctrl-C."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+from helpers import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_manager_nb", "serve", "--model", str(tiny_model_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        def healthy():
+            try:
+                return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2))
+            except OSError:
+                return None
+
+        assert wait_for(healthy, timeout=60)
+        assert healthy()["models"] == ["tiny-llama"]
+        body = json.dumps({"model": "tiny-llama", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/messages", data=body.encode(),
+                                         headers={"content-type": "application/json"})
+        assert json.load(urllib.request.urlopen(request, timeout=30))["usage"]["output_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"at http://127.0.0.1:{port}/v1" in out and "Stopping" in out
+
+
+def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):
+    done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "serve", "--model", "no-such-model"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: No model named 'no-such-model'")
