@@ -14,10 +14,8 @@ CONVERSATION = ("import json\n"
                 "print(json.dumps(get_ipython().magics_manager.registry['MLXMagics'].conversations[{!r}]))")
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory, tiny_model_path):
+def start_kernel(root, tiny_model_path):
     """A kernel on this venv's python (a kernelspec in a temp dir), with the tiny model loaded."""
-    root = tmp_path_factory.mktemp("kernel")
     spec = root / "kernels" / "mlx-nb-test"
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
@@ -34,6 +32,12 @@ def kernel(tmp_path_factory, tiny_model_path):
     execute(kc, "import os")
     reply, msgs = execute(kc, "%load_ext mlx_manager_nb\n%mlx load {os.environ['TINY_MODEL']} --as tiny")
     assert reply["content"]["status"] == "ok"
+    return km, kc, msgs
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory, tiny_model_path):
+    km, kc, msgs = start_kernel(tmp_path_factory.mktemp("kernel"), tiny_model_path)
     yield km, kc, msgs
     kc.stop_channels()
     km.shutdown_kernel(now=True)
@@ -171,5 +175,15 @@ def test_serve_runs_on_the_kernel_loop(kernel):
     assert done.stdout.strip() == "5", done.stderr
     assert printed(kc, "print(6 * 7)").strip() == "42"  # the kernel still runs cells
     assert "is stopping" in printed(kc, "%mlx stop")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=5)
+
+
+def test_kernel_shutdown_stops_the_server(tmp_path, tiny_model_path):
+    km, kc, _ = start_kernel(tmp_path, tiny_model_path)
+    url = printed(kc, "%mlx serve --port 0").split()[2].rstrip(".")
+    assert json.load(urllib.request.urlopen(url + "/health", timeout=10))
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)  # a normal shutdown, as Jupyter's "Shut Down Kernel" does
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=5)
