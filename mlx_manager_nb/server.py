@@ -182,6 +182,8 @@ class Server:
         _servers.discard(self)
         if self.mode == "thread":
             asyncio.run_coroutine_threadsafe(self._astop(drain), self._loop).result()
+            # the loop's executor threads (model listing, audit flush) end with it
+            asyncio.run_coroutine_threadsafe(self._loop.shutdown_default_executor(), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()

@@ -36,3 +36,13 @@ def demo_home(tmp_path_factory):
         else:
             os.environ["MLX_NB_HOME"] = old
     return home
+
+
+@pytest.fixture
+def audit(tmp_path):
+    """An audit log in a real SQLite file, closed after the test."""
+    from mlx_manager_nb.audit_log import AuditLog
+
+    log = AuditLog(tmp_path / "audit.db")
+    yield log
+    log.close()

@@ -91,7 +91,6 @@ def fake_stream(text):
     return TextStream("req_fake", "fake", Request("fake", [], GenParams(), lambda e: None), events)
 
 
-
 # -- %load_ext, parsing and help ----------------------------------------------------------------
 
 

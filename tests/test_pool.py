@@ -13,7 +13,6 @@ from mlx_manager_nb.model_pool import Pool
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-
 @pytest.fixture
 def pool(tiny_model_path):
     p = Pool(keep_alive=None)
@@ -203,7 +202,7 @@ def test_load_reports_progress_and_subscribers_see_states(copies):
     assert fractions == sorted(fractions)
     states = [e["state"] for e in events if e["type"] == "model"]
     assert states[0] == "loading" and "ready" in states
-    p.chat(HELLO, max_tokens=2)
+    p.chat(HELLO, temperature=0, max_tokens=2)
     phases = [e["phase"] for e in events if e["type"] == "request"]
     assert phases == ["start", "end"]
     p.unload("a")
@@ -215,7 +214,7 @@ def test_lru_eviction_at_max_models(copies):
     a, b, c = copies
     p.load(a)
     p.load(b)
-    p.chat(HELLO, model="a", max_tokens=1)  # a is now the most recently used
+    p.chat(HELLO, model="a", temperature=0, max_tokens=1)  # a is now the most recently used
     p.load(c)
     assert sorted(m.name for m in p.models()) == ["a", "c"]
 
@@ -236,7 +235,7 @@ def test_models_with_requests_in_flight_are_not_evicted(copies):
     p = Pool(max_models=1, keep_alive=None)
     a, b, _ = copies
     p.load(a)
-    s = p.chat(HELLO, max_tokens=400, stream=True)
+    s = p.chat(HELLO, temperature=0, max_tokens=400, stream=True)
     next(s)
     with pytest.raises(PoolFullError, match="1 in flight"):
         p.load(b)
@@ -288,7 +287,7 @@ def test_a_consumer_that_breaks_fails_alone(pool):
     started = threading.Event()
 
     async def reader():
-        s = pool.achat(HELLO, max_tokens=400, stream=True)
+        s = pool.achat(HELLO, temperature=0, max_tokens=400, stream=True)
         await s.__anext__()
         started.set()
 
@@ -312,11 +311,11 @@ def test_a_failing_batch_step_fails_that_model_only(copies):
 
     inner.norm = broken  # an instance attribute shadows the real layer norm of model a only
     with pytest.raises(EngineError, match="boom"):
-        p.chat(HELLO, model="a", max_tokens=3)
-    assert p.chat(HELLO, model="b", max_tokens=3).usage.completion_tokens == 3
+        p.chat(HELLO, model="a", temperature=0, max_tokens=3)
+    assert p.chat(HELLO, model="b", temperature=0, max_tokens=3).usage.completion_tokens == 3
     del vars(inner)["norm"]
     inner.norm = norm
-    assert p.chat(HELLO, model="a", max_tokens=3).usage.completion_tokens == 3
+    assert p.chat(HELLO, model="a", temperature=0, max_tokens=3).usage.completion_tokens == 3
 
 
 def test_a_dead_engine_thread_shows_in_health_and_restarts(pool, monkeypatch):
@@ -325,11 +324,11 @@ def test_a_dead_engine_thread_shows_in_health_and_restarts(pool, monkeypatch):
 
     monkeypatch.setattr(pool.engine, "_step", die)
     with pytest.raises(EngineError, match="died"):
-        pool.chat(HELLO, max_tokens=3)
+        pool.chat(HELLO, temperature=0, max_tokens=3)
     assert wait_for(lambda: not pool.engine.alive)
     assert pool.health()["engine"] == "dead"
     monkeypatch.undo()
-    assert pool.chat(HELLO, max_tokens=3).usage.completion_tokens == 3
+    assert pool.chat(HELLO, temperature=0, max_tokens=3).usage.completion_tokens == 3
     assert pool.health()["engine"] == "alive"
 
 
@@ -339,8 +338,8 @@ def test_every_request_leaves_an_audit_row_even_when_refused(tiny_model_path, tm
     audit = AuditLog(tmp_path / "audit.db")
     p = Pool(keep_alive=None, audit=audit)
     p.load(tiny_model_path)
-    p.chat(HELLO, max_tokens=3)
-    s = p.chat(HELLO, max_tokens=400, stream=True, meta={"source": "magic"})
+    p.chat(HELLO, temperature=0, max_tokens=3)
+    s = p.chat(HELLO, temperature=0, max_tokens=400, stream=True, meta={"source": "magic"})
     next(s)
     s.close()
     with pytest.raises(ValueError):
@@ -358,8 +357,8 @@ def test_audit_rows_say_whether_the_answer_was_streamed(pool, tmp_path):
     from mlx_manager_nb.audit_log import AuditLog
 
     pool.audit = AuditLog(tmp_path / "audit.db")
-    list(pool.chat(HELLO, max_tokens=2, stream=True))
-    pool.chat(HELLO, max_tokens=2)
+    list(pool.chat(HELLO, temperature=0, max_tokens=2, stream=True))
+    pool.chat(HELLO, temperature=0, max_tokens=2)
     with pytest.raises(ValueError):
         pool.chat(HELLO, top_p=7)
     pool.audit.flush()

@@ -14,20 +14,12 @@ from aiohttp import web
 from helpers import wait_for
 
 from mlx_manager_nb import store
-from mlx_manager_nb.audit_log import AuditLog
 from mlx_manager_nb.errors import ServerError
 from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.server import create_app, serve
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-
-@pytest.fixture
-def audit(tmp_path):
-    log = AuditLog(tmp_path / "audit.db")
-    yield log
-    log.close()
+GREEDY = {"temperature": 0}  # the anthropic SDK takes sampling settings through extra_body
 
 
 @pytest.fixture
@@ -124,7 +116,8 @@ def test_anthropic_create_stream_and_count(server, pool):
     with client.messages.stream(model="tiny", max_tokens=6, messages=HI, extra_body={"temperature": 0}) as stream:
         final = stream.get_final_message()
     assert final.content[0].text == expected and final.usage.output_tokens == 6
-    events = [e.type for e in client.messages.create(model="tiny", max_tokens=3, messages=HI, stream=True)]
+    stream = client.messages.create(model="tiny", max_tokens=3, messages=HI, stream=True, extra_body=GREEDY)
+    events = [e.type for e in stream]
     assert events[:2] == ["message_start", "content_block_start"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     count = client.messages.count_tokens(model="tiny", messages=HI, system="Be brief.")
@@ -134,7 +127,7 @@ def test_anthropic_create_stream_and_count(server, pool):
 def test_anthropic_stream_sends_the_full_event_sequence(server):
     async def main():
         async with aiohttp.ClientSession() as session:
-            body = {"model": "tiny", "max_tokens": 3, "stream": True, "messages": HI}
+            body = {"model": "tiny", "max_tokens": 3, "stream": True, "messages": HI, "temperature": 0}
             async with session.post(server.url + "/v1/messages", json=body) as r:
                 return [line.decode()[7:].strip() async for line in r.content if line.startswith(b"event: ")]
 
@@ -163,9 +156,9 @@ def test_sdks_against_a_server_on_a_running_loop(pool):
         s = serve(pool, port=0)
         assert s.mode == "kernel"
         client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="unused")
-        r = await client.chat.completions.create(model="tiny", messages=HI, max_tokens=4)
+        r = await client.chat.completions.create(model="tiny", messages=HI, temperature=0, max_tokens=4)
         aclient = anthropic.AsyncAnthropic(base_url=s.url, api_key="unused")
-        async with aclient.messages.stream(model="tiny", max_tokens=4, messages=HI) as stream:
+        async with aclient.messages.stream(model="tiny", max_tokens=4, messages=HI, extra_body=GREEDY) as stream:
             final = await stream.get_final_message()
         await client.close()
         await aclient.close()
@@ -245,9 +238,10 @@ def test_api_key_in_both_protocols(pool):
                             {"x-api-key": "wrong"})
         assert code == 401 and err["error"]["type"] == "authentication_error"
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret")
-        assert ok.chat.completions.create(model="tiny", messages=HI, max_tokens=2).usage.completion_tokens == 2
+        r = ok.chat.completions.create(model="tiny", messages=HI, temperature=0, max_tokens=2)
+        assert r.usage.completion_tokens == 2
         ok = anthropic.Anthropic(base_url=s.url, api_key="sekret")
-        assert ok.messages.create(model="tiny", max_tokens=2, messages=HI).usage.output_tokens == 2
+        assert ok.messages.create(model="tiny", max_tokens=2, messages=HI, extra_body=GREEDY).usage.output_tokens == 2
     finally:
         s.stop(drain=0)
 
@@ -277,7 +271,7 @@ def test_auto_load_can_be_switched_off_and_aliases_map_names(pool, tiny_model_pa
     try:
         assert post(s.url + "/v1/chat/completions", {"model": "lazy", "messages": HI})[0] == 404
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
-        r = client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2)
+        r = client.chat.completions.create(model="gpt-4o-mini", messages=HI, temperature=0, max_tokens=2)
         assert r.model == "gpt-4o-mini" and r.usage.completion_tokens == 2
     finally:
         s.stop(drain=0)
@@ -304,7 +298,7 @@ def test_pool_full_is_503_or_529_with_a_retry_hint(tiny_model_path, audit):
 def test_a_client_disconnect_mid_stream_frees_the_engine_slot(server, pool, audit):
     async def main():
         async with aiohttp.ClientSession() as session:
-            body = {"model": "tiny", "messages": HI, "max_tokens": 400, "stream": True}
+            body = {"model": "tiny", "messages": HI, "max_tokens": 400, "stream": True, "temperature": 0}
             async with session.post(server.url + "/v1/chat/completions", json=body) as r:
                 await r.content.readline()
                 await r.content.readline()
@@ -325,7 +319,7 @@ def test_a_failure_mid_stream_is_an_sse_error_and_the_server_goes_on(server, poo
 
     async def main():
         async with aiohttp.ClientSession() as session:
-            body = {"model": "tiny", "max_tokens": 300, "stream": True, "messages": HI}
+            body = {"model": "tiny", "max_tokens": 300, "stream": True, "messages": HI, "temperature": 0}
             async with session.post(server.url + "/v1/messages", json=body) as r:
                 async for line in r.content:
                     events.append(line.decode())
@@ -341,13 +335,13 @@ def test_a_failure_mid_stream_is_an_sse_error_and_the_server_goes_on(server, poo
     inner.norm = norm
     assert "event: error\n" in events and any("boom" in e for e in events)
     client = anthropic.Anthropic(base_url=server.url, api_key="unused")
-    assert client.messages.create(model="tiny", max_tokens=2, messages=HI).usage.output_tokens == 2
+    assert client.messages.create(model="tiny", max_tokens=2, messages=HI, extra_body=GREEDY).usage.output_tokens == 2
 
 
 def test_stop_drains_open_streams(pool):
     s = serve(pool, port=0, mode="thread")
     client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
-    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=60, stream=True,
+    stream = client.chat.completions.create(model="tiny", messages=HI, temperature=0, max_tokens=60, stream=True,
                                             stream_options={"include_usage": True})
     first = next(iter(stream))
     stopper = threading.Thread(target=s.stop, kwargs={"drain": 60})
@@ -441,7 +435,7 @@ def test_the_app_mounts_inside_a_parent_app(pool):
             async with session.get(f"http://127.0.0.1:{port}/hello") as r:
                 parent_answer = await r.json()
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-            r = await client.chat.completions.create(model="tiny", messages=HI, max_tokens=2)
+            r = await client.chat.completions.create(model="tiny", messages=HI, temperature=0, max_tokens=2)
             await client.close()
         await runner.cleanup()
         return parent_answer, r

@@ -12,7 +12,6 @@ import pytest
 from helpers import wait_for
 
 import mlx_manager_nb
-from mlx_manager_nb.audit_log import AuditLog
 from mlx_manager_nb.errors import ModelNotFoundError
 from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.panels.common import ui_caller
@@ -20,14 +19,6 @@ from mlx_manager_nb.server import running_servers
 from mlx_manager_nb.widgets import audit_panel, chat_panel, dashboard, pool_panel, server_panel
 
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-
-@pytest.fixture
-def audit(tmp_path):
-    a = AuditLog(tmp_path / "a.db")
-    yield a
-    a.close()
 
 
 @pytest.fixture
