@@ -37,7 +37,8 @@ def run(question: str) -> int:
         print(_cell(kc, "%load_ext mlx_manager_nb"), end="")
         print("Loading the demo model in the kernel (fetched once, then offline)...", flush=True)
         _cell(kc, "from mlx_manager_nb import pool, audit\nfrom mlx_manager_nb.server import serve\n"
-                  "info = pool.load('demo', alias='demo')\nserver = serve(pool, port=0)")
+                  "from mlx_manager_nb.audit_log import utc_now\n"
+                  "info = pool.load('demo', alias='demo')\nserver = serve(pool, port=0)\nstart = utc_now()")
         url = _cell(kc, "print(server.url)").strip()
         print(f"The kernel serves at {url} on its own event loop; this process is its client.\n")
         messages = [{"role": "user", "content": question}]
@@ -50,9 +51,9 @@ def run(question: str) -> int:
         print(f"                  ({r.usage.completion_tokens} tokens in {seconds:.1f} s)\n")
 
         an = anthropic.Anthropic(base_url=url, api_key="not-needed")
-        print("anthropic SDK   > (streamed) Name three French cities.\n                  ", end="", flush=True)
+        print("anthropic SDK   > (streamed) Write a haiku about the sea.\n                  ", end="", flush=True)
         with an.messages.stream(model="demo", max_tokens=60, messages=[
-                {"role": "user", "content": "Name three French cities."}], extra_body={"temperature": 0}) as stream:
+                {"role": "user", "content": "Write a haiku about the sea."}], extra_body={"temperature": 0}) as stream:
             for text in stream.text_stream:
                 print(text.replace("\n", "\n                  "), end="", flush=True)
             final = stream.get_final_message()
@@ -60,8 +61,8 @@ def run(question: str) -> int:
 
         print("The kernel still runs cells while it serves:", _cell(kc, "print(6 * 7)").strip())
         rows = json.loads(_cell(kc, "import json\naudit.flush()\n"
-                                    "print(json.dumps(audit.query(source='http', limit=5)))"))
-        print("\nAudit rows recorded in the kernel (newest first):")
+                                    "print(json.dumps(audit.query(source='http', since=start)))"))
+        print("\nAudit rows the kernel recorded for these calls (newest first):")
         print(f"  {'endpoint':22} {'protocol':9} {'stream':6} {'status':8} {'tokens':>6} {'ttft s':>7} {'tok/s':>6}")
         for row in rows:
             print(f"  {row['endpoint']:22} {row['protocol']:9} {str(bool(row['stream'])):6} {row['status']:8} "

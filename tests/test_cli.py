@@ -48,3 +48,14 @@ def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: No model named 'no-such-model'")
+
+
+def test_the_demo_command_runs_the_serving_story(demo_home):
+    """`make demo`'s command: a real kernel serves the demo model to both SDKs and shows its audit rows."""
+    done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "demo"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MLX_NB_HOME": str(demo_home)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The capital of France is Paris." in done.stdout
+    assert "The kernel still runs cells while it serves: 42" in done.stdout
+    rows = done.stdout.split("(newest first):")[1]
+    assert "/v1/messages           anthropic True   ok" in rows and "/v1/chat/completions   openai" in rows
