@@ -12,13 +12,14 @@ from .http_common import (
     REQUEST_ID,
     STATS,
     ApiError,
+    all_deltas,
     audit_meta,
     field_of,
+    first_delta,
     resolve_model,
     send_event,
     sse_response,
 )
-from .openai_api import anext_or_none
 
 UNSUPPORTED = ("tools", "tool_choice", "thinking", "mcp_servers")
 STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "timeout": "max_tokens"}
@@ -109,20 +110,18 @@ async def messages(request: web.Request, body: dict) -> web.StreamResponse:
         result = await pool.achat(conversation, model=name, meta=meta, **params)
         stats.finished(result.usage.completion_tokens, result.duration)
         return web.json_response(_message(rid, model, result.text, result))
-    input_tokens = pool.count_tokens(conversation, model=name)
     s = pool.achat(conversation, model=name, stream=True, meta=meta, **params)
     stats.active_streams += 1
     try:
-        first = await anext_or_none(s)
+        first = await first_delta(s)
         response = await sse_response(request)
         try:
-            start = _message(rid, model, None, input_tokens=input_tokens)
+            start = _message(rid, model, None, input_tokens=s.prompt_tokens)
             await send_event(response, {"type": "message_start", "message": start}, "message_start")
             await send_event(response, {"type": "content_block_start", "index": 0,
                                         "content_block": {"type": "text", "text": ""}}, "content_block_start")
             await send_event(response, {"type": "ping"}, "ping")
-            deltas = [first] if first else []
-            async for delta in _chain(deltas, s):
+            async for delta in all_deltas(first, s):
                 await send_event(response, {"type": "content_block_delta", "index": 0,
                                             "delta": {"type": "text_delta", "text": delta}}, "content_block_delta")
             result = s.result
@@ -143,13 +142,6 @@ async def messages(request: web.Request, body: dict) -> web.StreamResponse:
     finally:
         stats.active_streams -= 1
         await s.aclose()
-
-
-async def _chain(first: list[str], stream):
-    for d in first:
-        yield d
-    async for d in stream:
-        yield d
 
 
 async def count_tokens(request: web.Request, body: dict) -> web.Response:

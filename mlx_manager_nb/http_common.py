@@ -11,7 +11,7 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -207,3 +207,19 @@ async def send_event(response: web.StreamResponse, data: Any, event: str | None 
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
     await response.write(f"{head}data: {text}\n\n".encode())
+
+
+async def first_delta(stream: Any) -> str | None:
+    """Read a stream's first delta before any byte is sent, so that a failure still gets its status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def all_deltas(first: str | None, stream: Any) -> AsyncIterator[str]:
+    """The deltas of a stream whose first one :func:`first_delta` already read."""
+    if first:
+        yield first
+    async for delta in stream:
+        yield delta

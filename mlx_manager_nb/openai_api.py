@@ -19,8 +19,10 @@ from .http_common import (
     REQUEST_ID,
     STATS,
     ApiError,
+    all_deltas,
     audit_meta,
     field_of,
+    first_delta,
     resolve_model,
     send_event,
     sse_response,
@@ -126,7 +128,7 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
     stats.active_streams += 1
     try:
         # validation happens before the first byte, so errors still get a proper status
-        first = await anext_or_none(s)
+        first = await first_delta(s)
         response = await sse_response(request)
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -146,9 +148,7 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
         try:
             if kind == "chat":
                 await send_event(response, chunk(None, None, role=True))
-            if first is not None:
-                await send_event(response, chunk(first, None))
-            async for delta in s:
+            async for delta in all_deltas(first, s):
                 await send_event(response, chunk(delta, None))
             result = s.result
             await send_event(response, chunk(None, FINISH[result.finish_reason]))
@@ -166,14 +166,6 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
     finally:
         stats.active_streams -= 1
         await s.aclose()
-
-
-async def anext_or_none(stream) -> str | None:
-    """The first delta of a stream, or None if it ended at once; errors surface here."""
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 def _final(kind: str, rid: str, created: int, model: str, result) -> dict:

@@ -115,6 +115,11 @@ class AsyncTextStream:
         self._request, self._events = request, events
         self._it = self._iterate()
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length in tokens, known before the first delta."""
+        return len(self._request.prompt)
+
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 

@@ -116,6 +116,7 @@ def test_anthropic_create_stream_and_count(server, pool):
     with client.messages.stream(model="tiny", max_tokens=6, messages=HI, extra_body={"temperature": 0}) as stream:
         final = stream.get_final_message()
     assert final.content[0].text == expected and final.usage.output_tokens == 6
+    assert final.usage.input_tokens == m.usage.input_tokens > 0  # message_start carries the prompt's length
     stream = client.messages.create(model="tiny", max_tokens=3, messages=HI, stream=True, extra_body=GREEDY)
     events = [e.type for e in stream]
     assert events[:2] == ["message_start", "content_block_start"]
