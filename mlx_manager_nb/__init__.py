@@ -4,11 +4,15 @@
 >>> pool.load("demo")
 >>> pool.chat([{"role": "user", "content": "Hi!"}]).text
 
-``pool`` (the kernel-wide model pool) and ``audit`` (its request log) are created on first use.
-In IPython: ``%load_ext mlx_manager_nb``, then ``%mlx`` and ``%%chat``.
+Every public name lives here and is imported on first use, so ``import mlx_manager_nb`` stays
+light and touches no file: ``pool`` (the kernel-wide model pool) and ``audit`` (its request log)
+are created when first used. In IPython: ``%load_ext mlx_manager_nb``, then ``%mlx`` and ``%%chat``.
 """
 
-from typing import Any
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from . import blas
 
@@ -21,36 +25,57 @@ from .errors import (  # noqa: E402
     MLXManagerError,
     ModelNotFoundError,
     PoolFullError,
+    ServerError,
     UnsupportedModelError,
 )
 
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first use
+    from .audit_log import AuditLog
+    from .diagnostics import doctor
+    from .model_pool import ModelInfo, Pool
+    from .server import Server, create_app, serve
+    from .store import import_gguf, list_local_models
+    from .streams import Result, TextStream
+    from .widgets import dashboard
+
+    pool: Pool
+    audit: AuditLog
+
 __version__ = "0.1.0"
-_defaults: dict[str, Any] = {}
+
+# public name -> the module that defines it
+_LAZY = {
+    "AuditLog": "audit_log",
+    "doctor": "diagnostics",
+    "ModelInfo": "model_pool",
+    "Pool": "model_pool",
+    "Server": "server",
+    "create_app": "server",
+    "serve": "server",
+    "import_gguf": "store",
+    "list_local_models": "store",
+    "Result": "streams",
+    "TextStream": "streams",
+    "dashboard": "widgets",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Create the default ``pool`` and ``audit`` log lazily, so importing touches no file."""
-    if name == "audit":
-        if "audit" not in _defaults:
-            from .audit_log import AuditLog
-
-            _defaults["audit"] = AuditLog()
-        return _defaults["audit"]
     if name == "pool":
-        if "pool" not in _defaults:
-            from .model_pool import Pool
+        from .defaults import default_pool
 
-            _defaults["pool"] = Pool(audit=__getattr__("audit"))
-        return _defaults["pool"]
-    if name == "dashboard":
-        from .widgets import dashboard
+        return default_pool()
+    if name == "audit":
+        from .defaults import default_audit
 
-        return dashboard
-    if name == "doctor":
-        from .doctor import doctor
-
-        return doctor
+        return default_audit()
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'mlx_manager_nb' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -61,15 +86,27 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
+    "AuditLog",
     "DemoModelUnavailableError",
     "EngineError",
     "InvalidModelError",
     "MLXManagerError",
+    "ModelInfo",
     "ModelNotFoundError",
+    "Pool",
     "PoolFullError",
+    "Result",
+    "Server",
+    "ServerError",
+    "TextStream",
     "UnsupportedModelError",
+    "__version__",
     "audit",
+    "create_app",
     "dashboard",
     "doctor",
+    "import_gguf",
+    "list_local_models",
     "pool",
+    "serve",
 ]

@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 
-from .errors import EngineError
+from .errors import EngineError, ModelNotFoundError
 from .params import GenParams, make_processors, make_sampler
 from .stops import StopMatcher
 
@@ -40,7 +40,7 @@ class Delta:
 
 @dataclass
 class Done:
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled" or "timeout"
     stop: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -107,7 +107,7 @@ class Engine:
     """The single thread that runs every MLX operation of a pool."""
 
     def __init__(self, on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0):
-        self.runners: dict[str, Runner] = {}
+        self._runners: dict[str, Runner] = {}
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._on_tick = on_tick
@@ -139,6 +139,24 @@ class Engine:
             self._inbox.put(("stop",))
             self._thread.join(timeout)
 
+    def runner(self, name: str) -> Runner:
+        """The loaded model ``name`` (its tokenizer is safe to use from any thread)."""
+        runner = self._runners.get(name)
+        if runner is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        return runner
+
+    def add_runner(self, runner: Runner) -> None:
+        """Serve a loaded model (call on the engine thread, e.g. inside :meth:`run`)."""
+        self._runners[runner.name] = runner
+
+    def remove_runner(self, name: str, error: BaseException) -> None:
+        """Stop serving ``name``: its requests fail with ``error`` (call on the engine thread)."""
+        runner = self._runners.pop(name, None)
+        if runner is not None:
+            _fail_all(runner, error)
+        mx.clear_cache()
+
     def submit(self, request: Request) -> None:
         """Queue a request; it joins its model's running batch at the next step."""
         self._ensure_thread()
@@ -151,10 +169,10 @@ class Engine:
         next_tick = time.monotonic() + self._tick_seconds
         try:
             while True:
-                busy = any(r.active for r in self.runners.values())
+                busy = any(r.active for r in self._runners.values())
                 wait = 0 if busy else max(0.0, next_tick - time.monotonic())
                 self._drain(wait)
-                for runner in list(self.runners.values()):
+                for runner in list(self._runners.values()):
                     if runner.active:
                         self._step(runner)
                 if self._on_tick and time.monotonic() >= next_tick:
@@ -165,11 +183,8 @@ class Engine:
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
             self.error = e
             dead = EngineError(f"the engine thread died: {e!r}")
-            for runner in self.runners.values():
-                for seq in runner.active.values():
-                    _emit(seq.request, Failed(dead))
-                runner.active.clear()
-                runner.gen = None
+            for runner in self._runners.values():
+                _fail_all(runner, dead)
             while True:
                 try:
                     item = self._inbox.get_nowait()
@@ -205,7 +220,7 @@ class Engine:
                 return
 
     def _insert(self, request: Request) -> None:
-        runner = self.runners.get(request.model)
+        runner = self._runners.get(request.model)
         if runner is None:
             _emit(request, Failed(EngineError(f"model {request.model!r} is not loaded")))
             return
@@ -249,11 +264,7 @@ class Engine:
         try:
             _, responses = gen.next()
         except Exception as e:  # a failure of the batch step fails this model's batch only
-            failure = EngineError(f"generation failed on {runner.name}: {e}")
-            for seq in runner.active.values():
-                _emit(seq.request, Failed(failure))
-            runner.active.clear()
-            runner.gen = None
+            _fail_all(runner, EngineError(f"generation failed on {runner.name}: {e}"))
             mx.clear_cache()
             return
         for r in responses:
@@ -304,6 +315,15 @@ class Engine:
 
 def _done(request: Request, reason: str, stop: str | None, tokens: int, cached: int, ttft: float | None) -> Done:
     return Done(reason, stop, len(request.prompt), tokens, cached, ttft, time.perf_counter() - request.submitted)
+
+
+def _fail_all(runner: Runner, error: BaseException) -> None:
+    """End every request of ``runner`` with ``error`` and drop its batch."""
+    for seq in runner.active.values():
+        seq.request.cancelled.set()
+        _emit(seq.request, Failed(error))
+    runner.active.clear()
+    runner.gen = None
 
 
 def _emit(request: Request, event: Event) -> None:

@@ -17,13 +17,18 @@ import re
 import shlex
 import string
 import time
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
+from . import defaults, store
 from . import display as out
-from . import store
 from .errors import MLXManagerError, ModelNotFoundError, ServerError
+
+if TYPE_CHECKING:
+    from .audit_log import AuditLog
+    from .model_pool import Pool
 
 META = {"source": "magic", "endpoint": "%%chat", "protocol": "python", "stream": True}
 HINT = "See `%mlx ls` for local models, or start with `%mlx load demo`."
@@ -68,26 +73,22 @@ def parse(parser: argparse.ArgumentParser, line: str) -> argparse.Namespace | No
         return None
 
 
-def _pool() -> Any:
-    import mlx_manager_nb
-
-    return mlx_manager_nb.pool
+def _pool() -> Pool:
+    return defaults.default_pool()
 
 
-def _audit() -> Any:
-    import mlx_manager_nb
-
-    return mlx_manager_nb.audit
+def _audit() -> AuditLog:
+    return defaults.default_audit()
 
 
 def banner() -> str:
     """The line ``%load_ext`` prints: version, device, models loaded and how to start."""
     import mlx.core as mx
 
-    from . import __version__, _defaults
+    from . import __version__
 
     device = "GPU" if mx.default_device().type == mx.gpu else "CPU"
-    pool = _defaults.get("pool")
+    pool = defaults.existing_pool()
     n = sum(m.state == "ready" for m in pool.models()) if pool is not None else 0
     return (f"mlx_manager_nb {__version__} · {device} · {n} model{'' if n == 1 else 's'} loaded · "
             f"start with `%mlx load demo`, then `%%chat`; `%mlx --help` lists the commands")
@@ -116,32 +117,32 @@ def _with_progress(shell: Any, label: str, fn: Callable[[Callable[[str, float], 
         raise
 
 
-def cmd_load(m: "MLXMagics", a: argparse.Namespace) -> None:
+def cmd_load(magics: "MLXMagics", args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    info, live = _with_progress(m.shell, a.model, lambda progress: _pool().load(
-        a.model, alias=a.alias, pin=a.pin, keep_alive=a.keep_alive, progress=progress))
+    info, live = _with_progress(magics.shell, args.model, lambda progress: _pool().load(
+        args.model, alias=args.alias, pin=args.pin, keep_alive=args.keep_alive, progress=progress))
     name = info.name + (f" as {info.alias!r}" if info.alias else "")
     details = f"{out.size(info.size_bytes)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
     live.update({"text/plain": f"Loaded {name} ({details}) in {out.seconds(time.perf_counter() - started)}. "
                                f"Chat with `%%chat`."}, final=True)
 
 
-def cmd_unload(m: "MLXMagics", a: argparse.Namespace) -> None:
-    _pool().unload(a.name)
-    print(f"Unloaded {a.name}.")
+def cmd_unload(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    _pool().unload(args.name)
+    print(f"Unloaded {args.name}.")
 
 
-def cmd_pin(m: "MLXMagics", a: argparse.Namespace) -> None:
-    _pool().pin(a.name)
-    print(f"Pinned {a.name}: it stays loaded until `%mlx unpin {a.name}`.")
+def cmd_pin(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    _pool().pin(args.name)
+    print(f"Pinned {args.name}: it stays loaded until `%mlx unpin {args.name}`.")
 
 
-def cmd_unpin(m: "MLXMagics", a: argparse.Namespace) -> None:
-    info = _pool().unpin(a.name)
-    print(f"Unpinned {a.name}: it unloads after {out.seconds(info.keep_alive)} idle, or when room is needed.")
+def cmd_unpin(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    info = _pool().unpin(args.name)
+    print(f"Unpinned {args.name}: it unloads after {out.seconds(info.keep_alive)} idle, or when room is needed.")
 
 
-def cmd_ls(m: "MLXMagics", a: argparse.Namespace) -> None:
+def cmd_ls(magics: "MLXMagics", args: argparse.Namespace) -> None:
     models = store.list_local_models()
     if not models:
         print(f"No local models in {store.models_dir()} or the Hugging Face cache. "
@@ -152,7 +153,7 @@ def cmd_ls(m: "MLXMagics", a: argparse.Namespace) -> None:
     out.show(out.table(rows, ["name", "architecture", "size", "quantization", "context", "chat template", "origin"]))
 
 
-def cmd_ps(m: "MLXMagics", a: argparse.Namespace) -> None:
+def cmd_ps(magics: "MLXMagics", args: argparse.Namespace) -> None:
     pool = _pool()
     models = pool.models()
     if not models:
@@ -164,50 +165,54 @@ def cmd_ps(m: "MLXMagics", a: argparse.Namespace) -> None:
     out.show(out.table(rows, ["name", "alias", "state", "size", "in flight", "last used", "pinned", "keep-alive"]))
 
 
-def cmd_default(m: "MLXMagics", a: argparse.Namespace) -> None:
+def cmd_default(magics: "MLXMagics", args: argparse.Namespace) -> None:
     pool = _pool()
-    if a.model is not None:
-        info = pool.find(a.model)
+    if args.model is not None:
+        info = pool.find(args.model)
         pool.default = info.alias or info.name
     print(f"`%%chat` uses {pool.default or 'the most recently used model'} when no model is named.")
 
 
-def cmd_import_gguf(m: "MLXMagics", a: argparse.Namespace) -> None:
-    path, live = _with_progress(m.shell, a.path, lambda progress: store.import_gguf(a.path, a.name, progress))
-    live.update({"text/plain": f"Imported {a.path} into the store as {path.name}. "
+def cmd_import_gguf(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    path, live = _with_progress(magics.shell, args.path,
+                                lambda progress: store.import_gguf(args.path, args.name, progress))
+    live.update({"text/plain": f"Imported {args.path} into the store as {path.name}. "
                                f"Load it with `%mlx load {path.name}`."}, final=True)
 
 
-def cmd_serve(m: "MLXMagics", a: argparse.Namespace) -> None:
-    if m.server is not None and m.server.running:
-        raise ServerError(f"A server is already running at {m.server.url}: `%mlx stop` it first.")
-    try:
-        from .server import serve
-    except ImportError as e:
-        raise ServerError(f"The HTTP server is not available ({e}).") from None
-    m.server = serve(pool=_pool(), audit=_audit(), host=a.host, port=a.port, api_key=a.api_key,
-                     mode="thread" if a.thread else None, allow_remote=a.allow_remote)
-    print(f"Serving at {m.server.url}. `%mlx status` shows it, `%mlx stop` stops it.")
+def cmd_serve(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    from .server import running_servers, serve
+
+    if running := running_servers(_pool()):
+        raise ServerError(f"A server is already running at {running[0].url}: `%mlx stop` it first.")
+    server = serve(pool=_pool(), audit=_audit(), host=args.host, port=args.port, api_key=args.api_key,
+                   mode="thread" if args.thread else None, allow_remote=args.allow_remote)
+    print(f"Serving at {server.url}. `%mlx status` shows it, `%mlx stop` stops it.")
 
 
-def cmd_stop(m: "MLXMagics", a: argparse.Namespace) -> None:
-    if m.server is None or not m.server.running:
+def cmd_stop(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    from .server import running_servers
+
+    servers = running_servers(_pool())
+    if not servers:
         raise ServerError("No server is running. Start one with `%mlx serve`.")
-    server, m.server = m.server, None
-    pending = server.stop(drain=5.0)  # kernel mode: a task on this loop, done after the cell
-    print(f"The server at {server.url} " + ("stopped." if pending is None else
-                                            "is stopping: open streams get 5 s to finish."))
+    for server in servers:
+        pending = server.stop(drain=5.0)  # kernel mode: a task on this loop, done after the cell
+        print(f"The server at {server.url} " + ("stopped." if pending is None else
+                                                "is stopping: open streams get 5 s to finish."))
 
 
-def cmd_status(m: "MLXMagics", a: argparse.Namespace) -> None:
-    pool, audit, server = _pool(), _audit(), m.server
+def cmd_status(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    from .server import running_servers
+
+    pool, audit = _pool(), _audit()
     health = pool.health()
     rows: list[list[Any]] = []
-    if server is not None and server.running:
+    for server in running_servers(pool):
         stats = server.stats()
         rows += [["server", f"{server.url} ({server.mode} mode)"], ["requests", stats["requests"]],
                  ["active streams", stats["active_streams"]], ["tokens/s", f"{stats['tokens_per_second']:.1f}"]]
-    else:
+    if not rows:
         rows.append(["server", "not running (`%mlx serve` starts it)"])
     engine = health["engine"] + (f" ({health['engine_error']})" if health.get("engine_error") else "")
     rows += [["engine", engine], ["models", ", ".join(health["models"]) or "none"],
@@ -217,12 +222,12 @@ def cmd_status(m: "MLXMagics", a: argparse.Namespace) -> None:
     out.show(out.table(rows))
 
 
-def cmd_audit(m: "MLXMagics", a: argparse.Namespace) -> None:
+def cmd_audit(magics: "MLXMagics", args: argparse.Namespace) -> None:
     from .audit_log import FAILED
 
     audit = _audit()
-    if a.what == "stats":
-        stats = audit.stats(model=a.model)
+    if args.what == "stats":
+        stats = audit.stats(model=args.model)
         rows = [[s["model"], s["requests"], s["errors"], f"{s['error_rate']:.0%}",
                  *(None if s[k] is None else out.seconds(s[k])
                    for k in ("p50_duration", "p95_duration", "p50_ttft", "p95_ttft")),
@@ -231,11 +236,11 @@ def cmd_audit(m: "MLXMagics", a: argparse.Namespace) -> None:
         header = ["model", "requests", "errors", "error rate", "p50 time", "p95 time", "p50 TTFT", "p95 TTFT",
                   "tokens/s"]
     else:
-        if a.errors:
-            found = [r for status in FAILED for r in audit.query(model=a.model, status=status, limit=a.last)]
-            found = sorted(found, key=lambda r: r["started_at"], reverse=True)[: a.last]
+        if args.errors:
+            found = [r for status in FAILED for r in audit.query(model=args.model, status=status, limit=args.last)]
+            found = sorted(found, key=lambda r: r["started_at"], reverse=True)[: args.last]
         else:
-            found = audit.query(model=a.model, limit=a.last)
+            found = audit.query(model=args.model, limit=args.last)
         rows = [[out.local_time(r["started_at"]), r["source"], r["endpoint"], r["model"], r["status"],
                  f"{r['prompt_tokens'] or 0}→{r['completion_tokens'] or 0}",
                  None if r["ttft"] is None else out.seconds(r["ttft"]),
@@ -244,12 +249,12 @@ def cmd_audit(m: "MLXMagics", a: argparse.Namespace) -> None:
                  f"{r['error_type']}: {r['error_message'][:80]}" if r["error_type"] else None] for r in found]
         header = ["time", "source", "endpoint", "model", "status", "tokens", "TTFT", "time", "tokens/s", "error"]
     if not rows:
-        print(f"No requests recorded in {audit.path}" + (f" for {a.model}." if a.model else "."))
+        print(f"No requests recorded in {audit.path}" + (f" for {args.model}." if args.model else "."))
         return
     out.show(out.table(rows, header))
 
 
-def cmd_dashboard(m: "MLXMagics", a: argparse.Namespace) -> None:
+def cmd_dashboard(magics: "MLXMagics", args: argparse.Namespace) -> None:
     try:
         from .widgets import dashboard
     except ImportError as e:
@@ -259,8 +264,8 @@ def cmd_dashboard(m: "MLXMagics", a: argparse.Namespace) -> None:
     display(dashboard(_pool(), _audit()))
 
 
-def cmd_doctor(m: "MLXMagics", a: argparse.Namespace) -> None:
-    from .doctor import doctor
+def cmd_doctor(magics: "MLXMagics", args: argparse.Namespace) -> None:
+    from .diagnostics import doctor
 
     report = doctor(_pool())
     for key in ("physical_memory", "memory_used", "max_memory"):
@@ -411,43 +416,43 @@ def show_stream(stream: Any, live: bool, fmt: str) -> bool:
     return False
 
 
-def deliver(shell: Any, a: argparse.Namespace, text: str) -> None:
+def deliver(shell: Any, args: argparse.Namespace, text: str) -> None:
     """Apply ``--format`` code or json to the answer, and store it in ``--out``."""
     value: Any = text
-    if a.format == "code":
+    if args.format == "code":
         value = extract_code(text)
         shell.set_next_input(value, replace=False)
-    elif a.format == "json":
+    elif args.format == "json":
         value = extract_json(text)
         out.show({"application/json": value, "text/plain": json.dumps(value, indent=2, ensure_ascii=False)})
-    if a.out:
-        shell.user_ns[a.out] = value
+    if args.out:
+        shell.user_ns[args.out] = value
 
 
-def run_chat(m: "MLXMagics", line: str, cell: str) -> None:
-    a = parse(chat_parser(), line)
-    if a is None:
+def run_chat(magics: "MLXMagics", line: str, cell: str) -> None:
+    args = parse(chat_parser(), line)
+    if args is None:
         return
-    if a.out is not None and not a.out.isidentifier():
-        raise UsageError(f"%%chat: --out needs a variable name, got {a.out!r}.")
-    prompt = fill(cell, m.shell.user_ns).strip()
+    if args.out is not None and not args.out.isidentifier():
+        raise UsageError(f"%%chat: --out needs a variable name, got {args.out!r}.")
+    prompt = fill(cell, magics.shell.user_ns).strip()
     if not prompt:
         raise UsageError("%%chat: the cell is empty; write your message below the %%chat line.")
-    history = [] if a.new else m.conversations.get(a.name, [])
-    messages = with_system(history, a.system) + [{"role": "user", "content": prompt}]
+    history = [] if args.new else magics.conversations.get(args.name, [])
+    messages = with_system(history, args.system) + [{"role": "user", "content": prompt}]
     try:
-        stream = _pool().chat(messages, model=a.model, stream=True, meta=dict(META),
-                              temperature=a.temperature, max_tokens=a.max_tokens)
+        stream = _pool().chat(messages, model=args.model, stream=True, meta=dict(META),
+                              temperature=args.temperature, max_tokens=args.max_tokens)
     except ValueError as e:
         if history and "context" in str(e):
             raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
         raise
-    interrupted = show_stream(stream, out.can_update(m.shell), a.format)
-    m.conversations[a.name] = messages + [{"role": "assistant", "content": stream.text}]
+    interrupted = show_stream(stream, out.can_update(magics.shell), args.format)
+    magics.conversations[args.name] = messages + [{"role": "assistant", "content": stream.text}]
     if interrupted:
-        raise Interrupted(f"generation stopped; the partial answer is kept in conversation {a.name!r}")
+        raise Interrupted(f"generation stopped; the partial answer is kept in conversation {args.name!r}")
     out.show(out.note(footer(stream.result)))
-    deliver(m.shell, a, stream.text)
+    deliver(magics.shell, args, stream.text)
 
 
 # -- the Magics class ---------------------------------------------------------------------------
@@ -467,25 +472,24 @@ def _guarded(fn: Callable[[], None]) -> None:
 
 @magics_class
 class MLXMagics(Magics):
-    """``%mlx`` and ``%%chat``; holds the conversations and the server started from the notebook."""
+    """``%mlx`` and ``%%chat``; holds the notebook's conversations."""
 
     def __init__(self, shell: Any = None):
         super().__init__(shell)
         self.conversations: dict[str, list[dict]] = {}
-        self.server: Any = None
 
     @line_magic
     def mlx(self, line: str) -> None:
         """Manage models, the HTTP server and the audit log: `%mlx --help` lists the commands."""
 
         def run() -> None:
-            a = parse(mlx_parser(), line)
-            if a is None:
+            args = parse(mlx_parser(), line)
+            if args is None:
                 return
-            if a.command is None:
+            if args.command is None:
                 mlx_parser().print_help()
                 return
-            a.run(self, a)
+            args.run(self, args)
 
         _guarded(run)
 

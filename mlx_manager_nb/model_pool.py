@@ -17,17 +17,20 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal, overload
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model
-from mlx_lm.utils import load as load_model  # imported here: transformers first imported on a worker
 
-# thread leaves a C++ thread that aborts the process at exit ("terminate called...")
+# imported here, not lazily: transformers first imported on a worker thread leaves a C++ thread
+# that aborts the process at exit ("terminate called...")
+from mlx_lm.utils import load as load_model
+
 from . import store
 from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
@@ -36,7 +39,36 @@ from .params import DEFAULT_MAX_TOKENS, make_params
 from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
 
 ROLES = ("system", "user", "assistant")
-Listener = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A model changed state: ``loading``, ``ready``, ``unloading``, ``unloaded`` or ``failed``."""
+
+    name: str
+    state: str
+    model: ModelInfo
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of a load: ``stage`` (e.g. "loading weights") and ``fraction`` done, 0 to 1."""
+
+    name: str
+    stage: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """A request started (``row`` holds id, model and source) or ended (``row`` is its audit row)."""
+
+    phase: str  # "start" or "end"
+    row: dict
+
+
+PoolEvent = ModelEvent | ProgressEvent | RequestEvent
+Listener = Callable[[PoolEvent], None]
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,27 @@ def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], 
     return Runner(name, model, tokenizer)
 
 
+def _error_fields(error: BaseException) -> dict:
+    return {"status": "error", "error_type": type(error).__name__, "error_message": str(error)[:500]}
+
+
+def _audit_row(request_id: str, started_at: str, kind: str, model: str | None, meta: dict, outcome: dict) -> dict:
+    """The audit row of one request, finished or refused: who asked, for what, and ``outcome``."""
+    return {
+        "id": request_id,
+        "started_at": started_at,
+        "source": meta.get("source", "api"),
+        "endpoint": meta.get("endpoint", f"pool.{kind}"),
+        "protocol": meta.get("protocol", "python"),
+        "model": model,
+        "stream": bool(meta.get("stream", False)),
+        "client": meta.get("client"),
+        "user_agent": meta.get("user_agent"),
+        "http_status": meta.get("http_status"),
+        **outcome,
+    }
+
+
 class Pool:
     """Models loaded in this process, shared by the notebook, the widgets and the HTTP server.
 
@@ -129,15 +182,15 @@ class Pool:
     # -- observers ----------------------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener(event)`` for model-state, progress and request events; returns unsubscribe.
+        """Call ``listener(event)`` for each :class:`ModelEvent`, :class:`ProgressEvent` and
+        :class:`RequestEvent`; returns the unsubscribe function.
 
-        Events are dicts with a ``type`` of ``"model"``, ``"progress"`` or ``"request"``. Listeners
-        run on the thread that caused the event (often the engine thread): keep them short.
+        Listeners run on the thread that caused the event (often the engine thread): keep them short.
         """
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def _publish(self, event: dict) -> None:
+    def _publish(self, event: PoolEvent) -> None:
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -147,7 +200,7 @@ class Pool:
     def _set(self, name: str, **changes: Any) -> ModelInfo:
         with self._lock:
             info = self._models[name] = replace(self._models[name], **changes)
-        self._publish({"type": "model", "name": name, "state": info.state, "model": info})
+        self._publish(ModelEvent(name, info.state, info))
         return info
 
     # -- models ---------------------------------------------------------------------------------
@@ -231,7 +284,7 @@ class Pool:
         def report(stage: str, fraction: float) -> None:
             if progress:
                 progress(stage, fraction)
-            self._publish({"type": "progress", "name": ref, "stage": stage, "fraction": fraction})
+            self._publish(ProgressEvent(ref, stage, fraction))
 
         return report
 
@@ -246,12 +299,12 @@ class Pool:
         with self._lock:
             self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
                                            None, config.context_length)
-        self._publish({"type": "model", "name": name, "state": "loading", "model": self._models[name]})
+        self._publish(ModelEvent(name, "loading", self._models[name]))
         report("loading weights", 0.0)
 
         def load_on_engine() -> Runner:
             runner = _load_runner(name, path, report, dequantize)
-            self.engine.runners[name] = runner
+            self.engine.add_runner(runner)
             return runner
 
         try:
@@ -308,21 +361,14 @@ class Pool:
             self.engine.run(self._unload_on_engine, victim.name).result()
 
     def _unload_on_engine(self, name: str) -> None:
-        runner = self.engine.runners.pop(name, None)
-        if runner is not None:
-            for seq in runner.active.values():
-                seq.request.cancelled.set()
-                seq.request.emit(Failed(ModelNotFoundError(f"model {name!r} was unloaded")))
-            runner.active.clear()
-            del runner
-        mx.clear_cache()
+        self.engine.remove_runner(name, ModelNotFoundError(f"model {name!r} was unloaded"))
         with self._lock:
             info = self._models.pop(name, None)
             if self.default in (name, getattr(info, "alias", None)):
                 self.default = None
         if info is not None:
             gone = replace(info, state="unloaded")
-            self._publish({"type": "model", "name": name, "state": "unloaded", "model": gone})
+            self._publish(ModelEvent(name, "unloaded", gone))
 
     def unload(self, name: str) -> None:
         """Unload a model (by name or alias); requests still running on it fail."""
@@ -377,13 +423,13 @@ class Pool:
     def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
         """How many tokens a chat (or a raw prompt) takes with the model's template."""
         info = self.find(model)
-        runner = self.engine.runners[info.name]
+        runner = self.engine.runner(info.name)
         return len(self._prompt_tokens(runner, prompt) if prompt is not None else self._chat_tokens(runner, messages))
 
     def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
         info = self.find(model)
-        runner = self.engine.runners[info.name]
+        runner = self.engine.runner(info.name)
         tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
         p = make_params(**params)
         ctx = info.context_length
@@ -415,58 +461,39 @@ class Pool:
         with self._lock:
             self._in_flight[info.name] = self._in_flight.get(info.name, 0) + 1
             self._touch(info.name)
-        self._publish({"type": "request", "phase": "start", "id": request_id, "model": info.name,
-                       "source": meta.get("source", "api")})
+        self._publish(RequestEvent("start", {"id": request_id, "model": info.name,
+                                             "source": meta.get("source", "api")}))
         self.engine.submit(request)
         return request_id, info.alias or info.name, request
 
-    def _finished(self, name: str, request_id: str, started: float, started_at: str, kind: str, content: Any, text: str,
-                  event: Done | Failed, meta: dict) -> None:
+    def _finished(self, name: str, request_id: str, started: float, started_at: str, kind: str, content: Any,
+                  text: str, event: Done | Failed, meta: dict) -> None:
         with self._lock:
             self._in_flight[name] = self._in_flight.get(name, 1) - 1
             if name in self._models:
                 self._touch(name)
-        row = {
-            "id": request_id,
-            "started_at": started_at,
-            "source": meta.get("source", "api"),
-            "endpoint": meta.get("endpoint", f"pool.{kind}"),
-            "protocol": meta.get("protocol", "python"),
-            "model": name,
-            "stream": bool(meta.get("stream", False)),
-            "client": meta.get("client"),
-            "user_agent": meta.get("user_agent"),
-            "http_status": meta.get("http_status"),
-        }
         if isinstance(event, Done):
             status = event.finish_reason if event.finish_reason in ("cancelled", "timeout") else "ok"
-            row.update(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                       ttft=event.ttft, duration=event.duration, tokens_per_second=event.tokens_per_second,
-                       finish_reason=event.finish_reason)
+            outcome = dict(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                           ttft=event.ttft, duration=event.duration, tokens_per_second=event.tokens_per_second,
+                           finish_reason=event.finish_reason)
         else:
-            row.update(status="error", error_type=type(event.error).__name__, error_message=str(event.error)[:500],
-                       duration=time.time() - started)
-        self._publish({"type": "request", "phase": "end", **row})
+            outcome = dict(_error_fields(event.error), duration=time.time() - started)
+        row = _audit_row(request_id, started_at, kind, name, meta, outcome)
+        self._publish(RequestEvent("end", row))
         if meta["audit"] is not None:
             meta["audit"].record(row, {"prompt": content, "completion": text})
 
-    def rejected(self, error: BaseException, model: str | None, meta: dict | None, kind: str = "chat") -> None:
-        """Record a request refused before it reached the engine (bad input, unknown model)."""
+    def record_refused(self, error: BaseException, model: str | None, meta: dict | None, kind: str = "chat") -> None:
+        """Record a request refused before it reached the engine (bad input, unknown model) in the audit log."""
         meta = meta or {}
         if model is None:  # the model the request would have gone to, so stats group it there
             try:
                 model = self.find(None).name
             except ModelNotFoundError:
                 pass
-        row = {
-            "id": meta.get("id") or new_request_id(), "started_at": utc_now(), "status": "error",
-            "source": meta.get("source", "api"), "endpoint": meta.get("endpoint", f"pool.{kind}"),
-            "protocol": meta.get("protocol", "python"), "model": model, "stream": bool(meta.get("stream")),
-            "http_status": meta.get("http_status"), "client": meta.get("client"),
-            "user_agent": meta.get("user_agent"), "error_type": type(error).__name__,
-            "error_message": str(error)[:500],
-        }
-        self._publish({"type": "request", "phase": "end", **row})
+        row = _audit_row(meta.get("id") or new_request_id(), utc_now(), kind, model, meta, _error_fields(error))
+        self._publish(RequestEvent("end", row))
         audit = meta.get("audit") or self.audit
         if audit is not None:
             audit.record(row)
@@ -475,7 +502,7 @@ class Pool:
         try:
             return self._start(kind, content, model, sink, meta, timeout, params)
         except Exception as e:
-            self.rejected(e, model, meta, kind)
+            self.record_refused(e, model, meta, kind)
             raise
 
     def _run(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
@@ -493,12 +520,20 @@ class Pool:
         return s.result
 
     def _arun(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
-              timeout: float | None, params: dict) -> Any:
+              timeout: float | None, params: dict) -> Awaitable[Result] | AsyncTextStream:
         events, sink = async_sink(asyncio.get_running_loop())
         meta = {"stream": stream, **(meta or {})}
         request_id, name, request = self._start_or_record(kind, content, model, sink, meta, timeout, params)
         s = AsyncTextStream(request_id, name, request, events)
         return s if stream else s.collect()
+
+    @overload
+    def chat(self, messages: list[dict], model: str | None = None, stream: Literal[False] = False, *,
+             meta: dict | None = None, timeout: float | None = None, **params: Any) -> Result: ...
+
+    @overload
+    def chat(self, messages: list[dict], model: str | None = None, *, stream: Literal[True],
+             meta: dict | None = None, timeout: float | None = None, **params: Any) -> TextStream: ...
 
     def chat(self, messages: list[dict], model: str | None = None, stream: bool = False, *,
              meta: dict | None = None, timeout: float | None = None, **params: Any) -> Result | TextStream:
@@ -510,21 +545,48 @@ class Pool:
         """
         return self._run("chat", messages, model, stream, meta, timeout, params)
 
+    @overload
+    def complete(self, prompt: str, model: str | None = None, stream: Literal[False] = False, *,
+                 meta: dict | None = None, timeout: float | None = None, **params: Any) -> Result: ...
+
+    @overload
+    def complete(self, prompt: str, model: str | None = None, *, stream: Literal[True],
+                 meta: dict | None = None, timeout: float | None = None, **params: Any) -> TextStream: ...
+
     def complete(self, prompt: str, model: str | None = None, stream: bool = False, *,
                  meta: dict | None = None, timeout: float | None = None, **params: Any) -> Result | TextStream:
         """Continue a raw prompt (no chat template)."""
         return self._run("complete", prompt, model, stream, meta, timeout, params)
 
+    @overload
+    def achat(self, messages: list[dict], model: str | None = None, stream: Literal[False] = False, *,
+              meta: dict | None = None, timeout: float | None = None, **params: Any) -> Awaitable[Result]: ...
+
+    @overload
+    def achat(self, messages: list[dict], model: str | None = None, *, stream: Literal[True],
+              meta: dict | None = None, timeout: float | None = None, **params: Any) -> AsyncTextStream: ...
+
     def achat(self, messages: list[dict], model: str | None = None, stream: bool = False, *,
-              meta: dict | None = None, timeout: float | None = None, **params: Any) -> Any:
+              meta: dict | None = None, timeout: float | None = None,
+              **params: Any) -> Awaitable[Result] | AsyncTextStream:
         """``await pool.achat(...)`` for a Result, ``async for d in pool.achat(..., stream=True)`` for deltas.
 
         Must be called from a running event loop, which it never blocks.
         """
         return self._arun("chat", messages, model, stream, meta, timeout, params)
 
+    @overload
+    def acomplete(self, prompt: str, model: str | None = None, stream: Literal[False] = False, *,
+                  meta: dict | None = None, timeout: float | None = None, **params: Any) -> Awaitable[Result]: ...
+
+    @overload
+    def acomplete(self, prompt: str, model: str | None = None, *, stream: Literal[True],
+                  meta: dict | None = None, timeout: float | None = None, **params: Any) -> AsyncTextStream: ...
+
     def acomplete(self, prompt: str, model: str | None = None, stream: bool = False, *,
-                  meta: dict | None = None, timeout: float | None = None, **params: Any) -> Any:
+                  meta: dict | None = None, timeout: float | None = None,
+                  **params: Any) -> Awaitable[Result] | AsyncTextStream:
+        """:meth:`complete` from a running event loop: awaitable Result, or an async stream."""
         return self._arun("complete", prompt, model, stream, meta, timeout, params)
 
     def health(self) -> dict:
@@ -539,11 +601,12 @@ class Pool:
         }
 
     def close(self) -> None:
-        """Unload every model and flush the audit log."""
+        """Unload every model, end the engine thread and flush the audit log; later use starts afresh."""
         for m in self.models():
             try:
                 self.unload(m.name)
             except ModelNotFoundError:
                 pass
+        self.engine.stop()
         if self.audit is not None:
             self.audit.flush()

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 
 from .panels.audit import audit_panel
 from .panels.chat import chat_panel
-from .panels.common import default_audit, default_pool, on_close
+from .panels.common import audit_or_default, on_close, pool_or_default
 from .panels.pool import pool_panel
 from .panels.server import server_panel
 
@@ -31,8 +31,8 @@ __all__ = ["audit_panel", "chat_panel", "dashboard", "pool_panel", "server_panel
 
 def dashboard(pool: Pool | None = None, audit: AuditLog | None = None) -> widgets.Tab:
     """The pool, chat, server and audit panels in tabs."""
-    pool = default_pool(pool)
-    audit = default_audit(audit, pool)
+    pool = pool_or_default(pool)
+    audit = audit_or_default(audit, pool)
     panels = [pool_panel(pool), chat_panel(pool), server_panel(pool, audit), audit_panel(audit)]
     tab = widgets.Tab(children=panels, titles=["Pool", "Chat", "Server", "Audit"])
     on_close(tab, *(p.close for p in panels))

@@ -73,7 +73,7 @@ def quantized_model(tiny_model_path, tmp_path):
 
 def _logits(pool: Pool, tokens: list[int]) -> np.ndarray:
     (info,) = pool.models()
-    model = pool.engine.runners[info.name].model
+    model = pool.engine.runner(info.name).model
     return pool.engine.run(lambda: np.array(model(mx.array([tokens]))[0, -1].astype(mx.float32))).result()
 
 
@@ -81,7 +81,7 @@ def test_dequantized_weights_give_the_same_outputs(quantized_model):
     float_pool, quant_pool = Pool(dequantize=True, keep_alive=None), Pool(dequantize=False, keep_alive=None)
     float_pool.load(quantized_model)
     quant_pool.load(quantized_model)
-    float_model = float_pool.engine.runners[float_pool.models()[0].name].model
+    float_model = float_pool.engine.runner(float_pool.models()[0].name).model
     assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in float_model.named_modules())
     assert {p.dtype for _, p in __import__("mlx.utils").utils.tree_flatten(float_model.parameters())} == {mx.float32}
     assert float_pool.models()[0].size_bytes > 3 * quant_pool.models()[0].size_bytes
@@ -105,7 +105,7 @@ def test_auto_dequantizes_on_cpu_only_when_the_float_weights_fit(quantized_model
 
 
 def test_doctor_reports_the_blas_and_a_measured_speed(tiny_model_path):
-    from mlx_manager_nb.doctor import doctor
+    from mlx_manager_nb import doctor
 
     pool = Pool(keep_alive=None)
     report = doctor(pool)

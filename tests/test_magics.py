@@ -13,10 +13,11 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import mlx_manager_nb
-from mlx_manager_nb import display, magics
+from mlx_manager_nb import defaults, display, magics
 from mlx_manager_nb.audit_log import AuditLog
 from mlx_manager_nb.engine import Delta, Done, Request
 from mlx_manager_nb.params import GenParams
+from mlx_manager_nb.server import running_servers
 from mlx_manager_nb.streams import TextStream
 
 COMMANDS = ["load", "unload", "pin", "unpin", "ls", "ps", "default", "import-gguf", "serve", "stop", "status",
@@ -24,13 +25,7 @@ COMMANDS = ["load", "unload", "pin", "unpin", "ls", "ps", "default", "import-ggu
 
 
 def reset_defaults():
-    d = mlx_manager_nb._defaults
-    if "pool" in d:
-        d["pool"].close()
-        d["pool"].engine.stop()
-    if "audit" in d:
-        d["audit"].close()
-    d.clear()
+    defaults.reset_defaults()
 
 
 @pytest.fixture
@@ -43,9 +38,8 @@ def ip():
         shell.run_line_magic("load_ext", "mlx_manager_nb")
     shell.banner_output = c.stdout
     yield shell
-    state = shell.magics_manager.registry["MLXMagics"]
-    if state.server is not None and state.server.running:
-        state.server.stop(drain=0)
+    for server in running_servers():
+        server.stop(drain=0)
     reset_defaults()
 
 
@@ -305,7 +299,7 @@ def test_requests_are_audited_as_magic(ip, tiny):
 
 def test_an_audit_database_problem_is_one_line(ip, tmp_path):
     with pytest.warns(RuntimeWarning):
-        mlx_manager_nb._defaults["audit"] = AuditLog(tmp_path)  # a folder: sqlite cannot open it
+        defaults._audit = AuditLog(tmp_path)  # a folder: sqlite cannot open it
     assert "cannot be read" in one_line_error(mlx(ip, "audit"))
     assert "cannot be read" in one_line_error(mlx(ip, "audit stats"))
     assert "problem:" in mlx(ip, "status").outputs[0].data["text/plain"]
@@ -313,7 +307,7 @@ def test_an_audit_database_problem_is_one_line(ip, tmp_path):
 
 def test_serve_status_stop(ip, tiny):
     c = mlx(ip, "serve --thread --port 0")
-    server = ip.magics_manager.registry["MLXMagics"].server
+    (server,) = running_servers()
     assert c.stdout.startswith(f"Serving at {server.url}") and server.running
     assert json.load(urllib.request.urlopen(server.url + "/health", timeout=5))
     status = mlx(ip, "status").outputs[0].data["text/plain"]

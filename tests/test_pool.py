@@ -8,7 +8,7 @@ import pytest
 from helpers import wait_for
 
 from mlx_manager_nb.errors import EngineError, ModelNotFoundError, PoolFullError
-from mlx_manager_nb.model_pool import Pool
+from mlx_manager_nb.model_pool import ModelEvent, Pool, RequestEvent
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -71,7 +71,7 @@ def test_stream_deltas_add_up_to_the_result(pool):
 
 
 def test_cancelling_a_stream_frees_its_slot_and_memory(pool):
-    runner = pool.engine.runners["tiny-llama"]
+    runner = pool.engine.runner("tiny-llama")
     s = pool.chat(HELLO, temperature=0, max_tokens=400, stream=True)
     next(s)
     next(s)
@@ -184,7 +184,7 @@ def test_async_api(pool):
 
 def test_models_report_measured_size_and_state(pool):
     (m,) = pool.models()
-    runner = pool.engine.runners[m.name]
+    runner = pool.engine.runner(m.name)
     from mlx.utils import tree_flatten
 
     assert m.state == "ready" and m.alias == "tiny"
@@ -200,13 +200,13 @@ def test_load_reports_progress_and_subscribers_see_states(copies):
     assert progress[-1] == ("ready", 1.0)
     fractions = [f for _, f in progress]
     assert fractions == sorted(fractions)
-    states = [e["state"] for e in events if e["type"] == "model"]
+    states = [e.state for e in events if isinstance(e, ModelEvent)]
     assert states[0] == "loading" and "ready" in states
     p.chat(HELLO, temperature=0, max_tokens=2)
-    phases = [e["phase"] for e in events if e["type"] == "request"]
+    phases = [e.phase for e in events if isinstance(e, RequestEvent)]
     assert phases == ["start", "end"]
     p.unload("a")
-    assert [e["state"] for e in events if e["type"] == "model"][-1] == "unloaded"
+    assert [e.state for e in events if isinstance(e, ModelEvent)][-1] == "unloaded"
 
 
 def test_lru_eviction_at_max_models(copies):
@@ -271,7 +271,7 @@ def test_idle_models_are_unloaded_after_keep_alive(copies):
 def test_concurrent_loads_of_one_model_load_it_once(copies):
     p = Pool(keep_alive=None)
     events = []
-    p.subscribe(lambda e: events.append(e) if e["type"] == "model" and e["state"] == "loading" else None)
+    p.subscribe(lambda e: events.append(e) if isinstance(e, ModelEvent) and e.state == "loading" else None)
     threads = [threading.Thread(target=p.load, args=(copies[0],)) for _ in range(4)]
     for t in threads:
         t.start()
@@ -303,7 +303,7 @@ def test_a_failing_batch_step_fails_that_model_only(copies):
     a, b, _ = copies
     p.load(a)
     p.load(b)
-    inner = p.engine.runners["a"].model.model
+    inner = p.engine.runner("a").model.model
     norm = inner.norm
 
     def broken(*args, **kwargs):

@@ -308,13 +308,13 @@ def test_a_client_disconnect_mid_stream_frees_the_engine_slot(server, pool, audi
 
     asyncio.run(main())
     assert wait_for(lambda: pool.models()[0].in_flight == 0)
-    assert not pool.engine.runners["tiny-llama"].active
+    assert not pool.engine.runner("tiny-llama").active
     audit.flush()
     assert wait_for(lambda: [r["status"] for r in audit.query()] == ["cancelled"])
 
 
 def test_a_failure_mid_stream_is_an_sse_error_and_the_server_goes_on(server, pool):
-    inner = pool.engine.runners["tiny-llama"].model.model
+    inner = pool.engine.runner("tiny-llama").model.model
     norm = inner.norm
     events = []
 

@@ -11,7 +11,7 @@ from html import escape
 import pytest
 from helpers import wait_for
 
-import mlx_manager_nb
+from mlx_manager_nb import defaults
 from mlx_manager_nb.errors import ModelNotFoundError
 from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.panels.common import ui_caller
@@ -184,8 +184,8 @@ def test_two_dashboards_stay_in_step(pool, audit, tiny_model_path):
 
 
 def test_dashboard_defaults_to_the_package_pool_and_audit(pool, audit, monkeypatch, tiny_model_path):
-    monkeypatch.setitem(mlx_manager_nb._defaults, "pool", pool)
-    monkeypatch.setitem(mlx_manager_nb._defaults, "audit", audit)
+    monkeypatch.setattr(defaults, "_pool", pool)
+    monkeypatch.setattr(defaults, "_audit", audit)
     tab = dashboard()
     pool.load(tiny_model_path)
     assert wait_for(lambda: "tiny-llama" in tab.children[0].parts.table.value)

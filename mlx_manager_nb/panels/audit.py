@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from ..errors import MLXManagerError
-from .common import coalesced, default_audit, error_html, html_table, make_panel, seconds, ui_caller
+from .common import audit_or_default, coalesced, error_html, html_table, make_panel, seconds, ui_caller
 
 if TYPE_CHECKING:
     from ..audit_log import AuditLog
@@ -34,7 +34,7 @@ def _summary_row(s: dict) -> list[Any]:
 
 def audit_panel(audit: AuditLog | None = None) -> widgets.VBox:
     """The latest audit rows with model, status and source filters, and a per-model summary."""
-    audit = default_audit(audit)
+    audit = audit_or_default(audit)
     call = ui_caller()
     model = widgets.Dropdown(description="Model", options=[ALL])
     status = widgets.Dropdown(description="Status", options=[ALL, "ok", "error", "cancelled", "timeout"])

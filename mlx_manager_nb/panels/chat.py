@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from .common import coalesced, default_pool, error_html, make_panel, ready_options, set_options, ui_caller
+from ..model_pool import ModelEvent
+from .common import coalesced, error_html, make_panel, pool_or_default, ready_options, set_options, ui_caller
 
 if TYPE_CHECKING:
     from ..model_pool import Pool
@@ -34,7 +35,7 @@ def _speed(result: Any) -> str:
 
 def chat_panel(pool: Pool | None = None) -> widgets.VBox:
     """Chat with a loaded model: the answer streams in; Stop cancels it in the engine."""
-    pool = default_pool(pool)
+    pool = pool_or_default(pool)
     call = ui_caller()
     model = widgets.Dropdown(description="Model")
     system = widgets.Textarea(description="System", placeholder="optional system prompt",
@@ -137,7 +138,7 @@ def chat_panel(pool: Pool | None = None) -> widgets.VBox:
     stop.on_click(on_stop)
     clear.on_click(on_clear)
     refresh_soon = coalesced(call, refresh_models)
-    unsubscribe = pool.subscribe(lambda e: refresh_soon() if e["type"] == "model" else None)
+    unsubscribe = pool.subscribe(lambda e: refresh_soon() if isinstance(e, ModelEvent) else None)
     refresh_models()
     render()
     parts = dict(model=model, system=system, temperature=temperature, max_tokens=max_tokens,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import ipywidgets as widgets
 
+from .. import defaults
 from ..errors import MLXManagerError
 
 if TYPE_CHECKING:
@@ -147,22 +148,16 @@ def seconds(s: float | None) -> str:
     return f"{s / 60:.0f} min" if s < 3600 else f"{s / 3600:.1f} h"
 
 
-def default_pool(pool: Pool | None) -> Pool:
-    if pool is not None:
-        return pool
-    import mlx_manager_nb
-
-    return mlx_manager_nb.pool
+def pool_or_default(pool: Pool | None) -> Pool:
+    return pool if pool is not None else defaults.default_pool()
 
 
-def default_audit(audit: AuditLog | None, pool: Pool | None = None) -> AuditLog:
+def audit_or_default(audit: AuditLog | None, pool: Pool | None = None) -> AuditLog:
     if audit is not None:
         return audit
     if pool is not None and pool.audit is not None:
         return pool.audit
-    import mlx_manager_nb
-
-    return mlx_manager_nb.audit
+    return defaults.default_audit()
 
 
 def ready_options(pool: Pool) -> list[tuple[str, str]]:

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import ipywidgets as widgets
 
 from .. import store
+from ..model_pool import ModelEvent, PoolEvent, ProgressEvent
 from .common import (
     background,
     coalesced,
-    default_pool,
     error_html,
     html_table,
     make_panel,
+    pool_or_default,
     seconds,
     set_options,
     size,
@@ -37,7 +38,7 @@ def _local_options() -> list[str]:
 
 def pool_panel(pool: Pool | None = None) -> widgets.VBox:
     """Loaded models (state, size, requests, last use, pin, keep-alive); load, unload, pin, unpin."""
-    pool = default_pool(pool)
+    pool = pool_or_default(pool)
     call = ui_caller()
     table = widgets.HTML()
     source = widgets.Combobox(description="Model", placeholder="local model, path, org/repo or demo",
@@ -62,21 +63,21 @@ def pool_panel(pool: Pool | None = None) -> widgets.VBox:
         memory.bar_style = "warning" if memory.value > 0.8 else ""
         memory_text.value = f"{size(used)} / {size(budget)}"
 
-    def show_progress(event: dict | None) -> None:
-        if event is None or event.get("stage") == "ready":
+    def show_progress(event: ProgressEvent | None) -> None:
+        if event is None or event.stage == "ready":
             progress_row.layout.display = "none"
             return
         progress_row.layout.display = None
-        progress.value = event["fraction"]
-        progress_text.value = f"{event['name']}: {event['stage']} {event['fraction']:.0%}"
+        progress.value = event.fraction
+        progress_text.value = f"{event.name}: {event.stage} {event.fraction:.0%}"
 
     refresh_soon = coalesced(call, refresh)
 
-    def on_event(event: dict) -> None:
-        if event["type"] == "progress":
+    def on_event(event: PoolEvent) -> None:
+        if isinstance(event, ProgressEvent):
             call(show_progress, event)
             return
-        if event.get("state") == "failed":
+        if isinstance(event, ModelEvent) and event.state == "failed":
             call(show_progress, None)
         refresh_soon()
 

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import weakref
 from html import escape
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 
-from .common import coalesced, default_audit, default_pool, error_html, make_panel, ready_options, ui_caller
+from ..model_pool import PoolEvent, RequestEvent
+from ..server import Server, on_servers_changed, running_servers, serve
+from .common import audit_or_default, coalesced, error_html, make_panel, pool_or_default, ready_options, ui_caller
 
 if TYPE_CHECKING:
     from ..audit_log import AuditLog
     from ..model_pool import Pool
 
-# Servers started from a server panel, per pool (with their API key, for the snippets), and the
-# server panels to refresh when one starts or stops.
-_servers: weakref.WeakKeyDictionary[Pool, tuple[Any, str | None]] = weakref.WeakKeyDictionary()
-_server_listeners: list[Callable[[], None]] = []
 SETTLE = 0.3  # seconds after a request event to read the server's counters again
 
 
@@ -39,15 +35,10 @@ def _snippets(url: str, api_key: str | None, model: str) -> dict[str, str]:
     }
 
 
-def _notify_servers() -> None:
-    for listener in list(_server_listeners):
-        listener()
-
-
 def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> widgets.VBox:
     """Start and stop the HTTP server on the pool; its URL, live counters and client snippets."""
-    pool = default_pool(pool)
-    audit = default_audit(audit, pool)
+    pool = pool_or_default(pool)
+    audit = audit_or_default(audit, pool)
     call = ui_caller()
     host = widgets.Text(value="127.0.0.1", description="Host")
     port = widgets.BoundedIntText(value=8000, min=0, max=65535, description="Port")
@@ -58,12 +49,13 @@ def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> wid
     snippets = widgets.HTML()
     error = widgets.HTML()
 
-    def running() -> tuple[Any, str | None]:
-        server, key = _servers.get(pool, (None, None))
-        return (server, key) if server is not None and server.running else (None, None)
+    def running() -> Server | None:
+        """This pool's server, wherever it was started (a panel, ``%mlx serve``, ``serve()``)."""
+        servers = running_servers(pool)
+        return servers[0] if servers else None
 
     def refresh() -> None:
-        server, key = running()
+        server = running()
         toggle.value = server is not None
         toggle.description, toggle.icon = ("Stop server", "stop") if server else ("Start server", "play")
         host.disabled = port.disabled = api_key.disabled = server is not None
@@ -77,39 +69,30 @@ def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> wid
         counters.value = (f"requests: <b>{s['requests']}</b> · active streams: <b>{s['active_streams']}</b>"
                           f" · tokens/s: <b>{'–' if tps is None else f'{tps:.1f}'}</b>")
         ready = ready_options(pool)
-        texts = _snippets(server.url, key, ready[0][0] if ready else "MODEL")
+        texts = _snippets(server.url, server.api_key, ready[0][0] if ready else "MODEL")
         snippets.value = "".join(f"<b>{escape(k)}</b><pre style='user-select:all'>{escape(v)}</pre>"
                                  for k, v in texts.items())
 
     def start() -> None:
-        from ..server import serve
-
         error.value = ""
         try:
-            key = api_key.value or None
-            _servers[pool] = serve(pool=pool, audit=audit, host=host.value.strip(), port=port.value,
-                                   api_key=key), key
+            serve(pool=pool, audit=audit, host=host.value.strip(), port=port.value, api_key=api_key.value or None)
         except Exception as e:
             error.value = error_html(e)
-        _notify_servers()
         refresh()
 
     def stop() -> None:
-        server, _ = _servers.pop(pool, (None, None))
+        server = running()
         if server is None:
             return
         try:
-            stopping = server.stop()
+            server.stop()
         except Exception as e:
             error.value = error_html(e)
-            stopping = None
-        if isinstance(stopping, asyncio.Future):
-            stopping.add_done_callback(lambda _: _notify_servers())
-        _notify_servers()
         refresh()
 
     def on_toggle(change: dict) -> None:
-        server, _ = running()
+        server = running()
         if change["new"] and server is None:
             start()
         elif not change["new"] and server is not None:
@@ -119,15 +102,15 @@ def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> wid
     refresh_soon = coalesced(call, refresh)
     settled = coalesced(call, refresh, delay=SETTLE)
 
-    def on_event(event: dict) -> None:
+    def on_event(event: PoolEvent) -> None:
         refresh_soon()
-        if event["type"] == "request":
+        if isinstance(event, RequestEvent):
             settled()  # the server updates its counters just after the pool's event
 
     unsubscribe = pool.subscribe(on_event)
-    _server_listeners.append(refresh_soon)
+    unsubscribe_servers = on_servers_changed(refresh_soon)
     refresh()
     parts = dict(host=host, port=port, api_key=api_key, toggle=toggle, url=url, counters=counters,
                  snippets=snippets, error=error)
     children = [widgets.HBox([host, port]), widgets.HBox([api_key, toggle]), url, counters, snippets, error]
-    return make_panel(children, parts, [unsubscribe, lambda: _server_listeners.remove(refresh_soon)])
+    return make_panel(children, parts, [unsubscribe, unsubscribe_servers])

@@ -12,21 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
-from . import store
-from .http_common import (
-    MODEL,
-    POOL,
-    REQUEST_ID,
-    STATS,
-    ApiError,
-    all_deltas,
-    audit_meta,
-    field_of,
-    first_delta,
-    resolve_model,
-    send_event,
-    sse_response,
-)
+from .. import store
+from ..streams import Result
+from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
+from .streaming import StreamShape, respond
 
 UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format", "audio", "modalities")
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length"}
@@ -88,7 +77,7 @@ def _params(body: dict) -> dict:
     }
 
 
-def _usage(result) -> dict:
+def _usage(result: Result) -> dict:
     u = result.usage
     usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
              "total_tokens": u.total_tokens}
@@ -97,12 +86,40 @@ def _usage(result) -> dict:
     return usage
 
 
+def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -> StreamShape:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> list:
+        out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return [(None, out)]
+
+    def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
+        if kind != "chat":
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def end(result: Result) -> list:
+        events = chunk([choice(None, FINISH[result.finish_reason])])
+        if include_usage:
+            events += chunk([], _usage(result))
+        return [*events, (None, "[DONE]")]
+
+    return StreamShape(
+        start=lambda s: chunk([choice(None, None, role=True)]) if kind == "chat" else [],
+        delta=lambda text: chunk([choice(text, None)]),
+        end=end,
+        error=lambda e: [(None, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})],
+    )
+
+
 async def _run(request: web.Request, body: dict, kind: str) -> web.StreamResponse:
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
     stream = field_of(body, "stream", bool, default=False)
     options = field_of(body, "stream_options", dict, default={})
-    include_usage = bool(options.get("include_usage"))
     params = _params(body)
     if kind == "chat":
         content: Any = _messages(body)
@@ -114,61 +131,19 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
                                param="prompt")
             content = content[0]
     name = await resolve_model(request, model)
-    pool, stats = request.app[POOL], request.app[STATS]
-    run = pool.achat if kind == "chat" else pool.acomplete
+    pool = request.app[POOL]
+    call = pool.achat if kind == "chat" else pool.acomplete
     meta = audit_meta(request, "openai", stream)
-    stats.requests += 1
     created = int(time.time())
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
-    if not stream:
-        result = await run(content, model=name, meta=meta, **params)
-        stats.finished(result.usage.completion_tokens, result.duration)
-        return web.json_response(_final(kind, rid, created, model, result))
-    s = run(content, model=name, stream=True, meta=meta, **params)
-    stats.active_streams += 1
-    try:
-        # validation happens before the first byte, so errors still get a proper status
-        first = await first_delta(s)
-        response = await sse_response(request)
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(delta_text: str | None, finish: str | None, role: bool = False) -> dict:
-            if kind == "chat":
-                delta = {"content": delta_text} if delta_text else {}
-                if role:
-                    delta = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-            out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None
-            return out
-
-        try:
-            if kind == "chat":
-                await send_event(response, chunk(None, None, role=True))
-            async for delta in all_deltas(first, s):
-                await send_event(response, chunk(delta, None))
-            result = s.result
-            await send_event(response, chunk(None, FINISH[result.finish_reason]))
-            if include_usage:
-                await send_event(response, {"id": rid, "object": obj, "created": created, "model": model,
-                                            "choices": [], "usage": _usage(result)})
-            await send_event(response, "[DONE]")
-            stats.finished(result.usage.completion_tokens, result.duration)
-        except (ConnectionResetError, ConnectionError):
-            raise
-        except Exception as e:  # a failure mid-stream: tell the client in the stream, then end it cleanly
-            await send_event(response, {"error": {"message": str(e), "type": "server_error", "param": None,
-                                                  "code": None}})
-        return response
-    finally:
-        stats.active_streams -= 1
-        await s.aclose()
+    return await respond(
+        request, lambda stream: call(content, model=name, stream=stream, meta=meta, **params), stream,
+        lambda result: _final(kind, rid, created, model, result),
+        _shape(kind, rid, created, model, bool(options.get("include_usage"))),
+    )
 
 
-def _final(kind: str, rid: str, created: int, model: str, result) -> dict:
+def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dict:
     finish = FINISH[result.finish_reason]
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,

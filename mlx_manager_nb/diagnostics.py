@@ -31,11 +31,10 @@ def doctor(pool: Any = None) -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    import mlx_manager_nb
-
+    from .defaults import default_pool
     from .model_pool import physical_memory
 
-    pool = pool if pool is not None else mlx_manager_nb.pool
+    pool = pool if pool is not None else default_pool()
     device = mx.default_device()
     return {
         "mlx": mx.__version__,

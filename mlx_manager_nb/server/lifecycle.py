@@ -1,17 +1,4 @@
-"""The in-kernel HTTP server: the OpenAI and Anthropic protocols over the shared pool.
-
->>> from mlx_manager_nb.server import serve
->>> server = serve(port=8000)        # in a notebook: on the kernel's loop, the cell returns at once
->>> server.url
-'http://127.0.0.1:8000'
->>> server.stop()
-
-``create_app()`` returns the endpoints as an aiohttp application without a ``/v1`` prefix of its
-own, to mount in another app: ``parent.add_subapp("/v1", create_app(pool=pool))``.
-
-A cell cannot call a server that runs on its own kernel's loop synchronously (the cell blocks the
-loop the server needs); use the in-process API (``pool.chat``) there, or ``serve(mode="thread")``.
-"""
+"""Running servers: ``serve()`` starts one on the kernel's loop or a thread; one registry lists them all."""
 
 from __future__ import annotations
 
@@ -22,74 +9,36 @@ import ipaddress
 import socket
 import threading
 import time
-import weakref
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import anthropic_api, openai_api
-from .errors import ServerError
-from .http_common import OPTIONS, POOL, STATS, Options, Stats, endpoint
+from ..errors import ServerError
+from .app import MAX_BODY, create_app, root_app
+from .common import OPTIONS, POOL, STATS
 
-V1 = web.AppKey("v1", web.Application)
-
-MAX_BODY = 8 * 2**20
-CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthropic-beta, x-request-id"
-_servers: "weakref.WeakSet[Server]" = weakref.WeakSet()
+_servers: list[Server] = []  # the running servers of this process, in start order
+_listeners: list[Callable[[], None]] = []
 
 
-def _default_pool() -> Any:
-    import mlx_manager_nb
-
-    return mlx_manager_nb.pool
-
-
-def create_app(pool: Any = None, audit: Any = None, *, api_key: str | None = None, auto_load: bool = True,
-               aliases: dict[str, str] | None = None, max_body: int = MAX_BODY) -> web.Application:
-    """The /v1 endpoints as an app with no prefix of its own, over a pool shared with the notebook.
-
-    ``audit`` overrides where this app's requests are recorded (default: the pool's audit log).
-    ``aliases`` maps names clients send (``"gpt-4o-mini"``) to loaded models. The app neither loads
-    nor unloads models on startup or cleanup; ``auto_load`` loads a local model on its first request.
-    Mounted in a parent app, the parent's ``client_max_size`` bounds request bodies.
-    """
-    app = web.Application(client_max_size=max_body)
-    app[POOL] = pool if pool is not None else _default_pool()
-    app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit)
-    app[STATS] = Stats()
-    app.router.add_get("/models", endpoint("openai", openai_api.models, body=False))
-    app.router.add_post("/chat/completions", endpoint("openai", openai_api.chat_completions))
-    app.router.add_post("/completions", endpoint("openai", openai_api.completions))
-    app.router.add_post("/messages", endpoint("anthropic", anthropic_api.messages))
-    app.router.add_post("/messages/count_tokens", endpoint("anthropic", anthropic_api.count_tokens))
-    return app
+def running_servers(pool: Any = None) -> list[Server]:
+    """The servers this process runs (``serve()``, ``%mlx serve``, the server panel), optionally of one pool."""
+    return [s for s in _servers if pool is None or s.pool is pool]
 
 
-def _cors(origins: tuple[str, ...]):
-    @web.middleware
-    async def preflight(request: web.Request, handler):
-        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
-            return web.Response(status=204)
-        return await handler(request)
-
-    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-        origin = request.headers.get("origin")
-        if origin and (origin in origins or "*" in origins):
-            response.headers.update({
-                "access-control-allow-origin": origin,
-                "access-control-allow-methods": "GET, POST, OPTIONS",
-                "access-control-allow-headers": CORS_HEADERS,
-                "access-control-expose-headers": "x-request-id",
-                "vary": "origin",
-            })
-
-    return preflight, add_headers
+def on_servers_changed(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback()`` whenever a server starts or stops; returns the unsubscribe function."""
+    _listeners.append(callback)
+    return lambda: _listeners.remove(callback) if callback in _listeners else None
 
 
-async def _health(request: web.Request) -> web.Response:
-    health = request.app[V1][POOL].health()
-    return web.json_response(dict(health, status="ok" if health["engine"] != "dead" else "error"),
-                             status=200 if health["engine"] != "dead" else 503)
+def _changed() -> None:
+    for callback in list(_listeners):
+        try:
+            callback()
+        except Exception:
+            pass
 
 
 def _is_loopback(host: str) -> bool:
@@ -120,17 +69,20 @@ def _bind(host: str, port: int) -> socket.socket:
 class Server:
     """A running server: ``url``, ``stats()`` and ``stop(drain=...)``."""
 
-    def __init__(self, root: web.Application, v1: web.Application, sock: socket.socket, mode: str):
+    def __init__(self, root: web.Application, v1: web.Application, sock: socket.socket, mode: str,
+                 api_key: str | None):
         self.mode, self._root, self._v1, self._sock = mode, root, v1, sock
+        self.pool = v1[POOL]
+        self.api_key = api_key
         host, port = sock.getsockname()[:2]
         self.host, self.port = host, port
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         self.started = time.time()
         self.running = True
-        self._runner: web.AppRunner | None = None
+        self._runner: web.AppRunner
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: Any = None
+        self._loop: asyncio.AbstractEventLoop
+        self._ready: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -155,9 +107,10 @@ class Server:
             await asyncio.sleep(0.05)
         await self._runner.cleanup()  # cancels what is still streaming; their requests are cancelled
         self._sock.close()
-        audit = self._v1[OPTIONS].audit or getattr(self._v1[POOL], "audit", None)
+        audit = self._v1[OPTIONS].audit or getattr(self.pool, "audit", None)
         if audit is not None:  # the rows of the requests just ended are written before stop returns
             await asyncio.get_running_loop().run_in_executor(None, audit.flush)
+        _changed()
 
     def _start(self) -> None:
         if self.mode == "kernel":
@@ -168,7 +121,8 @@ class Server:
             self._thread = threading.Thread(target=self._loop.run_forever, name="mlx-nb-server", daemon=True)
             self._thread.start()
             asyncio.run_coroutine_threadsafe(self._astart(), self._loop).result()
-        _servers.add(self)
+        _servers.append(self)
+        _changed()
 
     def stop(self, drain: float = 5.0) -> Any:
         """Stop accepting, let open streams finish for up to ``drain`` seconds, then cancel them.
@@ -179,12 +133,14 @@ class Server:
         if not self.running:
             return None
         self.running = False
-        _servers.discard(self)
+        _servers.remove(self)
+        _changed()
         if self.mode == "thread":
             asyncio.run_coroutine_threadsafe(self._astop(drain), self._loop).result()
             # the loop's executor threads (model listing, audit flush) end with it
             asyncio.run_coroutine_threadsafe(self._loop.shutdown_default_executor(), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
+            assert self._thread is not None
             self._thread.join()
             self._loop.close()
             return None
@@ -206,7 +162,7 @@ class Server:
 def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors_origins: tuple[str, ...] | list[str] = (), mode: str | None = None, allow_remote: bool = False,
           max_body: int = MAX_BODY, **app_options: Any) -> Server:
-    """Start the server: ``/v1/...`` endpoints and ``/health``; returns a :class:`Server`.
+    """Start the server: ``/v1/...`` endpoints and ``/health`` over ``pool`` (default: the kernel's).
 
     ``mode="kernel"`` (the default where an event loop runs in this thread, as in Jupyter) serves on
     that loop and returns at once; ``mode="thread"`` (the default elsewhere) runs its own loop in a
@@ -228,21 +184,14 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
             asyncio.get_running_loop()
         except RuntimeError:
             raise ServerError("mode='kernel' needs a running event loop in this thread; use mode='thread'") from None
-    preflight, add_headers = _cors(tuple(cors_origins))
-    root = web.Application(middlewares=[preflight] if cors_origins else [], client_max_size=max_body)
-    if cors_origins:
-        root.on_response_prepare.append(add_headers)
+    if pool is None:
+        from ..defaults import default_pool
+
+        pool = default_pool()
     v1 = create_app(pool, audit, api_key=api_key, max_body=max_body, **app_options)
-    root[V1] = v1
-    root.add_subapp("/v1", v1)
-    root.router.add_get("/health", _health)
-    server = Server(root, v1, _bind(host, port), mode)
+    server = Server(root_app(v1, tuple(cors_origins), max_body), v1, _bind(host, port), mode, api_key)
     server._start()
     return server
-
-
-def running_servers() -> list[Server]:
-    return list(_servers)
 
 
 @atexit.register

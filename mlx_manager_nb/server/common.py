@@ -1,4 +1,4 @@
-"""What the OpenAI and Anthropic endpoints share: request ids, auth, JSON bodies, errors, SSE, stats.
+"""What every protocol's endpoints share: request ids, auth, JSON bodies, errors, stats, model names.
 
 Every endpoint is wrapped by :func:`endpoint`, which turns any failure into the protocol's own
 error shape, records refused requests in the audit log, and echoes ``x-request-id``.
@@ -10,13 +10,14 @@ import hmac
 import json
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from .audit_log import new_request_id
-from .errors import InvalidModelError, ModelNotFoundError, PoolFullError
+from ..audit_log import new_request_id
+from ..errors import InvalidModelError, ModelNotFoundError, PoolFullError
 
 POOL = web.AppKey("pool", object)
 OPTIONS = web.AppKey("options", object)
@@ -191,35 +192,5 @@ def _error_response(request: web.Request, protocol: str, e: Exception) -> web.Re
     else:
         error = ApiError(500, f"Internal error: {type(e).__name__}: {e}", "api")
     meta = dict(audit_meta(request, protocol, False), http_status=error.status)
-    request.app[POOL].rejected(e, request.get(MODEL), meta)
+    request.app[POOL].record_refused(e, request.get(MODEL), meta)
     return web.json_response(error_body(protocol, error), status=error.status, headers=error.headers)
-
-
-async def sse_response(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                           "x-request-id": request[REQUEST_ID]})
-    await response.prepare(request)
-    return response
-
-
-async def send_event(response: web.StreamResponse, data: Any, event: str | None = None) -> None:
-    """Write one server-sent event; ``data`` is JSON-encoded unless it is a string."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    head = f"event: {event}\n" if event else ""
-    await response.write(f"{head}data: {text}\n\n".encode())
-
-
-async def first_delta(stream: Any) -> str | None:
-    """Read a stream's first delta before any byte is sent, so that a failure still gets its status."""
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def all_deltas(first: str | None, stream: Any) -> AsyncIterator[str]:
-    """The deltas of a stream whose first one :func:`first_delta` already read."""
-    if first:
-        yield first
-    async for delta in stream:
-        yield delta

@@ -6,20 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .http_common import (
-    MODEL,
-    POOL,
-    REQUEST_ID,
-    STATS,
-    ApiError,
-    all_deltas,
-    audit_meta,
-    field_of,
-    first_delta,
-    resolve_model,
-    send_event,
-    sse_response,
-)
+from ..streams import AsyncTextStream, Result
+from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
+from .streaming import StreamShape, respond
 
 UNSUPPORTED = ("tools", "tool_choice", "thinking", "mcp_servers")
 STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "timeout": "max_tokens"}
@@ -76,7 +65,7 @@ def _params(body: dict) -> dict:
     }
 
 
-def _message(rid: str, model: str, text: str | None, result=None, input_tokens: int = 0) -> dict:
+def _message(rid: str, model: str, text: str | None, result: Result | None = None, input_tokens: int = 0) -> dict:
     reason = STOP_REASON[result.finish_reason] if result else None
     if result is not None and result.stop is not None:
         reason = "stop_sequence"
@@ -93,6 +82,32 @@ def _message(rid: str, model: str, text: str | None, result=None, input_tokens: 
     }
 
 
+def _shape(rid: str, model: str) -> StreamShape:
+    def start(s: AsyncTextStream) -> list:
+        return [("message_start", {"type": "message_start", "message": _message(rid, model, None,
+                                                                                input_tokens=s.prompt_tokens)}),
+                ("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "text", "text": ""}}),
+                ("ping", {"type": "ping"})]
+
+    def end(result: Result) -> list:
+        final = _message(rid, model, None, result)
+        return [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                ("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": final["stop_reason"],
+                                             "stop_sequence": final["stop_sequence"]},
+                                   "usage": {"output_tokens": result.usage.completion_tokens}}),
+                ("message_stop", {"type": "message_stop"})]
+
+    return StreamShape(
+        start=start,
+        delta=lambda text: [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                     "delta": {"type": "text_delta", "text": text}})],
+        end=end,
+        error=lambda e: [("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})],
+    )
+
+
 async def messages(request: web.Request, body: dict) -> web.StreamResponse:
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
@@ -102,46 +117,13 @@ async def messages(request: web.Request, body: dict) -> web.StreamResponse:
     if conversation[-1]["role"] == "assistant":
         raise ApiError(400, "a final assistant message (prefill) is not supported yet", param="messages")
     name = await resolve_model(request, model)
-    pool, stats = request.app[POOL], request.app[STATS]
+    pool = request.app[POOL]
     meta = audit_meta(request, "anthropic", stream)
-    stats.requests += 1
     rid = "msg_" + request[REQUEST_ID]
-    if not stream:
-        result = await pool.achat(conversation, model=name, meta=meta, **params)
-        stats.finished(result.usage.completion_tokens, result.duration)
-        return web.json_response(_message(rid, model, result.text, result))
-    s = pool.achat(conversation, model=name, stream=True, meta=meta, **params)
-    stats.active_streams += 1
-    try:
-        first = await first_delta(s)
-        response = await sse_response(request)
-        try:
-            start = _message(rid, model, None, input_tokens=s.prompt_tokens)
-            await send_event(response, {"type": "message_start", "message": start}, "message_start")
-            await send_event(response, {"type": "content_block_start", "index": 0,
-                                        "content_block": {"type": "text", "text": ""}}, "content_block_start")
-            await send_event(response, {"type": "ping"}, "ping")
-            async for delta in all_deltas(first, s):
-                await send_event(response, {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": delta}}, "content_block_delta")
-            result = s.result
-            final = _message(rid, model, None, result)
-            await send_event(response, {"type": "content_block_stop", "index": 0}, "content_block_stop")
-            await send_event(response, {"type": "message_delta",
-                                        "delta": {"stop_reason": final["stop_reason"],
-                                                  "stop_sequence": final["stop_sequence"]},
-                                        "usage": {"output_tokens": result.usage.completion_tokens}},
-                             "message_delta")
-            await send_event(response, {"type": "message_stop"}, "message_stop")
-            stats.finished(result.usage.completion_tokens, result.duration)
-        except (ConnectionResetError, ConnectionError):
-            raise
-        except Exception as e:  # mid-stream failure: an error event, then a clean end
-            await send_event(response, {"type": "error", "error": {"type": "api_error", "message": str(e)}}, "error")
-        return response
-    finally:
-        stats.active_streams -= 1
-        await s.aclose()
+    return await respond(
+        request, lambda stream: pool.achat(conversation, model=name, stream=stream, meta=meta, **params), stream,
+        lambda result: _message(rid, model, result.text, result), _shape(rid, model),
+    )
 
 
 async def count_tokens(request: web.Request, body: dict) -> web.Response:

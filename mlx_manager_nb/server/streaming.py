@@ -1,0 +1,79 @@
+"""One request's run on the pool, answered as JSON or as server-sent events.
+
+Both protocols share this loop; each gives only its shapes: the final JSON body, and a
+:class:`StreamShape` saying which events open, carry, close and fail a stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..streams import AsyncTextStream, Result
+from .common import REQUEST_ID, STATS
+
+SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
+
+
+@dataclass(frozen=True)
+class StreamShape:
+    """How a protocol frames a stream; each function returns the events to send, in order."""
+
+    start: Callable[[AsyncTextStream], list[SseEvent]]
+    delta: Callable[[str], list[SseEvent]]
+    end: Callable[[Result], list[SseEvent]]
+    error: Callable[[Exception], list[SseEvent]]
+
+
+async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> None:
+    """Write server-sent events in one write."""
+    out = []
+    for name, data in events:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        out.append((f"event: {name}\n" if name else "") + f"data: {text}\n\n")
+    await response.write("".join(out).encode())
+
+
+async def respond(request: web.Request, run: Callable[..., Any], stream: bool, final: Callable[[Result], dict],
+                  shape: StreamShape) -> web.StreamResponse:
+    """Run ``run(stream=...)`` (a pool call) and answer with ``final(result)`` or a shaped stream.
+
+    A stream's first delta is read before any byte is sent, so a failure up to then still gets
+    its HTTP status; a failure after it becomes the protocol's error event, then a clean end.
+    """
+    stats = request.app[STATS]
+    stats.requests += 1
+    if not stream:
+        result = await run(stream=False)
+        stats.finished(result.usage.completion_tokens, result.duration)
+        return web.json_response(final(result))
+    s: AsyncTextStream = run(stream=True)
+    stats.active_streams += 1
+    try:
+        try:
+            first: str | None = await s.__anext__()
+        except StopAsyncIteration:
+            first = None
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
+                                               "x-request-id": request[REQUEST_ID]})
+        await response.prepare(request)
+        try:
+            await send_events(response, shape.start(s) + (shape.delta(first) if first else []))
+            async for delta in s:
+                await send_events(response, shape.delta(delta))
+            result = s.result
+            assert result is not None
+            await send_events(response, shape.end(result))
+            stats.finished(result.usage.completion_tokens, result.duration)
+        except ConnectionError:
+            raise
+        except Exception as e:
+            await send_events(response, shape.error(e))
+        return response
+    finally:
+        stats.active_streams -= 1
+        await s.aclose()

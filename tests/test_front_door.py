@@ -1,0 +1,121 @@
+"""The package root holds every public name; the defaults and the running servers each have one owner."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import wait_for
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import mlx_manager_nb
+from mlx_manager_nb import defaults
+from mlx_manager_nb.model_pool import Pool
+from mlx_manager_nb.server import create_app, running_servers, serve
+from mlx_manager_nb.widgets import server_panel
+
+PUBLIC = ["pool", "audit", "Pool", "AuditLog", "serve", "create_app", "Server", "Result", "TextStream", "ModelInfo",
+          "MLXManagerError", "ModelNotFoundError", "InvalidModelError", "UnsupportedModelError", "PoolFullError",
+          "EngineError", "ServerError", "DemoModelUnavailableError", "list_local_models", "import_gguf",
+          "dashboard", "doctor", "__version__"]
+
+
+def test_every_public_name_is_importable_from_the_root_and_listed():
+    names = dir(mlx_manager_nb)
+    for name in PUBLIC:
+        assert name in names and name in mlx_manager_nb.__all__, name
+    code = ("import sys, mlx_manager_nb\nfrom mlx_manager_nb import serve, Pool, Result, dashboard, doctor\n"
+            "assert 'mlx_manager_nb.model_pool' in sys.modules\nassert callable(doctor) and callable(serve)\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_importing_the_package_creates_nothing(isolated_home):
+    code = "import sys, mlx_manager_nb; assert 'mlx_manager_nb.model_pool' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert not isolated_home.exists()
+
+
+def test_doctor_is_the_function_not_the_module(tiny_model_path):
+    from mlx_manager_nb import doctor
+
+    pool = Pool(keep_alive=None)
+    try:
+        report = doctor(pool)
+    finally:
+        pool.close()
+    assert report["gflops"] > 0 and report["device"] in ("CPU", "GPU (Metal)")
+
+
+def test_the_defaults_are_created_once_and_reset_in_one_place(isolated_home):
+    defaults.reset_defaults()
+    try:
+        assert mlx_manager_nb.pool is defaults.default_pool() is mlx_manager_nb.pool
+        assert mlx_manager_nb.pool.audit is mlx_manager_nb.audit is defaults.default_audit()
+        assert mlx_manager_nb.audit.path == isolated_home / "audit.db"
+        first = mlx_manager_nb.pool
+        defaults.reset_defaults()
+        assert defaults.existing_pool() is None and mlx_manager_nb.pool is not first
+    finally:
+        defaults.reset_defaults()
+
+
+def test_create_app_takes_its_pool_explicitly():
+    with pytest.raises(TypeError):
+        create_app()  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def shell(tiny_model_path):
+    """A fresh shell with the extension, over a fresh default pool holding the tiny model."""
+    defaults.reset_defaults()
+    InteractiveShell.clear_instance()  # a new shell, which IPython's display() then publishes to
+    ip = InteractiveShell.instance()
+    with capture_output():
+        ip.run_line_magic("load_ext", "mlx_manager_nb")
+    defaults.default_pool().load(tiny_model_path)
+    yield ip
+    for server in running_servers():
+        server.stop(drain=0)
+    defaults.reset_defaults()
+    InteractiveShell.clear_instance()
+
+
+def magic(ip, line):
+    with capture_output() as c:
+        ip.run_line_magic("mlx", line)
+    return c
+
+
+def test_a_server_started_with_the_magic_shows_in_the_panel(shell):
+    parts = server_panel().parts
+    assert "Server stopped" in parts.url.value
+    magic(shell, "serve --thread --port 0")
+    (server,) = running_servers()
+    assert wait_for(lambda: server.url in parts.url.value) and parts.toggle.description == "Stop server"
+    parts.toggle.value = False  # the panel stops the magic's server
+    assert wait_for(lambda: "Server stopped" in parts.url.value) and not server.running
+    assert running_servers() == []
+
+
+def test_a_server_started_from_the_panel_is_seen_and_stopped_by_the_magic(shell):
+    parts = server_panel().parts
+    parts.port.value = 0
+    parts.toggle.value = True
+    assert parts.error.value == ""
+    (server,) = running_servers(defaults.default_pool())
+    status = magic(shell, "status").outputs[0].data["text/plain"]
+    assert server.url in status
+    assert magic(shell, "stop").stdout == f"The server at {server.url} stopped.\n"
+    assert not server.running and wait_for(lambda: "Server stopped" in parts.url.value)
+
+
+def test_servers_of_other_pools_are_listed_apart(tiny_model_path):
+    pool = Pool(keep_alive=None)
+    server = serve(pool, port=0, mode="thread")
+    try:
+        assert server in running_servers() and running_servers(pool) == [server]
+        assert running_servers(Pool(keep_alive=None)) == []
+    finally:
+        server.stop(drain=0)
+        pool.close()
+    assert server not in running_servers()
