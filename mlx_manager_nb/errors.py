@@ -31,3 +31,19 @@ class EngineError(MLXManagerError):
 
 class ServerError(MLXManagerError):
     """The HTTP server cannot start or stop as asked (port in use, already running, unsafe bind)."""
+
+
+class InvalidParameterError(MLXManagerError, ValueError):
+    """A request parameter is invalid; ``param`` names it (``"temperature"``, ``"messages[2].role"``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidParameterError):
+    """The prompt (with ``max_tokens``) does not fit the model's context: ``tokens`` > ``limit``."""
+
+    def __init__(self, param: str, message: str, tokens: int, limit: int):
+        super().__init__(param, message)
+        self.tokens, self.limit = tokens, limit

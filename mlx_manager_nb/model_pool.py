@@ -214,29 +214,30 @@ class Pool:
     def memory_used(self) -> int:
         return sum(m.size_bytes for m in self.models() if m.state in ("ready", "loading"))
 
-    def find(self, model: str | None) -> ModelInfo:
-        """The loaded model a name, alias, reference or None (the default) stands for."""
+    def _lookup(self, model: str | None) -> ModelInfo | None:
+        """The ready model a name, alias, reference or None (the default) stands for, if any."""
         with self._lock:
             ready = [m for m in self._models.values() if m.state == "ready"]
             if model is None:
                 model = self.default
                 if model is None:
-                    if not ready:
-                        raise ModelNotFoundError("No model is loaded. Load one first, e.g. pool.load('demo').")
-                    return max(ready, key=lambda m: m.last_used)
-            for m in ready:
-                if model in (m.name, m.alias, m.ref):
-                    return m
-        loaded = ", ".join(m.alias or m.name for m in ready) or "none"
+                    return max(ready, key=lambda m: m.last_used) if ready else None
+            return next((m for m in ready if model in (m.name, m.alias, m.ref)), None)
+
+    def find(self, model: str | None) -> ModelInfo:
+        """The loaded model a name, alias, reference or None (the default) stands for."""
+        info = self._lookup(model)
+        if info is not None:
+            return info
+        if model is None and self.default is None:
+            raise ModelNotFoundError("No model is loaded. Load one first, e.g. pool.load('demo').")
+        loaded = ", ".join(m.alias or m.name for m in self.models() if m.state == "ready") or "none"
         local = ", ".join(m.name for m in store.list_local_models()) or "none"
-        raise ModelNotFoundError(f"Model {model!r} is not loaded. Loaded: {loaded}. Available to load: {local}.")
+        raise ModelNotFoundError(f"Model {model or self.default!r} is not loaded. Loaded: {loaded}. "
+                                 f"Available to load: {local}.")
 
     def is_loaded(self, model: str) -> bool:
-        try:
-            self.find(model)
-            return True
-        except ModelNotFoundError:
-            return False
+        return self._lookup(model) is not None
 
     def load(
         self,
@@ -521,10 +522,12 @@ class Pool:
 
     def _arun(self, kind: str, content: Any, model: str | None, stream: bool, meta: dict | None,
               timeout: float | None, params: dict) -> Awaitable[Result] | AsyncTextStream:
-        events, sink = async_sink(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        events, sink = async_sink(loop)
         meta = {"stream": stream, **(meta or {})}
-        request_id, name, request = self._start_or_record(kind, content, model, sink, meta, timeout, params)
-        s = AsyncTextStream(request_id, name, request, events)
+        # templating and tokenizing take time proportional to the input: never on the event loop
+        started = loop.run_in_executor(None, self._start_or_record, kind, content, model, sink, meta, timeout, params)
+        s = AsyncTextStream(started, events)
         return s if stream else s.collect()
 
     @overload

@@ -107,18 +107,28 @@ def queue_sink() -> tuple[queue.Queue, Callable[[Event], None]]:
 
 
 class AsyncTextStream:
-    """The async twin of :class:`TextStream`: ``async for delta in stream``."""
+    """The async twin of :class:`TextStream`: ``async for delta in stream``.
 
-    def __init__(self, request_id: str, model: str, request: Request, events: asyncio.Queue):
-        self.id, self.model, self.text = request_id, model, ""
+    The request is prepared (templated, tokenized, validated) on a worker thread, never on the
+    event loop; a failure there is raised by the first ``__anext__``.
+    """
+
+    CLOSE_WAIT = 10.0  # seconds aclose() waits for the engine to confirm a cancelled request
+
+    def __init__(self, started: asyncio.Future, events: asyncio.Queue):
+        self.id: str | None = None
+        self.model: str | None = None
+        self.text = ""
         self.result: Result | None = None
-        self._request, self._events = request, events
+        self._started, self._events = started, events
+        self._request: Request | None = None
+        self._ended = False  # the engine's final event arrived
         self._it = self._iterate()
 
     @property
     def prompt_tokens(self) -> int:
-        """The prompt's length in tokens, known before the first delta."""
-        return len(self._request.prompt)
+        """The prompt's length in tokens, known from the first delta on."""
+        return len(self._request.prompt) if self._request is not None else 0
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
@@ -127,8 +137,14 @@ class AsyncTextStream:
         return await self._it.__anext__()
 
     async def aclose(self) -> None:
-        self._request.cancelled.set()
+        """Stop reading and cancel the request; returns once the engine has ended it (and it is audited)."""
+        self.cancel()
         await self._it.aclose()
+        if self._request is not None and not self._ended:
+            try:
+                await asyncio.wait_for(self._drain(), self.CLOSE_WAIT)
+            except asyncio.TimeoutError:
+                pass
 
     async def collect(self) -> Result:
         """Read to the end and return the result."""
@@ -137,13 +153,31 @@ class AsyncTextStream:
         assert self.result is not None
         return self.result
 
+    def cancel(self) -> None:
+        """Cancel the request (from the event loop's thread); the stream then ends as ``cancelled``."""
+        if self._request is not None:
+            self._request.cancelled.set()
+        elif not self._started.done():  # still being prepared: cancel it as soon as it is submitted
+            self._started.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else f.result()[2].cancelled.set())
+
+    async def _drain(self) -> None:
+        while not self._ended:
+            self._ended = not isinstance(await self._events.get(), Delta)
+
     async def _iterate(self) -> AsyncIterator[str]:
         try:
-            while (text := _consume(self, await self._events.get())) is not None:
+            self.id, self.model, self._request = await asyncio.shield(self._started)
+            while True:
+                event = await self._events.get()
+                self._ended = not isinstance(event, Delta)
+                text = _consume(self, event)
+                if text is None:
+                    return
                 yield text
         finally:
             if self.result is None:
-                self._request.cancelled.set()
+                self.cancel()
 
 
 def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[Event], None]]:

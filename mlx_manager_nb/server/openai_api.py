@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: ``/chat/completions``, ``/completions`` and ``/models``.
+"""OpenAI-compatible endpoints: ``/chat/completions`` and ``/completions``.
 
 Each handler reads the request into pool parameters, runs it on the pool, and formats the
 result (or the stream of deltas) in OpenAI's shapes.
@@ -6,13 +6,11 @@ result (or the stream of deltas) in OpenAI's shapes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from aiohttp import web
 
-from .. import store
 from ..streams import Result
 from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
 from .streaming import StreamShape, respond
@@ -108,6 +106,7 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
         return [*events, (None, "[DONE]")]
 
     return StreamShape(
+        protocol="openai",
         start=lambda s: chunk([choice(None, None, role=True)]) if kind == "chat" else [],
         delta=lambda text: chunk([choice(text, None)]),
         end=end,
@@ -137,7 +136,7 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
     created = int(time.time())
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
     return await respond(
-        request, lambda stream: call(content, model=name, stream=stream, meta=meta, **params), stream,
+        request, lambda: call(content, model=name, stream=True, meta=meta, **params), stream,
         lambda result: _final(kind, rid, created, model, result),
         _shape(kind, rid, created, model, bool(options.get("include_usage"))),
     )
@@ -162,20 +161,3 @@ async def chat_completions(request: web.Request, body: dict) -> web.StreamRespon
 
 async def completions(request: web.Request, body: dict) -> web.StreamResponse:
     return await _run(request, body, "complete")
-
-
-async def models(request: web.Request, body: dict) -> web.Response:
-    """Loaded models first (with state and size), then local ones that can be loaded on first use."""
-    pool = request.app[POOL]
-    data, seen = [], set()
-    for m in pool.models():
-        name = m.alias or m.name
-        seen.update({m.name, m.alias, m.ref})
-        data.append({"id": name, "object": "model", "created": int(m.last_used), "owned_by": "local",
-                     "state": m.state, "size_bytes": m.size_bytes, "loaded": True})
-    local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
-    for m in local:
-        if m.name not in seen:
-            data.append({"id": m.name, "object": "model", "created": 0, "owned_by": "local",
-                         "state": "available", "size_bytes": m.size_bytes, "loaded": False})
-    return web.json_response({"object": "list", "data": data})

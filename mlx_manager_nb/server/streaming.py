@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from ..streams import AsyncTextStream, Result
-from .common import REQUEST_ID, STATS
+from .common import STATS, id_headers
 
 SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
 
@@ -23,6 +23,7 @@ SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unl
 class StreamShape:
     """How a protocol frames a stream; each function returns the events to send, in order."""
 
+    protocol: str  # "openai" or "anthropic"
     start: Callable[[AsyncTextStream], list[SseEvent]]
     delta: Callable[[str], list[SseEvent]]
     end: Callable[[Result], list[SseEvent]]
@@ -38,28 +39,32 @@ async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> N
     await response.write("".join(out).encode())
 
 
-async def respond(request: web.Request, run: Callable[..., Any], stream: bool, final: Callable[[Result], dict],
-                  shape: StreamShape) -> web.StreamResponse:
-    """Run ``run(stream=...)`` (a pool call) and answer with ``final(result)`` or a shaped stream.
+async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stream: bool,
+                  final: Callable[[Result], dict], shape: StreamShape) -> web.StreamResponse:
+    """Run ``run()`` (a pool call returning a stream) and answer with ``final(result)`` or a shaped stream.
 
     A stream's first delta is read before any byte is sent, so a failure up to then still gets
-    its HTTP status; a failure after it becomes the protocol's error event, then a clean end.
+    its HTTP status; a failure after it becomes the protocol's error event, then a clean end. A
+    client that goes away cancels its request, streamed or not; either way the request has ended
+    in the engine (and left its audit row) when this returns.
     """
     stats = request.app[STATS]
     stats.requests += 1
-    if not stream:
-        result = await run(stream=False)
-        stats.finished(result.usage.completion_tokens, result.duration)
-        return web.json_response(final(result))
-    s: AsyncTextStream = run(stream=True)
-    stats.active_streams += 1
+    stats.in_flight += 1
+    stats.active_streams += stream
+    s = run()
+    stats.streams.add(s)
     try:
+        if not stream:
+            result = await s.collect()
+            stats.finished(result.usage.completion_tokens, result.duration)
+            return web.json_response(final(result))
         try:
             first: str | None = await s.__anext__()
         except StopAsyncIteration:
             first = None
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                               "x-request-id": request[REQUEST_ID]})
+                                               **id_headers(request, shape.protocol)})
         await response.prepare(request)
         try:
             await send_events(response, shape.start(s) + (shape.delta(first) if first else []))
@@ -75,5 +80,7 @@ async def respond(request: web.Request, run: Callable[..., Any], stream: bool, f
             await send_events(response, shape.error(e))
         return response
     finally:
-        stats.active_streams -= 1
         await s.aclose()
+        stats.streams.discard(s)
+        stats.in_flight -= 1
+        stats.active_streams -= stream
