@@ -14,6 +14,9 @@ batches into the ``requests`` table of ``audit.db`` under ``MLX_NB_HOME``::
 Prompts and completions are only stored, in a separate ``contents`` table,
 with ``log_content=True``.
 
+The schema is versioned by :mod:`mlx_manager_nb.migrations`, which upgrades
+an older database when it is opened.
+
 A database that cannot be opened or written (locked, corrupt, unwritable)
 never raises to ``record()``'s caller: it warns once (``RuntimeWarning``), the
 message stays in ``AuditLog.error`` until a write succeeds again, and the rows
@@ -40,34 +43,13 @@ from typing import Any, Callable
 from sqlite_utils import Database
 
 from .errors import MLXManagerError
+from .migrations import COLUMNS, migrate
 from .store import home
 
 __all__ = ["AuditLog", "new_request_id", "utc_now"]
 
 log = logging.getLogger(__name__)
 
-#: Column name -> type of the ``requests`` table, in order.
-COLUMNS: dict[str, type] = {
-    "id": str,
-    "started_at": str,
-    "source": str,  # http / magic / widget / api
-    "endpoint": str,
-    "protocol": str,  # openai / anthropic / python
-    "model": str,
-    "stream": bool,
-    "status": str,  # ok / error / cancelled / timeout
-    "http_status": int,
-    "error_type": str,
-    "error_message": str,
-    "prompt_tokens": int,
-    "completion_tokens": int,
-    "ttft": float,
-    "duration": float,
-    "tokens_per_second": float,
-    "finish_reason": str,
-    "client": str,
-    "user_agent": str,
-}
 MAX_ERROR_CHARS = 500
 #: Seconds a write waits for another process's lock before it fails.
 BUSY_TIMEOUT = 5.0
@@ -99,18 +81,14 @@ def _iso(value: datetime | str) -> str:
 
 
 def _open(path: Path | str) -> Database:
-    """Open (creating if needed) the audit database at ``path`` in WAL mode."""
+    """Open (creating if needed) the audit database at ``path`` in WAL mode, migrated to the current schema."""
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, check_same_thread=False)
     try:
         db = Database(conn)
         db.enable_wal()
-        db["requests"].create(COLUMNS, pk="id", if_not_exists=True)
-        db["requests"].create_index(["started_at"], if_not_exists=True)
-        db["contents"].create(
-            {"request_id": str, "prompt": str, "completion": str}, pk="request_id", if_not_exists=True
-        )
+        migrate(db)
     except BaseException:
         conn.close()
         raise
@@ -275,6 +253,7 @@ class AuditLog:
         model: str | None = None,
         status: str | None = None,
         source: str | None = None,
+        client_request_id: str | None = None,
         limit: int | None = 100,
     ) -> list[dict]:
         """Rows matching every given filter, newest first (``limit=None``: all).
@@ -283,7 +262,9 @@ class AuditLog:
         (naive means local time); other filters match exactly.
         """
         self.flush()
-        where, params = _where(since=since, model=model, status=status, source=source)
+        where, params = _where(
+            since=since, model=model, status=status, source=source, client_request_id=client_request_id
+        )
         rows = self._read(
             f"SELECT * FROM requests{where} ORDER BY started_at DESC, rowid DESC LIMIT ?",
             [*params, -1 if limit is None else int(limit)],

@@ -1,16 +1,20 @@
+import shutil
 import sqlite3
 import sys
 import threading
 import warnings
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from mlx_manager_nb import audit_log as audit_module
+from mlx_manager_nb import migrations
 from mlx_manager_nb.audit_log import AuditLog, new_request_id, utc_now
 from mlx_manager_nb.errors import MLXManagerError
 
 INJECTION = "x' OR 1=1 --"
+FIXTURE_V0 = Path(__file__).parent / "fixtures" / "audit_v0.db"
 
 
 @pytest.fixture
@@ -320,3 +324,96 @@ def test_repr(tmp_path):
     assert repr(log) == f"AuditLog({str(log.path)!r}, max_rows=10) <pending=0, error=None>"
     log.close()
     assert "closed" in repr(log)
+
+
+# -- schema migrations --------------------------------------------------------------------------
+
+
+def test_database_from_before_migrations_is_upgraded_with_rows_intact(tmp_path):
+    path = tmp_path / "audit.db"
+    shutil.copy(FIXTURE_V0, path)
+    log = AuditLog(path, log_content=True)
+    rows = {r["id"]: r for r in log.query()}
+    assert set(rows) == {"req_v0ok", "req_v0err", "req_v0api"}
+    ok = rows["req_v0ok"]
+    assert ok["stream"] is True and ok["user_agent"] == "curl/8" and ok["completion_tokens"] == 7
+    assert ok["started_at"] == "2024-05-01T10:00:00.000000+00:00" and ok["client_request_id"] is None
+    assert rows["req_v0err"]["error_message"] == "bad"
+    log.record({"model": "new", "client_request_id": "c-1"}, {"prompt": "p", "completion": "c"})
+    [new] = log.query(client_request_id="c-1")
+    assert new["model"] == "new" and new["id"].startswith("req_")
+    assert len(log.query(limit=None)) == 4 and log.error is None
+    log.close()
+    with sqlite3.connect(path) as conn:
+        contents = dict(conn.execute("SELECT request_id, completion FROM contents"))
+        names = [r[0] for r in conn.execute("SELECT name FROM _audit_migrations ORDER BY rowid")]
+    assert contents == {"req_v0ok": "hi v0", new["id"]: "c"}
+    assert names == [fn.__name__ for fn in migrations.MIGRATIONS]
+    assert names[:2] == ["m001_initial", "add_requests_client_request_id"]
+
+
+def test_new_database_has_the_columns_and_indexes_the_migrations_declare(audit):
+    with sqlite3.connect(audit.path) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(requests)")}
+    assert columns == list(audit_module.COLUMNS) == list(migrations.COLUMNS)
+    assert {"idx_requests_started_at", "idx_requests_client_request_id"} <= indexes
+
+
+def test_reopening_applies_nothing_twice(tmp_path):
+    path = tmp_path / "audit.db"
+    AuditLog(path).close()
+    before = count(path, "_audit_migrations")
+    log = AuditLog(path)
+    log.record({"model": "m"})
+    log.close()
+    assert count(path, "_audit_migrations") == before == len(migrations.MIGRATIONS)
+
+
+def test_two_logs_opening_a_new_database_at_once_both_work(tmp_path):
+    path = tmp_path / "audit.db"
+    start = threading.Barrier(4)
+    logs = []
+
+    def open_one():
+        start.wait()
+        logs.append(AuditLog(path))
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for log in logs:
+        log.record({"model": "m"})
+        log.close()
+        assert log.error is None
+    assert count(path) == 4
+    assert count(path, "_audit_migrations") == len(migrations.MIGRATIONS)
+
+
+def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "audit.db"
+    shutil.copy(FIXTURE_V0, path)
+
+    def broken(db):
+        db["requests"].add_column("half_done", int)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, broken])
+    with pytest.warns(RuntimeWarning, match="boom"):
+        log = AuditLog(path)
+    log.close()
+    with sqlite3.connect(path) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
+        assert not conn.execute("SELECT name FROM sqlite_master WHERE name = '_audit_migrations'").fetchall()
+    assert "half_done" not in columns and "client_request_id" not in columns
+    assert count(path) == 3
+
+
+def test_query_by_client_request_id(audit):
+    audit.record({"id": "a", "client_request_id": "mine"})
+    audit.record({"id": "b", "client_request_id": "mine"})
+    audit.record({"id": "c", "client_request_id": "theirs"})
+    assert [r["id"] for r in audit.query(client_request_id="mine")] == ["b", "a"]
+    assert audit.query(client_request_id=INJECTION) == []
