@@ -17,6 +17,11 @@ client sent (``x-request-id``) is kept in ``client_request_id``, which
 whose id is already stored is kept under a fresh id, and a batch that fails
 to insert is written row by row, so that only a bad row is dropped (and logged).
 
+Every text is made storable before it is queued: characters that cannot be
+encoded as UTF-8 (lone surrogates from undecodable header bytes) are
+backslash-escaped, NULs removed, and text columns capped at 256 characters
+(``error_message`` at 500).
+
 Prompts and completions are only stored, in a separate ``contents`` table,
 with ``log_content=True``.
 
@@ -56,7 +61,9 @@ __all__ = ["AuditLog", "new_request_id", "utc_now"]
 
 log = logging.getLogger(__name__)
 
+#: Characters kept of ``error_message``, and of every other text column.
 MAX_ERROR_CHARS = 500
+MAX_TEXT_CHARS = 256
 #: Seconds a write waits for another process's lock before it fails.
 BUSY_TIMEOUT = 5.0
 BATCH_SIZE = 1000
@@ -108,13 +115,26 @@ def _open(path: Path | str) -> Database:
     return db
 
 
+def _clean(text: str, limit: int | None = None) -> str:
+    """``text`` storable as UTF-8: unencodable characters (lone surrogates) escaped, NULs removed, ``limit`` chars."""
+    text = text[:limit].replace("\0", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+    return text
+
+
 def _normalize(row: dict) -> dict:
-    """A complete ``requests`` row from a caller's partial one (id and start time filled in)."""
-    out = {name: None if row.get(name) is None else kind(row[name]) for name, kind in COLUMNS.items()}
+    """A complete, storable ``requests`` row from a caller's partial one (id and start time filled in)."""
+    out = {}
+    for name, kind in COLUMNS.items():
+        value = None if row.get(name) is None else kind(row[name])
+        if isinstance(value, str):
+            value = _clean(value, MAX_ERROR_CHARS if name == "error_message" else MAX_TEXT_CHARS)
+        out[name] = value
     out["id"] = out["id"] or new_request_id()
     out["started_at"] = _iso(row["started_at"]) if row.get("started_at") else utc_now()
-    if out["error_message"] is not None:
-        out["error_message"] = out["error_message"][:MAX_ERROR_CHARS]
     return out
 
 
@@ -214,10 +234,11 @@ class AuditLog:
             item = _normalize(row)
             stored = None
             if self.log_content and content is not None:
+                completion = content.get("completion")
                 stored = {
                     "request_id": item["id"],
-                    "prompt": json.dumps(content.get("prompt"), ensure_ascii=False, default=str),
-                    "completion": content.get("completion"),
+                    "prompt": _clean(json.dumps(content.get("prompt"), ensure_ascii=False, default=str)),
+                    "completion": None if completion is None else _clean(str(completion)),
                 }
             with self._cond:
                 if self._closed:

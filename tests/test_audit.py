@@ -461,3 +461,40 @@ def test_a_row_the_database_refuses_is_the_only_one_dropped(audit, caplog):
     assert sorted(r["id"] for r in audit.query()) == [f"good-{i}" for i in range(5)]
     assert "row by row" in caplog.text and "'too-big' dropped" in caplog.text
     assert audit.error is None
+
+
+# -- every text can be stored ------------------------------------------------------------------
+
+
+def test_a_bad_row_among_30_concurrent_good_ones_is_stored_sanitized(audit):
+    start = threading.Barrier(31)
+    bad = {"client_request_id": "bad", "user_agent": "\udcff\udcfe\x00agent", "model": "m" * 3_000_000,
+           "error_message": "\ud800" * 2000, "endpoint": "/v1/\udc80"}
+
+    def work(row):
+        start.wait()
+        audit.record(row)
+
+    threads = [threading.Thread(target=work, args=({"client_request_id": f"good-{i}", "model": "m"},))
+               for i in range(30)]
+    threads.append(threading.Thread(target=work, args=(bad,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = {r["client_request_id"]: r for r in audit.query(limit=None)}
+    assert len(rows) == 31 and audit.error is None
+    row = rows["bad"]
+    assert row["user_agent"] == "\\udcff\\udcfeagent"
+    assert row["model"] == "m" * audit_module.MAX_TEXT_CHARS
+    assert len(row["error_message"]) == audit_module.MAX_ERROR_CHARS
+    assert row["endpoint"] == "/v1/\\udc80"
+
+
+def test_content_with_surrogates_is_stored(tmp_path):
+    log = AuditLog(tmp_path / "audit.db", log_content=True)
+    log.record({"id": "r"}, {"prompt": [{"role": "user", "content": "a\udcffb"}], "completion": "c\ud800"})
+    log.close()
+    with sqlite3.connect(log.path) as conn:
+        prompt, completion = conn.execute("SELECT prompt, completion FROM contents").fetchone()
+    assert "a\\udcffb" in prompt and completion == "c\\ud800"
