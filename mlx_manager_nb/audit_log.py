@@ -23,7 +23,8 @@ backslash-escaped, NULs removed, and text columns capped at 256 characters
 (``error_message`` at 500).
 
 Prompts and completions are only stored, in a separate ``contents`` table,
-with ``log_content=True``.
+with ``log_content=True``. The folder the library creates for the database is
+0700, and ``audit.db`` with its ``-wal`` and ``-shm`` files 0600.
 
 The schema is versioned by :mod:`mlx_manager_nb.migrations`, which upgrades
 an older database when it is opened.
@@ -40,6 +41,7 @@ import atexit
 import json
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -55,7 +57,7 @@ from sqlite_utils import Database
 
 from .errors import MLXManagerError
 from .migrations import COLUMNS, migrate
-from .store import home
+from .store import home, make_private_dir
 
 __all__ = ["AuditLog", "new_request_id", "utc_now"]
 
@@ -101,18 +103,42 @@ def _iso(value: datetime | str) -> str:
 
 
 def _open(path: Path | str) -> Database:
-    """Open (creating if needed) the audit database at ``path`` in WAL mode, migrated to the current schema."""
+    """Open (creating if needed) the audit database at ``path`` in WAL mode, migrated to the current schema.
+
+    A missing folder is created 0700 and a missing file 0600; group and other
+    permissions are taken off an existing file and its ``-wal`` and ``-shm``.
+    """
     if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        make_private_dir(path.parent)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, check_same_thread=False)
     try:
         db = Database(conn)
         db.enable_wal()
         migrate(db)
+        if path != ":memory:":
+            for name in (path, f"{path}-wal", f"{path}-shm"):
+                _owner_only(name)
     except BaseException:
         conn.close()
         raise
     return db
+
+
+def _owner_only(path: Path | str) -> None:
+    """Take group and other permissions off file ``path`` where it exists and they are set (best effort)."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # not the owner, or a read-only file system: the database may still be readable
+        log.warning("cannot make %s private: %s", path, e)
 
 
 def _clean(text: str, limit: int | None = None) -> str:

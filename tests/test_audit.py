@@ -1,6 +1,8 @@
 import logging
+import os
 import shutil
 import sqlite3
+import stat
 import sys
 import threading
 import warnings
@@ -327,6 +329,10 @@ def test_repr(tmp_path):
     assert "closed" in repr(log)
 
 
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
 # -- schema migrations --------------------------------------------------------------------------
 
 
@@ -498,3 +504,33 @@ def test_content_with_surrogates_is_stored(tmp_path):
     with sqlite3.connect(log.path) as conn:
         prompt, completion = conn.execute("SELECT prompt, completion FROM contents").fetchone()
     assert "a\\udcffb" in prompt and completion == "c\\ud800"
+
+
+# -- permissions -------------------------------------------------------------------------------
+
+
+def test_home_folder_is_0700_and_database_files_0600(isolated_home):
+    old = os.umask(0)  # the modes must not depend on the umask
+    try:
+        log = AuditLog()
+        log.record({"model": "m"})
+        log.flush()
+        assert mode(isolated_home) == 0o700
+        for suffix in ("", "-wal", "-shm"):
+            assert mode(f"{log.path}{suffix}") == 0o600, suffix
+        log.close()
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_world_readable_database_is_made_private(tmp_path):
+    path = tmp_path / "audit.db"
+    AuditLog(path).close()
+    os.chmod(path, 0o644)
+    os.chmod(tmp_path, 0o755)
+    log = AuditLog(path)
+    log.record({"model": "m"})
+    log.flush()
+    assert mode(path) == 0o600 and mode(f"{path}-wal") == 0o600
+    assert mode(tmp_path) == 0o755  # a folder it did not create keeps its mode
+    log.close()
