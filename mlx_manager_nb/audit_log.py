@@ -29,15 +29,16 @@ with ``log_content=True``. The folder the library creates for the database is
 The schema is versioned by :mod:`mlx_manager_nb.migrations`, which upgrades
 an older database when it is opened.
 
-A database that cannot be opened or written (locked, corrupt, unwritable)
-never raises to ``record()``'s caller: it warns once (``RuntimeWarning``), the
-message stays in ``AuditLog.error`` until a write succeeds again, and the rows
-of the failed batch are dropped.
+A database that cannot be opened or written (locked, corrupt, read-only,
+unwritable) never raises to ``record()``'s caller: it warns once
+(``RuntimeWarning``), the message stays in ``AuditLog.error`` until a write
+succeeds again, and the rows of the failed batch are dropped.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import math
@@ -74,6 +75,8 @@ FAILED = ("error", "timeout")
 
 #: What inserting one bad row can raise; any other error is the database's and fails the batch.
 ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, TypeError, OverflowError)
+
+SQLITE_READONLY = 8
 
 _STOP = object()
 _INSERT_REQUEST = "INSERT INTO requests ({}) VALUES ({})".format(
@@ -162,6 +165,30 @@ def _normalize(row: dict) -> dict:
     out["id"] = out["id"] or new_request_id()
     out["started_at"] = _iso(row["started_at"]) if row.get("started_at") else utc_now()
     return out
+
+
+def _describe(e: BaseException, path: Path | str) -> str:
+    """The text of ``AuditLog.error`` for ``e``, which says so plainly when the database is read-only."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, OSError):
+        read_only = e.errno == errno.EROFS
+    elif isinstance(e, sqlite3.Error):
+        # SQLITE_READONLY and its extended codes (sqlite_errorcode: Python 3.11+), or say a failed open on a
+        # read-only mount ("unable to open database file")
+        read_only = (getattr(e, "sqlite_errorcode", 0) & 0xFF == SQLITE_READONLY or "readonly database" in str(e)
+                     or (isinstance(e, sqlite3.OperationalError) and path != ":memory:"
+                         and _read_only_fs(Path(path).parent)))
+    else:
+        read_only = False
+    return f"the audit database {path} is read-only ({text})" if read_only else text
+
+
+def _read_only_fs(folder: Path) -> bool:
+    """Whether ``folder`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _where(**filters: Any) -> tuple[str, list]:
@@ -397,7 +424,7 @@ class AuditLog:
         return self._db
 
     def _fail(self, e: Exception) -> None:
-        self.error = f"{type(e).__name__}: {e}"
+        self.error = _describe(e, self.path)
         if not self._warned:
             self._warned = True
             warnings.warn(

@@ -1,3 +1,4 @@
+import errno
 import logging
 import os
 import shutil
@@ -534,3 +535,38 @@ def test_an_existing_world_readable_database_is_made_private(tmp_path):
     assert mode(path) == 0o600 and mode(f"{path}-wal") == 0o600
     assert mode(tmp_path) == 0o755  # a folder it did not create keeps its mode
     log.close()
+
+
+# -- read-only ---------------------------------------------------------------------------------
+
+
+def test_read_only_database_says_so_with_its_path(tmp_path, monkeypatch):
+    # Tests run as root, where chmod does not stop writes: open the database read-only instead.
+    path = tmp_path / "audit.db"
+    AuditLog(path).close()
+    connect = sqlite3.connect
+    monkeypatch.setattr(audit_module.sqlite3, "connect",
+                        lambda p, **kw: connect(f"file:{p}?mode=ro", uri=True, **kw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = AuditLog(path)
+        log.record({"model": "m"})
+        log.record({"model": "m"})
+        assert log.flush(timeout=5)
+    assert log.error.startswith(f"the audit database {path} is read-only")
+    assert "readonly database" in log.error
+    assert len(caught) == 1 and "read-only" in str(caught[0].message)
+    log.close()
+
+
+def test_read_only_file_system_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "audit.db"
+    erofs = OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    assert audit_module._describe(erofs, path).startswith(f"the audit database {path} is read-only")
+    cannot_open = sqlite3.OperationalError("unable to open database file")
+    assert audit_module._describe(cannot_open, path) == "OperationalError: unable to open database file"
+    monkeypatch.setattr(audit_module.os, "statvfs", lambda p: os.statvfs_result((0,) * 8 + (os.ST_RDONLY, 255)))
+    assert "is read-only" in audit_module._describe(cannot_open, path)
+    assert audit_module._describe(sqlite3.OperationalError("database is locked"), ":memory:") == (
+        "OperationalError: database is locked"
+    )
