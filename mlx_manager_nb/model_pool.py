@@ -409,7 +409,8 @@ class Pool:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m!r}")
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "  # never the content
+                                 f"{repr(m.get('role'))[:40] if isinstance(m, dict) else 'a ' + type(m).__name__}")
             if not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string")
         if not getattr(runner.tokenizer, "chat_template", None):

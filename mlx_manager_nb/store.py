@@ -41,6 +41,16 @@ def home() -> Path:
     return Path(os.environ.get("MLX_NB_HOME") or user_cache_dir("mlx_manager_nb")).expanduser()
 
 
+def make_private_dir(path: Path) -> Path:
+    """Create folder ``path`` (and missing parents) owner-only, 0700; an existing folder keeps its mode."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return path
+    os.chmod(path, 0o700)  # the umask may have taken bits off mkdir's mode
+    return path
+
+
 def models_dir() -> Path:
     return home() / "models"
 
@@ -177,6 +187,7 @@ def list_local_models() -> list[LocalModel]:
 def _install(name: str, write: Callable[[Path], None]) -> Path:
     """Build a store entry in a temporary folder and move it into place only when complete."""
     dest = models_dir() / name
+    make_private_dir(home())
     models_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir()))
     try:

@@ -158,6 +158,20 @@ def test_bad_messages_name_the_field(pool, messages, field):
         pool.chat(messages)
 
 
+def test_a_bad_role_keeps_the_message_content_out_of_the_audit_log(pool, tmp_path):
+    from mlx_manager_nb.audit_log import AuditLog
+
+    pool.audit = AuditLog(tmp_path / "audit.db")  # log_content=False
+    for messages in ([{"role": "wizard", "content": "SECRET PROMPT"}], ["SECRET PROMPT"]):
+        with pytest.raises(ValueError, match="role") as caught:
+            pool.chat(messages)
+        assert "SECRET" not in str(caught.value)
+    rows = pool.audit.query()
+    assert [r["error_message"].rsplit("got ", 1)[1] for r in rows] == ["a str", "'wizard'"]
+    assert not any("SECRET" in str(r) for r in rows)
+    pool.audit.close()
+
+
 def test_unknown_model_lists_loaded_and_available(pool):
     with pytest.raises(ModelNotFoundError, match=r"nope.*Loaded: tiny"):
         pool.chat(HELLO, model="nope")

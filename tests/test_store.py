@@ -1,6 +1,8 @@
 """The model store: every kind of reference, listing, atomic imports and each bad input."""
 
+import os
 import shutil
+import stat
 
 import pytest
 from gguf_writer import write_tiny_gguf
@@ -137,3 +139,16 @@ def test_the_real_demo_model_answers_the_france_question(demo_home, monkeypatch)
     answer = pool.chat([{"role": "user", "content": question}], temperature=0, max_tokens=30).text
     assert "Paris" in answer
     pool.close()
+
+
+def test_the_home_folder_is_created_owner_only_and_an_existing_one_left_alone(isolated_home, tmp_path):
+    old = os.umask(0)
+    try:
+        store.make_private_dir(store.home())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(isolated_home.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    store.make_private_dir(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
