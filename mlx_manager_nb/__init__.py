@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import blas
+from . import blas, shutdown  # noqa: F401  (shutdown: the one exit hook, servers -> engines -> audit)
 
 blas.bind()  # must run before anything imports mlx: MLX binds its BLAS when it is loaded
 

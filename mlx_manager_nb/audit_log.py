@@ -37,7 +37,6 @@ succeeds again, and the rows of the failed batch are dropped.
 
 from __future__ import annotations
 
-import atexit
 import errno
 import json
 import logging
@@ -48,6 +47,7 @@ import sqlite3
 import threading
 import uuid
 import warnings
+import weakref
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -79,6 +79,13 @@ ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
 SQLITE_READONLY = 8
 
 _STOP = object()
+_logs: weakref.WeakSet[AuditLog] = weakref.WeakSet()  # open logs, closed at exit (see shutdown.py)
+
+
+def close_all() -> None:
+    """Write every open log's pending rows and close it."""
+    for log in list(_logs):
+        log.close()
 _INSERT_REQUEST = "INSERT INTO requests ({}) VALUES ({})".format(
     ", ".join(f'"{name}"' for name in COLUMNS), ", ".join(f":{name}" for name in COLUMNS)
 )
@@ -254,7 +261,7 @@ class AuditLog:
             self._connect()
         self._writer = threading.Thread(target=self._run, name="mlx-nb-audit-writer", daemon=True)
         self._writer.start()
-        atexit.register(self.close)
+        _logs.add(self)
 
     @property
     def pending(self) -> int:
@@ -316,7 +323,6 @@ class AuditLog:
             self._closed = True
             self._queue.put(_STOP)
         self._writer.join(timeout)
-        atexit.unregister(self.close)
         with self._db_lock:
             if self._db is not None:
                 self._db.close()

@@ -8,7 +8,6 @@ Other MLX work (loading, unloading) runs on the same thread through :meth:`Engin
 
 from __future__ import annotations
 
-import atexit
 import queue
 import threading
 import time
@@ -134,7 +133,8 @@ class Engine:
         return fut
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the engine thread after the work queued before this call; a later call restarts it."""
+        """End the engine thread after the work queued before this call; requests still running end as
+        cancelled. A later call restarts it."""
         if self.alive:
             self._inbox.put(("stop",))
             self._thread.join(timeout)
@@ -178,8 +178,12 @@ class Engine:
                 if self._on_tick and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick_seconds
                     self._on_tick()
-        except _Stop:
-            pass
+        except _Stop:  # requests still running end as cancelled
+            for runner in self._runners.values():
+                for seq in runner.active.values():
+                    _emit(seq.request, self._seq_done(seq, "cancelled"))
+                runner.active.clear()
+                runner.gen = None
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
             self.error = e
             dead = EngineError(f"the engine thread died: {e!r}")
@@ -334,8 +338,7 @@ def _emit(request: Request, event: Event) -> None:
         pass
 
 
-@atexit.register
-def _stop_all() -> None:
-    """MLX aborts the process if a thread is still inside it at exit: end every engine first."""
+def stop_all() -> None:
+    """End every engine thread (at exit: MLX aborts the process if a thread is still inside it)."""
     for engine in list(_engines):
         engine.stop(timeout=5.0)

@@ -131,6 +131,7 @@ def _audit_row(request_id: str, started_at: str, kind: str, model: str | None, m
     """The audit row of one request, finished or refused: who asked, for what, and ``outcome``."""
     return {
         "id": request_id,
+        "client_request_id": meta.get("client_request_id"),
         "started_at": started_at,
         "source": meta.get("source", "api"),
         "endpoint": meta.get("endpoint", f"pool.{kind}"),

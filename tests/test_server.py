@@ -253,10 +253,11 @@ def test_request_id_is_echoed_and_used_in_the_audit_log(server, audit):
     assert code == 200 and headers["x-request-id"] == "my-id-1"
     code, headers, _ = post(server.url + "/v1/chat/completions", {"model": "tiny", "messages": "x"})
     generated = headers["x-request-id"]
-    audit.flush()
+    (mine,) = audit.query(client_request_id="my-id-1")
+    assert mine["id"].startswith("req_") and mine["id"] != "my-id-1"  # the key is always ours
+    assert mine["status"] == "ok" and mine["source"] == "http"
+    assert mine["protocol"] == "openai" and mine["http_status"] == 200
     rows = {r["id"]: r for r in audit.query()}
-    assert rows["my-id-1"]["status"] == "ok" and rows["my-id-1"]["source"] == "http"
-    assert rows["my-id-1"]["protocol"] == "openai" and rows["my-id-1"]["http_status"] == 200
     assert rows[generated]["status"] == "error" and rows[generated]["http_status"] == 400
 
 
