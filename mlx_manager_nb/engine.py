@@ -95,6 +95,7 @@ class Runner:
     gen: BatchGenerator | None = None
     prompt_cache: LRUPromptCache = field(default_factory=lambda: LRUPromptCache(PROMPT_CACHE_ENTRIES))
     active: dict[int, _Seq] = field(default_factory=dict)
+    max_token_chars: int = 1  # the longest token's text: a prompt of N characters is at least N / this tokens
 
     def batch(self) -> BatchGenerator:
         if self.gen is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import string
@@ -185,7 +186,8 @@ def cmd_serve(magics: "MLXMagics", args: argparse.Namespace) -> None:
 
     if running := running_servers(_pool()):
         raise ServerError(f"A server is already running at {running[0].url}: `%mlx stop` it first.")
-    server = serve(pool=_pool(), audit=_audit(), host=args.host, port=args.port, api_key=args.api_key,
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MLX_NB_API_KEY")
+    server = serve(pool=_pool(), audit=_audit(), host=args.host, port=args.port, api_key=api_key,
                    mode="thread" if args.thread else None, allow_remote=args.allow_remote)
     print(f"Serving at {server.url}. `%mlx status` shows it, `%mlx stop` stops it.")
 
@@ -305,7 +307,8 @@ def mlx_parser() -> argparse.ArgumentParser:
     c = add("serve", cmd_serve, "start the HTTP server (OpenAI and Anthropic style APIs) on the loaded models")
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8000)
-    c.add_argument("--api-key", metavar="KEY", help="require this bearer key from clients")
+    c.add_argument("--api-key", metavar="KEY",
+                   help="require this bearer key from clients (default: $MLX_NB_API_KEY, kept out of the notebook)")
     c.add_argument("--thread", action="store_true", help="serve from a thread instead of the kernel's event loop")
     c.add_argument("--allow-remote", action="store_true", help="allow a host other than loopback")
     add("stop", cmd_stop, "stop the HTTP server")

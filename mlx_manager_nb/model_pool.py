@@ -34,7 +34,7 @@ from mlx_lm.utils import load as load_model
 from . import store
 from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
-from .errors import InvalidModelError, ModelNotFoundError, PoolFullError
+from .errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, make_params
 from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
 
@@ -120,7 +120,22 @@ def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], 
                 progress("loading weights", 0.1 + 0.85 * i / max(1, len(params)))
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise InvalidModelError(f"cannot load {path}: {e}") from None
-    return Runner(name, model, tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        try:  # a template that cannot render would fail every chat request: refuse the model now
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+        except Exception as e:
+            raise InvalidModelError(f"model {name!r}: its chat template does not render "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
+    return Runner(name, model, tokenizer, max_token_chars=max(map(len, tokenizer.vocab), default=1) or 1)
+
+
+def _check_text(value: Any, where: str, allow_empty: bool) -> None:
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise InvalidParameterError(where, f"{where} must be a {'' if allow_empty else 'non-empty '}string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameterError(where, f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
 
 
 def _error_fields(error: BaseException) -> dict:
@@ -407,20 +422,20 @@ class Pool:
 
     def _chat_tokens(self, runner: Runner, messages: Any) -> list[int]:
         if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+            raise InvalidParameterError("messages", "messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got "  # never the content
-                                 f"{repr(m.get('role'))[:40] if isinstance(m, dict) else 'a ' + type(m).__name__}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}].content must be a string")
+                raise InvalidParameterError(  # never the content
+                    f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
+                    f"{repr(m.get('role'))[:40] if isinstance(m, dict) else 'a ' + type(m).__name__}")
+            _check_text(m.get("content"), f"messages[{i}].content", allow_empty=True)
         if not getattr(runner.tokenizer, "chat_template", None):
-            raise ValueError(f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
+            raise InvalidParameterError(
+                "model", f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
         return list(runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
     def _prompt_tokens(self, runner: Runner, prompt: Any) -> list[int]:
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string")
+        _check_text(prompt, "prompt", allow_empty=False)
         return list(runner.tokenizer.encode(prompt))
 
     def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
@@ -429,21 +444,40 @@ class Pool:
         runner = self.engine.runner(info.name)
         return len(self._prompt_tokens(runner, prompt) if prompt is not None else self._chat_tokens(runner, messages))
 
+    async def acount_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
+        """:meth:`count_tokens` on a worker thread, never blocking the running event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.count_tokens, messages, model, prompt)
+
+    @staticmethod
+    def _check_fits(info: ModelInfo, runner: Runner, kind: str, content: Any) -> None:
+        """Refuse, before tokenizing it, a text too long for the context whatever its tokens."""
+        ctx = info.context_length
+        chars = len(content) if kind != "chat" else sum(
+            len(m["content"]) for m in content if isinstance(m, dict) and isinstance(m.get("content"), str))
+        at_least = chars // runner.max_token_chars
+        if ctx is not None and at_least >= ctx:
+            raise ContextLengthError("messages" if kind == "chat" else "prompt",
+                                     f"the prompt is at least {at_least} tokens; {info.name}'s context is {ctx}",
+                                     at_least, ctx)
+
     def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
         info = self.find(model)
         runner = self.engine.runner(info.name)
-        tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
         p = make_params(**params)
+        if isinstance(content, (str, list)):
+            self._check_fits(info, runner, kind, content)
+        tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
         ctx = info.context_length
         if ctx is not None:
+            where = "messages" if kind == "chat" else "prompt"
             if len(tokens) >= ctx:
-                raise ValueError(f"the prompt is {len(tokens)} tokens; {info.name}'s context is {ctx}")
+                raise ContextLengthError(where, f"the prompt is {len(tokens)} tokens; {info.name}'s context is {ctx}",
+                                         len(tokens), ctx)
             if params.get("max_tokens") is not None and len(tokens) + p.max_tokens > ctx:
-                raise ValueError(
-                    f"max_tokens={p.max_tokens} plus the {len(tokens)}-token prompt exceeds "
-                    f"{info.name}'s context of {ctx}"
-                )
+                raise ContextLengthError(
+                    "max_tokens", f"max_tokens={p.max_tokens} plus the {len(tokens)}-token prompt exceeds "
+                    f"{info.name}'s context of {ctx}", len(tokens) + p.max_tokens, ctx)
             if params.get("max_tokens") is None:
                 p = replace(p, max_tokens=min(DEFAULT_MAX_TOKENS, ctx - len(tokens)))
         meta = dict(meta or {})

@@ -45,10 +45,10 @@ def _number(name: str, value: Any, integer: bool = False) -> float:
 
 def make_params(**given: Any) -> GenParams:
     """Validate user-given parameters (None means default); raise ValueError naming the field."""
+    given = {k: v for k, v in given.items() if v is not None}
     unknown = set(given) - NAMES
     if unknown:
         raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(NAMES))}")
-    given = {k: v for k, v in given.items() if v is not None}
     if "temperature" in given and _number("temperature", given["temperature"]) < 0:
         raise ValueError(f"temperature must be >= 0, got {given['temperature']}")
     if "top_p" in given and not 0 < _number("top_p", given["top_p"]) <= 1:

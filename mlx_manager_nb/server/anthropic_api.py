@@ -10,7 +10,8 @@ from ..streams import AsyncTextStream, Result
 from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
 from .streaming import StreamShape, respond
 
-UNSUPPORTED = ("tools", "tool_choice", "thinking", "mcp_servers")
+REFUSED = ("mcp_servers", "container")  # would change the answer and cannot be honoured: never ignored
+NO_OPS = {"thinking": ({"type": "disabled"},), "tool_choice": ({"type": "none"},)}  # ask for nothing: accepted
 STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "timeout": "max_tokens"}
 
 
@@ -23,8 +24,8 @@ def _text(content: Any, where: str) -> str:
     for i, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else type(block).__name__
         if kind != "text" or not isinstance(block.get("text"), str):
-            raise ApiError(400, f"{where}[{i}]: content blocks of type {kind!r} are not supported yet (text only)",
-                           param=where)
+            raise ApiError(400, f"{where}[{i}]: content blocks of type {str(kind)[:40]!r} are not supported yet "
+                           "(text only)", param=where)
         parts.append(block["text"])
     return "".join(parts)
 
@@ -39,25 +40,34 @@ def _conversation(body: dict) -> list[dict]:
         out.append({"role": "system", "content": _text(system, "system")})
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            role = m.get("role") if isinstance(m, dict) else m
-            raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant', got {role!r}",
+            role = m.get("role") if isinstance(m, dict) else type(m).__name__
+            raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant', got {str(role)[:40]!r}",
                            param=f"messages.{i}.role")
         out.append({"role": m["role"], "content": _text(m.get("content"), f"messages.{i}.content")})
     return out
 
 
 def _params(body: dict) -> dict:
-    for name in UNSUPPORTED:
+    for name in REFUSED:
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported yet", param=name)
+    for name, accepted in NO_OPS.items():
+        if body.get(name) is not None and body[name] not in accepted:
+            raise ApiError(400, f"'{name}' other than {' or '.join(map(repr, accepted))} is not supported yet",
+                           param=name)
+    if body.get("tools") and body.get("tool_choice") != {"type": "none"}:
+        raise ApiError(400, "'tools' are not supported yet", param="tools")
     temperature = field_of(body, "temperature", (int, float))
     if temperature is not None and not 0 <= temperature <= 1:
         raise ApiError(400, f"temperature: must be in [0, 1], got {temperature}", param="temperature")
     stops = field_of(body, "stop_sequences", list)
     if stops is not None and not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "stop_sequences must be a list of non-empty strings", param="stop_sequences")
+    max_tokens = field_of(body, "max_tokens", int, required=True)
+    if max_tokens <= 0:
+        raise ApiError(400, f"max_tokens: must be at least 1, got {max_tokens}", param="max_tokens")
     return {
-        "max_tokens": field_of(body, "max_tokens", int, required=True),
+        "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": field_of(body, "top_p", (int, float)),
         "top_k": field_of(body, "top_k", int),
@@ -96,7 +106,8 @@ def _shape(rid: str, model: str) -> StreamShape:
                 ("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": final["stop_reason"],
                                              "stop_sequence": final["stop_sequence"]},
-                                   "usage": {"output_tokens": result.usage.completion_tokens}}),
+                                   "usage": {"input_tokens": result.usage.prompt_tokens,
+                                             "output_tokens": result.usage.completion_tokens}}),
                 ("message_stop", {"type": "message_stop"})]
 
     return StreamShape(
@@ -132,4 +143,4 @@ async def count_tokens(request: web.Request, body: dict) -> web.Response:
     request[MODEL] = model
     conversation = _conversation(body)
     name = await resolve_model(request, model)
-    return web.json_response({"input_tokens": request.app[POOL].count_tokens(conversation, model=name)})
+    return web.json_response({"input_tokens": await request.app[POOL].acount_tokens(conversation, model=name)})

@@ -31,6 +31,7 @@ STATS = web.AppKey("stats", object)
 REQUEST_ID = web.RequestKey("request_id", str)  # generated here: the audit row's id
 CLIENT_ID = web.RequestKey("client_id", object)  # the client's x-request-id, if usable
 MODEL = web.RequestKey("model", str)  # the model a request named, for its audit row
+AUDITED = web.RequestKey("audited", bool)  # the pool recorded this request (it reached the pool)
 
 MAX_NAME = 256  # characters of a model name or client request id
 PARSE_OFF_LOOP = 64 * 1024  # bodies larger than this are parsed on a worker thread
@@ -294,6 +295,8 @@ def api_error(protocol: str, e: Exception) -> ApiError:
                    else str(e))
         return ApiError(400, message, "context_length", e.param)
     if isinstance(e, InvalidParameterError):
+        if protocol == "anthropic" and e.param == "stop":  # the pool's name for stop_sequences
+            return ApiError(400, str(e).replace("stop", "stop_sequences", 1), param="stop_sequences")
         return ApiError(400, str(e), param=e.param)
     if isinstance(e, ValueError):
         return ApiError(400, str(e))
@@ -307,6 +310,7 @@ def api_error(protocol: str, e: Exception) -> ApiError:
 
 def _error_response(request: web.Request, protocol: str, e: Exception) -> web.Response:
     error = api_error(protocol, e)
-    meta = dict(audit_meta(request, protocol, False), http_status=error.status)
-    request.app[POOL].record_refused(e, request.get(MODEL), meta)
+    if not request.get(AUDITED):
+        meta = dict(audit_meta(request, protocol, False), http_status=error.status)
+        request.app[POOL].record_refused(e, request.get(MODEL), meta)
     return web.json_response(error_body(protocol, error), status=error.status, headers=error.headers)

@@ -15,8 +15,19 @@ from ..streams import Result
 from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
 from .streaming import StreamShape, respond
 
-UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format", "audio", "modalities")
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length"}
+# fields that would change the answer and that we cannot honour: refused, never ignored
+REFUSED_CHAT = ("functions", "function_call", "audio", "top_logprobs", "prediction", "web_search_options")
+REFUSED_COMPLETIONS = ("suffix", "logprobs")
+NO_OPS = {  # values that ask for nothing: accepted
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "logprobs": (False,),
+    "echo": (False,),
+    "best_of": (1,),
+    "n": (1,),
+}
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -27,8 +38,8 @@ def _text_content(content: Any, where: str) -> str:
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"{where}[{i}] of type {kind!r} is not supported yet: only text parts are",
-                               param=where)
+                raise ApiError(400, f"{where}[{i}] of type {str(kind)[:40]!r} is not supported yet: "
+                               "only text parts are", param=where)
             parts.append(part["text"])
         return "".join(parts)
     raise ApiError(400, f"{where} must be a string or an array of text parts", param=where)
@@ -44,34 +55,51 @@ def _messages(body: dict) -> list[dict]:
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {role!r} is not supported (system, user, assistant)",
+            raise ApiError(400, f"messages[{i}].role {str(role)[:40]!r} is not supported (system, user, assistant)",
                            param=f"messages[{i}].role")
         if m.get("tool_calls"):
             raise ApiError(400, "tool calls are not supported yet", param=f"messages[{i}].tool_calls")
-        out.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}].content")})
+        content = m.get("content")
+        if content is None and role == "assistant":  # an assistant turn without text or tool calls
+            content = ""
+        out.append({"role": role, "content": _text_content(content, f"messages[{i}].content")})
     if not out:
         raise ApiError(400, "'messages' must not be empty", param="messages")
     return out
 
 
-def _params(body: dict) -> dict:
-    for name in UNSUPPORTED:
-        if body.get(name):
+def _refuse(body: dict, refused: tuple[str, ...]) -> None:
+    for name in refused:
+        if body.get(name) is not None:
             raise ApiError(400, f"'{name}' is not supported yet", param=name)
-    n = field_of(body, "n", int, default=1)
-    if n != 1:
-        raise ApiError(400, "'n' other than 1 is not supported yet", param="n")
-    max_tokens = field_of(body, "max_completion_tokens", int) or field_of(body, "max_tokens", int)
-    stop = field_of(body, "stop", (str, list))
+    for name, accepted in NO_OPS.items():
+        if body.get(name) is not None and body[name] not in accepted:
+            raise ApiError(400, f"'{name}' other than {' or '.join(map(repr, accepted))} is not supported yet",
+                           param=name)
+
+
+def _params(body: dict, kind: str) -> dict:
+    _refuse(body, REFUSED_CHAT if kind == "chat" else REFUSED_COMPLETIONS)
+    if body.get("tools") and body.get("tool_choice") != "none":
+        raise ApiError(400, "'tools' are not supported yet", param="tools")
+    max_tokens = field_of(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = field_of(body, "max_tokens", int)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None and max_tokens <= 0:
+        raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
     return {
         "temperature": field_of(body, "temperature", (int, float)),
         "top_p": field_of(body, "top_p", (int, float)),
         "top_k": field_of(body, "top_k", int),
         "min_p": field_of(body, "min_p", (int, float)),
         "repetition_penalty": field_of(body, "repetition_penalty", (int, float)),
+        "presence_penalty": field_of(body, "presence_penalty", (int, float)),
+        "frequency_penalty": field_of(body, "frequency_penalty", (int, float)),
+        "logit_bias": field_of(body, "logit_bias", dict),
         "seed": field_of(body, "seed", int),
         "max_tokens": max_tokens,
-        "stop": stop,
+        "stop": field_of(body, "stop", (str, list)),
     }
 
 
@@ -119,7 +147,7 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
     request[MODEL] = model
     stream = field_of(body, "stream", bool, default=False)
     options = field_of(body, "stream_options", dict, default={})
-    params = _params(body)
+    params = _params(body, kind)
     if kind == "chat":
         content: Any = _messages(body)
     else:

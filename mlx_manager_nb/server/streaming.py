@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from ..streams import AsyncTextStream, Result
-from .common import STATS, id_headers
+from .common import AUDITED, STATS, id_headers
 
 SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
 
@@ -54,6 +54,7 @@ async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stre
     stats.active_streams += stream
     s = run()
     stats.streams.add(s)
+    request[AUDITED] = True  # from here on the pool records the request, refused or not
     try:
         if not stream:
             result = await s.collect()
