@@ -457,8 +457,8 @@ class Pool:
         at_least = chars // runner.max_token_chars
         if ctx is not None and at_least >= ctx:
             raise ContextLengthError("messages" if kind == "chat" else "prompt",
-                                     f"the prompt is at least {at_least} tokens; {info.name}'s context is {ctx}",
-                                     at_least, ctx)
+                                     f"This model's maximum context length is {ctx} tokens, and the prompt is too "
+                                     f"long: at least {at_least} tokens ({info.name}).", at_least, ctx)
 
     def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
@@ -472,12 +472,14 @@ class Pool:
         if ctx is not None:
             where = "messages" if kind == "chat" else "prompt"
             if len(tokens) >= ctx:
-                raise ContextLengthError(where, f"the prompt is {len(tokens)} tokens; {info.name}'s context is {ctx}",
+                raise ContextLengthError(where, f"This model's maximum context length is {ctx} tokens, and the "
+                                                f"prompt is too long: {len(tokens)} tokens ({info.name}).",
                                          len(tokens), ctx)
             if params.get("max_tokens") is not None and len(tokens) + p.max_tokens > ctx:
                 raise ContextLengthError(
-                    "max_tokens", f"max_tokens={p.max_tokens} plus the {len(tokens)}-token prompt exceeds "
-                    f"{info.name}'s context of {ctx}", len(tokens) + p.max_tokens, ctx)
+                    "max_tokens", f"This model's maximum context length is {ctx} tokens, and max_tokens="
+                    f"{p.max_tokens} plus the {len(tokens)}-token prompt exceeds it ({info.name}).",
+                    len(tokens) + p.max_tokens, ctx)
             if params.get("max_tokens") is None:
                 p = replace(p, max_tokens=min(DEFAULT_MAX_TOKENS, ctx - len(tokens)))
         meta = dict(meta or {})

@@ -1,0 +1,282 @@
+"""Every bad input a 4xx in the protocol's own shape, while other requests keep streaming unharmed."""
+
+import asyncio
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from mlx_manager_nb.errors import InvalidModelError
+from mlx_manager_nb.model_pool import Pool
+from mlx_manager_nb.server import serve
+
+HI = [{"role": "user", "content": "Hi"}]
+ANTHROPIC = {"anthropic-version": "2023-06-01"}
+
+
+@pytest.fixture
+def pool(tiny_model_path, audit):
+    p = Pool(keep_alive=None, audit=audit)
+    p.load(tiny_model_path, alias="tiny")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def server(pool):
+    s = serve(pool, port=0, mode="thread")
+    yield s
+    s.stop(drain=0)
+
+
+def call(url, body=None, headers=None, method="POST", raw=None):
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def chat(**extra):
+    return {"model": "tiny", "messages": HI, "max_tokens": 3, **extra}
+
+
+BYSTANDER = {"model": "tiny", "messages": HI, "max_tokens": 24, "temperature": 0, "stream": True}
+
+
+async def _bystander(http: aiohttp.ClientSession, url: str) -> tuple[str, str]:
+    """One streamed chat; returns its text and finish reason, failing on any error event."""
+    text, finish = "", None
+    async with http.post(url + "/v1/chat/completions", json=BYSTANDER) as r:
+        assert r.status == 200
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk["choices"]:
+                    text += chunk["choices"][0]["delta"].get("content") or ""
+                    finish = chunk["choices"][0]["finish_reason"] or finish
+    return text, finish
+
+
+def with_bystanders(server, pool, hostile, n=3):
+    """Run ``hostile(http)`` while n greedy streams run; check they all finish whole; return its result."""
+    expected = pool.chat(HI, max_tokens=24, temperature=0).text
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            tasks = [asyncio.create_task(_bystander(http, server.url)) for _ in range(n)]
+            await asyncio.sleep(0.05)
+            result = await hostile(http)
+            outcomes = await asyncio.gather(*tasks)
+        return result, outcomes
+
+    result, outcomes = asyncio.run(main())
+    assert outcomes == [(expected, "length")] * n
+    return result
+
+
+async def post_raw(http, url, data, headers=None):
+    async with http.post(url, data=data, headers={"content-type": "application/json", **(headers or {})}) as r:
+        return r.status, await r.json()
+
+
+# -- bad bodies ------------------------------------------------------------------------------------
+
+
+def test_json_nested_100000_deep_is_a_400(server, pool):
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, body = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/chat/completions",
+                                                                          deep))
+    assert status == 400 and "nested too deeply" in body["error"]["message"]
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, pool):
+    raw = b'{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    status, body = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/chat/completions",
+                                                                          raw))
+    assert status == 400 and body["error"]["param"] == "messages[0].content"
+    assert call(server.url + "/v1/chat/completions", chat())[0] == 200
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_non_finite_numbers_are_a_400_naming_the_field(server, literal):
+    raw = b'{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], "temperature": '
+    status, _, body = call(server.url + "/v1/chat/completions", raw=raw + literal + b"}")
+    assert status == 400
+    if literal == b"1e400":
+        assert body["error"]["param"] == "temperature"
+
+
+def test_a_300_character_model_name_is_a_404(server):
+    status, _, body = call(server.url + "/v1/chat/completions", {**chat(), "model": "m" * 300})
+    assert status == 404 and body["error"]["param"] == "model" and len(body["error"]["message"]) < 500
+
+
+def test_a_model_whose_chat_template_does_not_render_is_refused_at_load(tiny_model_path, tmp_path):
+    broken = tmp_path / "broken-template"
+    shutil.copytree(tiny_model_path, broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ raise_exception('no chats here') }}"
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    p = Pool(keep_alive=None)
+    try:
+        with pytest.raises(InvalidModelError, match="broken-template.*chat template does not render"):
+            p.load(broken)
+        assert p.models() == []
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("field", ["max_completion_tokens", "max_tokens"])
+def test_zero_max_tokens_is_a_400(server, field):
+    status, _, body = call(server.url + "/v1/chat/completions", {**chat(), field: 0})
+    assert status == 400 and body["error"]["param"] == field
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/chat/completions", "top_logprobs", 3),
+    ("/v1/chat/completions", "logprobs", True),
+    ("/v1/chat/completions", "n", 2),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/completions", "echo", True),
+    ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "logprobs", 2),
+])
+def test_parameters_that_change_the_result_are_never_ignored(server, path, field, value):
+    body = {**chat(), field: value} if "chat" in path else {"model": "tiny", "prompt": "Hi", "max_tokens": 2,
+                                                            field: value}
+    status, _, answer = call(server.url + path, body)
+    assert status == 400 and answer["error"]["param"] == field and "not supported" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("path,extra,headers", [
+    ("/v1/chat/completions", {"tool_choice": "none"}, {}),
+    ("/v1/chat/completions", {"response_format": {"type": "text"}}, {}),
+    ("/v1/chat/completions", {"modalities": ["text"]}, {}),
+    ("/v1/chat/completions", {"messages": [*HI, {"role": "assistant", "content": None}, *HI]}, {}),
+    ("/v1/messages", {"thinking": {"type": "disabled"}}, ANTHROPIC),
+    ("/v1/messages", {"tool_choice": {"type": "none"}}, ANTHROPIC),
+])
+def test_values_that_ask_for_nothing_are_accepted(server, path, extra, headers):
+    status, _, body = call(server.url + path, {**chat(), **extra}, headers)
+    assert status == 200, body
+
+
+# -- protocol edges --------------------------------------------------------------------------------
+
+
+def test_unknown_routes_and_methods_answer_in_the_protocols_shape(server):
+    status, headers, body = call(server.url + "/v1/nope", {})
+    assert status == 404 and body["error"]["type"] == "invalid_request_error"
+    assert headers["Content-Type"].startswith("application/json")
+    status, _, body = call(server.url + "/v1/messages/nope", {})
+    assert status == 404 and body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    status, headers, body = call(server.url + "/v1/chat/completions", method="GET")
+    assert status == 405 and "error" in body and "POST" in headers["Allow"]
+
+
+def test_models_retrieve_in_both_sdks(server, pool):
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    assert oa.models.retrieve("tiny").id == "tiny"
+    assert {"tiny", "tiny-llama"} <= {m.id for m in oa.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("nope")
+    an = anthropic.Anthropic(base_url=server.url, api_key="x")
+    info = an.models.retrieve("tiny")
+    assert info.id == "tiny" and info.type == "model" and info.display_name
+    page = an.models.list()
+    assert "tiny" in [m.id for m in page.data] and page.has_more is False and page.first_id == page.data[0].id
+    with pytest.raises(anthropic.NotFoundError):
+        an.models.retrieve("nope")
+
+
+def test_field_errors_name_their_param(server):
+    for extra, param in (({"temperature": -1}, "temperature"), ({"top_p": 5}, "top_p"),
+                         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content")):
+        status, _, body = call(server.url + "/v1/chat/completions", {**chat(), **extra})
+        assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_context_overflow_is_recognised_by_clients(server, monkeypatch):
+    long = [{"role": "user", "content": "word " * 2000}]  # the tiny model's context is 512
+    status, _, body = call(server.url + "/v1/chat/completions", {**chat(), "messages": long})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    status, _, body = call(server.url + "/v1/messages", {**chat(), "messages": long}, ANTHROPIC)
+    assert status == 400 and body["error"]["message"].startswith("prompt is too long: ")
+    assert body["error"]["message"].endswith(" > 512 maximum")
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of litellm's price list
+    import litellm
+    from langchain_anthropic import ChatAnthropic
+    from langchain_core.exceptions import ContextOverflowError
+    from langchain_openai import ChatOpenAI
+
+    with pytest.raises(litellm.ContextWindowExceededError):
+        litellm.completion(model="openai/tiny", api_base=server.url + "/v1", api_key="x", messages=long,
+                           max_tokens=3)
+    with pytest.raises(ContextOverflowError):
+        ChatOpenAI(model="tiny", base_url=server.url + "/v1", api_key="x", max_retries=0).invoke(long)
+    with pytest.raises(ContextOverflowError):
+        ChatAnthropic(model="tiny", base_url=server.url, api_key="x", max_retries=0).invoke(long)
+
+
+def test_anthropic_streams_report_input_tokens_and_a_request_id(server):
+    client = anthropic.Anthropic(base_url=server.url, api_key="x")
+    with client.messages.stream(model="tiny", max_tokens=3, messages=HI) as stream:
+        events = list(stream)
+    delta = next(e for e in events if e.type == "message_delta")
+    assert delta.usage.input_tokens and delta.usage.input_tokens == events[0].message.usage.input_tokens
+    raw = client.messages.with_raw_response.create(model="tiny", max_tokens=3, messages=HI)
+    assert raw.headers["request-id"].startswith("req_")
+
+
+# -- work proportional to input size never stalls the loop -----------------------------------------
+
+
+def test_health_answers_while_a_7mb_prompt_is_refused(server, pool):
+    huge = json.dumps({**chat(), "messages": [{"role": "user", "content": "x" * 7_000_000}]}).encode()
+
+    async def hostile(http):
+        refused = asyncio.create_task(post_raw(http, server.url + "/v1/chat/completions", huge))
+        latencies = []
+        while not refused.done():
+            start = time.perf_counter()
+            async with http.get(server.url + "/health") as r:
+                assert r.status == 200
+            latencies.append(time.perf_counter() - start)
+            await asyncio.sleep(0.01)
+        return await refused, latencies
+
+    (status, body), latencies = with_bystanders(server, pool, hostile)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert max(latencies) < 0.1, latencies
+
+
+def test_count_tokens_of_a_large_body_does_not_block(server):
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "hello " * 200_000}]}
+    status, _, body = call(server.url + "/v1/messages/count_tokens", big, ANTHROPIC)
+    assert status == 200 and body["input_tokens"] > 200_000
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(server, pool, audit):
+    body = json.dumps({**chat(), "max_tokens": 400, "temperature": 0}).encode()
+    request = urllib.request.Request(server.url + "/v1/chat/completions", body, {"content-type": "application/json"})
+    with pytest.raises(OSError):  # the client gives up, as a timeout would make it
+        urllib.request.urlopen(request, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while pool.models()[0].in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.models()[0].in_flight == 0
+    (row,) = audit.query()
+    assert row["status"] == "cancelled" and row["completion_tokens"] < 400
