@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
 
 from .engine import Delta, Done, Event, Request
 
@@ -72,7 +72,7 @@ class TextStream:
         self._request, self._events = request, events
         self._it = self._iterate()
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
@@ -92,7 +92,7 @@ class TextStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _iterate(self) -> Iterator[str]:
+    def _iterate(self) -> Generator[str, None, None]:
         try:
             while (text := _consume(self, self._events.get())) is not None:
                 yield text
@@ -116,8 +116,7 @@ class AsyncTextStream:
     CLOSE_WAIT = 10.0  # seconds aclose() waits for the engine to confirm a cancelled request
 
     def __init__(self, started: asyncio.Future, events: asyncio.Queue):
-        self.id: str | None = None
-        self.model: str | None = None
+        self.id = self.model = ""  # known once the request is prepared
         self.text = ""
         self.result: Result | None = None
         self._started, self._events = started, events
@@ -130,7 +129,7 @@ class AsyncTextStream:
         """The prompt's length in tokens, known from the first delta on."""
         return len(self._request.prompt) if self._request is not None else 0
 
-    def __aiter__(self) -> AsyncIterator[str]:
+    def __aiter__(self) -> AsyncTextStream:
         return self
 
     async def __anext__(self) -> str:
@@ -165,7 +164,7 @@ class AsyncTextStream:
         while not self._ended:
             self._ended = not isinstance(await self._events.get(), Delta)
 
-    async def _iterate(self) -> AsyncIterator[str]:
+    async def _iterate(self) -> AsyncGenerator[str, None]:
         try:
             self.id, self.model, self._request = await asyncio.shield(self._started)
             while True:
@@ -182,4 +181,8 @@ class AsyncTextStream:
 
 def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[Event], None]]:
     q: asyncio.Queue = asyncio.Queue()
-    return q, lambda event: loop.call_soon_threadsafe(q.put_nowait, event)
+
+    def put(event: Event) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, event)
+
+    return q, put

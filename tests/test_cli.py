@@ -40,7 +40,7 @@ def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert f"at http://127.0.0.1:{port}/v1" in out and "Stopping" in out
+    assert f"base_url=http://127.0.0.1:{port}/v1" in out and "Stopping" in out
 
 
 def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -25,9 +25,11 @@ from ..audit_log import new_request_id
 from ..demo import DEMO_NAME
 from ..errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 
-POOL = web.AppKey("pool", object)
-OPTIONS = web.AppKey("options", object)
-STATS = web.AppKey("stats", object)
+if TYPE_CHECKING:
+    from ..model_pool import Pool
+    from ..streams import AsyncTextStream
+
+POOL: web.AppKey[Pool] = web.AppKey("pool")
 REQUEST_ID = web.RequestKey("request_id", str)  # generated here: the audit row's id
 CLIENT_ID = web.RequestKey("client_id", object)  # the client's x-request-id, if usable
 MODEL = web.RequestKey("model", str)  # the model a request named, for its audit row
@@ -87,8 +89,9 @@ class Stats:
     requests: int = 0
     active_streams: int = 0
     in_flight: int = 0  # requests on the pool now, streamed or not
-    streams: set = field(default_factory=set)  # their AsyncTextStreams, to cancel at shutdown
-    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (end time, tokens, seconds)
+    streams: set[AsyncTextStream] = field(default_factory=set)  # their streams, to cancel at shutdown
+    # (end time, tokens, seconds) of the latest requests
+    recent: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=256))
 
     def finished(self, tokens: int, seconds: float) -> None:
         self.recent.append((time.monotonic(), tokens, seconds))
@@ -102,6 +105,10 @@ class Stats:
     def as_dict(self) -> dict:
         return {"requests": self.requests, "active_streams": self.active_streams, "in_flight": self.in_flight,
                 "tokens_per_second": round(self.tokens_per_second(), 2)}
+
+
+OPTIONS = web.AppKey("options", Options)
+STATS = web.AppKey("stats", Stats)
 
 
 def check_api_key(request: web.Request, api_key: str | None) -> None:

@@ -32,8 +32,8 @@ async def _servable(request: web.Request) -> list[dict]:
         if target in out or any(m.name == target for m in local):
             add(alias, created=0, loaded=target in out, state="alias", size_bytes=None)
     if options.auto_load:
-        for m in local:
-            add(m.name, created=0, loaded=False, state="available", size_bytes=m.size_bytes)
+        for entry in local:
+            add(entry.name, created=0, loaded=False, state="available", size_bytes=entry.size_bytes)
     return list(out.values())
 
 

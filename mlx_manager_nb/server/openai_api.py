@@ -105,7 +105,7 @@ def _params(body: dict, kind: str) -> dict:
 
 def _usage(result: Result) -> dict:
     u = result.usage
-    usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+    usage: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
              "total_tokens": u.total_tokens}
     if u.cached_tokens:
         usage["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}

@@ -71,10 +71,9 @@ async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stre
             await send_events(response, shape.start(s) + (shape.delta(first) if first else []))
             async for delta in s:
                 await send_events(response, shape.delta(delta))
-            result = s.result
-            assert result is not None
-            await send_events(response, shape.end(result))
-            stats.finished(result.usage.completion_tokens, result.duration)
+            assert s.result is not None
+            await send_events(response, shape.end(s.result))
+            stats.finished(s.result.usage.completion_tokens, s.result.duration)
         except ConnectionError:
             raise
         except Exception as e:
