@@ -20,9 +20,10 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 
 from .errors import EngineError
-from .params import GenParams, make_processors, make_sampler
+from .params import GenParams, Processor, make_processors, make_sampler
 from .stops import StopMatcher
 
 PROMPT_CACHE_ENTRIES = 16
@@ -82,6 +83,7 @@ class _Seq:
     detok: Any
     stops: StopMatcher
     cached: int
+    faults: list[BaseException]  # what its sampler or logits processors raised, if anything
     tokens: int = 0
     first: float | None = None
 
@@ -96,6 +98,16 @@ class Runner:
     gen: BatchGenerator | None = None
     prompt_cache: LRUPromptCache = field(default_factory=lambda: LRUPromptCache(PROMPT_CACHE_ENTRIES))
     active: dict[int, _Seq] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits: the bound for token ids and ``top_k``."""
+        args = getattr(self.model, "args", None)
+        for source in (args, getattr(args, "text_config", None)):
+            size = source.get("vocab_size") if isinstance(source, dict) else getattr(source, "vocab_size", None)
+            if size:
+                return size
+        return len(self.tokenizer.vocab)
 
     def batch(self) -> BatchGenerator:
         if self.gen is None:
@@ -221,19 +233,21 @@ class Engine:
             cached = len(prompt) - len(rest) if cache is not None else 0
             p = request.params
             eos = [[t] for t in runner.tokenizer.eos_token_ids]
+            faults: list[BaseException] = []
+            sampler = make_sampler(p)
             (uid,) = runner.batch().insert(
                 [rest if cache is not None else prompt],
                 max_tokens=[p.max_tokens],
                 caches=[cache],
                 all_tokens=[prompt[:cached]],
-                samplers=[make_sampler(p)],
-                logits_processors=[make_processors(p)],
+                samplers=[sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults)],
+                logits_processors=[[_guard_processor(f, faults) for f in make_processors(p, len(prompt))]],
                 stop_sequences=[StopSequences(eos)],
             )
         except Exception as e:
             _emit(request, Failed(e))
             return
-        runner.active[uid] = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), cached)
+        runner.active[uid] = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), cached, faults)
 
     def _step(self, runner: Runner) -> None:
         gen = runner.batch()
@@ -256,6 +270,10 @@ class Engine:
             runner.gen = None
             mx.clear_cache()
             return
+        for uid in [uid for uid, s in runner.active.items() if s.faults]:
+            seq = runner.active.pop(uid)
+            gen.remove([uid])
+            _emit(seq.request, Failed(EngineError(f"sampling failed for this request: {seq.faults[0]!r}")))
         for r in responses:
             seq = runner.active.get(r.uid)
             if seq is None:
@@ -300,6 +318,33 @@ class Engine:
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:
         ttft = seq.first - seq.request.submitted if seq.first is not None else None
         return _done(seq.request, reason, stop, seq.tokens, seq.cached, ttft)
+
+
+def _guard_sampler(sampler: Callable[[mx.array], mx.array], faults: list) -> Callable[[mx.array], mx.array]:
+    """``sampler`` for one sequence, made harmless: an exception is kept in ``faults`` (the engine
+    then fails that sequence alone) and the step goes on with the greedy token."""
+
+    def sample(logprobs: mx.array) -> mx.array:
+        try:
+            return sampler(logprobs)
+        except Exception as e:
+            faults.append(e)
+            return greedy_sampler(logprobs)
+
+    return sample
+
+
+def _guard_processor(processor: Processor, faults: list) -> Processor:
+    """``processor`` for one sequence: an exception is kept in ``faults`` and the logits pass unchanged."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        try:
+            return processor(tokens, logits)
+        except Exception as e:
+            faults.append(e)
+            return logits
+
+    return process
 
 
 def _done(request: Request, reason: str, stop: str | None, tokens: int, cached: int, ttft: float | None) -> Done:

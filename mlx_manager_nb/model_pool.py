@@ -32,7 +32,7 @@ from . import store
 from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import InvalidModelError, ModelNotFoundError, PoolFullError
-from .params import DEFAULT_MAX_TOKENS, make_params
+from .params import DEFAULT_MAX_TOKENS, fit_to_model, make_params
 from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
 
 ROLES = ("system", "user", "assistant")
@@ -385,7 +385,7 @@ class Pool:
         info = self.find(model)
         runner = self.engine.runners[info.name]
         tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
-        p = make_params(**params)
+        p = fit_to_model(make_params(**params), runner.vocab_size)
         ctx = info.context_length
         if ctx is not None:
             if len(tokens) >= ctx:

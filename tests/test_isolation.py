@@ -1,0 +1,97 @@
+"""One request can never hurt another: poisoned sampling, bounded parameters, memory, on the tiny model."""
+
+import threading
+
+import mlx.core as mx
+import pytest
+from helpers import wait_for
+
+from mlx_manager_nb import engine
+from mlx_manager_nb.errors import EngineError
+from mlx_manager_nb.model_pool import Pool
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def pool(tiny_model_path):
+    p = Pool(keep_alive=None)
+    p.load(tiny_model_path, alias="tiny")
+    yield p
+    p.close()
+
+
+def question(i):
+    return [{"role": "user", "content": f"Question number {i}: {'why ' * i}?"}]
+
+
+def _greedy_next_token(pool, messages, **params):
+    """The token the model picks greedily after the prompt, computed on the engine thread."""
+    runner = pool.engine.runners["tiny-llama"]
+    tokens = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return pool.engine.run(lambda: mx.argmax(runner.model(mx.array([tokens]))[0, -1]).item()).result()
+
+
+def _poison(monkeypatch, where):
+    """Make requests with seed 666 raise inside their sampler or a logits processor."""
+    real_sampler, real_processors = engine.make_sampler, engine.make_processors
+
+    def broken(*args):
+        raise RuntimeError("poisoned")
+
+    if where == "sampler":
+        monkeypatch.setattr(engine, "make_sampler", lambda p: broken if p.seed == 666 else real_sampler(p))
+    else:
+        monkeypatch.setattr(engine, "make_processors",
+                            lambda p, n=0: [broken] if p.seed == 666 else real_processors(p, n))
+
+
+@pytest.mark.parametrize("where", ["sampler", "processor"])
+def test_a_request_that_breaks_sampling_fails_alone(pool, monkeypatch, where):
+    expected = [pool.chat(question(i), temperature=0, max_tokens=40).text for i in range(3)]
+    _poison(monkeypatch, where)
+    streams = [pool.chat(question(i), temperature=0, max_tokens=40, stream=True) for i in range(3)]
+    firsts = [next(s) for s in streams]  # all three are decoding
+    with pytest.raises(EngineError, match="poisoned"):
+        pool.chat(HELLO, temperature=1, seed=666, max_tokens=40)
+    texts = [f + "".join(s) for f, s in zip(firsts, streams)]
+    assert texts == expected
+    assert all(s.result.usage.completion_tokens == 40 for s in streams)
+    assert pool.chat(HELLO, temperature=1, seed=1, max_tokens=5).usage.completion_tokens == 5
+    assert wait_for(lambda: pool.models()[0].in_flight == 0)
+
+
+def test_a_huge_top_k_is_clamped_and_runs_beside_others(pool):
+    other = pool.chat(question(1), temperature=0, max_tokens=30, stream=True)
+    next(other)
+    r = pool.chat(HELLO, top_k=1_000_000_000, temperature=1, seed=3, max_tokens=10)
+    assert r.usage.completion_tokens == 10
+    assert pool.chat(HELLO, top_k=0, temperature=1, seed=3, max_tokens=10).text == r.text  # clamped: no filter
+    list(other)
+    assert other.result.usage.completion_tokens == 30
+
+
+@pytest.mark.parametrize("params, field", [({"temperature": float("nan")}, "temperature"), ({"seed": -1}, "seed"),
+                                           ({"logit_bias": {10**6: 1}}, "logit_bias")])
+def test_bad_values_are_refused_before_the_engine(pool, params, field):
+    with pytest.raises(ValueError, match=field):
+        pool.chat(HELLO, **params)
+
+
+def test_logit_bias_bans_and_forces_tokens(pool):
+    runner = pool.engine.runners["tiny-llama"]
+    top = _greedy_next_token(pool, HELLO)
+    alone = pool.chat(HELLO, temperature=0, max_tokens=1)
+    banned = pool.chat(HELLO, temperature=0, max_tokens=1, logit_bias={top: -100})
+    assert alone.text == runner.tokenizer.decode([top])
+    assert banned.text != alone.text
+    forced_id = runner.tokenizer.encode("Paris")[0]
+    assert forced_id != top
+    forced = pool.chat(HELLO, temperature=0, max_tokens=4, logit_bias={str(forced_id): 100})
+    assert forced.text == runner.tokenizer.decode([forced_id] * 4)
+
+
+def test_frequency_penalty_changes_a_repetitive_greedy_answer(pool):
+    plain = pool.chat(HELLO, temperature=0, max_tokens=60).text
+    penalized = pool.chat(HELLO, temperature=0, max_tokens=60, frequency_penalty=2, presence_penalty=2).text
+    assert penalized != plain
