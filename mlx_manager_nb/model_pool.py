@@ -56,6 +56,8 @@ class ModelInfo:
     expires_at: float | None  # epoch seconds, None when pinned or kept forever
     context_length: int | None = None
     error: str | None = None
+    kv_bytes: int = 0  # KV caches of its running sequences
+    cache_bytes: int = 0  # its prompt cache
 
 
 def _why_held(m: ModelInfo) -> str:
@@ -156,7 +158,10 @@ class Pool:
         """Every model in the pool, with its live in-flight count."""
         with self._lock:
             infos = list(self._models.values())
-        return [replace(i, in_flight=self._in_flight.get(i.name, 0)) for i in infos]
+        runners = self.engine.runners
+        return [replace(i, in_flight=self._in_flight.get(i.name, 0),
+                        kv_bytes=getattr(runners.get(i.name), "kv_bytes", 0),
+                        cache_bytes=getattr(runners.get(i.name), "cache_bytes", 0)) for i in infos]
 
     def memory_used(self) -> int:
         return sum(m.size_bytes for m in self.models() if m.state in ("ready", "loading"))
@@ -251,6 +256,7 @@ class Pool:
 
         def load_on_engine() -> Runner:
             runner = _load_runner(name, path, report, dequantize)
+            runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
             self.engine.runners[name] = runner
             return runner
 
@@ -310,10 +316,7 @@ class Pool:
     def _unload_on_engine(self, name: str) -> None:
         runner = self.engine.runners.pop(name, None)
         if runner is not None:
-            for seq in runner.active.values():
-                seq.request.cancelled.set()
-                seq.request.emit(Failed(ModelNotFoundError(f"model {name!r} was unloaded")))
-            runner.active.clear()
+            runner.drop(ModelNotFoundError(f"model {name!r} was unloaded"))
             del runner
         mx.clear_cache()
         with self._lock:
@@ -528,7 +531,7 @@ class Pool:
         return self._arun("complete", prompt, model, stream, meta, timeout, params)
 
     def health(self) -> dict:
-        """Engine liveness and what is loaded."""
+        """Engine liveness, what is loaded, and memory: weights (memory_used), KV caches and MLX's figures."""
         error = self.engine.error
         return {
             "engine": "alive" if self.engine.alive else ("dead" if error else "idle"),
@@ -536,6 +539,7 @@ class Pool:
             "models": [m.alias or m.name for m in self.models() if m.state == "ready"],
             "memory_used": self.memory_used(),
             "max_memory": self.max_memory,
+            **self.engine.memory(),  # kv_bytes, cache_bytes and MLX's active, cache and peak bytes
         }
 
     def close(self) -> None:

@@ -1,6 +1,5 @@
 """One request can never hurt another: poisoned sampling, bounded parameters, memory, on the tiny model."""
 
-import threading
 
 import mlx.core as mx
 import pytest
@@ -95,3 +94,49 @@ def test_frequency_penalty_changes_a_repetitive_greedy_answer(pool):
     plain = pool.chat(HELLO, temperature=0, max_tokens=60).text
     penalized = pool.chat(HELLO, temperature=0, max_tokens=60, frequency_penalty=2, presence_penalty=2).text
     assert penalized != plain
+
+
+def _token_bytes(pool):
+    runner = pool.engine.runners["tiny-llama"]
+    return pool.engine.run(engine._kv_bytes_per_token, runner.model).result()
+
+
+def test_requests_over_the_kv_budget_wait_and_memory_is_given_back(pool, monkeypatch):
+    runner = pool.engine.runners["tiny-llama"]
+    expected = [pool.chat(question(i), temperature=0, max_tokens=16).text for i in range(4)]
+    longest = max(pool.count_tokens(question(i)) for i in range(4)) + 16
+    runner.kv_budget = budget = 8 * engine._kv_slots(longest) * _token_bytes(pool)  # eight sequences
+    seen = []
+    real_step = pool.engine._step
+
+    def step(r):
+        real_step(r)
+        seen.append((len(r.active), r.kv_bytes, r.cache_bytes))
+
+    monkeypatch.setattr(pool.engine, "_step", step)
+    streams = [pool.chat(question(i % 4), temperature=0, max_tokens=16, stream=True) for i in range(64)]
+    texts = ["".join(s) for s in streams]
+    assert texts == [expected[i % 4] for i in range(64)]
+    assert max(n for n, _, _ in seen) == 8  # the budget, not the batch size (32), bounded the batch
+    assert max(kv + cache for _, kv, cache in seen) <= budget
+    assert wait_for(lambda: pool.models()[0].kv_bytes == 0 and pool.engine.memory()["kv_bytes"] == 0)
+    assert 0 < pool.models()[0].cache_bytes <= budget
+    assert wait_for(lambda: mx.get_cache_memory() == 0)  # handed back once the engine went idle
+    health = pool.health()
+    assert health["kv_bytes"] == 0 and health["cache_bytes"] == pool.models()[0].cache_bytes
+    assert health["mlx_cache_bytes"] == 0 and health["mlx_active_bytes"] > 0
+
+
+def test_a_waiting_request_can_be_cancelled_or_time_out(pool):
+    runner = pool.engine.runners["tiny-llama"]
+    runner.kv_budget = 1  # one sequence at a time
+    first = pool.chat(HELLO, temperature=0, max_tokens=400, stream=True)
+    next(first)
+    waiting = pool.chat(question(1), temperature=0, max_tokens=5, stream=True)
+    assert wait_for(lambda: len(runner.waiting) == 1)
+    waiting.close()
+    assert wait_for(lambda: not runner.waiting and pool.models()[0].in_flight == 1)
+    late = pool.chat(question(2), temperature=0, max_tokens=5, timeout=0.05)
+    assert late.finish_reason == "timeout" and late.usage.completion_tokens == 0
+    assert first.result is None  # both ended while the first was still decoding
+    first.close()
