@@ -60,6 +60,25 @@ def test_a_request_that_breaks_sampling_fails_alone(pool, monkeypatch, where):
     assert wait_for(lambda: pool.models()[0].in_flight == 0)
 
 
+def test_a_request_whose_text_handling_breaks_fails_alone(pool, monkeypatch):
+    """Detokenizing and stop matching run per sequence: one that raises there ends only its request."""
+    real = engine.StopMatcher
+
+    class Broken(real):
+        def feed(self, text):
+            if "POISON" in self.stops:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "poisoned")
+            return super().feed(text)
+
+    monkeypatch.setattr(engine, "StopMatcher", Broken)
+    expected = pool.chat(question(1), temperature=0, max_tokens=30).text
+    other = pool.chat(question(1), temperature=0, max_tokens=30, stream=True)
+    first = next(other)
+    with pytest.raises(UnicodeDecodeError, match="poisoned"):
+        pool.chat(HELLO, temperature=0, max_tokens=30, stop=["POISON"])
+    assert first + "".join(other) == expected
+
+
 def test_a_huge_top_k_is_clamped_and_runs_beside_others(pool):
     other = pool.chat(question(1), temperature=0, max_tokens=30, stream=True)
     next(other)
