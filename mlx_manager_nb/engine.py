@@ -387,8 +387,7 @@ class Engine:
             self._finish_removed(runner, [r.uid], "stop", hit)
         elif r.finish_reason is not None:
             del runner.active[r.uid]
-            self._bound_prompt_cache(runner)  # the finished sequence's reserve now goes to the cache
-            runner.prompt_cache.insert_cache(runner.name, r.all_tokens, r.prompt_cache)
+            self._remember(runner, r.all_tokens, r.prompt_cache)
             _emit(seq.request, self._seq_done(seq, r.finish_reason))
 
     def _finish_removed(self, runner: Runner, uids: list[int], reason: str, stop: str | None = None) -> None:
@@ -397,9 +396,17 @@ class Engine:
             seq = runner.active.pop(uid)
             if uid in caches and caches[uid][1]:
                 cache, tokens = caches[uid]
-                self._bound_prompt_cache(runner)
-                runner.prompt_cache.insert_cache(runner.name, list(tokens), cache)
+                self._remember(runner, list(tokens), cache)
             _emit(seq.request, self._seq_done(seq, reason, stop))
+
+    def _remember(self, runner: Runner, tokens: list[int], cache: list[Any]) -> None:
+        """Keep a finished sequence's KV in the prompt cache, within what the running ones leave.
+
+        The cache is evaluated now: until then it is a lazy copy that keeps the batch's whole buffer alive.
+        """
+        mx.eval([c.state for c in cache])
+        self._bound_prompt_cache(runner)
+        runner.prompt_cache.insert_cache(runner.name, tokens, cache)
 
     @staticmethod
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:

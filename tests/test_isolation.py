@@ -159,3 +159,16 @@ def test_a_waiting_request_can_be_cancelled_or_time_out(pool):
     assert late.finish_reason == "timeout" and late.usage.completion_tokens == 0
     assert first.result is None  # both ended while the first was still decoding
     first.close()
+
+
+def test_the_prompt_cache_holds_only_its_own_bytes(pool):
+    """Cached KV is copied out of the batch at once, so finished batches do not stay alive behind it."""
+    def burst(first):
+        for s in [pool.chat(question(i), temperature=0, max_tokens=40, stream=True) for i in range(first, first + 12)]:
+            list(s)
+        assert wait_for(lambda: mx.get_cache_memory() == 0)
+        return mx.get_active_memory() - pool.models()[0].cache_bytes
+
+    before = burst(0)
+    held = burst(12) - before
+    assert held < 32 * 1024, held  # a lazy slice would keep a 12-sequence batch buffer (MiBs) here
