@@ -8,6 +8,11 @@ OpenBLAS comes from PyPI's ``ngsolve-openblas`` (BSD-3, 13 MB): it exports the s
 and needs ``libgfortran.so.5``, which a fresh machine lacks but the ``mlx[cpu]`` wheel carries under
 a mangled name; symlinks in a temporary folder let OpenBLAS find it. Where any of this is missing,
 MLX runs as before and :data:`status` says why.
+
+Threads: OpenBLAS starts one thread per core by default, and its threads spin-wait; when other work
+shares the CPU (another process, the notebook, a second model) a single stream then slows 3-15x.
+:data:`DEFAULT_THREADS` is used instead unless ``MLX_NB_BLAS_THREADS`` or the user's own
+``OPENBLAS_NUM_THREADS`` says otherwise (``benchmarks/cpu.py`` measures the choice).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import warnings
 
 #: What happened: "openblas: PATH", or the reason the fast path is not in use.
 status = "not attempted"
+#: OpenBLAS threads when neither MLX_NB_BLAS_THREADS nor OPENBLAS_NUM_THREADS is set.
+DEFAULT_THREADS = 1
+#: Where the thread count in force came from, for doctor().
+threads_source = "not set"
 _handle: ctypes.CDLL | None = None
 
 
@@ -54,6 +63,7 @@ def bind() -> str:
         warnings.warn(f"{status}; MLX runs on the slow reference BLAS. `pip install ngsolve-openblas` "
                       "fixes it on x86-64 Linux.", RuntimeWarning, stacklevel=3)
         return status
+    _set_threads()
     try:
         ctypes.CDLL(gfortran[0], mode=ctypes.RTLD_GLOBAL)
         with tempfile.TemporaryDirectory() as tmp:  # OpenBLAS looks for libgfortran.so.5 beside itself
@@ -66,6 +76,24 @@ def bind() -> str:
         return status
     status = f"openblas: {blas[0]}"
     return status
+
+
+def _set_threads() -> None:
+    """Set OPENBLAS_NUM_THREADS, which OpenBLAS reads when it is loaded."""
+    global threads_source
+    if os.environ.get("MLX_NB_BLAS_THREADS"):
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MLX_NB_BLAS_THREADS"]
+        threads_source = "MLX_NB_BLAS_THREADS"
+    elif os.environ.get("OPENBLAS_NUM_THREADS"):
+        threads_source = "OPENBLAS_NUM_THREADS"
+    else:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(DEFAULT_THREADS)
+        threads_source = "default (MLX_NB_BLAS_THREADS or OPENBLAS_NUM_THREADS change it)"
+
+
+def threads() -> int | None:
+    """The number of threads the bound OpenBLAS uses; None where none is bound."""
+    return _handle.openblas_get_num_threads() if _handle is not None else None
 
 
 def bound_library() -> str | None:

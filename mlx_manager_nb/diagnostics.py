@@ -43,6 +43,7 @@ def doctor(pool: Any = None) -> dict:
         "device": "GPU (Metal)" if device.type == mx.DeviceType.gpu else "CPU",
         "blas": blas.status,
         "blas_library": blas.bound_library(),
+        "blas_threads": f"{blas.threads()} ({blas.threads_source})" if blas.threads() else "n/a",
         "gflops": pool.engine.run(_gflops).result(),
         "mx.compile": "on" if os.environ.get("MLX_NB_COMPILE") == "1" or device.type == mx.DeviceType.gpu
         else "off on CPU (MLX_NB_COMPILE=1 turns it on)",

@@ -4,6 +4,13 @@ Requests go in with :meth:`Engine.submit`; each one's events (``Delta``, then ``
 ``Failed``) come out through the request's ``emit`` callable, called on the engine thread.
 Consumers hop to their own thread or loop (see :mod:`mlx_manager_nb.streams`).
 Other MLX work (loading, unloading) runs on the same thread through :meth:`Engine.run`.
+
+Memory: a runner's ``kv_budget`` bounds the bytes of its KV caches, those of the sequences it
+decodes plus its prompt cache. A request joins the batch only when the batch's estimated KV
+(sequences x the longest one's prompt + max_tokens, see :func:`_kv_slots`) still fits;
+otherwise it waits in the runner's queue until sequences finish. A request is always admitted when
+its model decodes nothing else, so one larger than the budget still runs, alone. The prompt cache
+gets what the running sequences leave. When the engine goes idle it hands MLX's buffer cache back.
 """
 
 from __future__ import annotations
@@ -12,19 +19,22 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 
 from .errors import EngineError, ModelNotFoundError
-from .params import GenParams, make_processors, make_sampler
+from .params import GenParams, Processor, make_processors, make_sampler
 from .stops import StopMatcher
 
 PROMPT_CACHE_ENTRIES = 16
+MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
@@ -81,6 +91,8 @@ class _Seq:
     detok: Any
     stops: StopMatcher
     cached: int
+    faults: list[BaseException]  # what its sampler or logits processors raised, if anything
+    slots: int  # KV positions reserved for it (see _kv_slots)
     tokens: int = 0
     first: float | None = None
 
@@ -96,11 +108,42 @@ class Runner:
     prompt_cache: LRUPromptCache = field(default_factory=lambda: LRUPromptCache(PROMPT_CACHE_ENTRIES))
     active: dict[int, _Seq] = field(default_factory=dict)
     max_token_chars: int = 1  # the longest token's text: a prompt of N characters is at least N / this tokens
+    waiting: deque[Request] = field(default_factory=deque)  # submitted, not yet admitted into the batch
+    kv_budget: int | None = None  # bytes for KV caches (running sequences and prompt cache); None: unbounded
+    kv_bytes: int = 0  # KV cache bytes of the running sequences, as of the last step
+    cache_bytes: int = 0  # bytes held by the prompt cache, as of the last step
+    token_bytes: int | None = None  # KV bytes per token position, measured on first use
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits: the bound for token ids and ``top_k``."""
+        args = getattr(self.model, "args", None)
+        for source in (args, getattr(args, "text_config", None)):
+            size = source.get("vocab_size") if isinstance(source, dict) else getattr(source, "vocab_size", None)
+            if size:
+                return size
+        return len(self.tokenizer.vocab)
 
     def batch(self) -> BatchGenerator:
         if self.gen is None:
             self.gen = BatchGenerator(self.model, completion_batch_size=32, prefill_batch_size=8)
         return self.gen
+
+    def fail_active(self, error: BaseException) -> None:
+        """Fail the running requests and free the batch; waiting ones stay queued (engine thread)."""
+        for seq in self.active.values():
+            seq.request.cancelled.set()
+            _emit(seq.request, Failed(error))
+        self.active.clear()
+        self.gen = None
+        self.kv_bytes = 0
+
+    def drop(self, error: BaseException) -> None:
+        """Fail every request on this runner, running or waiting, and free its batch (engine thread)."""
+        self.fail_active(error)
+        for request in self.waiting:
+            _emit(request, Failed(error))
+        self.waiting.clear()
 
 
 class Engine:
@@ -155,41 +198,67 @@ class Engine:
         """Stop serving ``name``: its requests fail with ``error`` (call on the engine thread)."""
         runner = self._runners.pop(name, None)
         if runner is not None:
-            _fail_all(runner, error)
+            runner.drop(error)
         mx.clear_cache()
 
     def submit(self, request: Request) -> None:
-        """Queue a request; it joins its model's running batch at the next step."""
+        """Queue a request; it joins its model's running batch at the next step its KV budget allows."""
         self._ensure_thread()
         self._inbox.put(("submit", request))
+
+    def memory(self) -> dict[str, int]:
+        """Bytes in KV caches of running sequences, in prompt caches, and MLX's own figures."""
+        runners = list(self._runners.values())
+        return {
+            "kv_bytes": sum(r.kv_bytes for r in runners),
+            "cache_bytes": sum(r.cache_bytes for r in runners),
+            "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_cache_bytes": mx.get_cache_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory(),
+        }
+
+    def model_memory(self) -> dict[str, tuple[int, int]]:
+        """Per model: KV cache bytes of its running sequences and bytes in its prompt cache."""
+        return {name: (r.kv_bytes, r.cache_bytes) for name, r in list(self._runners.items())}
 
     # -- the engine thread -------------------------------------------------------------------
 
     def _main(self) -> None:
         self.error = None
         next_tick = time.monotonic() + self._tick_seconds
+        mx.set_cache_limit(MLX_CACHE_LIMIT)
+        was_busy = False
         try:
             while True:
-                busy = any(r.active for r in self._runners.values())
+                busy = any(r.active or r.waiting for r in self._runners.values())
+                if was_busy and not busy:  # the last sequence finished: give MLX's spare buffers back
+                    mx.clear_cache()
+                was_busy = busy
                 wait = 0 if busy else max(0.0, next_tick - time.monotonic())
                 self._drain(wait)
                 for runner in list(self._runners.values()):
+                    if runner.waiting:
+                        self._admit(runner)
                     if runner.active:
                         self._step(runner)
                 if self._on_tick and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick_seconds
                     self._on_tick()
-        except _Stop:  # requests still running end as cancelled
+        except _Stop:  # requests still running or waiting end as cancelled
             for runner in self._runners.values():
                 for seq in runner.active.values():
                     _emit(seq.request, self._seq_done(seq, "cancelled"))
+                for request in runner.waiting:
+                    _emit(request, _done(request, "cancelled", None, 0, 0, None))
                 runner.active.clear()
+                runner.waiting.clear()
                 runner.gen = None
+                runner.kv_bytes = 0
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
             self.error = e
             dead = EngineError(f"the engine thread died: {e!r}")
             for runner in self._runners.values():
-                _fail_all(runner, dead)
+                runner.drop(dead)
             while True:
                 try:
                     item = self._inbox.get_nowait()
@@ -216,7 +285,7 @@ class Engine:
                     except BaseException as e:
                         fut.set_exception(e)
             elif item[0] == "submit":
-                self._insert(item[1])
+                self._enqueue(item[1])
             else:
                 raise _Stop
             try:
@@ -224,14 +293,48 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _insert(self, request: Request) -> None:
+    def _enqueue(self, request: Request) -> None:
         runner = self._runners.get(request.model)
         if runner is None:
             _emit(request, Failed(EngineError(f"model {request.model!r} is not loaded")))
+        else:
+            runner.waiting.append(request)
+
+    def _admit(self, runner: Runner) -> None:
+        """Move waiting requests into the batch while its estimated KV bytes fit the runner's budget."""
+        now = time.perf_counter()
+        for request in [q for q in runner.waiting if q.cancelled.is_set() or (q.deadline and now > q.deadline)]:
+            runner.waiting.remove(request)
+            _emit(request, _done(request, "cancelled" if request.cancelled.is_set() else "timeout", None, 0, 0, None))
+        while runner.waiting:
+            request = runner.waiting[0]
+            slots = _kv_slots(len(request.prompt) + request.params.max_tokens)
+            if runner.active and runner.kv_budget is not None:
+                if runner.token_bytes is None:
+                    try:
+                        runner.token_bytes = _kv_bytes_per_token(runner.model)
+                    except Exception as e:  # the model itself fails: so would its batch step
+                        runner.drop(EngineError(f"generation failed on {runner.name}: {e}"))
+                        return
+                longest = max(slots, *(s.slots for s in runner.active.values()))
+                if (len(runner.active) + 1) * longest * runner.token_bytes > runner.kv_budget:
+                    return
+            runner.waiting.popleft()
+            self._insert(runner, request, slots)
+            self._bound_prompt_cache(runner)
+
+    def _bound_prompt_cache(self, runner: Runner, used: int = 0) -> None:
+        """Give the prompt cache what the running sequences leave of the budget: their reserved KV,
+        or ``used`` (the bytes their caches hold) where that is more."""
+        if runner.kv_budget is None:
             return
-        if request.cancelled.is_set():
-            _emit(request, _done(request, "cancelled", None, 0, 0, None))
-            return
+        longest = max((s.slots for s in runner.active.values()), default=0)
+        reserved = len(runner.active) * longest * (runner.token_bytes or 0)
+        room = max(0, runner.kv_budget - max(used, reserved))
+        runner.prompt_cache.max_bytes = room
+        runner.prompt_cache.trim_to(n_bytes=room)
+
+    def _insert(self, runner: Runner, request: Request, slots: int) -> None:
         try:
             prompt = request.prompt
             cache, rest = runner.prompt_cache.fetch_nearest_cache(runner.name, prompt)
@@ -241,19 +344,21 @@ class Engine:
             cached = len(prompt) - len(rest) if cache is not None else 0
             p = request.params
             eos = [[t] for t in runner.tokenizer.eos_token_ids]
+            faults: list[BaseException] = []
+            sampler = make_sampler(p)
             (uid,) = runner.batch().insert(
                 [rest if cache is not None else prompt],
                 max_tokens=[p.max_tokens],
                 caches=[cache],
                 all_tokens=[prompt[:cached]],
-                samplers=[make_sampler(p)],
-                logits_processors=[make_processors(p)],
+                samplers=[sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults)],
+                logits_processors=[[_guard_processor(f, faults) for f in make_processors(p, len(prompt))]],
                 stop_sequences=[StopSequences(eos)],
             )
         except Exception as e:
             _emit(request, Failed(e))
             return
-        runner.active[uid] = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), cached)
+        runner.active[uid] = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), cached, faults, slots)
 
     def _step(self, runner: Runner) -> None:
         gen = runner.batch()
@@ -265,13 +370,18 @@ class Engine:
         if expired:
             self._finish_removed(runner, expired, "timeout")
         if not runner.active:
+            self._account(runner)
             return
         try:
             _, responses = gen.next()
         except Exception as e:  # a failure of the batch step fails this model's batch only
-            _fail_all(runner, EngineError(f"generation failed on {runner.name}: {e}"))
+            runner.fail_active(EngineError(f"generation failed on {runner.name}: {e}"))
             mx.clear_cache()
             return
+        for uid in [uid for uid, s in runner.active.items() if s.faults]:
+            seq = runner.active.pop(uid)
+            gen.remove([uid])
+            _emit(seq.request, Failed(EngineError(f"sampling failed for this request: {seq.faults[0]!r}")))
         for r in responses:
             seq = runner.active.get(r.uid)
             if seq is None:
@@ -282,6 +392,13 @@ class Engine:
                 runner.active.pop(r.uid, None)
                 gen.remove([r.uid])
                 _emit(seq.request, Failed(e))
+        self._account(runner)
+
+    def _account(self, runner: Runner) -> None:
+        """Trim the prompt cache to its share of the budget and record the runner's KV figures."""
+        runner.kv_bytes = runner.batch().prompt_cache_nbytes
+        self._bound_prompt_cache(runner, runner.kv_bytes)
+        runner.cache_bytes = runner.prompt_cache.nbytes
 
     def _on_token(self, runner: Runner, r: Any, seq: _Seq) -> None:
         if seq.first is None:
@@ -300,7 +417,7 @@ class Engine:
             self._finish_removed(runner, [r.uid], "stop", hit)
         elif r.finish_reason is not None:
             del runner.active[r.uid]
-            runner.prompt_cache.insert_cache(runner.name, r.all_tokens, r.prompt_cache)
+            self._remember(runner, r.all_tokens, r.prompt_cache)
             _emit(seq.request, self._seq_done(seq, r.finish_reason))
 
     def _finish_removed(self, runner: Runner, uids: list[int], reason: str, stop: str | None = None) -> None:
@@ -309,8 +426,17 @@ class Engine:
             seq = runner.active.pop(uid)
             if uid in caches and caches[uid][1]:
                 cache, tokens = caches[uid]
-                runner.prompt_cache.insert_cache(runner.name, list(tokens), cache)
+                self._remember(runner, list(tokens), cache)
             _emit(seq.request, self._seq_done(seq, reason, stop))
+
+    def _remember(self, runner: Runner, tokens: list[int], cache: list[Any]) -> None:
+        """Keep a finished sequence's KV in the prompt cache, within what the running ones leave.
+
+        The cache is evaluated now: until then it is a lazy copy that keeps the batch's whole buffer alive.
+        """
+        mx.eval([c.state for c in cache])
+        self._bound_prompt_cache(runner)
+        runner.prompt_cache.insert_cache(runner.name, tokens, cache)
 
     @staticmethod
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:
@@ -318,17 +444,57 @@ class Engine:
         return _done(seq.request, reason, stop, seq.tokens, seq.cached, ttft)
 
 
+def _kv_slots(tokens: int) -> int:
+    """KV positions to reserve for a sequence of ``tokens``: caches grow in steps of 256 positions,
+    and merging sequences into a running batch pads them, which can take one step more."""
+    return (-(-tokens // KVCache.step) + 1) * KVCache.step
+
+
+def _kv_bytes_per_token(model: Any) -> int:
+    """KV-cache bytes one token position takes, measured with a one-token forward pass.
+
+    Caches that do not grow with the sequence (recurrent state) are counted whole, per token: an
+    overestimate, so the budget still holds.
+    """
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    total = 0
+    for c in cache:
+        keys = getattr(c, "keys", None)
+        total += c.nbytes // keys.shape[2] if isinstance(keys, mx.array) and keys.ndim == 4 else c.nbytes
+    return max(1, total)
+
+
+def _guard_sampler(sampler: Callable[[mx.array], mx.array], faults: list) -> Callable[[mx.array], mx.array]:
+    """``sampler`` for one sequence, made harmless: an exception is kept in ``faults`` (the engine
+    then fails that sequence alone) and the step goes on with the greedy token."""
+
+    def sample(logprobs: mx.array) -> mx.array:
+        try:
+            return sampler(logprobs)
+        except Exception as e:
+            faults.append(e)
+            return greedy_sampler(logprobs)
+
+    return sample
+
+
+def _guard_processor(processor: Processor, faults: list) -> Processor:
+    """``processor`` for one sequence: an exception is kept in ``faults`` and the logits pass unchanged."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        try:
+            return processor(tokens, logits)
+        except Exception as e:
+            faults.append(e)
+            return logits
+
+    return process
+
+
 def _done(request: Request, reason: str, stop: str | None, tokens: int, cached: int, ttft: float | None) -> Done:
     return Done(reason, stop, len(request.prompt), tokens, cached, ttft, time.perf_counter() - request.submitted)
-
-
-def _fail_all(runner: Runner, error: BaseException) -> None:
-    """End every request of ``runner`` with ``error`` and drop its batch."""
-    for seq in runner.active.values():
-        seq.request.cancelled.set()
-        _emit(seq.request, Failed(error))
-    runner.active.clear()
-    runner.gen = None
 
 
 def _emit(request: Request, event: Event) -> None:

@@ -35,7 +35,7 @@ from . import store
 from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
-from .params import DEFAULT_MAX_TOKENS, make_params
+from .params import DEFAULT_MAX_TOKENS, fit_to_model, make_params
 from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
 
 ROLES = ("system", "user", "assistant")
@@ -88,6 +88,8 @@ class ModelInfo:
     expires_at: float | None  # epoch seconds, None when pinned or kept forever
     context_length: int | None = None
     error: str | None = None
+    kv_bytes: int = 0  # KV caches of its running sequences
+    cache_bytes: int = 0  # its prompt cache
 
 
 def _why_held(m: ModelInfo) -> str:
@@ -225,7 +227,9 @@ class Pool:
         """Every model in the pool, with its live in-flight count."""
         with self._lock:
             infos = list(self._models.values())
-        return [replace(i, in_flight=self._in_flight.get(i.name, 0)) for i in infos]
+        memory = self.engine.model_memory()
+        return [replace(i, in_flight=self._in_flight.get(i.name, 0), kv_bytes=memory.get(i.name, (0, 0))[0],
+                        cache_bytes=memory.get(i.name, (0, 0))[1]) for i in infos]
 
     def memory_used(self) -> int:
         return sum(m.size_bytes for m in self.models() if m.state in ("ready", "loading"))
@@ -321,6 +325,7 @@ class Pool:
 
         def load_on_engine() -> Runner:
             runner = _load_runner(name, path, report, dequantize)
+            runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
             self.engine.add_runner(runner)
             return runner
 
@@ -464,7 +469,7 @@ class Pool:
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
         info = self.find(model)
         runner = self.engine.runner(info.name)
-        p = make_params(**params)
+        p = fit_to_model(make_params(**params), runner.vocab_size)
         if isinstance(content, (str, list)):
             self._check_fits(info, runner, kind, content)
         tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
@@ -631,7 +636,7 @@ class Pool:
         return self._arun("complete", prompt, model, stream, meta, timeout, params)
 
     def health(self) -> dict:
-        """Engine liveness and what is loaded."""
+        """Engine liveness, what is loaded, and memory: weights (memory_used), KV caches and MLX's figures."""
         error = self.engine.error
         return {
             "engine": "alive" if self.engine.alive else ("dead" if error else "idle"),
@@ -639,6 +644,7 @@ class Pool:
             "models": [m.alias or m.name for m in self.models() if m.state == "ready"],
             "memory_used": self.memory_used(),
             "max_memory": self.max_memory,
+            **self.engine.memory(),  # kv_bytes, cache_bytes and MLX's active, cache and peak bytes
         }
 
     def close(self) -> None:

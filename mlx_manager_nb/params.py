@@ -1,9 +1,15 @@
-"""Generation parameters: validation, and the per-request sampler and logits processors built from them."""
+"""Generation parameters: validation, and the per-request sampler and logits processors built from them.
+
+:func:`make_params` checks what does not depend on the model; :func:`fit_to_model` then checks
+token ids against the model's vocabulary and clamps ``top_k`` to it. Both raise InvalidParameterError naming
+the field, so nothing a request asks for can make the shared batch step fail.
+"""
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import mlx.core as mx
@@ -15,18 +21,35 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from .errors import InvalidParameterError
+
 DEFAULT_MAX_TOKENS = 512
+MAX_STOPS = 16  # stop strings per request
+MAX_STOP_CHARS = 1000  # characters per stop string
+MAX_LOGIT_BIAS = 100.0  # |bias| per token, as in OpenAI's API
+MAX_PENALTY = 2.0  # |presence_penalty| and |frequency_penalty|, as in OpenAI's API
+MAX_SEED = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
+
+Processor = Callable[[mx.array, mx.array], mx.array]
 
 
 @dataclass(frozen=True)
 class GenParams:
-    """What one request asks of the sampler. ``temperature=0`` is greedy decoding."""
+    """What one request asks of the sampler. ``temperature=0`` is greedy decoding.
+
+    ``logit_bias`` holds (token id, bias) pairs, added to the logits before sampling.
+    ``presence_penalty`` and ``frequency_penalty`` follow OpenAI: a token's logit drops by
+    ``frequency_penalty * count + presence_penalty * (count > 0)``, counting the tokens generated so far.
+    """
 
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -35,41 +58,104 @@ class GenParams:
 NAMES = {f.name for f in fields(GenParams)}
 
 
+def _short(value: Any) -> str:
+    """A value as an error message may quote it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(name: str, value: Any, integer: bool = False) -> float:
+    """``value`` if it is a finite number (an int when ``integer``); else InvalidParameterError naming ``name``."""
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise InvalidParameterError(name, f"{name} must be {kind}, got {_short(value)}")
+    if not integer:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise InvalidParameterError(name, f"{name} must be a finite number, got {_short(value)}")
     return value
 
 
+def _stops(value: Any) -> tuple[str, ...]:
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidParameterError("stop", f"stop must be a non-empty string or a list of them, got {_short(value)}")
+    if len(stop) > MAX_STOPS:
+        raise InvalidParameterError("stop", f"stop takes at most {MAX_STOPS} strings, got {len(stop)}")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidParameterError("stop", f"each stop string must be at most {MAX_STOP_CHARS} characters, "
+                         f"got one of {max(len(s) for s in stop)}")
+    return tuple(stop)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """A {token id: bias} mapping (ids may be decimal strings, as JSON keys are) as sorted pairs."""
+    if not isinstance(value, dict):
+        raise InvalidParameterError("logit_bias",
+                                    f"logit_bias must be an object mapping token ids to biases, got {_short(value)}")
+    out = {}
+    for key, bias in value.items():
+        token = key
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token = int(key)
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InvalidParameterError("logit_bias",
+                                        f"logit_bias keys must be token ids (integers >= 0), got {_short(key)}")
+        if not -MAX_LOGIT_BIAS <= _number(f"logit_bias[{key!r}]", bias) <= MAX_LOGIT_BIAS:
+            raise InvalidParameterError("logit_bias",
+                                        f"logit_bias[{_short(key)}] must be in "
+                                        f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 def make_params(**given: Any) -> GenParams:
-    """Validate user-given parameters (None means default); raise ValueError naming the field."""
+    """Validate user-given parameters (None means default); raise InvalidParameterError naming the field."""
     given = {k: v for k, v in given.items() if v is not None}
     unknown = set(given) - NAMES
     if unknown:
-        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(NAMES))}")
+        raise InvalidParameterError(min(unknown),
+                                    f"unknown parameter(s): {_short(sorted(unknown))}; "
+                                    f"known: {', '.join(sorted(NAMES))}")
     if "temperature" in given and _number("temperature", given["temperature"]) < 0:
-        raise ValueError(f"temperature must be >= 0, got {given['temperature']}")
+        raise InvalidParameterError("temperature", f"temperature must be >= 0, got {given['temperature']}")
     if "top_p" in given and not 0 < _number("top_p", given["top_p"]) <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {given['top_p']}")
+        raise InvalidParameterError("top_p", f"top_p must be in (0, 1], got {given['top_p']}")
     if "top_k" in given and _number("top_k", given["top_k"], integer=True) < 0:
-        raise ValueError(f"top_k must be >= 0, got {given['top_k']}")
+        raise InvalidParameterError("top_k", f"top_k must be >= 0, got {given['top_k']}")
     if "min_p" in given and not 0 <= _number("min_p", given["min_p"]) <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {given['min_p']}")
+        raise InvalidParameterError("min_p", f"min_p must be in [0, 1], got {given['min_p']}")
     if "repetition_penalty" in given and _number("repetition_penalty", given["repetition_penalty"]) <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {given['repetition_penalty']}")
-    if "seed" in given:
-        _number("seed", given["seed"], integer=True)
+        raise InvalidParameterError("repetition_penalty",
+                                    f"repetition_penalty must be > 0, got {given['repetition_penalty']}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in given and not -MAX_PENALTY <= _number(name, given[name]) <= MAX_PENALTY:
+            raise InvalidParameterError(name,
+                                        f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {given[name]}")
+    if "seed" in given and not 0 <= _number("seed", given["seed"], integer=True) <= MAX_SEED:
+        raise InvalidParameterError("seed", f"seed must be an integer in [0, 2**64 - 1], got {given['seed']}")
     if "max_tokens" in given and _number("max_tokens", given["max_tokens"], integer=True) <= 0:
-        raise ValueError(f"max_tokens must be > 0, got {given['max_tokens']}")
+        raise InvalidParameterError("max_tokens", f"max_tokens must be > 0, got {given['max_tokens']}")
     if "stop" in given:
-        stop = given["stop"]
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {given['stop']!r}")
-        given["stop"] = tuple(stop)
+        given["stop"] = _stops(given["stop"])
+    if "logit_bias" in given:
+        given["logit_bias"] = _logit_bias(given["logit_bias"])
     return GenParams(**given)
+
+
+def fit_to_model(p: GenParams, vocab_size: int) -> GenParams:
+    """Check ``p`` against a model with ``vocab_size`` tokens: ``top_k`` is clamped to it, and
+    ``logit_bias`` ids beyond it raise InvalidParameterError."""
+    for token, _ in p.logit_bias:
+        if token >= vocab_size:
+            raise InvalidParameterError("logit_bias",
+                                        f"logit_bias key {token} is not a token id of this model "
+                                        f"(vocabulary of {vocab_size})")
+    return replace(p, top_k=vocab_size) if p.top_k > vocab_size else p
 
 
 def make_sampler(p: GenParams) -> Callable[[mx.array], mx.array]:
@@ -83,7 +169,7 @@ def make_sampler(p: GenParams) -> Callable[[mx.array], mx.array]:
             logprobs = apply_top_p(logprobs, p.top_p)
         if p.min_p > 0:
             logprobs = apply_min_p(logprobs, p.min_p)
-        if p.top_k > 0:
+        if 0 < p.top_k < logprobs.shape[-1]:  # top_k == vocabulary size keeps every token
             logprobs = apply_top_k(logprobs, p.top_k)
         key[0], sub = mx.random.split(key[0])
         return mx.random.categorical(logprobs * (1 / p.temperature), key=sub)
@@ -91,7 +177,29 @@ def make_sampler(p: GenParams) -> Callable[[mx.array], mx.array]:
     return sample
 
 
-def make_processors(p: GenParams) -> list:
-    if p.repetition_penalty == 1.0:
-        return []
-    return make_logits_processors(repetition_penalty=p.repetition_penalty)
+def _openai_penalties(prompt_tokens: int, presence: float, frequency: float) -> Processor:
+    """OpenAI's presence and frequency penalties over the tokens generated after ``prompt_tokens``."""
+
+    def penalize(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = tokens[prompt_tokens:]
+        if generated.size == 0:
+            return logits
+        if frequency:
+            logits = logits.at[:, generated].subtract(frequency)  # repeated ids subtract once each
+        if presence:
+            logits[:, generated] = logits[:, generated] - presence  # repeated ids write the same value
+        return logits
+
+    return penalize
+
+
+def make_processors(p: GenParams, prompt_tokens: int = 0) -> list[Processor]:
+    """The logits processors ``p`` asks for; ``prompt_tokens`` is the prompt's length (for the penalties)."""
+    processors = []
+    if p.logit_bias:
+        processors += make_logits_processors(logit_bias=dict(p.logit_bias))
+    if p.repetition_penalty != 1.0:
+        processors += make_logits_processors(repetition_penalty=p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        processors.append(_openai_penalties(prompt_tokens, p.presence_penalty, p.frequency_penalty))
+    return processors

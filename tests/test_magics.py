@@ -158,7 +158,7 @@ def test_errors_are_one_line_and_the_pool_goes_on(ip, tiny_model_path):
     assert err.startswith("ModelNotFoundError: No model is loaded") and "%mlx load demo" in err
     assert not mlx(ip, f"load {tiny_model_path}").stderr
     err = one_line_error(chat(ip, "-t -1", "Hello"))
-    assert err == "ValueError: temperature must be >= 0, got -1.0\n"
+    assert err == "InvalidParameterError: temperature must be >= 0, got -1.0\n"
     assert "Hello" not in json.dumps(conversations(ip))
     assert chat(ip, "--max-tokens 3", "Hello").outputs  # the pool still works
 
