@@ -12,29 +12,9 @@ def tiny_model_path(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own store directory."""
+    """Every test gets its own store directory (the session's home is only for the demo model)."""
     home = tmp_path / "mlx-home"
     monkeypatch.setenv("MLX_NB_HOME", str(home))
-    return home
-
-
-@pytest.fixture(scope="session")
-def demo_home(tmp_path_factory):
-    """A store home holding the real demo model, fetched and imported once per session."""
-    import os
-
-    from mlx_manager_nb.demo import ensure_demo
-
-    home = tmp_path_factory.mktemp("demo-home")
-    old = os.environ.get("MLX_NB_HOME")
-    os.environ["MLX_NB_HOME"] = str(home)
-    try:
-        ensure_demo()
-    finally:
-        if old is None:
-            del os.environ["MLX_NB_HOME"]
-        else:
-            os.environ["MLX_NB_HOME"] = old
     return home
 
 
