@@ -1,7 +1,6 @@
 import mlx_manager_nb  # noqa: F401, I001  (first, so MLX binds the fast BLAS as it does for users)
 import pytest
 
-
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A tiny random-weight llama model folder (mlx-lm layout) with a trained tokenizer."""
@@ -26,3 +25,23 @@ def audit(tmp_path):
     log = AuditLog(tmp_path / "audit.db")
     yield log
     log.close()
+
+
+@pytest.fixture
+def make_pool():
+    """Make pools with `make_pool(**kwargs)`; each is closed and its engine thread ended after the test."""
+    from mlx_manager_nb.model_pool import Pool
+
+    made = []
+
+    def make(**kwargs):
+        pool = Pool(**kwargs)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        try:
+            pool.close()
+        finally:
+            pool.engine.stop()

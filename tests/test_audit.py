@@ -13,13 +13,6 @@ from mlx_manager_nb.errors import MLXManagerError
 INJECTION = "x' OR 1=1 --"
 
 
-@pytest.fixture
-def audit(tmp_path):
-    log = AuditLog(tmp_path / "audit.db")
-    yield log
-    log.close()
-
-
 def ago(**delta) -> str:
     return (datetime.now(timezone.utc) - timedelta(**delta)).isoformat()
 

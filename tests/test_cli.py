@@ -3,18 +3,11 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 
-from helpers import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, wait_for
 
 
 def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home):

@@ -15,7 +15,6 @@ from helpers import wait_for
 
 from mlx_manager_nb import store
 from mlx_manager_nb.errors import ServerError
-from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.server import create_app, serve
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -23,11 +22,10 @@ GREEDY = {"temperature": 0}  # the anthropic SDK takes sampling settings through
 
 
 @pytest.fixture
-def pool(tiny_model_path, audit):
-    p = Pool(keep_alive=None, audit=audit)
+def pool(make_pool, tiny_model_path, audit):
+    p = make_pool(keep_alive=None, audit=audit)
     p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
+    return p
 
 
 @pytest.fixture
@@ -278,8 +276,8 @@ def test_auto_load_can_be_switched_off_and_aliases_map_names(pool, tiny_model_pa
         s.stop(drain=0)
 
 
-def test_pool_full_is_503_or_529_with_a_retry_hint(tiny_model_path, audit):
-    p = Pool(max_models=1, keep_alive=None, audit=audit)
+def test_pool_full_is_503_or_529_with_a_retry_hint(make_pool, tiny_model_path, audit):
+    p = make_pool(max_models=1, keep_alive=None, audit=audit)
     p.load(tiny_model_path, pin=True)
     shutil.copytree(tiny_model_path, store.models_dir() / "other")
     s = serve(p, port=0, mode="thread")
@@ -290,7 +288,6 @@ def test_pool_full_is_503_or_529_with_a_retry_hint(tiny_model_path, audit):
         assert code == 529 and err["error"]["type"] == "overloaded_error"
     finally:
         s.stop(drain=0)
-        p.close()
 
 
 # -- streams: disconnects, failures, draining ------------------------------------------------------

@@ -9,11 +9,10 @@ import urllib.request
 from html import escape
 
 import pytest
-from helpers import wait_for
+from helpers import free_port, wait_for
 
 import mlx_manager_nb
 from mlx_manager_nb.errors import ModelNotFoundError
-from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.panels.common import ui_caller
 from mlx_manager_nb.server import running_servers
 from mlx_manager_nb.widgets import audit_panel, chat_panel, dashboard, pool_panel, server_panel
@@ -22,10 +21,8 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
-def pool(audit):
-    p = Pool(keep_alive=None, audit=audit)
-    yield p
-    p.close()
+def pool(make_pool, audit):
+    return make_pool(keep_alive=None, audit=audit)
 
 
 @pytest.fixture
@@ -227,12 +224,6 @@ def test_in_a_running_loop_widgets_change_on_the_loop_thread_only(loaded):
 
 
 # -- server -------------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_server_panel_starts_and_stops_the_server_with_snippets(loaded, audit):
