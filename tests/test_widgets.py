@@ -191,7 +191,11 @@ def test_dashboard_defaults_to_the_package_pool_and_audit(pool, audit, monkeypat
 def test_ui_caller_hops_onto_the_loop_running_when_built():
     ran_on = []
     call = ui_caller()  # no running loop: runs at once, where called
-    threading.Thread(target=call, args=(lambda: ran_on.append(threading.get_ident()),)).start()
+    caller = threading.Thread(target=call, args=(lambda: ran_on.append(threading.get_ident()),))
+    caller.start()
+    caller.join()
+    assert ran_on == [caller.ident]  # on the calling thread, not this one
+    assert caller.ident != threading.get_ident()
 
     async def main():
         call = ui_caller()
@@ -203,8 +207,8 @@ def test_ui_caller_hops_onto_the_loop_running_when_built():
         return thread.ident
 
     worker = asyncio.run(main())
-    assert wait_for(lambda: len(ran_on) == 2)
-    assert ran_on[1] == threading.get_ident() != worker
+    assert len(ran_on) == 2
+    assert ran_on[1] == threading.get_ident() != worker  # hopped onto the loop's thread
 
 
 def test_in_a_running_loop_widgets_change_on_the_loop_thread_only(loaded):
