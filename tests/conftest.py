@@ -1,6 +1,10 @@
 import mlx_manager_nb  # noqa: F401, I001  (first, so MLX binds the fast BLAS as it does for users)
 import pytest
 
+# run only by test_isolation.py, in a pytest of its own: it checks that pytest keeps the user's home untouched
+collect_ignore = ["home_probe.ipynb"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A tiny random-weight llama model folder (mlx-lm layout) with a trained tokenizer."""
