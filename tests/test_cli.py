@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
 from helpers import free_port, wait_for
 
 
@@ -43,6 +44,7 @@ def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):
     assert done.stderr.strip().splitlines()[-1].startswith("error: No model named 'no-such-model'")
 
 
+@pytest.mark.slow
 def test_the_demo_command_runs_the_serving_story(demo_home):
     """`make demo`'s command: a real kernel serves the demo model to both SDKs and shows its audit rows."""
     done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "demo"], capture_output=True, text=True,
