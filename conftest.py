@@ -1,7 +1,8 @@
 """The whole suite, notebooks included, runs in a temporary ``MLX_NB_HOME`` made for the session.
 
 The user's own home (``$MLX_NB_HOME`` or the user cache folder: their models and their ``audit.db``)
-is never read or written. Everything that starts from this process inherits the session home through
+is never read or written, nor their Hugging Face cache or IPython folder (history), which get
+session folders too. Everything that starts from this process inherits the session home through
 the environment: the kernels nbval starts for the notebooks, the test kernels, ``python -m
 mlx_manager_nb`` subprocesses.
 
@@ -74,8 +75,8 @@ def start_audit_writer() -> None:
                                             stderr=subprocess.STDOUT, text=True)
 
 
-def stop_audit_writer() -> str | None:
-    """Stop the writer; its last line, or why it failed (None when all is well or it never ran)."""
+def stop_audit_writer() -> tuple[bool, str] | None:
+    """Stop the writer: whether it ran to the end, and its last line or all its output; None if it never ran."""
     writer = _state.pop("writer", None)
     if writer is None:
         return None
@@ -84,9 +85,8 @@ def stop_audit_writer() -> str | None:
         writer.terminate()
     out, _ = writer.communicate(timeout=60)
     if died or writer.returncode != 0:
-        return f"tests/audit_writer.py stopped early (exit status {writer.returncode}):\n{out}"
-    _state["writer_report"] = (out.strip().splitlines() or ["no output"])[-1]
-    return None
+        return False, f"tests/audit_writer.py stopped early (exit status {writer.returncode}):\n{out}"
+    return True, (out.strip().splitlines() or ["no output"])[-1]
 
 
 def _uses_demo(item: pytest.Item) -> bool:
@@ -94,11 +94,11 @@ def _uses_demo(item: pytest.Item) -> bool:
 
 
 def pytest_configure(config):
-    """Point MLX_NB_HOME (and the Hugging Face cache) at fresh folders before anything starts."""
+    """Point MLX_NB_HOME, the Hugging Face cache and IPYTHONDIR at fresh folders before anything starts."""
     if "home" in _state:
         return
     root = Path(tempfile.mkdtemp(prefix="mlx-nb-test-session-"))
-    _state.update(root=root, home=root / "home", real_home=os.environ.get("MLX_NB_HOME"))
+    _state.update(root=root, home=root / "home")
     _state["home"].mkdir()
     os.environ["MLX_NB_HOME"] = str(_state["home"])
     # models in the user's Hugging Face cache would show in `%mlx ls` and store listings
@@ -118,16 +118,21 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    failure = stop_audit_writer()
-    if failure:
-        _state["writer_report"] = failure
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    writer = stop_audit_writer()
+    if writer is not None:
+        _state["writer_result"] = writer
+        if not writer[0]:  # the notebooks did not run beside another writer as they should have
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter):
-    if "writer_report" in _state:
-        terminalreporter.write_line(f"another process wrote to the session's audit log meanwhile: "
-                                    f"{_state.pop('writer_report')}")
+    ok, text = _state.pop("writer_result", (True, None))
+    if text is None:
+        return
+    if ok:
+        terminalreporter.write_line(f"another process wrote to the session's audit log meanwhile: {text}")
+    else:
+        terminalreporter.write_line(f"FAILED: {text}", red=True)
 
 
 @pytest.fixture(scope="session")
