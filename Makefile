@@ -8,9 +8,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test test-unit
 demo: $(VENV)/.installed  ## a real kernel serves the demo model; the openai and anthropic SDKs call it
 	$(PY) -m mlx_manager_nb demo
 
+# -v: one line per test and per notebook cell as it runs; then the ten slowest
 test: $(VENV)/.installed  ## the whole suite: unit, server, kernel and notebook tests
-	$(PY) -m pytest
+	$(PY) -m pytest -v --durations=10
+
+test-unit: $(VENV)/.installed  ## the tests on the tiny model only: no notebooks, no demo model (under a minute)
+	$(PY) -m pytest tests -m "not slow"

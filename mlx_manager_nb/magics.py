@@ -248,7 +248,7 @@ def cmd_audit(magics: "MLXMagics", args: argparse.Namespace) -> None:
                  None if r["ttft"] is None else out.seconds(r["ttft"]),
                  None if r["duration"] is None else out.seconds(r["duration"]),
                  None if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.1f}",
-                 f"{r['error_type']}: {r['error_message'][:80]}" if r["error_type"] else None] for r in found]
+                 f"{r['error_type']}: {(r['error_message'] or '')[:80]}" if r["error_type"] else None] for r in found]
         header = ["time", "source", "endpoint", "model", "status", "tokens", "TTFT", "time", "tokens/s", "error"]
     if not rows:
         print(f"No requests recorded in {audit.path}" + (f" for {args.model}." if args.model else "."))

@@ -1,6 +1,9 @@
 import mlx_manager_nb  # noqa: F401, I001  (first, so MLX binds the fast BLAS as it does for users)
 import pytest
 
+# run only by test_user_home.py, in a pytest of its own: it checks that pytest keeps the user's home untouched
+collect_ignore = ["home_probe.ipynb"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
@@ -12,29 +15,9 @@ def tiny_model_path(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own store directory."""
+    """Every test gets its own store directory (the session's home is only for the demo model)."""
     home = tmp_path / "mlx-home"
     monkeypatch.setenv("MLX_NB_HOME", str(home))
-    return home
-
-
-@pytest.fixture(scope="session")
-def demo_home(tmp_path_factory):
-    """A store home holding the real demo model, fetched and imported once per session."""
-    import os
-
-    from mlx_manager_nb.demo import ensure_demo
-
-    home = tmp_path_factory.mktemp("demo-home")
-    old = os.environ.get("MLX_NB_HOME")
-    os.environ["MLX_NB_HOME"] = str(home)
-    try:
-        ensure_demo()
-    finally:
-        if old is None:
-            del os.environ["MLX_NB_HOME"]
-        else:
-            os.environ["MLX_NB_HOME"] = old
     return home
 
 
@@ -46,3 +29,41 @@ def audit(tmp_path):
     log = AuditLog(tmp_path / "audit.db")
     yield log
     log.close()
+
+
+@pytest.fixture
+def make_pool():
+    """Make pools with `make_pool(**kwargs)`; each is closed and its engine thread ended after the test."""
+    from mlx_manager_nb.model_pool import Pool
+
+    made = []
+
+    def make(**kwargs):
+        pool = Pool(**kwargs)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        try:
+            pool.close()
+        finally:
+            pool.engine.stop()
+
+
+@pytest.fixture
+def pool(make_pool, tiny_model_path, audit):
+    """A pool recording into ``audit``, with the tiny model loaded as ``tiny``."""
+    p = make_pool(keep_alive=None, audit=audit)
+    p.load(tiny_model_path, alias="tiny")
+    return p
+
+
+@pytest.fixture
+def server(pool):
+    """A thread-mode server on a free port over ``pool``."""
+    from mlx_manager_nb.server import serve
+
+    s = serve(pool, port=0, mode="thread")
+    yield s
+    s.stop(drain=0)

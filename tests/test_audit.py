@@ -21,13 +21,6 @@ INJECTION = "x' OR 1=1 --"
 FIXTURE_V0 = Path(__file__).parent / "fixtures" / "audit_v0.db"
 
 
-@pytest.fixture
-def audit(tmp_path):
-    log = AuditLog(tmp_path / "audit.db")
-    yield log
-    log.close()
-
-
 def ago(**delta) -> str:
     return (datetime.now(timezone.utc) - timedelta(**delta)).isoformat()
 

@@ -27,11 +27,8 @@ def test_thread_count_defaults_and_yields_to_the_user(env, threads, source):
     assert int(out[0]) == threads and out[1].startswith(source)
 
 
-def test_doctor_shows_the_thread_setting():
+def test_doctor_shows_the_thread_setting(make_pool):
     from mlx_manager_nb import doctor
-    from mlx_manager_nb.model_pool import Pool
 
-    pool = Pool(keep_alive=None)
-    shown = doctor(pool)["blas_threads"]
+    shown = doctor(make_pool(keep_alive=None))["blas_threads"]
     assert shown == (f"{blas.threads()} ({blas.threads_source})" if blas.threads() else "n/a")
-    pool.engine.stop()

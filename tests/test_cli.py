@@ -3,21 +3,24 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 
-from helpers import wait_for
+import pytest
+from helpers import free_port, wait_for
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def ctrl_c_works():
+    """Children start with Ctrl-C's default action, as in a terminal, even where this run ignores SIGINT
+    (a background job, `nohup`): an ignored signal stays ignored across exec, a handled one does not."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
-def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home):
+def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home, ctrl_c_works):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_manager_nb", "serve", "--model", str(tiny_model_path), "--port", str(port)],
@@ -50,6 +53,7 @@ def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):
     assert done.stderr.strip().splitlines()[-1].startswith("error: No model named 'no-such-model'")
 
 
+@pytest.mark.slow
 def test_the_demo_command_runs_the_serving_story(demo_home):
     """`make demo`'s command: a real kernel serves the demo model to both SDKs and shows its audit rows."""
     done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "demo"], capture_output=True, text=True,

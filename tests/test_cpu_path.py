@@ -77,8 +77,8 @@ def _logits(pool: Pool, tokens: list[int]) -> np.ndarray:
     return pool.engine.run(lambda: np.array(model(mx.array([tokens]))[0, -1].astype(mx.float32))).result()
 
 
-def test_dequantized_weights_give_the_same_outputs(quantized_model):
-    float_pool, quant_pool = Pool(dequantize=True, keep_alive=None), Pool(dequantize=False, keep_alive=None)
+def test_dequantized_weights_give_the_same_outputs(make_pool, quantized_model):
+    float_pool, quant_pool = make_pool(dequantize=True, keep_alive=None), make_pool(dequantize=False, keep_alive=None)
     float_pool.load(quantized_model)
     quant_pool.load(quantized_model)
     float_model = float_pool.engine.runner(float_pool.models()[0].name).model
@@ -90,24 +90,20 @@ def test_dequantized_weights_give_the_same_outputs(quantized_model):
     hi = [{"role": "user", "content": "Hello"}]
     greedy = [p.chat(hi, temperature=0, max_tokens=8).text for p in (float_pool, quant_pool)]
     assert greedy[0] == greedy[1]
-    float_pool.close()
-    quant_pool.close()
 
 
-def test_auto_dequantizes_on_cpu_only_when_the_float_weights_fit(quantized_model):
-    roomy = Pool(keep_alive=None)
+def test_auto_dequantizes_on_cpu_only_when_the_float_weights_fit(make_pool, quantized_model):
+    roomy = make_pool(keep_alive=None)
     assert roomy.load(quantized_model).size_bytes > 3 * quantized_model.stat().st_size // 2
-    roomy.close()
-    tight = Pool(keep_alive=None, max_memory=quantized_model.stat().st_size * 2)
+    tight = make_pool(keep_alive=None, max_memory=quantized_model.stat().st_size * 2)
     size = tight.load(quantized_model).size_bytes
     assert size < quantized_model.stat().st_size * 2
-    tight.close()
 
 
-def test_doctor_reports_the_blas_and_a_measured_speed(tiny_model_path):
+def test_doctor_reports_the_blas_and_a_measured_speed(make_pool, tiny_model_path):
     from mlx_manager_nb import doctor
 
-    pool = Pool(keep_alive=None)
+    pool = make_pool(keep_alive=None)
     report = doctor(pool)
     assert report["blas"] == blas.status
     assert report["gflops"] > 0

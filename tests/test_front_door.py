@@ -10,7 +10,6 @@ from IPython.utils.capture import capture_output
 
 import mlx_manager_nb
 from mlx_manager_nb import defaults
-from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.server import create_app, running_servers, serve
 from mlx_manager_nb.widgets import server_panel
 
@@ -35,14 +34,10 @@ def test_importing_the_package_creates_nothing(isolated_home):
     assert not isolated_home.exists()
 
 
-def test_doctor_is_the_function_not_the_module(tiny_model_path):
+def test_doctor_is_the_function_not_the_module(make_pool):
     from mlx_manager_nb import doctor
 
-    pool = Pool(keep_alive=None)
-    try:
-        report = doctor(pool)
-    finally:
-        pool.close()
+    report = doctor(make_pool(keep_alive=None))
     assert report["gflops"] > 0 and report["device"] in ("CPU", "GPU (Metal)")
 
 
@@ -109,13 +104,12 @@ def test_a_server_started_from_the_panel_is_seen_and_stopped_by_the_magic(shell)
     assert not server.running and wait_for(lambda: "Server stopped" in parts.url.value)
 
 
-def test_servers_of_other_pools_are_listed_apart(tiny_model_path):
-    pool = Pool(keep_alive=None)
+def test_servers_of_other_pools_are_listed_apart(make_pool):
+    pool = make_pool(keep_alive=None)
     server = serve(pool, port=0, mode="thread")
     try:
         assert server in running_servers() and running_servers(pool) == [server]
-        assert running_servers(Pool(keep_alive=None)) == []
+        assert running_servers(make_pool(keep_alive=None)) == []
     finally:
         server.stop(drain=0)
-        pool.close()
     assert server not in running_servers()

@@ -11,39 +11,12 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from helpers import call
 
 from mlx_manager_nb.errors import InvalidModelError
-from mlx_manager_nb.model_pool import Pool
-from mlx_manager_nb.server import serve
 
 HI = [{"role": "user", "content": "Hi"}]
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
-
-
-@pytest.fixture
-def pool(tiny_model_path, audit):
-    p = Pool(keep_alive=None, audit=audit)
-    p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def server(pool):
-    s = serve(pool, port=0, mode="thread")
-    yield s
-    s.stop(drain=0)
-
-
-def call(url, body=None, headers=None, method="POST", raw=None):
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
 
 
 def chat(**extra):
@@ -122,19 +95,16 @@ def test_a_300_character_model_name_is_a_404(server):
     assert status == 404 and body["error"]["param"] == "model" and len(body["error"]["message"]) < 500
 
 
-def test_a_model_whose_chat_template_does_not_render_is_refused_at_load(tiny_model_path, tmp_path):
+def test_a_model_whose_chat_template_does_not_render_is_refused_at_load(make_pool, tiny_model_path, tmp_path):
     broken = tmp_path / "broken-template"
     shutil.copytree(tiny_model_path, broken)
     config = json.loads((broken / "tokenizer_config.json").read_text())
     config["chat_template"] = "{{ raise_exception('no chats here') }}"
     (broken / "tokenizer_config.json").write_text(json.dumps(config))
-    p = Pool(keep_alive=None)
-    try:
-        with pytest.raises(InvalidModelError, match="broken-template.*chat template does not render"):
-            p.load(broken)
-        assert p.models() == []
-    finally:
-        p.close()
+    p = make_pool(keep_alive=None)
+    with pytest.raises(InvalidModelError, match="broken-template.*chat template does not render"):
+        p.load(broken)
+    assert p.models() == []
 
 
 @pytest.mark.parametrize("field", ["max_completion_tokens", "max_tokens"])

@@ -7,17 +7,8 @@ from helpers import wait_for
 
 from mlx_manager_nb import engine
 from mlx_manager_nb.errors import EngineError
-from mlx_manager_nb.model_pool import Pool
 
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture
-def pool(tiny_model_path):
-    p = Pool(keep_alive=None)
-    p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
 
 
 def question(i):
@@ -171,4 +162,6 @@ def test_the_prompt_cache_holds_only_its_own_bytes(pool):
 
     before = burst(0)
     held = burst(12) - before
-    assert held < 32 * 1024, held  # a lazy slice would keep a 12-sequence batch buffer (MiBs) here
+    # a lazy slice would keep a 12-sequence batch buffer (about 1.5 MiB for the tiny model) alive here; other
+    # pools of the same process may move a few tens of KiB meanwhile (94 KiB was seen once in the full suite)
+    assert held < 256 * 1024, held

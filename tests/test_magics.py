@@ -11,6 +11,7 @@ import pytest
 from helpers import wait_for
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from traitlets.config import Config
 
 import mlx_manager_nb
 from mlx_manager_nb import defaults, display, magics
@@ -30,10 +31,16 @@ def reset_defaults():
 
 @pytest.fixture
 def ip():
-    """A shell with the extension freshly loaded, and fresh default pool and audit log."""
+    """A fresh shell of its own with the extension loaded, and fresh default pool and audit log.
+
+    The shell is made the global instance for the test, as in a kernel: display() and
+    capture_output() publish through InteractiveShell.instance().
+    """
     reset_defaults()
-    shell = InteractiveShell.instance()
-    shell.extension_manager.loaded.discard("mlx_manager_nb")
+    InteractiveShell.clear_instance()
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
     with capture_output() as c:
         shell.run_line_magic("load_ext", "mlx_manager_nb")
     shell.banner_output = c.stdout
@@ -41,6 +48,7 @@ def ip():
     for server in running_servers():
         server.stop(drain=0)
     reset_defaults()
+    InteractiveShell.clear_instance()
 
 
 @pytest.fixture
@@ -252,8 +260,14 @@ def test_format_json_parses_the_first_object_or_array(ip, tiny, monkeypatch):
 
 
 def test_format_text_streams_plain_text(ip, tiny):
-    c = chat(ip, "--format text --max-tokens 3", "Hi")
-    assert all("text/markdown" not in o.data for o in c.outputs)
+    c = chat(ip, "-t 0 --format text --max-tokens 5", "Hi")
+    answer = conversations(ip)["default"][-1]["content"]
+    shown = [o for o in c.outputs if set(o.data) == {"text/plain"}]  # the answer, without a markdown version
+    assert answer and len(shown) >= 2  # the placeholder, then the answer updated in place
+    assert shown[0].data["text/plain"] == "…" and shown[0].transient["display_id"]
+    assert shown[-1].update and shown[-1].data["text/plain"] == answer
+    assert c.outputs[-1].data["text/plain"].startswith("tiny · 5 tokens")  # the footer follows
+    assert all("text/markdown" not in o.data for o in c.outputs) and not c.stderr
 
 
 def test_interrupt_keeps_the_partial_answer_and_frees_the_slot(ip, tiny, monkeypatch):

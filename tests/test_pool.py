@@ -8,17 +8,16 @@ import pytest
 from helpers import wait_for
 
 from mlx_manager_nb.errors import EngineError, ModelNotFoundError, PoolFullError
-from mlx_manager_nb.model_pool import ModelEvent, Pool, RequestEvent
+from mlx_manager_nb.model_pool import ModelEvent, RequestEvent
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
-def pool(tiny_model_path):
-    p = Pool(keep_alive=None)
+def pool(make_pool, tiny_model_path):
+    p = make_pool(keep_alive=None)
     p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
+    return p
 
 
 @pytest.fixture
@@ -117,18 +116,14 @@ def test_a_follow_up_turn_reuses_the_prompt_cache(pool):
     assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1
 
 
-def test_completion_works_without_a_chat_template(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+def test_completion_works_without_a_chat_template(make_pool, tmp_path):
     from tiny_model import build_tiny_model
 
-    p = Pool(keep_alive=None)
+    p = make_pool(keep_alive=None)
     p.load(build_tiny_model(tmp_path / "plain", chat_template=False))
     with pytest.raises(ValueError, match="no chat template"):
         p.chat(HELLO)
     assert p.complete("Once upon a time", temperature=0, max_tokens=4).usage.completion_tokens == 4
-    p.close()
 
 
 @pytest.mark.parametrize(
@@ -206,8 +201,8 @@ def test_models_report_measured_size_and_state(pool):
     assert pool.memory_used() == m.size_bytes
 
 
-def test_load_reports_progress_and_subscribers_see_states(copies):
-    p = Pool(keep_alive=None)
+def test_load_reports_progress_and_subscribers_see_states(make_pool, copies):
+    p = make_pool(keep_alive=None)
     events, progress = [], []
     p.subscribe(events.append)
     p.load(copies[0], progress=lambda stage, f: progress.append((stage, f)))
@@ -223,8 +218,8 @@ def test_load_reports_progress_and_subscribers_see_states(copies):
     assert [e.state for e in events if isinstance(e, ModelEvent)][-1] == "unloaded"
 
 
-def test_lru_eviction_at_max_models(copies):
-    p = Pool(max_models=2, keep_alive=None)
+def test_lru_eviction_at_max_models(make_pool, copies):
+    p = make_pool(max_models=2, keep_alive=None)
     a, b, c = copies
     p.load(a)
     p.load(b)
@@ -233,8 +228,8 @@ def test_lru_eviction_at_max_models(copies):
     assert sorted(m.name for m in p.models()) == ["a", "c"]
 
 
-def test_pinned_models_are_not_evicted(copies):
-    p = Pool(max_models=2, keep_alive=None)
+def test_pinned_models_are_not_evicted(make_pool, copies):
+    p = make_pool(max_models=2, keep_alive=None)
     a, b, c = copies
     p.load(a, pin=True)
     p.load(b)
@@ -245,8 +240,8 @@ def test_pinned_models_are_not_evicted(copies):
         p.load(b)
 
 
-def test_models_with_requests_in_flight_are_not_evicted(copies):
-    p = Pool(max_models=1, keep_alive=None)
+def test_models_with_requests_in_flight_are_not_evicted(make_pool, copies):
+    p = make_pool(max_models=1, keep_alive=None)
     a, b, _ = copies
     p.load(a)
     s = p.chat(HELLO, temperature=0, max_tokens=400, stream=True)
@@ -259,22 +254,20 @@ def test_models_with_requests_in_flight_are_not_evicted(copies):
     assert [m.name for m in p.models()] == ["b"]
 
 
-def test_max_memory_evicts_to_make_room(copies):
+def test_max_memory_evicts_to_make_room(make_pool, copies):
     a, b, _ = copies
-    probe = Pool(keep_alive=None)
-    size = probe.load(a).size_bytes
-    probe.close()
+    size = make_pool(keep_alive=None).load(a).size_bytes
     disk = sum(f.stat().st_size for f in a.glob("*.safetensors"))
-    p = Pool(max_memory=size + disk // 2, keep_alive=None)
+    p = make_pool(max_memory=size + disk // 2, keep_alive=None)
     p.load(a)
     p.load(b)
     assert [m.name for m in p.models()] == ["b"]
     with pytest.raises(PoolFullError, match="max_memory"):
-        Pool(max_memory=disk // 2).load(a)
+        make_pool(max_memory=disk // 2).load(a)
 
 
-def test_idle_models_are_unloaded_after_keep_alive(copies):
-    p = Pool(keep_alive=0.2)
+def test_idle_models_are_unloaded_after_keep_alive(make_pool, copies):
+    p = make_pool(keep_alive=0.2)
     p.engine._tick_seconds = 0.1
     a, b, _ = copies
     p.load(a)
@@ -282,8 +275,8 @@ def test_idle_models_are_unloaded_after_keep_alive(copies):
     assert wait_for(lambda: [m.name for m in p.models()] == ["b"], timeout=5)
 
 
-def test_concurrent_loads_of_one_model_load_it_once(copies):
-    p = Pool(keep_alive=None)
+def test_concurrent_loads_of_one_model_load_it_once(make_pool, copies):
+    p = make_pool(keep_alive=None)
     events = []
     p.subscribe(lambda e: events.append(e) if isinstance(e, ModelEvent) and e.state == "loading" else None)
     threads = [threading.Thread(target=p.load, args=(copies[0],)) for _ in range(4)]
@@ -312,8 +305,8 @@ def test_a_consumer_that_breaks_fails_alone(pool):
     assert wait_for(lambda: pool.models()[0].in_flight == 0)
 
 
-def test_a_failing_batch_step_fails_that_model_only(copies):
-    p = Pool(keep_alive=None)
+def test_a_failing_batch_step_fails_that_model_only(make_pool, copies):
+    p = make_pool(keep_alive=None)
     a, b, _ = copies
     p.load(a)
     p.load(b)
@@ -346,11 +339,8 @@ def test_a_dead_engine_thread_shows_in_health_and_restarts(pool, monkeypatch):
     assert pool.health()["engine"] == "alive"
 
 
-def test_every_request_leaves_an_audit_row_even_when_refused(tiny_model_path, tmp_path):
-    from mlx_manager_nb.audit_log import AuditLog
-
-    audit = AuditLog(tmp_path / "audit.db")
-    p = Pool(keep_alive=None, audit=audit)
+def test_every_request_leaves_an_audit_row_even_when_refused(make_pool, tiny_model_path, audit):
+    p = make_pool(keep_alive=None, audit=audit)
     p.load(tiny_model_path)
     p.chat(HELLO, temperature=0, max_tokens=3)
     s = p.chat(HELLO, temperature=0, max_tokens=400, stream=True, meta={"source": "magic"})
@@ -363,14 +353,10 @@ def test_every_request_leaves_an_audit_row_even_when_refused(tiny_model_path, tm
     assert rows["ok"]["completion_tokens"] == 3 and rows["ok"]["source"] == "api"
     assert rows["cancelled"]["source"] == "magic"
     assert "temperature" in rows["error"]["error_message"]
-    p.close()
-    audit.close()
 
 
-def test_audit_rows_say_whether_the_answer_was_streamed(pool, tmp_path):
-    from mlx_manager_nb.audit_log import AuditLog
-
-    pool.audit = AuditLog(tmp_path / "audit.db")
+def test_audit_rows_say_whether_the_answer_was_streamed(pool, audit):
+    pool.audit = audit
     list(pool.chat(HELLO, temperature=0, max_tokens=2, stream=True))
     pool.chat(HELLO, temperature=0, max_tokens=2)
     with pytest.raises(ValueError):
@@ -379,4 +365,3 @@ def test_audit_rows_say_whether_the_answer_was_streamed(pool, tmp_path):
     rows = pool.audit.query()
     assert [r["stream"] for r in rows if r["status"] == "ok"] == [False, True]
     assert [r["model"] for r in rows if r["status"] == "error"] == ["tiny-llama"]  # the default model
-    pool.audit.close()

@@ -15,53 +15,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from helpers import wait_for
+from helpers import call, free_port, raw_http, wait_for
 
 from mlx_manager_nb import store
 from mlx_manager_nb.audit_log import AuditLog
 from mlx_manager_nb.errors import ServerError
-from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.server import serve
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture
-def pool(tiny_model_path, audit):
-    p = Pool(keep_alive=None, audit=audit)
-    p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def server(pool):
-    s = serve(pool, port=0, mode="thread")
-    yield s
-    s.stop(drain=0)
-
-
-def call(url, body=None, headers=None, method="POST", raw=None):
-    """One HTTP request with the standard library: (status, headers, parsed JSON body)."""
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
-
-
-def raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
-    """Send bytes as they are (headers a client library would refuse); return (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-    status = int(reply.split(b" ", 2)[1])
-    return status, reply.split(b"\r\n\r\n", 1)[1]
 
 
 def chat(model="tiny", **extra):
@@ -159,11 +120,6 @@ def cli(tiny_model_path, home, *flags, env=None):
     assert wait_for(healthy, timeout=60), proc.stdout.read() if proc.poll() is not None else "no answer"
     return proc, url
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc, sig=signal.SIGINT):

@@ -15,26 +15,10 @@ from helpers import wait_for
 
 from mlx_manager_nb import store
 from mlx_manager_nb.errors import ServerError
-from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.server import create_app, serve
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0}  # the anthropic SDK takes sampling settings through extra_body
-
-
-@pytest.fixture
-def pool(tiny_model_path, audit):
-    p = Pool(keep_alive=None, audit=audit)
-    p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def server(pool):
-    s = serve(pool, port=0, mode="thread")
-    yield s
-    s.stop(drain=0)
 
 
 def post(url, body, headers=None, raw=None):
@@ -279,8 +263,8 @@ def test_auto_load_can_be_switched_off_and_aliases_map_names(pool, tiny_model_pa
         s.stop(drain=0)
 
 
-def test_pool_full_is_503_or_529_with_a_retry_hint(tiny_model_path, audit):
-    p = Pool(max_models=1, keep_alive=None, audit=audit)
+def test_pool_full_is_503_or_529_with_a_retry_hint(make_pool, tiny_model_path, audit):
+    p = make_pool(max_models=1, keep_alive=None, audit=audit)
     p.load(tiny_model_path, pin=True)
     shutil.copytree(tiny_model_path, store.models_dir() / "other")
     s = serve(p, port=0, mode="thread")
@@ -291,7 +275,6 @@ def test_pool_full_is_503_or_529_with_a_retry_hint(tiny_model_path, audit):
         assert code == 529 and err["error"]["type"] == "overloaded_error"
     finally:
         s.stop(drain=0)
-        p.close()
 
 
 # -- streams: disconnects, failures, draining ------------------------------------------------------

@@ -126,19 +126,16 @@ def test_demo_offline_with_nothing_cached_says_what_to_do(monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_real_demo_model_answers_the_france_question(demo_home, monkeypatch):
-    from mlx_manager_nb.model_pool import Pool
-
+def test_the_real_demo_model_answers_the_france_question(make_pool, demo_home, monkeypatch):
     monkeypatch.setenv("MLX_NB_HOME", str(demo_home))
     progress = []
     path = store.resolve("demo", lambda stage, f: progress.append(stage))
     assert path.name == DEMO_NAME
-    pool = Pool(keep_alive=None)
+    pool = make_pool(keep_alive=None)
     pool.load("demo")
     question = "What is the capital of France? Answer in one sentence."
     answer = pool.chat([{"role": "user", "content": question}], temperature=0, max_tokens=30).text
     assert "Paris" in answer
-    pool.close()
 
 
 def test_the_home_folder_is_created_owner_only_and_an_existing_one_left_alone(isolated_home, tmp_path):

@@ -9,11 +9,10 @@ import urllib.request
 from html import escape
 
 import pytest
-from helpers import wait_for
+from helpers import free_port, wait_for
 
 from mlx_manager_nb import defaults
 from mlx_manager_nb.errors import ModelNotFoundError
-from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.panels.common import ui_caller
 from mlx_manager_nb.server import running_servers
 from mlx_manager_nb.widgets import audit_panel, chat_panel, dashboard, pool_panel, server_panel
@@ -22,10 +21,8 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
-def pool(audit):
-    p = Pool(keep_alive=None, audit=audit)
-    yield p
-    p.close()
+def pool(make_pool, audit):
+    return make_pool(keep_alive=None, audit=audit)
 
 
 @pytest.fixture
@@ -195,7 +192,11 @@ def test_dashboard_defaults_to_the_package_pool_and_audit(pool, audit, monkeypat
 def test_ui_caller_hops_onto_the_loop_running_when_built():
     ran_on = []
     call = ui_caller()  # no running loop: runs at once, where called
-    threading.Thread(target=call, args=(lambda: ran_on.append(threading.get_ident()),)).start()
+    caller = threading.Thread(target=call, args=(lambda: ran_on.append(threading.get_ident()),))
+    caller.start()
+    caller.join()
+    assert ran_on == [caller.ident]  # on the calling thread, not this one
+    assert caller.ident != threading.get_ident()
 
     async def main():
         call = ui_caller()
@@ -207,8 +208,8 @@ def test_ui_caller_hops_onto_the_loop_running_when_built():
         return thread.ident
 
     worker = asyncio.run(main())
-    assert wait_for(lambda: len(ran_on) == 2)
-    assert ran_on[1] == threading.get_ident() != worker
+    assert len(ran_on) == 2
+    assert ran_on[1] == threading.get_ident() != worker  # hopped onto the loop's thread
 
 
 def test_in_a_running_loop_widgets_change_on_the_loop_thread_only(loaded):
@@ -228,12 +229,6 @@ def test_in_a_running_loop_widgets_change_on_the_loop_thread_only(loaded):
 
 
 # -- server -------------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_server_panel_starts_and_stops_the_server_with_snippets(loaded, audit):
