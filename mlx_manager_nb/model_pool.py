@@ -232,7 +232,8 @@ class Pool:
                         cache_bytes=memory.get(i.name, (0, 0))[1]) for i in infos]
 
     def memory_used(self) -> int:
-        return sum(m.size_bytes for m in self.models() if m.state in ("ready", "loading"))
+        """Bytes the pool's models hold: weights, KV caches of running requests and prompt caches."""
+        return sum(m.size_bytes + m.kv_bytes + m.cache_bytes for m in self.models() if m.state in ("ready", "loading"))
 
     def _lookup(self, model: str | None) -> ModelInfo | None:
         """The ready model a name, alias, reference or None (the default) stands for, if any."""

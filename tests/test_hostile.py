@@ -250,3 +250,45 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(server, pool
     assert pool.models()[0].in_flight == 0
     (row,) = audit.query()
     assert row["status"] == "cancelled" and row["completion_tokens"] < 400
+
+
+# -- sampling parameters that once poisoned the batch ------------------------------------------------
+
+
+def test_a_huge_top_k_runs_alone_and_harms_no_bystander(server, pool):
+    body = json.dumps({**chat(), "top_k": 1_000_000_000, "temperature": 1}).encode()
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/chat/completions",
+                                                                            body))
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("stop", [["x" * 1_000_000], ["a"] * 17])
+def test_oversized_stop_strings_are_a_400_beside_bystanders(server, pool, stop):
+    body = json.dumps({**chat(), "stop": stop}).encode()
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/chat/completions",
+                                                                            body))
+    assert status == 400 and answer["error"]["param"] == "stop"
+    status, _, answer = call(server.url + "/v1/messages", {**chat(), "stop_sequences": stop}, ANTHROPIC)
+    assert status == 400 and "stop_sequences" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_mlx_cannot_take_is_a_400_naming_it(server, seed):
+    status, _, answer = call(server.url + "/v1/chat/completions", {**chat(), "seed": seed, "temperature": 1})
+    assert status == 400 and answer["error"]["param"] == "seed"
+
+
+def test_logit_bias_and_penalties_are_honoured_over_http(server, pool):
+    greedy = pool.chat(HI, max_tokens=1, temperature=0)
+    token = pool.engine.runner("tiny-llama").tokenizer.encode(greedy.text)[0]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    banned = client.chat.completions.create(model="tiny", messages=HI, max_tokens=1, temperature=0,
+                                            logit_bias={str(token): -100})
+    assert banned.choices[0].message.content != greedy.text
+    hello = [{"role": "user", "content": "Hello"}]  # the tiny model repeats itself here within 60 tokens
+    free = client.chat.completions.create(model="tiny", messages=hello, max_tokens=60, temperature=0)
+    penalised = client.chat.completions.create(model="tiny", messages=hello, max_tokens=60, temperature=0,
+                                               frequency_penalty=2, presence_penalty=2)
+    assert penalised.choices[0].message.content != free.choices[0].message.content
+    status, _, answer = call(server.url + "/v1/chat/completions", {**chat(), "logit_bias": {"99999999": 5}})
+    assert status == 400 and answer["error"]["param"] == "logit_bias"
