@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model
 from mlx_lm.utils import load as load_model  # imported here: transformers first imported on a worker
 
 # thread leaves a C++ thread that aborts the process at exit ("terminate called...")
-from . import store
+from . import embeddings, store
 from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import InvalidModelError, ModelNotFoundError, PoolFullError
@@ -56,6 +57,7 @@ class ModelInfo:
     expires_at: float | None  # epoch seconds, None when pinned or kept forever
     context_length: int | None = None
     error: str | None = None
+    kind: str = "chat"  # or "embedding"
 
 
 def _why_held(m: ModelInfo) -> str:
@@ -161,16 +163,17 @@ class Pool:
     def memory_used(self) -> int:
         return sum(m.size_bytes for m in self.models() if m.state in ("ready", "loading"))
 
-    def find(self, model: str | None) -> ModelInfo:
-        """The loaded model a name, alias, reference or None (the default) stands for."""
+    def find(self, model: str | None, kind: str | None = None) -> ModelInfo:
+        """The loaded model a name, alias or reference stands for; None: the default, else the last used of `kind`."""
         with self._lock:
             ready = [m for m in self._models.values() if m.state == "ready"]
             if model is None:
                 model = self.default
                 if model is None:
-                    if not ready:
+                    of_kind = [m for m in ready if kind is None or m.kind == kind]
+                    if not of_kind:
                         raise ModelNotFoundError("No model is loaded. Load one first, e.g. pool.load('demo').")
-                    return max(ready, key=lambda m: m.last_used)
+                    return max(of_kind, key=lambda m: m.last_used)
             for m in ready:
                 if model in (m.name, m.alias, m.ref):
                     return m
@@ -239,18 +242,21 @@ class Pool:
         if name in self._models and self._models[name].state == "ready":
             return self._touch(name, alias=alias or self._models[name].alias, pinned=pin or self._models[name].pinned)
         config = store.describe(path)
+        kind = embeddings.model_kind(path)
+        context = embeddings.max_length(path) if kind == "embedding" else config.context_length
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
         self._make_room(estimate, exclude=name)
         ka = self.keep_alive if keep_alive == "default" else keep_alive
         with self._lock:
             self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
-                                           None, config.context_length)
+                                           None, context, kind=kind)
         self._publish({"type": "model", "name": name, "state": "loading", "model": self._models[name]})
         report("loading weights", 0.0)
 
         def load_on_engine() -> Runner:
-            runner = _load_runner(name, path, report, dequantize)
+            runner = (embeddings.load_runner(name, path, report) if kind == "embedding"
+                      else _load_runner(name, path, report, dequantize))
             self.engine.runners[name] = runner
             return runner
 
@@ -376,13 +382,20 @@ class Pool:
 
     def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
         """How many tokens a chat (or a raw prompt) takes with the model's template."""
-        info = self.find(model)
+        info = self._chat_model(model)
         runner = self.engine.runners[info.name]
         return len(self._prompt_tokens(runner, prompt) if prompt is not None else self._chat_tokens(runner, messages))
 
+    def _chat_model(self, model: str | None) -> ModelInfo:
+        info = self.find(model, kind="chat")
+        if info.kind != "chat":
+            raise ValueError(f"model {info.alias or info.name!r} is an {info.kind} model: it cannot chat or complete; "
+                             f"use pool.embed() or /v1/embeddings")
+        return info
+
     def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
-        info = self.find(model)
+        info = self._chat_model(model)
         runner = self.engine.runners[info.name]
         tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
         p = make_params(**params)
@@ -526,6 +539,23 @@ class Pool:
     def acomplete(self, prompt: str, model: str | None = None, stream: bool = False, *,
                   meta: dict | None = None, timeout: float | None = None, **params: Any) -> Any:
         return self._arun("complete", prompt, model, stream, meta, timeout, params)
+
+    def embed(self, texts: embeddings.Inputs, model: str | None = None, *, truncate: bool = False,
+              dimensions: int | None = None, meta: dict | None = None) -> np.ndarray:
+        """Embed a text (a vector) or a list of texts (a matrix, one row each) with an embedding model.
+
+        Rows are normalized if the model's pooling config says so. Texts longer than the model's
+        limit raise ValueError unless ``truncate=True``; ``dimensions`` shortens Matryoshka models'
+        vectors. Concurrent calls share forward passes.
+        """
+        return embeddings.single(texts, embeddings.run(self, texts, model, truncate=truncate,
+                                                       dimensions=dimensions, meta=meta).vectors)
+
+    async def aembed(self, texts: embeddings.Inputs, model: str | None = None, *, truncate: bool = False,
+                     dimensions: int | None = None, meta: dict | None = None) -> np.ndarray:
+        """:meth:`embed` without blocking the running event loop."""
+        done = await embeddings.arun(self, texts, model, truncate=truncate, dimensions=dimensions, meta=meta)
+        return embeddings.single(texts, done.vectors)
 
     def health(self) -> dict:
         """Engine liveness and what is loaded."""
