@@ -297,8 +297,10 @@ def _tokens(runner: Runner, inputs: Any, truncate: bool) -> list[list[int]]:
         raise InputError("'input' must be a non-empty string, a non-empty list of strings, or token ids")
     if len(inputs) > MAX_INPUTS:
         raise InputError(f"'input' holds {len(inputs)} items; at most {MAX_INPUTS} per request")
-    if all(isinstance(t, str) for t in inputs):
+    if isinstance(inputs[0], str):
         for i, t in enumerate(inputs):
+            if not isinstance(t, str):
+                raise InputError(f"'input[{i}]' must be a string like input[0], got {type(t).__name__}")
             if not t:
                 raise InputError(f"'input[{i}]' is an empty string")
         encodings = runner.tokenizer.encode_batch(inputs, add_special_tokens=False)
@@ -315,10 +317,8 @@ def _tokens(runner: Runner, inputs: Any, truncate: bool) -> list[list[int]]:
         return out
     out = []
     for i, t in enumerate(inputs):
-        if isinstance(t, str) or not isinstance(t, list) or not t or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in t):
-            raise InputError(f"'input[{i}]' must be a non-empty string or list of token ids like the other items, "
-                             f"got {type(t).__name__}")
+        if not isinstance(t, list) or not t or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+            raise InputError(f"'input[{i}]' must be a non-empty list of token ids like input[0], got {t!r:.40}")
         bad = next((x for x in t if not 0 <= x < spec.vocab_size), None)
         if bad is not None:
             raise InputError(f"'input[{i}]' holds token id {bad}, outside {runner.name}'s vocabulary "

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import anthropic_api, openai_api
+from . import anthropic_api, embeddings_api, openai_api
 from .errors import ServerError
 from .http_common import OPTIONS, POOL, STATS, Options, Stats, endpoint
 
@@ -60,6 +60,7 @@ def create_app(pool: Any = None, audit: Any = None, *, api_key: str | None = Non
     app.router.add_get("/models", endpoint("openai", openai_api.models, body=False))
     app.router.add_post("/chat/completions", endpoint("openai", openai_api.chat_completions))
     app.router.add_post("/completions", endpoint("openai", openai_api.completions))
+    app.router.add_post("/embeddings", endpoint("openai", embeddings_api.embeddings))
     app.router.add_post("/messages", endpoint("anthropic", anthropic_api.messages))
     app.router.add_post("/messages/count_tokens", endpoint("anthropic", anthropic_api.count_tokens))
     return app
