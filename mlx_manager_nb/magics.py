@@ -122,8 +122,9 @@ def cmd_load(m: "MLXMagics", a: argparse.Namespace) -> None:
         a.model, alias=a.alias, pin=a.pin, keep_alive=a.keep_alive, progress=progress))
     name = info.name + (f" as {info.alias!r}" if info.alias else "")
     details = f"{out.size(info.size_bytes)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
+    hint = "Embed with `pool.embed(texts)`." if info.kind == "embedding" else "Chat with `%%chat`."
     live.update({"text/plain": f"Loaded {name} ({details}) in {out.seconds(time.perf_counter() - started)}. "
-                               f"Chat with `%%chat`."}, final=True)
+                               f"{hint}"}, final=True)
 
 
 def cmd_unload(m: "MLXMagics", a: argparse.Namespace) -> None:
