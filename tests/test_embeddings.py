@@ -359,3 +359,24 @@ def test_minilm_over_http_with_the_openai_sdk(minilm):
     finally:
         s.stop(drain=0)
     assert json.loads(json.dumps(r.usage.model_dump()))["prompt_tokens"] > 10
+
+
+# -- libraries built on the OpenAI protocol (skipped where not installed; not in the test extra) ------
+
+
+def test_langchain_openai_embeddings(server, pool):
+    lc = pytest.importorskip("langchain_openai")
+    # By default langchain sends tiktoken ids, which mean nothing to a non-OpenAI model (and need
+    # tiktoken's files from the network): its docs say to turn that off for OpenAI-compatible servers.
+    client = lc.OpenAIEmbeddings(model="bert", base_url=server.url + "/v1", api_key="unused",
+                                 check_embedding_ctx_length=False)
+    np.testing.assert_allclose(client.embed_documents(TEXTS), pool.embed(TEXTS, model="bert"), atol=1e-6)
+    np.testing.assert_allclose(client.embed_query(TEXTS[0]), pool.embed(TEXTS[0], model="bert"), atol=1e-6)
+
+
+def test_litellm_embedding(server, pool):
+    litellm = pytest.importorskip("litellm")
+    r = litellm.embedding(model="openai/bert", input=TEXTS, api_base=server.url + "/v1", api_key="unused")
+    got = np.array([d["embedding"] for d in r.data])
+    np.testing.assert_allclose(got, pool.embed(TEXTS, model="bert"), atol=1e-6)
+    assert r.usage.prompt_tokens > len(TEXTS)
