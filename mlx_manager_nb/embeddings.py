@@ -36,7 +36,12 @@ from .errors import InvalidModelError, ModelNotFoundError
 from .store import read_config
 
 ENCODER_TYPES = ("bert",)
-POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len")
+POOLING_FLAGS = {  # sentence-transformers' Pooling config keys
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+}
 MAX_INPUTS = 2048  # as OpenAI's /v1/embeddings
 BATCH_TOKENS = 8192  # padded tokens per forward pass
 MIN_FILL = 0.5  # a pass takes no sequence shorter than this fraction of its longest one
@@ -60,7 +65,7 @@ class InputError(ValueError):
 class Spec:
     """How an encoder turns hidden states into one vector per text."""
 
-    pooling: str  # one of POOLING_MODES
+    pooling: str  # a key of POOLING_FLAGS
     normalize: bool
     max_length: int  # tokens, special tokens included
     dimensions: int
@@ -185,9 +190,8 @@ def _normalized(v: np.ndarray) -> np.ndarray:
 
 def model_kind(path: Path) -> str:
     """``"embedding"`` for an encoder folder (a BERT config or sentence-transformers modules), else ``"chat"``."""
-    config = read_config(path)
-    return "embedding" if config.get("model_type") in ENCODER_TYPES or (Path(path) / "modules.json").is_file() \
-        else "chat"
+    encoder = read_config(path).get("model_type") in ENCODER_TYPES or (Path(path) / "modules.json").is_file()
+    return "embedding" if encoder else "chat"
 
 
 def _read_json(path: Path) -> dict | list:
@@ -201,8 +205,7 @@ def read_spec(path: Path, config: dict | None = None) -> Spec:
     modules = _read_json(path / "modules.json") or []
     types = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
     pooling = _read_json(path / types.get("Pooling", "1_Pooling") / "config.json")
-    mode = next((m for m in POOLING_MODES if pooling.get(f"pooling_mode_{m}_tokens" if m != "cls" else
-                                                           "pooling_mode_cls_token")), "mean")
+    mode = next((mode for mode, flag in POOLING_FLAGS.items() if pooling.get(flag)), "mean")
     if pooling.get("pooling_mode_lasttoken") or pooling.get("pooling_mode_weightedmean_tokens"):
         raise InvalidModelError(f"{path}: only cls, mean, max and mean_sqrt_len pooling are supported")
     positions = config["max_position_embeddings"]
@@ -219,9 +222,12 @@ def read_spec(path: Path, config: dict | None = None) -> Spec:
     )
 
 
-def max_length(path: Path) -> int:
-    """The longest input, in tokens, the embedding model at ``path`` takes."""
-    return read_spec(path).max_length
+def max_length(path: Path) -> int | None:
+    """The longest input, in tokens, the embedding model at ``path`` takes (None: its config lacks sizes)."""
+    try:
+        return read_spec(path).max_length
+    except KeyError:
+        return None
 
 
 def load_runner(name: str, path: Path, progress: Callable[[str, float], None]) -> Runner:
@@ -284,7 +290,6 @@ class Embedded:
 
     vectors: np.ndarray  # (n, dimensions) float32
     prompt_tokens: int
-    model: str
     duration: float
 
 
@@ -391,7 +396,7 @@ def _flush(engine: Engine, runner: Runner) -> None:
 
 
 def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimensions: int | None,
-            meta: dict | None) -> tuple[_Job, str]:
+            meta: dict | None) -> _Job:
     """Check and tokenize a request, then queue it on its model (any thread but the engine's)."""
     meta = dict(meta or {})
     try:
@@ -428,12 +433,12 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
         if audit is not None:
             audit.record(row, {"prompt": inputs, "completion": ""})
         if error is None:
-            job.future.set_result(Embedded(job.vectors, row["prompt_tokens"], info.alias or info.name,
-                                           row["duration"]))
+            job.future.set_result(Embedded(job.vectors, row["prompt_tokens"], row["duration"]))
         else:
             job.future.set_exception(error)
 
     job = _Job(tokens, dims, finish)
+    job.future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the engine
     with pool._lock:
         pool._in_flight[info.name] = pool._in_flight.get(info.name, 0) + 1
         pool._touch(info.name)
@@ -445,21 +450,20 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
         schedule, queue.scheduled = not queue.scheduled, True
     if schedule:
         pool.engine.run(_flush, pool.engine, runner)
-    return job, info.name
+    return job
 
 
 def run(pool: Any, inputs: Inputs, model: str | None = None, *, truncate: bool = False,
         dimensions: int | None = None, meta: dict | None = None) -> Embedded:
     """Embed ``inputs`` on an embedding model of ``pool``, blocking until done."""
-    job, _ = _submit(pool, inputs, model, truncate, dimensions, meta)
-    return job.future.result()
+    return _submit(pool, inputs, model, truncate, dimensions, meta).future.result()
 
 
 async def arun(pool: Any, inputs: Inputs, model: str | None = None, *, truncate: bool = False,
                dimensions: int | None = None, meta: dict | None = None) -> Embedded:
     """:func:`run` without blocking the running event loop (tokenization runs in its executor)."""
     loop = asyncio.get_running_loop()
-    job, _ = await loop.run_in_executor(None, lambda: _submit(pool, inputs, model, truncate, dimensions, meta))
+    job = await loop.run_in_executor(None, lambda: _submit(pool, inputs, model, truncate, dimensions, meta))
     return await asyncio.wrap_future(job.future)
 
 

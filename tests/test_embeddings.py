@@ -171,6 +171,21 @@ def test_aembed_does_not_block_the_loop(pool):
     assert asyncio.run(main()).shape == (4, 32)
 
 
+def test_a_cancelled_caller_does_not_disturb_the_others(pool):
+    async def main():
+        release = hold_engine(pool)
+        gone = asyncio.ensure_future(pool.aembed(TEXTS, model="bert"))
+        kept = asyncio.ensure_future(pool.aembed(TEXTS[:2], model="bert"))
+        await asyncio.sleep(0.2)
+        gone.cancel()
+        release.set()
+        return await kept
+
+    assert asyncio.run(main()).shape == (2, 32)
+    assert pool.embed("cats", model="bert").shape == (32,)
+    assert all(m.in_flight == 0 for m in pool.models())
+
+
 def test_audit_rows_and_in_flight(pool, audit):
     pool.embed(TEXTS, model="bert", meta={"id": "emb-1"})
     with pytest.raises(ValueError):
