@@ -62,7 +62,7 @@ from .errors import MLXManagerError
 from .migrations import COLUMNS, migrate
 from .store import home, make_private_dir
 
-__all__ = ["AuditLog", "new_request_id", "utc_now"]
+__all__ = ["AuditLog", "audit_row", "error_fields", "new_request_id", "utc_now"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,33 @@ _INSERT_CONTENT = "INSERT INTO contents (request_id, prompt, completion) VALUES 
 def new_request_id() -> str:
     """A fresh request id, ``"req_"`` and 32 hex digits."""
     return "req_" + uuid.uuid4().hex
+
+
+def error_fields(error: BaseException, meta: dict, answered: bool = False) -> dict:
+    """The outcome columns of a failed request; an HTTP caller's ``meta["error_status"]`` gives the status it
+    answered with, unless a stream had already ``answered`` (its 200 was sent)."""
+    fields = {"status": "error", "error_type": type(error).__name__, "error_message": str(error)[:500]}
+    if "error_status" in meta and not answered:
+        fields["http_status"] = meta["error_status"](error)
+    return fields
+
+
+def audit_row(request_id: str, started_at: str, kind: str, model: str | None, meta: dict, outcome: dict) -> dict:
+    """The audit row of one request, finished or refused: who asked, for what, and ``outcome``."""
+    return {
+        "id": request_id,
+        "client_request_id": meta.get("client_request_id"),
+        "started_at": started_at,
+        "source": meta.get("source", "api"),
+        "endpoint": meta.get("endpoint", f"pool.{kind}"),
+        "protocol": meta.get("protocol", "python"),
+        "model": model,
+        "stream": bool(meta.get("stream", False)),
+        "client": meta.get("client"),
+        "user_agent": meta.get("user_agent"),
+        "http_status": meta.get("http_status"),
+        **outcome,
+    }
 
 
 def utc_now() -> str:

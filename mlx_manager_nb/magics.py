@@ -124,8 +124,9 @@ def cmd_load(magics: MLXMagics, args: argparse.Namespace) -> None:
         args.model, alias=args.alias, pin=args.pin, keep_alive=args.keep_alive, progress=progress))
     name = info.name + (f" as {info.alias!r}" if info.alias else "")
     details = f"{out.size(info.size_bytes)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
+    hint = "Embed with `pool.embed(texts)`." if info.kind == "embedding" else "Chat with `%%chat`."
     live.update({"text/plain": f"Loaded {name} ({details}) in {out.seconds(time.perf_counter() - started)}. "
-                               f"Chat with `%%chat`."}, final=True)
+                               f"{hint}"}, final=True)
 
 
 def cmd_unload(magics: MLXMagics, args: argparse.Namespace) -> None:

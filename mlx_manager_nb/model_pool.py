@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model
 
@@ -32,8 +33,8 @@ from mlx_lm.utils import dequantize_model
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import load as load_model
 
-from . import store
-from .audit_log import new_request_id, utc_now
+from . import embeddings, store
+from .audit_log import audit_row, error_fields, new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, fit_to_model, make_params
@@ -91,6 +92,7 @@ class ModelInfo:
     error: str | None = None
     kv_bytes: int = 0  # KV caches of its running sequences
     cache_bytes: int = 0  # its prompt cache
+    kind: str = "chat"  # or "embedding"
 
 
 def _why_held(m: ModelInfo) -> str:
@@ -140,28 +142,6 @@ def _check_text(value: Any, where: str, allow_empty: bool) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidParameterError(where, f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
-
-
-def _error_fields(error: BaseException) -> dict:
-    return {"status": "error", "error_type": type(error).__name__, "error_message": str(error)[:500]}
-
-
-def _audit_row(request_id: str, started_at: str, kind: str, model: str | None, meta: dict, outcome: dict) -> dict:
-    """The audit row of one request, finished or refused: who asked, for what, and ``outcome``."""
-    return {
-        "id": request_id,
-        "client_request_id": meta.get("client_request_id"),
-        "started_at": started_at,
-        "source": meta.get("source", "api"),
-        "endpoint": meta.get("endpoint", f"pool.{kind}"),
-        "protocol": meta.get("protocol", "python"),
-        "model": model,
-        "stream": bool(meta.get("stream", False)),
-        "client": meta.get("client"),
-        "user_agent": meta.get("user_agent"),
-        "http_status": meta.get("http_status"),
-        **outcome,
-    }
 
 
 class Pool:
@@ -235,19 +215,20 @@ class Pool:
         """Bytes the pool's models hold: weights, KV caches of running requests and prompt caches."""
         return sum(m.size_bytes + m.kv_bytes + m.cache_bytes for m in self.models() if m.state in ("ready", "loading"))
 
-    def _lookup(self, model: str | None) -> ModelInfo | None:
-        """The ready model a name, alias, reference or None (the default) stands for, if any."""
+    def _lookup(self, model: str | None, kind: str | None = None) -> ModelInfo | None:
+        """The ready model a name, alias, reference stands for; None: the default, else the last used of ``kind``."""
         with self._lock:
             ready = [m for m in self._models.values() if m.state == "ready"]
             if model is None:
                 model = self.default
                 if model is None:
-                    return max(ready, key=lambda m: m.last_used) if ready else None
+                    of_kind = [m for m in ready if kind is None or m.kind == kind]
+                    return max(of_kind, key=lambda m: m.last_used) if of_kind else None
             return next((m for m in ready if model in (m.name, m.alias, m.ref)), None)
 
-    def find(self, model: str | None) -> ModelInfo:
-        """The loaded model a name, alias, reference or None (the default) stands for."""
-        info = self._lookup(model)
+    def find(self, model: str | None, kind: str | None = None) -> ModelInfo:
+        """The loaded model a name, alias or reference stands for; None: the default, else the last used of ``kind``."""
+        info = self._lookup(model, kind)
         if info is not None:
             return info
         if model is None and self.default is None:
@@ -313,18 +294,21 @@ class Pool:
         if name in self._models and self._models[name].state == "ready":
             return self._touch(name, alias=alias or self._models[name].alias, pinned=pin or self._models[name].pinned)
         config = store.describe(path)
+        kind = embeddings.model_kind(path)
+        context = embeddings.max_length(path) if kind == "embedding" else config.context_length
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
         self._make_room(estimate, exclude=name)
         ka = self.keep_alive if keep_alive == "default" else keep_alive
         with self._lock:
             self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
-                                           None, config.context_length)
+                                           None, context, kind=kind)
         self._publish(ModelEvent(name, "loading", self._models[name]))
         report("loading weights", 0.0)
 
         def load_on_engine() -> Runner:
-            runner = _load_runner(name, path, report, dequantize)
+            runner = (embeddings.load_runner(name, path, report) if kind == "embedding"
+                      else _load_runner(name, path, report, dequantize))
             runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
             self.engine.add_runner(runner)
             return runner
@@ -445,7 +429,7 @@ class Pool:
 
     def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
         """How many tokens a chat (or a raw prompt) takes with the model's template."""
-        info = self.find(model)
+        info = self._chat_model(model)
         runner = self.engine.runner(info.name)
         return len(self._prompt_tokens(runner, prompt) if prompt is not None else self._chat_tokens(runner, messages))
 
@@ -465,9 +449,17 @@ class Pool:
                                      f"This model's maximum context length is {ctx} tokens, and the prompt is too "
                                      f"long: at least {at_least} tokens ({info.name}).", at_least, ctx)
 
+    def _chat_model(self, model: str | None) -> ModelInfo:
+        info = self.find(model, kind="chat")
+        if info.kind != "chat":
+            raise InvalidParameterError(
+                "model", f"model {info.alias or info.name!r} is an {info.kind} model: it cannot chat or complete; "
+                f"use pool.embed() or /v1/embeddings")
+        return info
+
     def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
-        info = self.find(model)
+        info = self._chat_model(model)
         runner = self.engine.runner(info.name)
         p = fit_to_model(make_params(**params), runner.vocab_size)
         if isinstance(content, (str, list)):
@@ -502,31 +494,41 @@ class Pool:
 
         request = Request(info.name, tokens, p, emit,
                           deadline=time.perf_counter() + timeout if timeout else None)
-        with self._lock:
-            self._in_flight[info.name] = self._in_flight.get(info.name, 0) + 1
-            self._touch(info.name)
-        self._publish(RequestEvent("start", {"id": request_id, "model": info.name,
-                                             "source": meta.get("source", "api")}))
+        self._request_started(info.name, request_id, meta)
         self.engine.submit(request)
         return request_id, info.alias or info.name, request
 
-    def _finished(self, name: str, request_id: str, started: float, started_at: str, kind: str, content: Any,
-                  text: str, event: Done | Failed, meta: dict) -> None:
+    def _request_started(self, name: str, request_id: str, meta: dict) -> None:
+        """Count a request in flight on ``name`` and tell subscribers (chat and embedding requests alike)."""
+        with self._lock:
+            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+            self._touch(name)
+        self._publish(RequestEvent("start", {"id": request_id, "model": name, "source": meta.get("source", "api")}))
+
+    def _request_ended(self, row: dict, meta: dict, content: dict | None) -> None:
+        """A request on ``row["model"]`` ended: its audit row is published and recorded."""
+        name = row["model"]
         with self._lock:
             self._in_flight[name] = self._in_flight.get(name, 1) - 1
             if name in self._models:
                 self._touch(name)
+        self._publish(RequestEvent("end", row))
+        audit = meta.get("audit") or self.audit
+        if audit is not None:
+            audit.record(row, content)
+
+    def _finished(self, name: str, request_id: str, started: float, started_at: str, kind: str, content: Any,
+                  text: str, event: Done | Failed, meta: dict) -> None:
         if isinstance(event, Done):
             status = event.finish_reason if event.finish_reason in ("cancelled", "timeout") else "ok"
             outcome = dict(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                            ttft=event.ttft, duration=event.duration, tokens_per_second=event.tokens_per_second,
                            finish_reason=event.finish_reason)
         else:
-            outcome = dict(_error_fields(event.error), duration=time.time() - started)
-        row = _audit_row(request_id, started_at, kind, name, meta, outcome)
-        self._publish(RequestEvent("end", row))
-        if meta["audit"] is not None:
-            meta["audit"].record(row, {"prompt": content, "completion": text})
+            outcome = dict(error_fields(event.error, meta, answered=meta.get("stream", False) and bool(text)),
+                           duration=time.time() - started)
+        row = audit_row(request_id, started_at, kind, name, meta, outcome)
+        self._request_ended(row, meta, {"prompt": content, "completion": text})
 
     def record_refused(self, error: BaseException, model: str | None, meta: dict | None, kind: str = "chat") -> None:
         """Record a request refused before it reached the engine (bad input, unknown model) in the audit log."""
@@ -534,7 +536,7 @@ class Pool:
         if model is None:  # the model the request would have gone to, so stats group it there
             with contextlib.suppress(ModelNotFoundError):
                 model = self.find(None).name
-        row = _audit_row(meta.get("id") or new_request_id(), utc_now(), kind, model, meta, _error_fields(error))
+        row = audit_row(meta.get("id") or new_request_id(), utc_now(), kind, model, meta, error_fields(error, meta))
         self._publish(RequestEvent("end", row))
         audit = meta.get("audit") or self.audit
         if audit is not None:
@@ -632,6 +634,23 @@ class Pool:
                   **params: Any) -> Awaitable[Result] | AsyncTextStream:
         """:meth:`complete` from a running event loop: awaitable Result, or an async stream."""
         return self._arun("complete", prompt, model, stream, meta, timeout, params)
+
+    def embed(self, texts: embeddings.Inputs, model: str | None = None, *, truncate: bool = False,
+              dimensions: int | None = None, meta: dict | None = None) -> np.ndarray:
+        """Embed a text (a vector) or a list of texts (a matrix, one row each) with an embedding model.
+
+        Rows are normalized if the model's pooling config says so. Texts longer than the model's
+        limit raise ValueError unless ``truncate=True``; ``dimensions`` shortens Matryoshka models'
+        vectors. Concurrent calls share forward passes.
+        """
+        return embeddings.single(texts, embeddings.run(self, texts, model, truncate=truncate,
+                                                       dimensions=dimensions, meta=meta).vectors)
+
+    async def aembed(self, texts: embeddings.Inputs, model: str | None = None, *, truncate: bool = False,
+                     dimensions: int | None = None, meta: dict | None = None) -> np.ndarray:
+        """:meth:`embed` without blocking the running event loop."""
+        done = await embeddings.arun(self, texts, model, truncate=truncate, dimensions=dimensions, meta=meta)
+        return embeddings.single(texts, done.vectors)
 
     def health(self) -> dict:
         """Engine liveness, what is loaded, and memory: weights (memory_used), KV caches and MLX's figures."""

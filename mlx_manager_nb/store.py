@@ -2,7 +2,8 @@
 
 A reference is, in the order tried:
 
-1. ``"demo"``: the offline demo model (see :mod:`mlx_manager_nb.demo`);
+1. ``"demo"``: the offline demo model (see :mod:`mlx_manager_nb.demo`); ``"demo-embed"``: the
+   demo embedding model (see :mod:`mlx_manager_nb.demo_embed`);
 2. a path to an mlx-lm folder, or to a ``.gguf`` file (imported into the store once);
 3. the name of a model in the store (``$MLX_NB_HOME/models/NAME``);
 4. a Hugging Face repo id (``org/name``) in the local Hugging Face cache, or downloaded
@@ -260,6 +261,10 @@ def resolve(ref: str | os.PathLike, progress: Progress | None = None) -> Path:
         from .demo import ensure_demo
 
         return ensure_demo(progress)
+    if text == "demo-embed":
+        from .demo_embed import ensure_demo_embed
+
+        return ensure_demo_embed(progress)
     path = Path(text).expanduser()
     if path.is_dir():
         return validate_model_dir(path)

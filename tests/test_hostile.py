@@ -292,3 +292,10 @@ def test_logit_bias_and_penalties_are_honoured_over_http(server, pool):
     assert penalised.choices[0].message.content != free.choices[0].message.content
     status, _, answer = call(server.url + "/v1/chat/completions", {**chat(), "logit_bias": {"99999999": 5}})
     assert status == 400 and answer["error"]["param"] == "logit_bias"
+
+
+def test_a_request_the_pool_refuses_leaves_one_row_with_the_status_answered(server, audit):
+    status, headers, _ = call(server.url + "/v1/chat/completions", {**chat(), "temperature": -1})
+    assert status == 400
+    (row,) = audit.query()
+    assert row["id"] == headers["x-request-id"] and row["http_status"] == 400 and row["status"] == "error"

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import anthropic_api, models_api, openai_api
+from . import anthropic_api, embeddings_api, models_api, openai_api
 from .common import OPTIONS, POOL, STATS, ApiError, Options, Stats, endpoint, error_body, is_loopback
 
 V1 = web.AppKey("v1", web.Application)
@@ -40,6 +40,7 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     app.router.add_post("/completions", endpoint("openai", openai_api.completions))
     app.router.add_post("/messages", endpoint("anthropic", anthropic_api.messages))
     app.router.add_post("/messages/count_tokens", endpoint("anthropic", anthropic_api.count_tokens))
+    app.router.add_post("/embeddings", endpoint("openai", embeddings_api.embeddings))
     return app
 
 

@@ -243,6 +243,7 @@ async def resolve_model(request: web.Request, name: str) -> str:
 
 
 def audit_meta(request: web.Request, protocol: str, stream: bool) -> dict:
+    """What the pool records about an HTTP request; ``error_status`` gives the status a failure answers with."""
     return {
         "id": request[REQUEST_ID],
         "client_request_id": request.get(CLIENT_ID),
@@ -253,6 +254,7 @@ def audit_meta(request: web.Request, protocol: str, stream: bool) -> dict:
         "client": request.remote,
         "user_agent": request.headers.get("user-agent"),
         "http_status": 200,
+        "error_status": lambda error: api_error(protocol, error).status,
         "audit": request.app[OPTIONS].audit,
     }
 
