@@ -73,6 +73,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which it ends as "timeout"
+    constraint: Callable[[mx.array, mx.array], mx.array] | None = None  # a grammar's logits processor
 
 
 @dataclass
@@ -247,7 +248,7 @@ class Engine:
                 caches=[cache],
                 all_tokens=[prompt[:cached]],
                 samplers=[make_sampler(p)],
-                logits_processors=[make_processors(p)],
+                logits_processors=[make_processors(p) + ([request.constraint] if request.constraint else [])],
                 stop_sequences=[StopSequences(eos)],
             )
         except Exception as e:
