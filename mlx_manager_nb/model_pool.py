@@ -38,7 +38,7 @@ from .errors import ContextLengthError, InvalidModelError, InvalidParameterError
 from .params import DEFAULT_MAX_TOKENS, make_params
 from .streams import AsyncTextStream, Final, Result, TextStream, async_sink, queue_sink
 from .structured import Plan, plan
-from .tools import ToolCall, make_tools, run_call
+from .tools import ToolCall, make_tools, tool_turns
 
 ROLES = ("system", "user", "assistant", "tool")
 #: chat() keywords about tools and structure, planned by :func:`mlx_manager_nb.structured.plan`
@@ -672,10 +672,7 @@ class Pool:
             if not result.tool_calls:
                 history.append({"role": "assistant", "content": result.text})
                 return result, history
-            history.append({"role": "assistant", "content": result.text or None,
-                            "tool_calls": [c.to_openai() for c in result.tool_calls]})
-            history += [{"role": "tool", "tool_call_id": c.id, "name": c.name, "content": run_call(c, tool_list)}
-                        for c in result.tool_calls]
+            history += tool_turns(result.text, result.tool_calls, tool_list)
             choice = "auto"
         raise AssertionError("unreachable: the last round forbids tool calls")
 

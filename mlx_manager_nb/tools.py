@@ -69,6 +69,14 @@ class ToolCall:
         """The OpenAI ``tool_calls`` item (also how history messages hold it)."""
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
+    def __str__(self) -> str:
+        """Readable, as a Python call: ``get_weather(city='Paris', days=2)``."""
+        try:
+            args = ", ".join(f"{k}={v!r}" for k, v in self.args.items())
+        except ValueError:
+            args = self.arguments
+        return f"{self.name}({args})"
+
 
 def new_call(name: str, args: Any) -> ToolCall:
     text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
@@ -316,6 +324,24 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+def tool_turns(text: str, calls: list[ToolCall], tools: list[Tool]) -> list[dict]:
+    """The assistant turn that made ``calls``, then one ``tool`` turn per call with its function's result."""
+    turns: list[dict] = [{"role": "assistant", "content": text or None, "tool_calls": [c.to_openai() for c in calls]}]
+    return turns + [{"role": "tool", "tool_call_id": c.id, "name": c.name, "content": run_call(c, tools)}
+                    for c in calls]
+
+
+def describe_turn(message: dict) -> str:
+    """A history message as text for people: its content, then ``→ name(args)`` for each call it made;
+    a tool result as ``← name: result``."""
+    if message.get("role") == "tool":
+        return f"← {message.get('name') or message.get('tool_call_id', 'tool')}: {message.get('content', '')}"
+    calls = [ToolCall(c.get("id", ""), c["function"]["name"], c["function"]["arguments"]
+                      if isinstance(c["function"]["arguments"], str) else json.dumps(c["function"]["arguments"]))
+             for c in message.get("tool_calls") or []]
+    return "\n".join([message["content"]] * bool(message.get("content")) + [f"→ {c}" for c in calls])
 
 
 def run_call(call: ToolCall, tools: list[Tool]) -> str:

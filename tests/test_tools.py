@@ -2,7 +2,6 @@
 calls parse because a grammar allows nothing else), the chain helper, streaming and bad input."""
 
 import json
-import shutil
 from typing import Annotated, Literal
 
 import jsonschema
@@ -31,16 +30,9 @@ ADD = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def pool(tiny_model_path, tmp_path_factory):
-    """The tiny model with a 4096-token context: its tokenizer spends about a token per character
-    of the tool listing, more than its 512 tokens hold."""
-    path = tmp_path_factory.mktemp("wide") / "tiny-llama"
-    shutil.copytree(tiny_model_path, path)
-    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
-        config = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**config, key: 4096}))
+def pool(wide_tiny_model_path):
     p = Pool(keep_alive=None)
-    p.load(path, alias="tiny")
+    p.load(wide_tiny_model_path, alias="tiny")
     yield p
     p.close()
 
