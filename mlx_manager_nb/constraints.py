@@ -12,17 +12,20 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import llguidance as llg
 import mlx.core as mx
 import numpy as np
 
 from .errors import InvalidParameterError
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 #: Compact JSON: no free whitespace, which a weak model can repeat until max_tokens.
-JSON_OPTIONS: dict = {"whitespace_flexible": False}
+JSON_OPTIONS: "JsonCompileOptions" = {"whitespace_flexible": False}
 MATCHERS_PER_MODEL = 64
 
 
@@ -135,7 +138,9 @@ class Constraint:
         # computed while the model runs (the pipelining mlx-lm gets from async_eval)
         mx.async_eval(logits)
         if self._started and self.error is None and not self.matcher.is_stopped():
-            if not self.matcher.consume_token(int(tokens[-1].item())):
+            token = tokens[-1].item()
+            assert isinstance(token, int)
+            if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
         self._started = True
         size = logits.shape[-1]

@@ -484,7 +484,7 @@ def run_chat(magics: "MLXMagics", line: str, cell: str) -> None:
         raise UsageError("%%chat: the cell is empty; write your message below the %%chat line.")
     history = [] if args.new else magics.conversations.get(args.name, [])
     messages = with_system(history, args.system) + [{"role": "user", "content": prompt}]
-    ns = magics.shell.user_ns
+    ns = magics.shell.user_ns if magics.shell is not None else {}
     structure: dict[str, Any] = {}
     if args.schema:
         structure["schema"] = schema_value(ns, args.schema)
@@ -513,6 +513,7 @@ def run_chat(magics: "MLXMagics", line: str, cell: str) -> None:
         raise Interrupted(f"generation stopped; the partial answer is kept in conversation {args.name!r}")
     out.show(out.note(footer(stream.result)))
     if args.schema:
+        assert stream.result is not None
         parsed = stream.result.parsed
         value = parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
         out.show({"application/json": value, "text/plain": json.dumps(value, indent=2, ensure_ascii=False)})

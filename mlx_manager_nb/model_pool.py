@@ -36,7 +36,7 @@ from .audit_log import new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, make_params
-from .streams import AsyncTextStream, Final, Result, TextStream, async_sink, queue_sink
+from .streams import AsyncTextStream, Final, Result, StreamEvent, TextStream, async_sink, queue_sink
 from .structured import Plan, plan
 from .tools import ToolCall, make_tools, tool_turns
 
@@ -464,7 +464,9 @@ class Pool:
         """How many tokens a chat (or a raw prompt) takes with the model's template."""
         info = self.find(model)
         runner = self.engine.runner(info.name)
-        return len(self._prompt_tokens(runner, prompt) if prompt is not None else self._chat_tokens(runner, messages)[0])
+        if prompt is not None:
+            return len(self._prompt_tokens(runner, prompt))
+        return len(self._chat_tokens(runner, messages)[0])
 
     async def acount_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
         """:meth:`count_tokens` on a worker thread, never blocking the running event loop."""
@@ -482,7 +484,7 @@ class Pool:
                                      f"This model's maximum context length is {ctx} tokens, and the prompt is too "
                                      f"long: at least {at_least} tokens ({info.name}).", at_least, ctx)
 
-    def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
+    def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[StreamEvent], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
         info = self.find(model)
         runner = self.engine.runner(info.name)
@@ -516,7 +518,8 @@ class Pool:
         started, started_at = time.time(), utc_now()
         text: list[str] = []
         parser = chat_plan.parser if chat_plan is not None else None
-        structured = chat_plan is not None and (parser is not None or chat_plan.schema is not None)
+        parse = chat_plan.parse if chat_plan is not None and chat_plan.schema is not None else None
+        structured = parser is not None or parse is not None
         constraint = chat_plan.constraint if chat_plan is not None else None
 
         def emit(event: Event) -> None:
@@ -530,7 +533,7 @@ class Pool:
                 if parser is not None:
                     _send(*parser.finish())
                 calls = list(parser.calls) if parser is not None else []
-                parsed = chat_plan.parse("".join(text)) if chat_plan.schema is not None else None
+                parsed = parse("".join(text)) if parse is not None else None
                 done = replace(event, finish_reason="tool_calls") if calls and event.finish_reason == "stop" else event
                 final = Final(done, calls, parsed, constraint is not None)
                 self._finished(info.name, request_id, started, started_at, kind, content, "".join(text), final, meta)

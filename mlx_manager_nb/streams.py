@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncGenerator, Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .engine import Delta, Done, Event, Request
@@ -61,19 +61,20 @@ class Final:
     constrained: bool
 
 
-def make_result(request_id: str, model: str, text: str, done: Done | Final) -> Result:
-    final = done if isinstance(done, Final) else None
-    d = final.done if final is not None else done
+def make_result(request_id: str, model: str, text: str, end: Done | Final) -> Result:
+    d = end.done if isinstance(end, Final) else end
     usage = Usage(d.prompt_tokens, d.completion_tokens, d.cached_tokens)
-    extra = dict(tool_calls=final.tool_calls, parsed=final.parsed, constrained=final.constrained) if final else {}
-    return Result(request_id, model, text, d.finish_reason, d.stop, usage, d.ttft, d.tokens_per_second,
-                  d.duration, **extra)
+    result = Result(request_id, model, text, d.finish_reason, d.stop, usage, d.ttft, d.tokens_per_second, d.duration)
+    if isinstance(end, Final):
+        result = replace(result, tool_calls=end.tool_calls, parsed=end.parsed, constrained=end.constrained)
+    return result
 
 
 StreamItem = str | ToolCall
+StreamEvent = Event | ToolCall | Final  # what the pool sends a stream: the engine's events, calls, Final
 
 
-def _consume(stream: "TextStream | AsyncTextStream", event: Event | ToolCall | Final) -> StreamItem | None:
+def _consume(stream: "TextStream | AsyncTextStream", event: StreamEvent) -> StreamItem | None:
     """Apply one event to a stream: the delta's text or the call, None at the end, or the failure raised."""
     if isinstance(event, Delta):
         stream.text += event.text
@@ -137,7 +138,7 @@ class TextStream:
                 self._request.cancelled.set()
 
 
-def queue_sink() -> tuple[queue.Queue, Callable[[Event], None]]:
+def queue_sink() -> tuple[queue.Queue, Callable[[StreamEvent], None]]:
     q: queue.Queue = queue.Queue()
     return q, q.put
 
@@ -223,10 +224,10 @@ class AsyncTextStream:
                 self.cancel()
 
 
-def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[Event], None]]:
+def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[StreamEvent], None]]:
     q: asyncio.Queue = asyncio.Queue()
 
-    def put(event: Event) -> None:
+    def put(event: StreamEvent) -> None:
         loop.call_soon_threadsafe(q.put_nowait, event)
 
     return q, put

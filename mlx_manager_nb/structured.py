@@ -28,8 +28,6 @@ class Plan:
 
     messages: list[dict]
     template_tools: list[dict] | None  # for apply_chat_template(tools=...) in native mode
-    tools: list[T.Tool]
-    choice: str
     constraint: Constraint | None
     parser: T.CallParser | None  # None: no tools to parse
     schema: Any = None  # a pydantic model class or a JSON schema dict
@@ -38,7 +36,7 @@ class Plan:
         """The structured answer: a validated pydantic object, a dict, or None if ``text`` is not one
         (only when generation stopped early: ``length``, ``cancelled``...)."""
         try:
-            if isinstance(self.schema, type):
+            if isinstance(self.schema, type) and issubclass(self.schema, pydantic.BaseModel):
                 return self.schema.model_validate_json(text)
             return json.loads(text)
         except (ValueError, pydantic.ValidationError):
@@ -113,4 +111,4 @@ def plan(tokenizer: Any, messages: list[dict], tools: Any = None, tool_choice: A
         rendered, template_tools = T.render_native(messages), [t.spec() for t in tool_list] or None
     else:
         rendered, template_tools = T.render_fallback(messages, tool_list), None
-    return Plan(rendered, template_tools, tool_list, choice, constraint, parser, schema)
+    return Plan(rendered, template_tools, constraint, parser, schema)

@@ -24,7 +24,7 @@ from typing import Any, get_type_hints
 
 import pydantic
 
-from .constraints import check_schema, closed_schema
+from .constraints import check_schema, closed_schema, lark_json
 from .errors import InvalidParameterError
 
 START, END = "<tool_call>", "</tool_call>"
@@ -102,10 +102,15 @@ def function_tool(fn: Callable[..., Any]) -> Tool:
 
 
 def _tool_from_dict(t: dict, where: str) -> Tool:
-    fn = t.get("function") if t.get("type") == "function" and "function" in t else t
-    inner = f"{where}.function" if fn is not t else where
+    """A tool from ``{"type": "function", "function": {...}}`` (Chat Completions) or a flat
+    ``{"name", "description", "parameters"}`` (with or without ``"type": "function"``)."""
+    if t.get("type", "function") != "function":
+        raise InvalidParameterError(f"{where}.type", f"{where}.type {str(t['type'])[:40]!r} is not supported: "
+                                                     "only function tools are")
+    flat = "function" not in t and "name" in t
+    fn, inner = (t, where) if flat else (t.get("function"), f"{where}.function")
     if not isinstance(fn, dict):
-        raise InvalidParameterError(inner, f"{inner} must be an object")
+        raise InvalidParameterError(inner, f"{inner} must be an object with name, description and parameters")
     name = fn.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise InvalidParameterError(f"{inner}.name", f"{inner}.name must be 1 to 64 letters, digits, '_' or '-', "
@@ -237,8 +242,6 @@ def tools_grammar(tools: list[Tool], choice: str, parallel: bool) -> str:
     Each call is ``<tool_call>{"name": <const>, "arguments": <the tool's parameters>}</tool_call>``;
     arguments always match the schema (whether or not the tool is marked strict).
     """
-    from .constraints import lark_json
-
     chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
     one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
                       "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]}
@@ -257,8 +260,10 @@ def tools_grammar(tools: list[Tool], choice: str, parallel: bool) -> str:
 class CallParser:
     """Splits streamed text into content and tool calls.
 
-    ``feed(text)`` returns the content to show now and the calls completed; text that may be the
-    start of ``start`` is held back until it is known. A call that does not parse is content.
+    ``feed(text)`` returns the content to show now and the calls completed; text that may begin
+    the ``start`` marker is held back until it is known. A call that does not parse is content.
+    ``parse`` reads one call's text into ``{"name", "arguments"}`` or a list of them (mlx-lm's
+    parsers); with no ``end`` marker (Mistral's format), a call runs to the end of the text.
     """
 
     def __init__(self, start: str, end: str, parse: Callable[[str], Any]):
@@ -281,15 +286,15 @@ class CallParser:
                 shown += self.buffer[:i]
                 self.buffer, self.inside = self.buffer[i + len(self.start):], True
             else:
-                j = self.buffer.find(self.end)
+                j = self.buffer.find(self.end) if self.end else -1
                 if j < 0:
                     break
                 body, self.buffer, self.inside = self.buffer[:j], self.buffer[j + len(self.end):], False
-                call = self._call(body)
-                if call is None:
+                parsed = self._calls(body)
+                if parsed is None:
                     shown += self.start + body + self.end
                 else:
-                    calls.append(call)
+                    calls += parsed
         self.calls += calls
         return (shown.strip() if self.calls and not shown.strip() else shown), calls
 
@@ -298,24 +303,26 @@ class CallParser:
         the turn without the closing tag)."""
         rest, self.buffer = self.buffer, ""
         if self.inside:
-            call = self._call(rest)
-            if call is not None:
-                self.calls.append(call)
-                return "", [call]
+            parsed = self._calls(rest)
+            if parsed is not None:
+                self.calls += parsed
+                return "", parsed
             rest = self.start + rest
         return (rest.rstrip() if self.calls else rest), []
 
-    def _call(self, body: str) -> ToolCall | None:
+    def _calls(self, body: str) -> list[ToolCall] | None:
         try:
             parsed = self.parse(body.strip())
-            name, args = parsed["name"], parsed.get("arguments", {})
-            if isinstance(args, str):
-                args = json.loads(args)
-        except Exception:
+            calls = []
+            for c in parsed if isinstance(parsed, list) else [parsed]:
+                name, args = c["name"], c.get("arguments", {})
+                args = json.loads(args) if isinstance(args, str) else args
+                if not isinstance(name, str) or not isinstance(args, dict):
+                    return None
+                calls.append(new_call(name, args))
+        except Exception:  # whatever a parser raises, the text stays content
             return None
-        if not isinstance(name, str) or not isinstance(args, dict):
-            return None
-        return new_call(name, args)
+        return calls or None
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -346,11 +353,11 @@ def describe_turn(message: dict) -> str:
 
 def run_call(call: ToolCall, tools: list[Tool]) -> str:
     """Run a call with its Python function; the result (or the error) as text for a ``tool`` message."""
-    tool = next((t for t in tools if t.name == call.name and t.fn is not None), None)
-    if tool is None:
+    fn = next((t.fn for t in tools if t.name == call.name and t.fn is not None), None)
+    if fn is None:
         return f"Error: no function named {call.name!r}"
     try:
-        result = tool.fn(**call.args)
+        result = fn(**call.args)
     except Exception as e:
         return f"Error: {type(e).__name__}: {e}"
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)

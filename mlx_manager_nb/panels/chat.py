@@ -95,10 +95,10 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
             history.extend(turns)
             render("")
 
-    def request(messages: list[dict], choice: str | None = None) -> Any:
-        extra = dict(tools=tool_list, tool_choice=choice) if tool_list else {}
+    def request(messages: list[dict], choice: str | dict | None = None) -> Any:
         return pool.chat(messages, model=model.value, stream=True, meta=dict(CHAT_META),
-                         temperature=temperature.value, max_tokens=max_tokens.value, **extra)
+                         tools=tool_list or None, tool_choice=choice if tool_list else None,
+                         temperature=temperature.value, max_tokens=max_tokens.value)
 
     def consume(stream: Any, messages: list[dict], flag: threading.Event) -> None:
         failure, first, last, n = None, None, 0.0, 0
