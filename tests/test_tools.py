@@ -2,6 +2,7 @@
 calls parse because a grammar allows nothing else), the chain helper, streaming and bad input."""
 
 import json
+import shutil
 from typing import Annotated, Literal
 
 import jsonschema
@@ -219,3 +220,103 @@ def test_a_tool_round_trip_on_the_demo_model(demo_home, monkeypatch):
         assert result.text and not result.tool_calls
     finally:
         pool.close()
+
+
+# -- the OpenAI endpoint, with the official SDK -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(pool):
+    import openai
+
+    from mlx_manager_nb.server import serve
+
+    server = serve(pool, port=0, mode="thread")
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    server.stop(drain=0)
+
+
+def test_openai_tool_calls_non_streamed_then_the_result_goes_back(client):
+    kw = dict(model="tiny", tools=[ADD], tool_choice="required", temperature=1.0, seed=2, max_tokens=300,
+              parallel_tool_calls=False)
+    r = client.chat.completions.create(messages=ASK, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "add"
+    jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+    history = [*ASK, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "7"}]
+    answer = client.chat.completions.create(messages=history, model="tiny", tools=[ADD], tool_choice="none",
+                                            temperature=0, max_tokens=5)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_openai_tool_calls_streamed_as_deltas(client):
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=ASK, tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}},
+        temperature=1.0, seed=3, max_tokens=300, parallel_tool_calls=False, stream=True))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].id.startswith("call_")
+    assert calls[0].function.name == "add" and json.loads(calls[0].function.arguments).keys() == {"a", "b"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_openai_response_format_json_schema(client):
+    from test_structured import NESTED
+
+    r = client.chat.completions.create(
+        model="tiny", messages=ASK, temperature=1.0, seed=4, max_tokens=300,
+        response_format={"type": "json_schema", "json_schema": {"name": "nested", "schema": NESTED, "strict": True}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), NESTED)
+
+
+def test_openai_bad_tools_are_400s_naming_the_field(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=[ADD], tool_choice={
+            "type": "function", "function": {"name": "nope"}})
+    assert caught.value.body["param"] == "tool_choice"
+    bad = {"type": "function", "function": {"name": "has space", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=[bad])
+    assert caught.value.body["param"] == "tools[0].function.name"
+
+
+def test_native_parsers_may_return_several_calls_and_have_no_end_marker():
+    p = CallParser("[TOOL_CALLS]", "", lambda text: [{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{}"}])
+    assert p.feed("Hi [TOOL_CALLS]a{} b{}") == ("Hi ", [])
+    assert [c.name for c in p.finish()[1]] == ["a", "b"]
+
+
+NATIVE_TEMPLATE = (  # a Qwen-like template: mlx-lm infers its json_tools parser from it
+    "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for tc in m.tool_calls or [] %}<tool_call>{{ tc.function.name }}"
+    "{% set tool_call = tc.function %}{{ tool_call.name }}{{ tc.function.arguments | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_with_tools_renders_them_and_its_family_parser_reads_the_calls(wide_tiny_model_path, tmp_path):
+    path = tmp_path / "native"
+    shutil.copytree(wide_tiny_model_path, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": NATIVE_TEMPLATE}))
+    p = Pool(keep_alive=None)
+    try:
+        p.load(path, alias="native")
+        tokenizer = p.engine.runner(p.find("native").name).tokenizer
+        assert tokenizer.has_tool_calling and tokenizer.tool_call_start == "<tool_call>"
+        prompt = tokenizer.decode(p._chat_tokens(p.engine.runner(p.find("native").name), ASK, {"tools": [ADD]})[0])
+        assert "TOOLS:add;" in prompt and "Tools you can call" not in prompt  # the template's rendering
+        r = p.chat(ASK, tools=[ADD], tool_choice="add", temperature=1.0, seed=5, max_tokens=300,
+                   parallel_tool_calls=False)
+        assert r.finish_reason == "tool_calls" and r.tool_calls[0].name == "add"
+        history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [r.tool_calls[0].to_openai()]},
+                   {"role": "tool", "tool_call_id": r.tool_calls[0].id, "content": "7"}]
+        assert p.chat(history, tools=[ADD], temperature=0, max_tokens=3).usage.completion_tokens > 0
+    finally:
+        p.close()
