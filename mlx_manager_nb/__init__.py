@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
     from .server import Server, create_app, serve
     from .store import import_gguf, list_local_models
     from .streams import Result, TextStream
+    from .tools import Tool, ToolCall
     from .widgets import dashboard
 
     pool: Pool
@@ -56,6 +57,8 @@ _LAZY = {
     "list_local_models": "store",
     "Result": "streams",
     "TextStream": "streams",
+    "Tool": "tools",
+    "ToolCall": "tools",
     "dashboard": "widgets",
 }
 
@@ -99,6 +102,8 @@ __all__ = [
     "Server",
     "ServerError",
     "TextStream",
+    "Tool",
+    "ToolCall",
     "UnsupportedModelError",
     "__version__",
     "audit",

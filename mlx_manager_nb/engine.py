@@ -85,6 +85,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which it ends as "timeout"
+    constraint: Callable[[mx.array, mx.array], mx.array] | None = None  # a grammar's logits processor
 
 
 @dataclass
@@ -354,7 +355,8 @@ class Engine:
                 caches=[cache],
                 all_tokens=[prompt[:cached]],
                 samplers=[sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults)],
-                logits_processors=[[_guard_processor(f, faults) for f in make_processors(p, len(prompt))]],
+                logits_processors=[[_guard_processor(f, faults) for f in
+                                    [*make_processors(p, len(prompt)), *filter(None, [request.constraint])]]],
                 stop_sequences=[StopSequences(eos)],
             )
         except Exception as e:

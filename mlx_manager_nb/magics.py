@@ -5,6 +5,12 @@
     %%chat -t 0
     What is the capital of {country}?
 
+    %%chat --schema City          # City: a pydantic class (or a JSON schema dict) in the notebook
+    Describe Paris.
+
+    %%chat --tools get_weather    # Python functions the model may call; they run, and it answers
+    Weather in Paris?
+
 Errors a user can cause (unknown model, bad option, busy port...) print one line, never a traceback.
 Both magics work on the package's default ``pool`` and ``audit`` log.
 """
@@ -35,6 +41,7 @@ META = {"source": "magic", "endpoint": "%%chat", "protocol": "python", "stream":
 HINT = "See `%mlx ls` for local models, or start with `%mlx load demo`."
 FORMATS = ("markdown", "text", "code", "json")
 FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+TOOL_ROUNDS = 5  # rounds of tool calls one %%chat runs before the model must answer
 
 
 class UsageError(Exception):
@@ -342,7 +349,39 @@ def chat_parser() -> argparse.ArgumentParser:
                    help="store the answer in this variable (the code for --format code, the value for json)")
     p.add_argument("--format", choices=FORMATS, default="markdown",
                    help="code: put the answer's code in a new cell below; json: parse the answer's JSON")
+    p.add_argument("--schema", metavar="NAME",
+                   help="answer as JSON matching this notebook variable (a pydantic class or a JSON schema "
+                        "dict), guaranteed by constrained decoding; --out gets the parsed object")
+    p.add_argument("--tools", metavar="NAMES",
+                   help="comma-separated notebook variables: Python functions (or lists of them) the model may "
+                        f"call; calls run and go back to the model, for at most {TOOL_ROUNDS} rounds")
+    p.add_argument("--tool-choice", metavar="CHOICE",
+                   help="auto (default), none, required, or a tool's name, for the first round")
     return p
+
+
+def notebook_value(namespace: dict, name: str, option: str) -> Any:
+    if name not in namespace:
+        raise UsageError(f"%%chat: {option} {name}: no such variable in the notebook.")
+    return namespace[name]
+
+
+def schema_value(namespace: dict, name: str) -> Any:
+    """The schema named by ``--schema``: a pydantic model class or a dict."""
+    value = notebook_value(namespace, name, "--schema")
+    if not (isinstance(value, dict) or (isinstance(value, type) and hasattr(value, "model_json_schema"))):
+        raise UsageError(f"%%chat: --schema {name} must be a pydantic model class or a JSON schema dict, "
+                         f"not {type(value).__name__}.")
+    return value
+
+
+def tools_value(namespace: dict, names: str) -> list:
+    """The tools named by ``--tools``: each variable a function, a tool dict, or a list of them."""
+    tools: list = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        value = notebook_value(namespace, name, "--tools")
+        tools += list(value) if isinstance(value, (list, tuple)) else [value]
+    return tools
 
 
 def fill(template: str, namespace: dict) -> str:
@@ -434,6 +473,8 @@ def deliver(shell: Any, args: argparse.Namespace, text: str) -> None:
 
 
 def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
+    from .tools import describe_turn, make_tools, tool_turns  # loads llguidance: only when chatting
+
     args = parse(chat_parser(), line)
     if args is None:
         return
@@ -444,18 +485,42 @@ def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
         raise UsageError("%%chat: the cell is empty; write your message below the %%chat line.")
     history = [] if args.new else magics.conversations.get(args.name, [])
     messages = [*with_system(history, args.system), {"role": "user", "content": prompt}]
-    try:
-        stream = _pool().chat(messages, model=args.model, stream=True, meta=dict(META),
-                              temperature=args.temperature, max_tokens=args.max_tokens)
-    except ValueError as e:
-        if history and "context" in str(e):
-            raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
-        raise
-    interrupted = show_stream(stream, out.can_update(magics.shell), args.format)
+    ns = magics.shell.user_ns if magics.shell is not None else {}
+    structure: dict[str, Any] = {}
+    if args.schema:
+        structure["schema"] = schema_value(ns, args.schema)
+    if args.tools:
+        structure.update(tools=make_tools(tools_value(ns, args.tools)), tool_choice=args.tool_choice)
+    live = out.can_update(magics.shell)
+    for round_ in range(TOOL_ROUNDS + 1):
+        if args.tools and round_:
+            structure["tool_choice"] = "none" if round_ == TOOL_ROUNDS else "auto"
+        try:
+            stream = _pool().chat(messages, model=args.model, stream=True, meta=dict(META),
+                                  temperature=args.temperature, max_tokens=args.max_tokens, **structure)
+        except ValueError as e:
+            if history and "context" in str(e):
+                raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
+            raise
+        interrupted = show_stream(stream, live, args.format)
+        calls = stream.result.tool_calls if stream.result is not None else []
+        if interrupted or not calls:
+            break
+        turns = tool_turns(stream.text, calls, structure["tools"])
+        print("\n".join(describe_turn(t) for t in turns))
+        messages += turns
     magics.conversations[args.name] = [*messages, {"role": "assistant", "content": stream.text}]
     if interrupted:
         raise Interrupted(f"generation stopped; the partial answer is kept in conversation {args.name!r}")
     out.show(out.note(footer(stream.result)))
+    if args.schema:
+        assert stream.result is not None
+        parsed = stream.result.parsed
+        value = parsed.model_dump(mode="json") if hasattr(parsed, "model_dump") else parsed
+        out.show({"application/json": value, "text/plain": json.dumps(value, indent=2, ensure_ascii=False)})
+        if args.out:
+            ns[args.out] = parsed
+        return
     deliver(magics.shell, args, stream.text)
 
 

@@ -38,9 +38,13 @@ from .audit_log import audit_row, error_fields, new_request_id, utc_now
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, fit_to_model, make_params
-from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
+from .streams import AsyncTextStream, Final, Result, StreamEvent, TextStream, async_sink, queue_sink
+from .structured import Plan, plan
+from .tools import ToolCall, make_tools, tool_turns
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+#: chat() keywords about tools and structure, planned by :func:`mlx_manager_nb.structured.plan`
+STRUCTURE = ("tools", "tool_choice", "schema", "response_format", "parallel_tool_calls")
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,17 @@ def _check_text(value: Any, where: str, allow_empty: bool) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidParameterError(where, f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, list):
+        raise InvalidParameterError(where, f"{where} must be a list of tool calls")
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", "{}"), (str, dict)):
+            raise InvalidParameterError(f"{where}[{j}]", f"{where}[{j}] must be "
+                                        '{"id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}')
 
 
 class Pool:
@@ -409,7 +424,8 @@ class Pool:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _chat_tokens(self, runner: Runner, messages: Any) -> list[int]:
+    def _chat_tokens(self, runner: Runner, messages: Any, structure: dict | None = None) -> tuple[list[int], Plan]:
+        """The prompt's tokens, and the plan of its tools and structure (see :mod:`.structured`)."""
         if not isinstance(messages, list) or not messages:
             raise InvalidParameterError("messages", "messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
@@ -417,11 +433,17 @@ class Pool:
                 raise InvalidParameterError(  # never the content
                     f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
                     f"{repr(m.get('role'))[:40] if isinstance(m, dict) else 'a ' + type(m).__name__}")
-            _check_text(m.get("content"), f"messages[{i}].content", allow_empty=True)
+            calls = m.get("tool_calls") if m["role"] == "assistant" else None
+            if calls is not None:
+                _check_tool_calls(calls, f"messages[{i}].tool_calls")
+            if not (calls and m.get("content") is None):
+                _check_text(m.get("content"), f"messages[{i}].content", allow_empty=True)
         if not getattr(runner.tokenizer, "chat_template", None):
             raise InvalidParameterError(
                 "model", f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
-        return list(runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        p = plan(runner.tokenizer, messages, **(structure or {}))
+        tokens = runner.tokenizer.apply_chat_template(p.messages, tools=p.template_tools, add_generation_prompt=True)
+        return list(tokens), p
 
     def _prompt_tokens(self, runner: Runner, prompt: Any) -> list[int]:
         _check_text(prompt, "prompt", allow_empty=False)
@@ -431,7 +453,9 @@ class Pool:
         """How many tokens a chat (or a raw prompt) takes with the model's template."""
         info = self._chat_model(model)
         runner = self.engine.runner(info.name)
-        return len(self._prompt_tokens(runner, prompt) if prompt is not None else self._chat_tokens(runner, messages))
+        if prompt is not None:
+            return len(self._prompt_tokens(runner, prompt))
+        return len(self._chat_tokens(runner, messages)[0])
 
     async def acount_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
         """:meth:`count_tokens` on a worker thread, never blocking the running event loop."""
@@ -457,14 +481,20 @@ class Pool:
                 f"use pool.embed() or /v1/embeddings")
         return info
 
-    def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[Event], None],
+    def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[StreamEvent], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
         info = self._chat_model(model)
         runner = self.engine.runner(info.name)
+        params = dict(params)
+        structure = {k: params.pop(k) for k in STRUCTURE if params.get(k) is not None} if kind == "chat" else {}
         p = fit_to_model(make_params(**params), runner.vocab_size)
         if isinstance(content, (str, list)):
             self._check_fits(info, runner, kind, content)
-        tokens = self._chat_tokens(runner, content) if kind == "chat" else self._prompt_tokens(runner, content)
+        chat_plan: Plan | None = None
+        if kind == "chat":
+            tokens, chat_plan = self._chat_tokens(runner, content, structure)
+        else:
+            tokens = self._prompt_tokens(runner, content)
         ctx = info.context_length
         if ctx is not None:
             where = "messages" if kind == "chat" else "prompt"
@@ -484,15 +514,40 @@ class Pool:
         request_id = meta.get("id") or new_request_id()
         started, started_at = time.time(), utc_now()
         text: list[str] = []
+        parser = chat_plan.parser if chat_plan is not None else None
+        parse = chat_plan.parse if chat_plan is not None and chat_plan.schema is not None else None
+        structured = parser is not None or parse is not None
+        constraint = chat_plan.constraint if chat_plan is not None else None
 
         def emit(event: Event) -> None:
             if isinstance(event, Delta):
                 text.append(event.text)
+                if parser is not None:  # content goes on as deltas, each call as one event
+                    shown, calls = parser.feed(event.text)
+                    _send(shown, calls)
+                    return
+            elif isinstance(event, Done) and structured:
+                if parser is not None:
+                    _send(*parser.finish())
+                calls = list(parser.calls) if parser is not None else []
+                parsed = parse("".join(text)) if parse is not None else None
+                done = replace(event, finish_reason="tool_calls") if calls and event.finish_reason == "stop" else event
+                final = Final(done, calls, parsed, constraint is not None)
+                self._finished(info.name, request_id, started, started_at, kind, content, "".join(text), final, meta)
+                sink(final)
+                return
             elif isinstance(event, (Done, Failed)):
-                self._finished(info.name, request_id, started, started_at, kind, content, "".join(text), event, meta)
+                self._finished(info.name, request_id, started, started_at, kind, content, "".join(text), event, meta,
+                               constrained=constraint is not None)
             sink(event)
 
-        request = Request(info.name, tokens, p, emit,
+        def _send(shown: str, calls: list[ToolCall]) -> None:
+            if shown:
+                sink(Delta(shown))
+            for call in calls:
+                sink(call)
+
+        request = Request(info.name, tokens, p, emit, constraint=constraint,
                           deadline=time.perf_counter() + timeout if timeout else None)
         self._request_started(info.name, request_id, meta)
         self.engine.submit(request)
@@ -518,7 +573,10 @@ class Pool:
             audit.record(row, content)
 
     def _finished(self, name: str, request_id: str, started: float, started_at: str, kind: str, content: Any,
-                  text: str, event: Done | Failed, meta: dict) -> None:
+                  text: str, event: Done | Final | Failed, meta: dict, constrained: bool = False) -> None:
+        calls: list[ToolCall] = []
+        if isinstance(event, Final):
+            calls, constrained, event = event.tool_calls, event.constrained, event.done
         if isinstance(event, Done):
             status = event.finish_reason if event.finish_reason in ("cancelled", "timeout") else "ok"
             outcome = dict(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
@@ -527,6 +585,8 @@ class Pool:
         else:
             outcome = dict(error_fields(event.error, meta, answered=meta.get("stream", False) and bool(text)),
                            duration=time.time() - started)
+        outcome.update(tool_calls=len(calls), tool_names=",".join(c.name for c in calls) or None,
+                       constrained=constrained)
         row = audit_row(request_id, started_at, kind, name, meta, outcome)
         self._request_ended(row, meta, {"prompt": content, "completion": text})
 
@@ -575,21 +635,54 @@ class Pool:
 
     @overload
     def chat(self, messages: list[dict], model: str | None = None, stream: Literal[False] = False, *,
+             tools: list | None = None, tool_choice: str | dict | None = None, schema: Any = None,
              meta: dict | None = None, timeout: float | None = None, **params: Any) -> Result: ...
 
     @overload
     def chat(self, messages: list[dict], model: str | None = None, *, stream: Literal[True],
+             tools: list | None = None, tool_choice: str | dict | None = None, schema: Any = None,
              meta: dict | None = None, timeout: float | None = None, **params: Any) -> TextStream: ...
 
     def chat(self, messages: list[dict], model: str | None = None, stream: bool = False, *,
+             tools: list | None = None, tool_choice: str | dict | None = None, schema: Any = None,
              meta: dict | None = None, timeout: float | None = None, **params: Any) -> Result | TextStream:
         """Answer a conversation with the model's chat template.
 
-        ``params``: temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens, stop.
+        ``params``: temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens, stop,
+        and ``response_format`` (OpenAI's, instead of ``schema``) and ``parallel_tool_calls``.
         ``stream=True`` returns a :class:`TextStream` of deltas. ``meta`` holds audit fields
         (source, endpoint, protocol, id...). Bad input raises ValueError naming the field.
+
+        ``tools``: Python functions, :class:`~mlx_manager_nb.tools.Tool` objects or OpenAI function-tool
+        dicts; ``tool_choice``: "auto" (default), "none", "required" or ``{"name": ...}``. Calls come
+        back in ``Result.tool_calls`` (finish_reason "tool_calls"). ``schema`` (a pydantic model class
+        or a JSON schema dict) constrains the answer to matching JSON, parsed into ``Result.parsed``.
+        Messages may hold assistant ``tool_calls`` and ``tool`` results in OpenAI's shape.
         """
+        params.update(tools=tools, tool_choice=tool_choice, schema=schema)
         return self._run("chat", messages, model, stream, meta, timeout, params)
+
+    def chain(self, messages: list[dict], tools: list, model: str | None = None, *, max_rounds: int = 5,
+              tool_choice: str | dict | None = None, **params: Any) -> tuple[Result, list[dict]]:
+        """Answer with tools run in a loop: each round the model's calls run (Python functions) and
+        their results go back, until it answers in text; after ``max_rounds`` rounds of calls it must
+        answer (tool_choice "none"). ``tool_choice`` applies to the first round, later ones are "auto".
+
+        Returns the final :class:`Result` and the transcript (``messages`` with the calls, the
+        tool results and the answer). A failing function's error goes back to the model as its result.
+        """
+        tool_list = make_tools(tools)
+        history = list(messages)
+        choice = tool_choice
+        for round_ in range(max_rounds + 1):
+            result = self.chat(history, model, tools=tool_list,
+                               tool_choice="none" if round_ == max_rounds else choice, **params)
+            if not result.tool_calls:
+                history.append({"role": "assistant", "content": result.text})
+                return result, history
+            history += tool_turns(result.text, result.tool_calls, tool_list)
+            choice = "auto"
+        raise AssertionError("unreachable: the last round forbids tool calls")
 
     @overload
     def complete(self, prompt: str, model: str | None = None, stream: Literal[False] = False, *,
@@ -606,19 +699,23 @@ class Pool:
 
     @overload
     def achat(self, messages: list[dict], model: str | None = None, stream: Literal[False] = False, *,
+              tools: list | None = None, tool_choice: str | dict | None = None, schema: Any = None,
               meta: dict | None = None, timeout: float | None = None, **params: Any) -> Awaitable[Result]: ...
 
     @overload
     def achat(self, messages: list[dict], model: str | None = None, *, stream: Literal[True],
+              tools: list | None = None, tool_choice: str | dict | None = None, schema: Any = None,
               meta: dict | None = None, timeout: float | None = None, **params: Any) -> AsyncTextStream: ...
 
     def achat(self, messages: list[dict], model: str | None = None, stream: bool = False, *,
+              tools: list | None = None, tool_choice: str | dict | None = None, schema: Any = None,
               meta: dict | None = None, timeout: float | None = None,
               **params: Any) -> Awaitable[Result] | AsyncTextStream:
         """``await pool.achat(...)`` for a Result, ``async for d in pool.achat(..., stream=True)`` for deltas.
 
-        Must be called from a running event loop, which it never blocks.
+        Must be called from a running event loop, which it never blocks. Tools and schema as in :meth:`chat`.
         """
+        params.update(tools=tools, tool_choice=tool_choice, schema=schema)
         return self._arun("chat", messages, model, stream, meta, timeout, params)
 
     @overload

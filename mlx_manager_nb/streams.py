@@ -1,5 +1,9 @@
 """The consumer side of a request: a finished result, or a stream of text deltas, sync or async.
 
+A chat with tools or a schema also gets, from the pool, a :class:`~mlx_manager_nb.tools.ToolCall`
+event as each call completes and a :class:`Final` event in place of the engine's ``Done``.
+Iterating a stream yields text only; :meth:`TextStream.events` yields text and calls in order.
+
 Events arrive on the engine thread; a sync stream reads them from a ``queue.Queue``, an async
 stream from an ``asyncio.Queue`` fed through ``loop.call_soon_threadsafe``. Leaving a stream early
 (``close()``, ``break``, KeyboardInterrupt, a cancelled task) cancels the request in the engine.
@@ -11,9 +15,11 @@ import asyncio
 import contextlib
 import queue
 from collections.abc import AsyncGenerator, Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .engine import Delta, Done, Event, Request
+from .tools import ToolCall
 
 
 @dataclass(frozen=True)
@@ -34,26 +40,50 @@ class Result:
     id: str
     model: str
     text: str
-    finish_reason: str  # "stop", "length", "cancelled" or "timeout"
+    finish_reason: str  # "stop", "length", "tool_calls", "cancelled" or "timeout"
     stop: str | None  # the stop string that matched, if one did
     usage: Usage
     ttft: float | None  # seconds to the first token
     tokens_per_second: float | None
     duration: float
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the text holds what is not a call
+    parsed: Any = None  # the structured answer when a schema was given: a pydantic object or a dict
+    constrained: bool = False  # whether a grammar constrained the text
 
 
-def make_result(request_id: str, model: str, text: str, done: Done) -> Result:
-    usage = Usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
-    return Result(request_id, model, text, done.finish_reason, done.stop, usage, done.ttft,
-                  done.tokens_per_second, done.duration)
+@dataclass(frozen=True)
+class Final:
+    """The pool's last event for a chat with tools or a schema: the engine's ``Done`` (its
+    finish_reason ``tool_calls`` when the model called tools) and what was parsed from the text."""
+
+    done: Done
+    tool_calls: list[ToolCall]
+    parsed: Any
+    constrained: bool
 
 
-def _consume(stream: TextStream | AsyncTextStream, event: Event) -> str | None:
-    """Apply one engine event to a stream: the delta's text, None at the end, or the failure raised."""
+def make_result(request_id: str, model: str, text: str, end: Done | Final) -> Result:
+    d = end.done if isinstance(end, Final) else end
+    usage = Usage(d.prompt_tokens, d.completion_tokens, d.cached_tokens)
+    result = Result(request_id, model, text, d.finish_reason, d.stop, usage, d.ttft, d.tokens_per_second, d.duration)
+    if isinstance(end, Final):
+        result = replace(result, tool_calls=end.tool_calls, parsed=end.parsed, constrained=end.constrained)
+    return result
+
+
+StreamItem = str | ToolCall
+StreamEvent = Event | ToolCall | Final  # what the pool sends a stream: the engine's events, calls, Final
+
+
+def _consume(stream: TextStream | AsyncTextStream, event: StreamEvent) -> StreamItem | None:
+    """Apply one event to a stream: the delta's text or the call, None at the end, or the failure raised."""
     if isinstance(event, Delta):
         stream.text += event.text
         return event.text
-    if isinstance(event, Done):
+    if isinstance(event, ToolCall):
+        stream.tool_calls.append(event)
+        return event
+    if isinstance(event, (Done, Final)):
         stream.result = make_result(stream.id, stream.model, stream.text, event)
         return None
     raise event.error
@@ -70,6 +100,7 @@ class TextStream:
     def __init__(self, request_id: str, model: str, request: Request, events: queue.Queue):
         self.id, self.model, self.text = request_id, model, ""
         self.result: Result | None = None
+        self.tool_calls: list[ToolCall] = []  # the calls completed so far
         self._request, self._events = request, events
         self._it = self._iterate()
 
@@ -77,7 +108,13 @@ class TextStream:
         return self
 
     def __next__(self) -> str:
-        return next(self._it)
+        while not isinstance(item := next(self._it), str):
+            pass
+        return item
+
+    def events(self) -> Generator[StreamItem, None, None]:
+        """Text deltas and :class:`~mlx_manager_nb.tools.ToolCall` objects, in the order they complete."""
+        yield from self._it
 
     def close(self) -> None:
         """Stop reading; the engine drops the request within one step. Safe from any thread."""
@@ -92,16 +129,16 @@ class TextStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _iterate(self) -> Generator[str, None, None]:
+    def _iterate(self) -> Generator[StreamItem, None, None]:
         try:
-            while (text := _consume(self, self._events.get())) is not None:
-                yield text
+            while (item := _consume(self, self._events.get())) is not None:
+                yield item
         finally:
             if self.result is None:
                 self._request.cancelled.set()
 
 
-def queue_sink() -> tuple[queue.Queue, Callable[[Event], None]]:
+def queue_sink() -> tuple[queue.Queue, Callable[[StreamEvent], None]]:
     q: queue.Queue = queue.Queue()
     return q, q.put
 
@@ -119,6 +156,7 @@ class AsyncTextStream:
         self.id = self.model = ""  # known once the request is prepared
         self.text = ""
         self.result: Result | None = None
+        self.tool_calls: list[ToolCall] = []  # the calls completed so far
         self._started, self._events = started, events
         self._request: Request | None = None
         self._ended = False  # the engine's final event arrived
@@ -133,7 +171,14 @@ class AsyncTextStream:
         return self
 
     async def __anext__(self) -> str:
-        return await self._it.__anext__()
+        while not isinstance(item := await self._it.__anext__(), str):
+            pass
+        return item
+
+    async def events(self) -> AsyncGenerator[StreamItem, None]:
+        """Text deltas and :class:`~mlx_manager_nb.tools.ToolCall` objects, in the order they complete."""
+        async for item in self._it:
+            yield item
 
     async def aclose(self) -> None:
         """Stop reading and cancel the request; returns once the engine has ended it (and it is audited)."""
@@ -160,27 +205,27 @@ class AsyncTextStream:
 
     async def _drain(self) -> None:
         while not self._ended:
-            self._ended = not isinstance(await self._events.get(), Delta)
+            self._ended = not isinstance(await self._events.get(), (Delta, ToolCall))
 
-    async def _iterate(self) -> AsyncGenerator[str, None]:
+    async def _iterate(self) -> AsyncGenerator[StreamItem, None]:
         try:
             self.id, self.model, self._request = await asyncio.shield(self._started)
             while True:
                 event = await self._events.get()
-                self._ended = not isinstance(event, Delta)
-                text = _consume(self, event)
-                if text is None:
+                self._ended = not isinstance(event, (Delta, ToolCall))
+                item = _consume(self, event)
+                if item is None:
                     return
-                yield text
+                yield item
         finally:
             if self.result is None:
                 self.cancel()
 
 
-def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[Event], None]]:
+def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[StreamEvent], None]]:
     q: asyncio.Queue = asyncio.Queue()
 
-    def put(event: Event) -> None:
+    def put(event: StreamEvent) -> None:
         loop.call_soon_threadsafe(q.put_nowait, event)
 
     return q, put

@@ -13,6 +13,21 @@ def tiny_model_path(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def wide_tiny_model_path(tiny_model_path, tmp_path_factory):
+    """The tiny model with a 4096-token context: its tokenizer spends about a token per character
+    of a tool listing, more than its 512 tokens hold."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("wide") / "tiny-llama"
+    shutil.copytree(tiny_model_path, path)
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        config = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**config, key: 4096}))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own store directory (the session's home is only for the demo model)."""

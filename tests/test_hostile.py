@@ -117,7 +117,6 @@ def test_zero_max_tokens_is_a_400(server, field):
     ("/v1/chat/completions", "top_logprobs", 3),
     ("/v1/chat/completions", "logprobs", True),
     ("/v1/chat/completions", "n", 2),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "end"),
     ("/v1/completions", "best_of", 3),

@@ -339,3 +339,40 @@ def test_tables_escape_html_and_align_text():
     bundle = display.table([["<b>", None], ["long value", 1]], ["name", "x"])
     assert "<td>&lt;b&gt;</td><td>–</td>" in bundle["text/html"]
     assert bundle["text/plain"].splitlines() == ["name        x", "----------  -", "<b>         –", "long value  1"]
+
+
+def test_chat_with_a_schema_shows_and_stores_the_parsed_object(ip, tiny):
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=8)
+        kind: str = Field(pattern="^(cat|dog)$")
+
+    ip.user_ns["Pet"] = Pet
+    c = chat(ip, "-t 1 --max-tokens 100 --schema Pet --out pet", "A pet?")
+    assert isinstance(ip.user_ns["pet"], Pet)
+    shown = [o.data["application/json"] for o in c.outputs if "application/json" in o.data]
+    assert shown == [ip.user_ns["pet"].model_dump()]
+    assert "--schema Pat: no such variable" in one_line_error(chat(ip, "--schema Pat", "A pet?"))
+    ip.user_ns["bad"] = 3
+    assert "pydantic model class or a JSON schema dict" in one_line_error(chat(ip, "--schema bad", "A pet?"))
+
+
+def test_chat_with_tools_runs_the_calls_and_shows_them_readably(ip, wide_tiny_model_path):
+    from typing import Literal
+
+    mlx(ip, f"load {wide_tiny_model_path} --as tiny")
+    ran = []
+
+    def dice(n: Literal[1, 2]) -> int:
+        """Roll n dice."""
+        ran.append(n)
+        return 7
+
+    ip.user_ns["dice"] = dice
+    c = chat(ip, "-t 0 --max-tokens 80 --tools dice --tool-choice required", "Roll!")
+    turns = conversations(ip)["default"]
+    assert ran and f"→ dice(n={ran[0]})" in c.stdout and "← dice: 7" in c.stdout
+    assert [t["role"] for t in turns[:2]] == ["user", "assistant"] and turns[-1]["role"] == "assistant"
+    assert turns[1]["tool_calls"][0]["function"]["name"] == "dice"
+    assert [t["content"] for t in turns if t["role"] == "tool"] == ["7"] * len(ran)

@@ -165,7 +165,10 @@ def test_sdks_against_a_server_on_a_running_loop(pool):
         ({"messages": HI}, 400, "model"),
         ({"model": "tiny", "messages": HI, "temperature": "hot"}, 400, "temperature"),
         ({"model": "tiny", "messages": HI, "n": 2}, 400, "n"),
-        ({"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+        ({"model": "tiny", "messages": HI, "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+        ({"model": "tiny", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format.json_schema.schema"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
          "messages[0].content"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),

@@ -139,6 +139,21 @@ def test_a_chat_error_shows_in_the_panel_and_the_panel_still_works(loaded):
     assert len(parts.history) == 2 and parts.error.value == ""
 
 
+def test_tool_calls_run_and_show_readably_in_the_chat_panel(pool, wide_tiny_model_path):
+    from typing import Literal
+
+    def dice(n: Literal[1, 2]) -> int:
+        """Roll n dice."""
+        return 7
+
+    pool.load(wide_tiny_model_path)
+    parts = chat_panel(pool, tools=[dice], tool_choice="required").parts
+    chat_until_done(parts, "Roll!", max_tokens=80)
+    roles = [m["role"] for m in parts.history]
+    assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "assistant", parts.error.value
+    assert "→ dice(n=" in parts.conversation.value and "← dice: 7" in parts.conversation.value
+
+
 # -- audit --------------------------------------------------------------------------------------
 
 

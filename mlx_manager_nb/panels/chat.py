@@ -1,4 +1,5 @@
-"""The chat panel: a conversation with a loaded model, streamed, with Stop and Clear."""
+"""The chat panel: a conversation with a loaded model, streamed, with Stop and Clear; with ``tools``,
+the model's calls run and show as ``→ name(args)`` and ``← name: result`` turns."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from ..model_pool import ModelEvent
+from ..tools import Tool, describe_turn, make_tools, tool_turns
 from .common import coalesced, error_html, make_panel, pool_or_default, ready_options, set_options, ui_caller
 
 if TYPE_CHECKING:
@@ -17,10 +19,11 @@ if TYPE_CHECKING:
 
 CHAT_META = {"source": "widget", "endpoint": "chat_panel", "protocol": "python", "stream": True}
 STREAM_INTERVAL = 0.1  # seconds between two renders of streamed text
+TOOL_ROUNDS = 5  # rounds of tool calls per message before the model must answer
 
 
 def _bubble(role: str, text: str) -> str:
-    color = {"user": "#1565c0", "assistant": "#2e7d32"}.get(role, "#555")
+    color = {"user": "#1565c0", "assistant": "#2e7d32", "tool": "#6a1b9a"}.get(role, "#555")
     return (f"<div style='margin:4px 0'><b style='color:{color}'>{escape(role)}</b>"
             f"<div style='white-space:pre-wrap'>{escape(text)}</div></div>")
 
@@ -33,9 +36,15 @@ def _speed(result: Any) -> str:
     return f"{result.usage.completion_tokens} tokens · {rate} · {result.finish_reason}"
 
 
-def chat_panel(pool: Pool | None = None) -> widgets.VBox:
-    """Chat with a loaded model: the answer streams in; Stop cancels it in the engine."""
+def chat_panel(pool: Pool | None = None, tools: list | None = None,
+               tool_choice: str | dict | None = None) -> widgets.VBox:
+    """Chat with a loaded model: the answer streams in; Stop cancels it in the engine.
+
+    ``tools``: Python functions the model may call (see :meth:`Pool.chat`); they run in the panel.
+    ``tool_choice`` applies to the first round of each message, later rounds are "auto".
+    """
     pool = pool_or_default(pool)
+    tool_list: list[Tool] = make_tools(tools) if tools else []
     call = ui_caller()
     model = widgets.Dropdown(description="Model")
     system = widgets.Textarea(description="System", placeholder="optional system prompt",
@@ -54,7 +63,7 @@ def chat_panel(pool: Pool | None = None) -> widgets.VBox:
     current: threading.Event | None = None  # set to stop the running request
 
     def render(partial: str | None = None) -> None:
-        bubbles = [_bubble(m["role"], m["content"]) for m in history]
+        bubbles = [_bubble(m["role"], describe_turn(m)) for m in history]
         if partial is not None:
             bubbles.append(_bubble("assistant", partial + "▌"))
         conversation.value = "".join(bubbles) or "<i>No messages yet.</i>"
@@ -74,26 +83,44 @@ def chat_panel(pool: Pool | None = None) -> widgets.VBox:
         current = None
         if text:
             history.append({"role": "assistant", "content": text})
-        elif history:
+        elif history and history[-1]["role"] == "user":
             history.pop()  # keep user and assistant turns alternating
         speed.value = _speed(result) if failure is None else ""
         error.value = error_html(failure)
         busy(False)
         render()
 
-    def consume(stream: Any, flag: threading.Event) -> None:
+    def add_turns(flag: threading.Event, turns: list[dict]) -> None:
+        if flag is current:
+            history.extend(turns)
+            render("")
+
+    def request(messages: list[dict], choice: str | dict | None = None) -> Any:
+        return pool.chat(messages, model=model.value, stream=True, meta=dict(CHAT_META),
+                         tools=tool_list or None, tool_choice=choice if tool_list else None,
+                         temperature=temperature.value, max_tokens=max_tokens.value)
+
+    def consume(stream: Any, messages: list[dict], flag: threading.Event) -> None:
         failure, first, last, n = None, None, 0.0, 0
         try:
-            with stream:  # leaving early closes the stream, which cancels the request
-                for _ in stream:
-                    if flag.is_set():
-                        break
-                    now = time.perf_counter()
-                    first, n = first or now, n + 1
-                    if now - last >= STREAM_INTERVAL:
-                        last = now
-                        rate = f"≈ {(n - 1) / (now - first):.1f} tok/s" if now > first else ""
-                        call(progress, flag, stream.text, rate)
+            for round_ in range(1, TOOL_ROUNDS + 2):
+                with stream:  # leaving early closes the stream, which cancels the request
+                    for _ in stream:
+                        if flag.is_set():
+                            break
+                        now = time.perf_counter()
+                        first, n = first or now, n + 1
+                        if now - last >= STREAM_INTERVAL:
+                            last = now
+                            rate = f"≈ {(n - 1) / (now - first):.1f} tok/s" if now > first else ""
+                            call(progress, flag, stream.text, rate)
+                calls = stream.result.tool_calls if stream.result is not None else []
+                if flag.is_set() or not calls or round_ > TOOL_ROUNDS:
+                    break
+                turns = tool_turns(stream.text, calls, tool_list)
+                messages = messages + turns
+                call(add_turns, flag, turns)
+                stream = request(messages, "none" if round_ == TOOL_ROUNDS else "auto")
         except Exception as e:
             failure = e
         call(finish, flag, stream.text, stream.result, failure)
@@ -106,8 +133,7 @@ def chat_panel(pool: Pool | None = None) -> widgets.VBox:
         turn = {"role": "user", "content": text}
         messages = ([{"role": "system", "content": system.value}] if system.value.strip() else []) + history + [turn]
         try:
-            stream = pool.chat(messages, model=model.value, stream=True, meta=dict(CHAT_META),
-                               temperature=temperature.value, max_tokens=max_tokens.value)
+            stream = request(messages, tool_choice)
         except Exception as e:
             error.value = error_html(e)
             return
@@ -116,7 +142,7 @@ def chat_panel(pool: Pool | None = None) -> widgets.VBox:
         current = threading.Event()
         busy(True)
         render("")
-        threading.Thread(target=consume, args=(stream, current), name="mlx-nb-chat", daemon=True).start()
+        threading.Thread(target=consume, args=(stream, messages, current), name="mlx-nb-chat", daemon=True).start()
 
     def on_stop(_: Any) -> None:
         if current is not None:

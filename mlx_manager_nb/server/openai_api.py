@@ -1,7 +1,9 @@
 """OpenAI-compatible endpoints: ``/chat/completions`` and ``/completions``.
 
 Each handler reads the request into pool parameters, runs it on the pool, and formats the
-result (or the stream of deltas) in OpenAI's shapes.
+result (or the stream of deltas) in OpenAI's shapes. ``tools``, ``tool_choice``,
+``parallel_tool_calls`` and ``response_format`` go to the pool as they are (it validates them and
+names the field); each completed tool call streams as one ``tool_calls`` delta.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from typing import Any
 from aiohttp import web
 
 from ..streams import Result
+from ..tools import ToolCall
 from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
 from .streaming import StreamShape, respond
 
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
 # fields that would change the answer and that we cannot honour: refused, never ignored
 REFUSED_CHAT = ("functions", "function_call", "audio", "top_logprobs", "prediction", "web_search_options")
 REFUSED_COMPLETIONS = ("suffix", "logprobs")
 NO_OPS = {  # values that ask for nothing: accepted
-    "tool_choice": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "logprobs": (False,),
     "echo": (False,),
@@ -54,15 +55,18 @@ def _messages(body: dict) -> list[dict]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role {str(role)[:40]!r} is not supported (system, user, assistant)",
-                           param=f"messages[{i}].role")
-        if m.get("tool_calls"):
-            raise ApiError(400, "tool calls are not supported yet", param=f"messages[{i}].tool_calls")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role {str(role)[:40]!r} is not supported "
+                           "(system, user, assistant, tool)", param=f"messages[{i}].role")
         content = m.get("content")
-        if content is None and role == "assistant":  # an assistant turn without text or tool calls
+        if content is None and role == "assistant":  # an assistant turn without text, or with tool calls
             content = ""
-        out.append({"role": role, "content": _text_content(content, f"messages[{i}].content")})
+        message = {"role": role, "content": _text_content(content, f"messages[{i}].content")}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = m["tool_calls"]  # the pool checks their shape
+        if role == "tool":
+            message.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        out.append(message)
     if not out:
         raise ApiError(400, "'messages' must not be empty", param="messages")
     return out
@@ -80,8 +84,10 @@ def _refuse(body: dict, refused: tuple[str, ...]) -> None:
 
 def _params(body: dict, kind: str) -> dict:
     _refuse(body, REFUSED_CHAT if kind == "chat" else REFUSED_COMPLETIONS)
-    if body.get("tools") and body.get("tool_choice") != "none":
-        raise ApiError(400, "'tools' are not supported yet", param="tools")
+    if kind != "chat":
+        for name in ("tools", "tool_choice", "response_format"):
+            if body.get(name) is not None:
+                raise ApiError(400, f"'{name}' is only for /chat/completions", param=name)
     max_tokens = field_of(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = field_of(body, "max_tokens", int)
@@ -100,6 +106,9 @@ def _params(body: dict, kind: str) -> dict:
         "seed": field_of(body, "seed", int),
         "max_tokens": max_tokens,
         "stop": field_of(body, "stop", (str, list)),
+        **({"tools": field_of(body, "tools", list), "tool_choice": field_of(body, "tool_choice", (str, dict)),
+            "parallel_tool_calls": field_of(body, "parallel_tool_calls", bool),
+            "response_format": field_of(body, "response_format", dict)} if kind == "chat" else {}),
     }
 
 
@@ -133,10 +142,15 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
             events += chunk([], _usage(result))
         return [*events, (None, "[DONE]")]
 
+    def tool_call(index: int, call: ToolCall) -> list:
+        delta = {"tool_calls": [{"index": index, **call.to_openai()}]}
+        return chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
     return StreamShape(
         protocol="openai",
         start=lambda s: chunk([choice(None, None, role=True)]) if kind == "chat" else [],
         delta=lambda text: chunk([choice(text, None)]),
+        tool_call=tool_call,
         end=end,
         error=lambda e: [(None, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})],
     )
@@ -173,8 +187,10 @@ async def _run(request: web.Request, body: dict, kind: str) -> web.StreamRespons
 def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dict:
     finish = FINISH[result.finish_reason]
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                  "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.tool_calls:
+            message.update(content=result.text or None, tool_calls=[c.to_openai() for c in result.tool_calls])
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}

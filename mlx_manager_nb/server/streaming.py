@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from ..streams import AsyncTextStream, Result
+from ..tools import ToolCall
 from .common import AUDITED, STATS, id_headers
 
 SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
@@ -28,6 +29,7 @@ class StreamShape:
     delta: Callable[[str], list[SseEvent]]
     end: Callable[[Result], list[SseEvent]]
     error: Callable[[Exception], list[SseEvent]]
+    tool_call: Callable[[int, ToolCall], list[SseEvent]] | None = None  # a completed call, with its index
 
 
 async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> None:
@@ -60,17 +62,27 @@ async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stre
             result = await s.collect()
             stats.finished(result.usage.completion_tokens, result.duration)
             return web.json_response(final(result))
+        events = s.events()  # text deltas and tool calls, in order
         try:
-            first: str | None = await s.__anext__()
+            first: str | ToolCall | None = await events.__anext__()
         except StopAsyncIteration:
             first = None
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                                **id_headers(request, shape.protocol)})
         await response.prepare(request)
+        calls = 0
+
+        def shaped(item: str | ToolCall) -> list[SseEvent]:
+            nonlocal calls
+            if isinstance(item, str):
+                return shape.delta(item)
+            calls += 1
+            return shape.tool_call(calls - 1, item) if shape.tool_call else []
+
         try:
-            await send_events(response, shape.start(s) + (shape.delta(first) if first else []))
-            async for delta in s:
-                await send_events(response, shape.delta(delta))
+            await send_events(response, shape.start(s) + (shaped(first) if first is not None else []))
+            async for item in events:
+                await send_events(response, shaped(item))
             assert s.result is not None
             await send_events(response, shape.end(s.result))
             stats.finished(s.result.usage.completion_tokens, s.result.duration)

@@ -1,0 +1,160 @@
+"""Grammar-constrained decoding with llguidance: grammars, per-model tokenizers, per-request matchers.
+
+A :class:`Constraint` is one request's logits processor: before each sampling step it feeds the
+matcher the token sampled last and masks every token the grammar forbids, so the text is
+guaranteed to match. It runs inside mlx-lm's ``BatchGenerator`` beside unconstrained requests.
+Once the grammar is complete only end-of-turn tokens stay allowed, so a finished grammar ends the turn.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import llguidance as llg
+import mlx.core as mx
+import numpy as np
+
+from .errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+#: Compact JSON: no free whitespace, which a weak model can repeat until max_tokens.
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
+MATCHERS_PER_MODEL = 64
+
+
+class _ModelGrammars:
+    """Per model (per tokenizer): the llguidance tokenizer and compiled matchers by grammar."""
+
+    def __init__(self, tokenizer: Any):
+        hf = tokenizer._tokenizer
+        backend = hf.backend_tokenizer
+        eos = sorted(tokenizer.eos_token_ids)
+        self.lock = threading.Lock()
+        self.ll = llg.LLTokenizer(backend.to_str(), n_vocab=len(hf), eos_token=eos)
+        self.matchers: OrderedDict[str, llg.LLMatcher] = OrderedDict()
+
+
+_models: weakref.WeakKeyDictionary[Any, _ModelGrammars] = weakref.WeakKeyDictionary()
+_models_lock = threading.Lock()
+
+
+def _grammars(tokenizer: Any) -> _ModelGrammars:
+    """The model's grammar cache, converting its tokenizer once (slow for large vocabularies)."""
+    with _models_lock:
+        g = _models.get(tokenizer)
+        if g is None:
+            g = _models[tokenizer] = _ModelGrammars(tokenizer)
+        return g
+
+
+def ll_tokenizer(tokenizer: Any) -> llg.LLTokenizer:
+    """llguidance's view of an mlx-lm ``TokenizerWrapper``, cached per tokenizer."""
+    return _grammars(tokenizer).ll
+
+
+def check_schema(schema: Any, param: str) -> dict:
+    """A JSON schema, checked against the JSON Schema meta-schema; raise naming ``param`` if invalid."""
+    if not isinstance(schema, dict):
+        raise InvalidParameterError(param, f"{param} must be a JSON schema object, got {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise InvalidParameterError(param, f"{param} is not a valid JSON schema: {e.message}") from None
+    return schema
+
+
+def closed_schema(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on each object that does not say: for schemas
+    made from Python (pydantic models, function signatures), where extra keys are no use."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_schema(v) for k, v in schema.items()}
+    if out.get("type") == "object" and "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def json_grammar(schema: dict, param: str) -> str:
+    """The grammar of JSON text matching ``schema`` (compact)."""
+    check_schema(schema, param)
+    return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+def lark_json(schema: dict) -> str:
+    """``schema`` inlined in a Lark grammar (``%json {...}``), compact like :func:`json_grammar`."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+
+def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
+    """A fresh matcher for ``grammar``; compiled once per model, then copied.
+
+    Raises :class:`InvalidParameterError` naming ``param`` when llguidance refuses the grammar
+    (an unsupported schema keyword, a grammar too large): never a silent fallback to free text.
+    """
+    g = _grammars(tokenizer)
+    with g.lock:
+        base = g.matchers.get(grammar)
+        if base is not None:
+            g.matchers.move_to_end(grammar)
+            return base.deep_copy()
+    error = llg.LLMatcher.validate_grammar(grammar, g.ll)
+    if error and not error.startswith("WARNING"):
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {error}")
+    base = llg.LLMatcher(g.ll, grammar, log_level=0)
+    if base.is_error():
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {base.get_error()}")
+    with g.lock:
+        g.matchers[grammar] = base
+        while len(g.matchers) > MATCHERS_PER_MODEL:
+            g.matchers.popitem(last=False)
+    return base.deep_copy()
+
+
+class Constraint:
+    """One request's grammar as a logits processor ``(tokens, logits) -> logits``.
+
+    The first call sees the prompt's last token; every later call first consumes the token
+    sampled at the previous step. It never raises inside the batch: should the matcher fail,
+    ``error`` is set and only end-of-turn tokens stay allowed, ending the turn.
+    """
+
+    def __init__(self, matcher: llg.LLMatcher, eos_ids: list[int]):
+        self.matcher = matcher
+        self.eos = np.array(sorted(eos_ids), dtype=np.int64)
+        self.error: str | None = None
+        self._started = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        # start this step's forward pass before waiting for the last token, so the mask is
+        # computed while the model runs (the pipelining mlx-lm gets from async_eval)
+        mx.async_eval(logits)
+        if self._started and self.error is None and not self.matcher.is_stopped():
+            token = tokens[-1].item()
+            assert isinstance(token, int)
+            if not self.matcher.consume_token(token):
+                self.error = self.matcher.get_error() or "the grammar refused a token"
+        self._started = True
+        size = logits.shape[-1]
+        if self.error is not None or self.matcher.is_stopped():
+            allowed = np.zeros(size, dtype=bool)
+            allowed[self.eos[self.eos < size]] = True
+        else:
+            bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = np.zeros(size, dtype=bool)  # the model's vocab may exceed the tokenizer's: those stay masked
+            n = min(size, bits.size)
+            allowed[:n] = bits[:n]
+        return mx.where(mx.array(allowed), logits, -mx.inf)
+
+
+def make_constraint(tokenizer: Any, grammar: str, param: str) -> Constraint:
+    """A :class:`Constraint` for one request on the model of ``tokenizer``."""
+    return Constraint(compile_grammar(tokenizer, grammar, param), list(tokenizer.eos_token_ids))
