@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 def m001_responses(db: Database) -> None:
     """The responses table."""
-    db["responses"].create({"id": str, "created_at": float, "model": str, "status": str, "context": str,
+    db.table("responses").create({"id": str, "created_at": float, "model": str, "status": str, "context": str,
                             "response": str}, pk="id", if_not_exists=True)
 
 
@@ -65,11 +65,12 @@ class ResponseStore:
         return f"ResponseStore({str(self.path)!r})"
 
     def put(self, response: dict, context: list[dict]) -> None:
-        """Store (or replace) ``response`` with its ``context``; queued, never blocks. A failed write is logged."""
-        row = {"id": response["id"], "created_at": response["created_at"], "model": response["model"],
-               "status": response["status"], "context": json.dumps(context, ensure_ascii=False),
-               "response": json.dumps(response, ensure_ascii=False)}
-        self._submit(self._put, row).add_done_callback(_log_failure)
+        """Store (or replace) ``response`` with its ``context``; queued (neither may change after), never
+        blocks. A failed write is logged."""
+        try:
+            self._submit(self._put, response, context).add_done_callback(_log_failure)
+        except RuntimeError as e:  # closed: the server is gone
+            log.warning("response %s not stored: %s", response["id"], e)
 
     async def get(self, response_id: str) -> Stored | None:
         """The stored response with this id, or None."""
@@ -94,7 +95,10 @@ class ResponseStore:
             self._db = open_database(self.path, lambda db: migrate(db, MIGRATIONS, "_responses_migrations"))
         return self._db
 
-    def _put(self, row: dict) -> None:
+    def _put(self, response: dict, context: list[dict]) -> None:
+        row = {"id": response["id"], "created_at": response["created_at"], "model": response["model"],
+               "status": response["status"], "context": json.dumps(context, ensure_ascii=False),
+               "response": json.dumps(response, ensure_ascii=False)}
         with self._open().conn as conn:
             conn.execute("INSERT OR REPLACE INTO responses (id, created_at, model, status, context, response) "
                          "VALUES (:id, :created_at, :model, :status, :context, :response)", row)

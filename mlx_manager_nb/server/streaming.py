@@ -1,6 +1,6 @@
 """One request's run on the pool, answered as JSON or as server-sent events.
 
-Both protocols share this loop; each gives only its shapes: the final JSON body, and a
+Every protocol shares this loop; each gives only its shapes: the final JSON body, and a
 :class:`StreamShape` saying which events open, carry, close and fail a stream.
 """
 
@@ -28,6 +28,8 @@ class StreamShape:
     delta: Callable[[str], list[SseEvent]]
     end: Callable[[Result], list[SseEvent]]
     error: Callable[[Exception], list[SseEvent]]
+    # a completed tool call and its index: called once the pool's streams carry calls (the tools machinery)
+    tool_call: Callable[[int, Any], list[SseEvent]] | None = None
 
 
 async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> None:
