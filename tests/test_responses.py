@@ -146,7 +146,8 @@ def test_previous_response_id_over_three_turns_reuses_the_prompt_cache(server, p
         responses.append(r)
     assert responses[0].usage.input_tokens_details.cached_tokens == 0
     # a stored conversation renders to the same prompt prefix, so the engine's prompt cache serves it
-    assert all(r.usage.input_tokens_details.cached_tokens > 0 for r in responses[1:])
+    for before, after in zip(responses, responses[1:]):
+        assert after.usage.input_tokens_details.cached_tokens >= before.usage.input_tokens
     items = c.responses.input_items.list(ids[-1], order="asc").data
     assert [(i.role, i.content[0].text) for i in items] == [
         ("user", "Hi"), ("assistant", responses[0].output_text), ("user", "Tell me more"),
