@@ -6,6 +6,7 @@ field the types do not know fails the test as a missing one does.
 
 import asyncio
 import json
+import sqlite3
 import urllib.request
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 
+from mlx_manager_nb.response_store import MIGRATIONS, ResponseStore
 from mlx_manager_nb.server import serve
 from mlx_manager_nb.server.common import ApiError
 from mlx_manager_nb.server.responses_api import _input_items, _messages, tool_options
@@ -210,6 +212,22 @@ def test_stored_responses_are_private_and_outlive_the_server(pool, isolated_home
         assert client(s).responses.retrieve(r.id) == r
     finally:
         s.stop(drain=0)
+
+
+def test_the_store_is_versioned_and_shared_by_two_writers(tmp_path):
+    async def main():
+        one, two = ResponseStore(tmp_path / "r.db"), ResponseStore(tmp_path / "r.db")
+        one.put({"id": "resp_1", "created_at": 0, "model": "m", "status": "completed", "output": []}, [{"id": "a"}])
+        assert (await one.get("resp_1")).context == [{"id": "a"}]  # read after write, in order
+        assert (await two.get("resp_1")).response["status"] == "completed"
+        assert await two.delete("resp_1") and not await one.delete("resp_1") and await one.get("resp_1") is None
+        one.close()
+        two.close()
+
+    asyncio.run(main())
+    with sqlite3.connect(tmp_path / "r.db") as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM _responses_migrations")]
+    assert names == [m.__name__ for m in MIGRATIONS]
 
 
 def test_requests_are_audited_as_openai(server, audit):
