@@ -81,11 +81,12 @@ class ResponseStore:
         return await asyncio.wrap_future(self._submit(self._delete, response_id))
 
     def close(self) -> None:
-        """Finish queued writes and close the database."""
-        self._worker.shutdown(wait=True)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Close the database once the queued writes are done; returns at once."""
+        try:
+            self._submit(self._close)
+        except RuntimeError:  # interpreter exit: the worker has already finished its queue and stopped
+            self._close()
+        self._worker.shutdown(wait=False)
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         return self._worker.submit(fn, *args)
@@ -94,6 +95,11 @@ class ResponseStore:
         if self._db is None:
             self._db = open_database(self.path, lambda db: migrate(db, MIGRATIONS, "_responses_migrations"))
         return self._db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def _put(self, response: dict, context: list[dict]) -> None:
         row = {"id": response["id"], "created_at": response["created_at"], "model": response["model"],

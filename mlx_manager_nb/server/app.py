@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -54,10 +53,10 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
 
 
 async def _close_responses(app: web.Application) -> None:
-    """Finish the response store's queued writes (on a worker thread) and close it."""
+    """Close the response store once its queued writes are done (without waiting for them here)."""
     store = app[RESPONSES]
     if store is not None:
-        await asyncio.get_running_loop().run_in_executor(None, store.close)
+        store.close()
 
 
 def _protocol(path: str) -> str:
