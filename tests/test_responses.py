@@ -313,6 +313,8 @@ CALL = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
         ({**TINY, "metadata": {"k": 1}}, 400, "metadata"),
         ({**TINY, "max_output_tokens": 0}, 400, "max_output_tokens"),
         ({**TINY, "top_p": 2}, 400, "top_p"),
+        ({**TINY, "max_output_tokens": 10**6}, 400, "max_output_tokens"),
+        ({**TINY, "input": "word " * 600}, 400, "input"),
         ({**TINY, "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
         ({"model": "nope", "input": "Hi"}, 404, "model"),
     ],
@@ -321,6 +323,11 @@ def test_bad_requests_name_the_field(server, body, status, param):
     code, _, err = call(server.url + "/v1/responses", body)
     assert (code, err["error"]["param"]) == (status, param), err
     assert set(err["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded(server):
+    code, _, err = call(server.url + "/v1/responses", {**TINY, "input": "word " * 600, "stream": True})
+    assert (code, err["error"]["code"], err["error"]["param"]) == (400, "context_length_exceeded", "input")
 
 
 def test_fields_that_ask_for_nothing_are_accepted(server):

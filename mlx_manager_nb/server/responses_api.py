@@ -16,8 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import InvalidParameterError
 from ..params import GenParams
-from .common import MODEL, POOL, REQUEST_ID, RESPONSES, ApiError, audit_meta, field_of, resolve_model
+from .common import MODEL, POOL, REQUEST_ID, RESPONSES, ApiError, api_error, audit_meta, field_of, resolve_model
 from .responses_output import Draft, final, new_item_id, stream_shape
 from .streaming import respond
 
@@ -31,6 +32,7 @@ NO_OPS = {  # values that ask for nothing: accepted
     "top_logprobs": (0,),
 }
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+POOL_NAMES = {"max_tokens": "max_output_tokens"}  # the pool's parameter -> this API's field
 MAX_METADATA = 16  # key-value pairs, each key up to 64 characters and value up to 512, as OpenAI's
 
 
@@ -285,10 +287,15 @@ async def create(request: web.Request, body: dict) -> web.StreamResponse:
 
     pool = request.app[POOL]
     meta = audit_meta(request, "openai", stream)
-    return await respond(
-        request, lambda: pool.achat(messages, model=name, stream=True, meta=meta, **sampling, **options), stream,
-        lambda result: finish(final(draft, result)), stream_shape(draft, finish),
-    )
+    try:
+        return await respond(
+            request, lambda: pool.achat(messages, model=name, stream=True, meta=meta, **sampling, **options), stream,
+            lambda result: finish(final(draft, result)), stream_shape(draft, finish),
+        )
+    except InvalidParameterError as e:  # the pool names its own parameters: name this API's
+        error = api_error("openai", e)
+        error.param = "input" if e.param.startswith("messages") else POOL_NAMES.get(e.param, e.param)
+        raise error from None
 
 
 async def _stored(request: web.Request) -> tuple[str, Any]:
