@@ -252,6 +252,8 @@ async def _history(request: web.Request, previous: str | None) -> list[dict]:
 
 
 async def create(request: web.Request, body: dict) -> web.StreamResponse:
+    """Answer ``input`` after the conversation ``previous_response_id`` names; store the response unless
+    ``store`` is false or the server keeps none."""
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
     stream = field_of(body, "stream", bool, default=False)
@@ -262,12 +264,20 @@ async def create(request: web.Request, body: dict) -> web.StreamResponse:
     tool_choice = _tool_choice(body, tools)
     parallel = field_of(body, "parallel_tool_calls", bool, default=True)
     text = _text_config(body)
-    echo = {
-        "instructions": instructions, "max_output_tokens": sampling["max_tokens"], "metadata": _metadata(body),
-        "parallel_tool_calls": parallel, "previous_response_id": field_of(body, "previous_response_id", str),
-        "reasoning": _reasoning(body), "temperature": sampling["temperature"] if sampling["temperature"] is not None
-        else GenParams.temperature, "text": text, "tool_choice": tool_choice, "tools": tools,
-        "top_p": sampling["top_p"] if sampling["top_p"] is not None else GenParams.top_p, "truncation": "disabled",
+    temperature, top_p = sampling["temperature"], sampling["top_p"]
+    echo = {  # what the response reports of its request, with the defaults this server applies
+        "instructions": instructions,
+        "max_output_tokens": sampling["max_tokens"],
+        "metadata": _metadata(body),
+        "parallel_tool_calls": parallel,
+        "previous_response_id": field_of(body, "previous_response_id", str),
+        "reasoning": _reasoning(body),
+        "temperature": GenParams.temperature if temperature is None else temperature,
+        "text": text,
+        "tool_choice": tool_choice,
+        "tools": tools,
+        "top_p": GenParams.top_p if top_p is None else top_p,
+        "truncation": "disabled",
         "user": field_of(body, "user", str),
     }
     store = request.app[RESPONSES] if field_of(body, "store", bool, default=True) else None
