@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test test-unit
+.PHONY: demo test test-unit lint
 demo: $(VENV)/.installed  ## a real kernel serves the demo model; the openai and anthropic SDKs call it
 	$(PY) -m mlx_manager_nb demo
 
@@ -18,3 +18,7 @@ test: $(VENV)/.installed  ## the whole suite: unit, server, kernel and notebook 
 
 test-unit: $(VENV)/.installed  ## the tests on the tiny model only: no notebooks, no demo model (under a minute)
 	$(PY) -m pytest tests -m "not slow"
+
+lint: $(VENV)/.installed  ## ruff (pyflakes, bugbear, pyupgrade, simplify, ruff's own rules) and mypy on the package
+	$(PY) -m ruff check .
+	$(PY) -m mypy

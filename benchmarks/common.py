@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import mlx_manager_nb  # first: binds the fast BLAS before mlx loads  # noqa: F401
 

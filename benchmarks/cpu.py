@@ -138,7 +138,7 @@ def main() -> None:
     targets = {8: 75, 16: 100}
     results = {}
     for n in (1, 2, 4, 8, 16):
-        results[n] = best_of(2, lambda: concurrently(n, lambda i: chat(i).usage.completion_tokens))
+        results[n] = best_of(2, lambda n=n: concurrently(n, lambda i: chat(i).usage.completion_tokens))
         target = targets.get(n)
         row(f"{n:2} stream{'s' if n > 1 else ''}", results[n], "tok/s",
             results[n] / target if target else None, 1.0 if target else None)

@@ -20,10 +20,11 @@ from mlx_manager_nb.model_pool import Pool, _load_runner
 
 def raw_single(model, tokenizer, prompt) -> tuple[float, float]:
     start = time.perf_counter()
-    first = None
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS, sampler=make_sampler(0.0)):
-        first = first or time.perf_counter()
-    return r.generation_tps, first - start
+    responses = stream_generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS, sampler=make_sampler(0.0))
+    next(responses)
+    ttft = time.perf_counter() - start
+    *_, last = responses
+    return last.generation_tps, ttft
 
 
 def main() -> None:

@@ -66,8 +66,8 @@ def main() -> None:
 
     print(f"demo model, {MAX_TOKENS} tokens out, streamed; server at {server.url}")
     for n, target in ((1, 0.95), (8, 0.9)):
-        local = best_of(2, lambda: concurrently(n, in_process))
-        http = best_of(2, lambda: over_http(n))
+        local = best_of(2, lambda n=n: concurrently(n, in_process))
+        http = best_of(2, lambda n=n: over_http(n))
         print(f"{n} client{'s' if n > 1 else ''} (aggregate)")
         row("in-process pool.chat(stream=True)", local, "tok/s")
         row("HTTP /v1/chat/completions (streamed, SSE)", http, "tok/s", http / local, target)

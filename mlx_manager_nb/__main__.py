@@ -21,7 +21,10 @@ def serve_command(args: argparse.Namespace) -> int:
 
     pool = default_pool()
     for ref in args.model:
-        info = pool.load(ref, progress=lambda stage, f: print(f"\r{ref}: {stage} {f:4.0%}", end="", flush=True))
+        def progress(stage: str, fraction: float, ref: str = ref) -> None:
+            print(f"\r{ref}: {stage} {fraction:4.0%}", end="", flush=True)
+
+        info = pool.load(ref, progress=progress)
         print(f"\r{ref}: loaded as {info.alias or info.name} ({info.size_bytes / 2**20:.0f} MiB)")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE)
     server = serve(pool, host=args.host, port=args.port, api_key=api_key, cors_origins=args.cors,

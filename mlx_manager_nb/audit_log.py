@@ -37,6 +37,7 @@ succeeds again, and the rows of the failed batch are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -49,10 +50,11 @@ import uuid
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Callable
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -122,10 +124,8 @@ def open_database(path: Path | str, schema: Callable[[Database], None] = migrate
     if path != ":memory:":
         path = Path(path)
         make_private_dir(path.parent)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            pass
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, check_same_thread=False)
     try:
         db = Database(conn)

@@ -104,7 +104,7 @@ def bound_library() -> str | None:
             for line in maps:
                 parts = line.split()
                 start, end = (int(x, 16) for x in parts[0].split("-"))
-                if start <= address < end and len(parts) >= 6:
+                if address is not None and start <= address < end and len(parts) >= 6:
                     return parts[5]
     except (AttributeError, OSError, ValueError):
         pass

@@ -37,7 +37,7 @@ def doctor(pool: Any = None) -> dict:
     pool = pool if pool is not None else default_pool()
     device = mx.default_device()
     return {
-        "mlx": mx.__version__,
+        "mlx": getattr(mx, "__version__", "unknown"),
         "mlx_lm": mlx_lm.__version__,
         "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
         "device": "GPU (Metal)" if device.type == mx.DeviceType.gpu else "CPU",

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from html import escape
-from typing import Any, Sequence
+from typing import Any
 
 from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
@@ -25,7 +26,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) ->
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))] if lines else []
 
     def text_row(row: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
 
     text = [text_row(row) for row in lines]
     if header:
@@ -92,10 +93,11 @@ def size(n: int | None) -> str:
     """Bytes as ``12.3 MiB``."""
     if n is None:
         return NONE
+    value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
     return NONE
 
 

@@ -15,14 +15,16 @@ gets what the running sequences leave. When the engine goes idle it hands MLX's 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
@@ -35,7 +37,7 @@ from .stops import StopMatcher
 
 PROMPT_CACHE_ENTRIES = 16
 MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
-_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 class _Stop(Exception):
@@ -179,7 +181,7 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         """End the engine thread after the work queued before this call; requests still running end as
         cancelled. A later call restarts it."""
-        if self.alive:
+        if self._thread is not None and self._thread.is_alive():
             self._inbox.put(("stop",))
             self._thread.join(timeout)
 
@@ -379,9 +381,9 @@ class Engine:
             mx.clear_cache()
             return
         for uid in [uid for uid, s in runner.active.items() if s.faults]:
-            seq = runner.active.pop(uid)
+            faulty = runner.active.pop(uid)
             gen.remove([uid])
-            _emit(seq.request, Failed(EngineError(f"sampling failed for this request: {seq.faults[0]!r}")))
+            _emit(faulty.request, Failed(EngineError(f"sampling failed for this request: {faulty.faults[0]!r}")))
         for r in responses:
             seq = runner.active.get(r.uid)
             if seq is None:
@@ -499,10 +501,8 @@ def _done(request: Request, reason: str, stop: str | None, tokens: int, cached: 
 
 def _emit(request: Request, event: Event) -> None:
     """Deliver a final event; a consumer that is gone cannot be told, and that is fine."""
-    try:
+    with contextlib.suppress(Exception):
         request.emit(event)
-    except Exception:
-        pass
 
 
 def stop_all() -> None:

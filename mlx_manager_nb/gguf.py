@@ -75,7 +75,7 @@ def convert_gguf(
     tokenizer, tokenizer_config = _tokenizer(gguf_path, metadata)
     report("converting", 0.25)
     try:
-        raw = mx.load(str(gguf_path))
+        raw: Any = mx.load(str(gguf_path))
     except (RuntimeError, ValueError) as e:
         raise InvalidModelError(f"{gguf_path}: cannot read the tensors: {e}") from e
     try:
@@ -219,10 +219,11 @@ def _model_config(
     """mlx-lm's llama config.json from the `llama.*` metadata."""
 
     def get(key: str, default: Any = None, kind: type | tuple[type, ...] = int) -> Any:
-        value = metadata.get(f"llama.{key}", default)
+        value: Any = metadata.get(f"llama.{key}", default)
         if value is None:
             raise InvalidModelError(f"{path}: metadata key 'llama.{key}' is missing")
-        if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+        of_kind = isinstance(value, kind) and not isinstance(value, bool)
+        if not of_kind or value <= 0:
             raise InvalidModelError(f"{path}: metadata key 'llama.{key}' has an invalid value {value!r}")
         return value
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 
 def _cell(client, code: str) -> str:
@@ -41,14 +42,15 @@ def run(question: str) -> int:
                   "info = pool.load('demo', alias='demo')\nserver = serve(pool, port=0)\nstart = utc_now()")
         url = _cell(kc, "print(server.url)").strip()
         print(f"The kernel serves at {url} on its own event loop; this process is its client.\n")
-        messages = [{"role": "user", "content": question}]
+        messages: Any = [{"role": "user", "content": question}]
 
         oa = openai.OpenAI(base_url=url + "/v1", api_key="not-needed")
         t = time.perf_counter()
         r = oa.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=60)
         seconds = time.perf_counter() - t
-        print(f"openai SDK      > {question}\n                  {r.choices[0].message.content.strip()}")
-        print(f"                  ({r.usage.completion_tokens} tokens in {seconds:.1f} s)\n")
+        answer = (r.choices[0].message.content or "").strip()
+        print(f"openai SDK      > {question}\n                  {answer}")
+        print(f"                  ({r.usage.completion_tokens if r.usage else 0} tokens in {seconds:.1f} s)\n")
 
         an = anthropic.Anthropic(base_url=url, api_key="not-needed")
         print("anthropic SDK   > (streamed) Write a haiku about the sea.\n                  ", end="", flush=True)
@@ -65,7 +67,7 @@ def run(question: str) -> int:
         print("\nAudit rows the kernel recorded for these calls (newest first):")
         print(f"  {'endpoint':22} {'protocol':9} {'stream':6} {'status':8} {'tokens':>6} {'ttft s':>7} {'tok/s':>6}")
         for row in rows:
-            print(f"  {row['endpoint']:22} {row['protocol']:9} {str(bool(row['stream'])):6} {row['status']:8} "
+            print(f"  {row['endpoint']:22} {row['protocol']:9} {bool(row['stream'])!s:6} {row['status']:8} "
                   f"{row['completion_tokens'] or 0:>6} {row['ttft'] or 0:>7.2f} {row['tokens_per_second'] or 0:>6.1f}")
         _cell(kc, "await server.astop(drain=1)")
         print("\nServer stopped; the kernel shuts down.")

@@ -118,7 +118,7 @@ def _with_progress(shell: Any, label: str, fn: Callable[[Callable[[str, float], 
         raise
 
 
-def cmd_load(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_load(magics: MLXMagics, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     info, live = _with_progress(magics.shell, args.model, lambda progress: _pool().load(
         args.model, alias=args.alias, pin=args.pin, keep_alive=args.keep_alive, progress=progress))
@@ -128,22 +128,22 @@ def cmd_load(magics: "MLXMagics", args: argparse.Namespace) -> None:
                                f"Chat with `%%chat`."}, final=True)
 
 
-def cmd_unload(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_unload(magics: MLXMagics, args: argparse.Namespace) -> None:
     _pool().unload(args.name)
     print(f"Unloaded {args.name}.")
 
 
-def cmd_pin(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_pin(magics: MLXMagics, args: argparse.Namespace) -> None:
     _pool().pin(args.name)
     print(f"Pinned {args.name}: it stays loaded until `%mlx unpin {args.name}`.")
 
 
-def cmd_unpin(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_unpin(magics: MLXMagics, args: argparse.Namespace) -> None:
     info = _pool().unpin(args.name)
     print(f"Unpinned {args.name}: it unloads after {out.seconds(info.keep_alive)} idle, or when room is needed.")
 
 
-def cmd_ls(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_ls(magics: MLXMagics, args: argparse.Namespace) -> None:
     models = store.list_local_models()
     if not models:
         print(f"No local models in {store.models_dir()} or the Hugging Face cache. "
@@ -154,7 +154,7 @@ def cmd_ls(magics: "MLXMagics", args: argparse.Namespace) -> None:
     out.show(out.table(rows, ["name", "architecture", "size", "quantization", "context", "chat template", "origin"]))
 
 
-def cmd_ps(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
     pool = _pool()
     models = pool.models()
     if not models:
@@ -166,7 +166,7 @@ def cmd_ps(magics: "MLXMagics", args: argparse.Namespace) -> None:
     out.show(out.table(rows, ["name", "alias", "state", "size", "in flight", "last used", "pinned", "keep-alive"]))
 
 
-def cmd_default(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_default(magics: MLXMagics, args: argparse.Namespace) -> None:
     pool = _pool()
     if args.model is not None:
         info = pool.find(args.model)
@@ -174,14 +174,14 @@ def cmd_default(magics: "MLXMagics", args: argparse.Namespace) -> None:
     print(f"`%%chat` uses {pool.default or 'the most recently used model'} when no model is named.")
 
 
-def cmd_import_gguf(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_import_gguf(magics: MLXMagics, args: argparse.Namespace) -> None:
     path, live = _with_progress(magics.shell, args.path,
                                 lambda progress: store.import_gguf(args.path, args.name, progress))
     live.update({"text/plain": f"Imported {args.path} into the store as {path.name}. "
                                f"Load it with `%mlx load {path.name}`."}, final=True)
 
 
-def cmd_serve(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_serve(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .server import running_servers, serve
 
     if running := running_servers(_pool()):
@@ -192,7 +192,7 @@ def cmd_serve(magics: "MLXMagics", args: argparse.Namespace) -> None:
     print(f"Serving at {server.url}. `%mlx status` shows it, `%mlx stop` stops it.")
 
 
-def cmd_stop(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_stop(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .server import running_servers
 
     servers = running_servers(_pool())
@@ -204,7 +204,7 @@ def cmd_stop(magics: "MLXMagics", args: argparse.Namespace) -> None:
                                                 "is stopping: open streams get 5 s to finish."))
 
 
-def cmd_status(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_status(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .server import running_servers
 
     pool, audit = _pool(), _audit()
@@ -224,7 +224,7 @@ def cmd_status(magics: "MLXMagics", args: argparse.Namespace) -> None:
     out.show(out.table(rows))
 
 
-def cmd_audit(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_audit(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .audit_log import FAILED
 
     audit = _audit()
@@ -256,7 +256,7 @@ def cmd_audit(magics: "MLXMagics", args: argparse.Namespace) -> None:
     out.show(out.table(rows, header))
 
 
-def cmd_dashboard(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_dashboard(magics: MLXMagics, args: argparse.Namespace) -> None:
     try:
         from .widgets import dashboard
     except ImportError as e:
@@ -266,7 +266,7 @@ def cmd_dashboard(magics: "MLXMagics", args: argparse.Namespace) -> None:
     display(dashboard(_pool(), _audit()))
 
 
-def cmd_doctor(magics: "MLXMagics", args: argparse.Namespace) -> None:
+def cmd_doctor(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .diagnostics import doctor
 
     report = doctor(_pool())
@@ -432,17 +432,17 @@ def deliver(shell: Any, args: argparse.Namespace, text: str) -> None:
         shell.user_ns[args.out] = value
 
 
-def run_chat(magics: "MLXMagics", line: str, cell: str) -> None:
+def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
     args = parse(chat_parser(), line)
     if args is None:
         return
     if args.out is not None and not args.out.isidentifier():
         raise UsageError(f"%%chat: --out needs a variable name, got {args.out!r}.")
-    prompt = fill(cell, magics.shell.user_ns).strip()
+    prompt = fill(cell, magics.shell.user_ns if magics.shell is not None else {}).strip()
     if not prompt:
         raise UsageError("%%chat: the cell is empty; write your message below the %%chat line.")
     history = [] if args.new else magics.conversations.get(args.name, [])
-    messages = with_system(history, args.system) + [{"role": "user", "content": prompt}]
+    messages = [*with_system(history, args.system), {"role": "user", "content": prompt}]
     try:
         stream = _pool().chat(messages, model=args.model, stream=True, meta=dict(META),
                               temperature=args.temperature, max_tokens=args.max_tokens)
@@ -451,7 +451,7 @@ def run_chat(magics: "MLXMagics", line: str, cell: str) -> None:
             raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
         raise
     interrupted = show_stream(stream, out.can_update(magics.shell), args.format)
-    magics.conversations[args.name] = messages + [{"role": "assistant", "content": stream.text}]
+    magics.conversations[args.name] = [*messages, {"role": "assistant", "content": stream.text}]
     if interrupted:
         raise Interrupted(f"generation stopped; the partial answer is kept in conversation {args.name!r}")
     out.show(out.note(footer(stream.result)))

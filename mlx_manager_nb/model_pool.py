@@ -14,6 +14,7 @@ called from any thread, and the ``a``-prefixed ones from a running event loop wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -101,7 +102,8 @@ def physical_memory() -> int:
 
 
 def _model_bytes(model: Any) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    return sum(v.nbytes for _, v in flat)
 
 
 def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], dequantize: bool) -> Runner:
@@ -111,7 +113,7 @@ def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], 
     slow and do not speed up with batching, while float32 matmuls go through an optimized BLAS.
     """
     try:
-        model, tokenizer = load_model(str(path), lazy=True)
+        model, tokenizer = load_model(str(path), lazy=True)[:2]
         if dequantize:
             model = dequantize_model(model)
             model.set_dtype(mx.float32)
@@ -210,10 +212,8 @@ class Pool:
 
     def _publish(self, event: PoolEvent) -> None:
         for listener in list(self._listeners):
-            try:
+            with contextlib.suppress(Exception):
                 listener(event)
-            except Exception:
-                pass
 
     def _set(self, name: str, **changes: Any) -> ModelInfo:
         with self._lock:
@@ -265,7 +265,7 @@ class Pool:
         ref: str | os.PathLike,
         alias: str | None = None,
         pin: bool = False,
-        keep_alive: float | None | str = "default",
+        keep_alive: float | str | None = "default",
         progress: Callable[[str, float], None] | None = None,
     ) -> ModelInfo:
         """Load a model (see :func:`mlx_manager_nb.store.resolve` for references); return its info.
@@ -281,12 +281,11 @@ class Pool:
         path = store.resolve(ref, report)
         name = store.model_name(ref, path)
         with self._lock:
-            fut = self._loading.get(name)
-            owner = fut is None
-            if owner:
+            waiting = self._loading.get(name)
+            if waiting is None:
                 fut = self._loading[name] = Future()
-        if not owner:
-            return fut.result()
+        if waiting is not None:
+            return waiting.result()
         try:
             info = self._load_new(name, ref, path, alias, pin, keep_alive, report)
             fut.set_result(info)
@@ -533,10 +532,8 @@ class Pool:
         """Record a request refused before it reached the engine (bad input, unknown model) in the audit log."""
         meta = meta or {}
         if model is None:  # the model the request would have gone to, so stats group it there
-            try:
+            with contextlib.suppress(ModelNotFoundError):
                 model = self.find(None).name
-            except ModelNotFoundError:
-                pass
         row = _audit_row(meta.get("id") or new_request_id(), utc_now(), kind, model, meta, _error_fields(error))
         self._publish(RequestEvent("end", row))
         audit = meta.get("audit") or self.audit
@@ -651,10 +648,8 @@ class Pool:
     def close(self) -> None:
         """Unload every model, end the engine thread and flush the audit log; later use starts afresh."""
         for m in self.models():
-            try:
+            with contextlib.suppress(ModelNotFoundError):
                 self.unload(m.name)
-            except ModelNotFoundError:
-                pass
         self.engine.stop()
         if self.audit is not None:
             self.audit.flush()

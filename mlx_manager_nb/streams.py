@@ -8,6 +8,7 @@ stream from an ``asyncio.Queue`` fed through ``loop.call_soon_threadsafe``. Leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def make_result(request_id: str, model: str, text: str, done: Done) -> Result:
                   done.tokens_per_second, done.duration)
 
 
-def _consume(stream: "TextStream | AsyncTextStream", event: Event) -> str | None:
+def _consume(stream: TextStream | AsyncTextStream, event: Event) -> str | None:
     """Apply one engine event to a stream: the delta's text, None at the end, or the failure raised."""
     if isinstance(event, Delta):
         stream.text += event.text
@@ -81,12 +82,11 @@ class TextStream:
     def close(self) -> None:
         """Stop reading; the engine drops the request within one step. Safe from any thread."""
         self._request.cancelled.set()
-        try:
+        # ValueError: another thread is iterating; it ends when the engine reports the cancel
+        with contextlib.suppress(ValueError):
             self._it.close()
-        except ValueError:  # another thread is iterating: it ends when the engine reports the cancel
-            pass
 
-    def __enter__(self) -> "TextStream":
+    def __enter__(self) -> TextStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,10 +140,8 @@ class AsyncTextStream:
         self.cancel()
         await self._it.aclose()
         if self._request is not None and not self._ended:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drain(), self.CLOSE_WAIT)
-            except asyncio.TimeoutError:
-                pass
 
     async def collect(self) -> Result:
         """Read to the end and return the result."""

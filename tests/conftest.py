@@ -32,6 +32,36 @@ def audit(tmp_path):
 
 
 @pytest.fixture
+def shell():
+    """A fresh IPython shell (history in memory) with the extension loaded, over fresh default pool and
+    audit log; servers still running and the defaults are cleared afterwards.
+
+    The shell is made the global instance for the test, as in a kernel: display() and
+    capture_output() publish through InteractiveShell.instance().
+    """
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    from traitlets.config import Config
+
+    from mlx_manager_nb import defaults
+    from mlx_manager_nb.server import running_servers
+
+    defaults.reset_defaults()
+    InteractiveShell.clear_instance()
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell.instance(config=config)
+    with capture_output() as c:
+        ip.run_line_magic("load_ext", "mlx_manager_nb")
+    ip.banner_output = c.stdout
+    yield ip
+    for server in running_servers():
+        server.stop(drain=0)
+    defaults.reset_defaults()
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
 def make_pool():
     """Make pools with `make_pool(**kwargs)`; each is closed and its engine thread ended after the test."""
     from mlx_manager_nb.model_pool import Pool

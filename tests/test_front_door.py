@@ -5,7 +5,6 @@ import sys
 
 import pytest
 from helpers import wait_for
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import mlx_manager_nb
@@ -60,19 +59,10 @@ def test_create_app_takes_its_pool_explicitly():
 
 
 @pytest.fixture
-def shell(tiny_model_path):
-    """A fresh shell with the extension, over a fresh default pool holding the tiny model."""
-    defaults.reset_defaults()
-    InteractiveShell.clear_instance()  # a new shell, which IPython's display() then publishes to
-    ip = InteractiveShell.instance()
-    with capture_output():
-        ip.run_line_magic("load_ext", "mlx_manager_nb")
+def tiny_shell(shell, tiny_model_path):
+    """A fresh shell over a fresh default pool holding the tiny model."""
     defaults.default_pool().load(tiny_model_path)
-    yield ip
-    for server in running_servers():
-        server.stop(drain=0)
-    defaults.reset_defaults()
-    InteractiveShell.clear_instance()
+    return shell
 
 
 def magic(ip, line):
@@ -81,10 +71,10 @@ def magic(ip, line):
     return c
 
 
-def test_a_server_started_with_the_magic_shows_in_the_panel(shell):
+def test_a_server_started_with_the_magic_shows_in_the_panel(tiny_shell):
     parts = server_panel().parts
     assert "Server stopped" in parts.url.value
-    magic(shell, "serve --thread --port 0")
+    magic(tiny_shell, "serve --thread --port 0")
     (server,) = running_servers()
     assert wait_for(lambda: server.url in parts.url.value) and parts.toggle.description == "Stop server"
     parts.toggle.value = False  # the panel stops the magic's server
@@ -92,15 +82,15 @@ def test_a_server_started_with_the_magic_shows_in_the_panel(shell):
     assert running_servers() == []
 
 
-def test_a_server_started_from_the_panel_is_seen_and_stopped_by_the_magic(shell):
+def test_a_server_started_from_the_panel_is_seen_and_stopped_by_the_magic(tiny_shell):
     parts = server_panel().parts
     parts.port.value = 0
     parts.toggle.value = True
     assert parts.error.value == ""
     (server,) = running_servers(defaults.default_pool())
-    status = magic(shell, "status").outputs[0].data["text/plain"]
+    status = magic(tiny_shell, "status").outputs[0].data["text/plain"]
     assert server.url in status
-    assert magic(shell, "stop").stdout == f"The server at {server.url} stopped.\n"
+    assert magic(tiny_shell, "stop").stdout == f"The server at {server.url} stopped.\n"
     assert not server.running and wait_for(lambda: "Server stopped" in parts.url.value)
 
 

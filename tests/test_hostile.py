@@ -102,7 +102,7 @@ def test_a_model_whose_chat_template_does_not_render_is_refused_at_load(make_poo
     config["chat_template"] = "{{ raise_exception('no chats here') }}"
     (broken / "tokenizer_config.json").write_text(json.dumps(config))
     p = make_pool(keep_alive=None)
-    with pytest.raises(InvalidModelError, match="broken-template.*chat template does not render"):
+    with pytest.raises(InvalidModelError, match=r"broken-template.*chat template does not render"):
         p.load(broken)
     assert p.models() == []
 

@@ -44,7 +44,7 @@ def test_a_request_that_breaks_sampling_fails_alone(pool, monkeypatch, where):
     firsts = [next(s) for s in streams]  # all three are decoding
     with pytest.raises(EngineError, match="poisoned"):
         pool.chat(HELLO, temperature=1, seed=666, max_tokens=40)
-    texts = [f + "".join(s) for f, s in zip(firsts, streams)]
+    texts = [f + "".join(s) for f, s in zip(firsts, streams, strict=False)]
     assert texts == expected
     assert all(s.result.usage.completion_tokens == 40 for s in streams)
     assert pool.chat(HELLO, temperature=1, seed=1, max_tokens=5).usage.completion_tokens == 5

@@ -9,9 +9,7 @@ import urllib.request
 
 import pytest
 from helpers import wait_for
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 import mlx_manager_nb
 from mlx_manager_nb import defaults, display, magics
@@ -25,30 +23,9 @@ COMMANDS = ["load", "unload", "pin", "unpin", "ls", "ps", "default", "import-ggu
             "audit", "dashboard", "doctor"]
 
 
-def reset_defaults():
-    defaults.reset_defaults()
-
-
 @pytest.fixture
-def ip():
-    """A fresh shell of its own with the extension loaded, and fresh default pool and audit log.
-
-    The shell is made the global instance for the test, as in a kernel: display() and
-    capture_output() publish through InteractiveShell.instance().
-    """
-    reset_defaults()
-    InteractiveShell.clear_instance()
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    with capture_output() as c:
-        shell.run_line_magic("load_ext", "mlx_manager_nb")
-    shell.banner_output = c.stdout
-    yield shell
-    for server in running_servers():
-        server.stop(drain=0)
-    reset_defaults()
-    InteractiveShell.clear_instance()
+def ip(shell):
+    return shell
 
 
 @pytest.fixture
@@ -234,7 +211,7 @@ def test_conversations_continue_per_name_and_new_starts_over(ip, tiny):
     chat(ip, "--name side --max-tokens 2", "again")
     assert conv["side"][0]["content"] == "Be brief" and len(conv["side"]) == 5
     chat(ip, "--new --max-tokens 2", "three")
-    assert [m["content"] for m in conv["default"]][0] == "three" and len(conv["default"]) == 2
+    assert next(m["content"] for m in conv["default"]) == "three" and len(conv["default"]) == 2
     conv["full"] = [{"role": "user", "content": "why " * 600}, {"role": "assistant", "content": "because"}]
     assert "`%%chat --new` starts the conversation over" in one_line_error(chat(ip, "--name full", "and?"))
 

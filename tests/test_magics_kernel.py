@@ -1,5 +1,6 @@
 """%%chat in a real IPython kernel: streaming display updates, memory across cells, interrupts, serve."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_answer_streams_in_place_then_a_footer_and_memory_spans_cells(kernel):
     assert all(u["msg_type"] == "update_display_data" and u["content"]["transient"]["display_id"] == display_id
                for u in updates)
     texts = [u["content"]["data"]["text/markdown"] for u in updates]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # ...each a longer prefix of the answer
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))  # ...each a longer prefix of the answer
     footer = of_type(msgs, "display_data")[-1]["content"]["data"]["text/plain"]
     assert footer.startswith("tiny · 300 tokens · first token") and "tokens/s" in footer
 

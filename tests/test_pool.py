@@ -110,7 +110,7 @@ def test_same_seed_same_text_alone_and_in_a_batch(pool):
 
 def test_a_follow_up_turn_reuses_the_prompt_cache(pool):
     first = pool.chat(HELLO, temperature=0, max_tokens=8)
-    follow = HELLO + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    follow = [*HELLO, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
     second = pool.chat(follow, temperature=0, max_tokens=4)
     assert first.usage.cached_tokens == 0
     assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1

@@ -44,7 +44,7 @@ def test_a_gguf_path_is_never_imported(server, tiny_model_path, tmp_path):
     from gguf_writer import write_tiny_gguf
 
     gguf = write_tiny_gguf(tiny_model_path, tmp_path / "evil.gguf")
-    status, _, body = call(server.url + "/v1/chat/completions", chat(str(gguf)))
+    status, _, _body = call(server.url + "/v1/chat/completions", chat(str(gguf)))
     assert status == 404
     assert not store.models_dir().exists() or not any(store.models_dir().iterdir())
 
@@ -252,7 +252,7 @@ def test_a_bad_header_value_drops_no_row_under_concurrent_requests(server, audit
 
 def test_content_never_reaches_the_log_through_an_error(server, audit):
     secret = "my-credit-card-4111111111111111"
-    status, _, body = call(server.url + "/v1/chat/completions",
+    status, _, _body = call(server.url + "/v1/chat/completions",
                            {"model": "tiny", "messages": [{"role": "usr", "content": secret}]})
     assert status == 400
     audit.close()

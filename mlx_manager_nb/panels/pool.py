@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
@@ -114,7 +115,8 @@ def pool_panel(pool: Pool | None = None) -> widgets.VBox:
             if target.value is None:
                 error.value = error_html("No model selected.")
             else:
-                act(lambda name=target.value: action(name))
+                name = target.value
+                act(lambda: action(name))
 
         return click
 

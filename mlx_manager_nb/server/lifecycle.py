@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import threading
@@ -35,10 +36,8 @@ def on_servers_changed(callback: Callable[[], None]) -> Callable[[], None]:
 
 def _changed() -> None:
     for callback in list(_listeners):
-        try:
+        with contextlib.suppress(Exception):
             callback()
-        except Exception:
-            pass
 
 
 def _bind(host: str, port: int) -> socket.socket:
