@@ -5,6 +5,7 @@ field the types do not know fails the test as a missing one does.
 """
 
 import asyncio
+import itertools
 import json
 import sqlite3
 import urllib.request
@@ -87,7 +88,7 @@ def completes(pool, monkeypatch):
 
 def test_create_answers_as_pool_chat_does(server, pool):
     r = client(server).responses.create(model="tiny", input="Hi", instructions="Be brief.", **GREEDY)
-    expected = pool.chat([{"role": "system", "content": "Be brief."}] + HI, temperature=0, max_tokens=6)
+    expected = pool.chat([{"role": "system", "content": "Be brief."}, *HI], temperature=0, max_tokens=6)
     assert r.output_text == expected.text
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].type == "message" and r.output[0].status == "incomplete"
@@ -148,7 +149,7 @@ def test_previous_response_id_over_three_turns_reuses_the_prompt_cache(server, p
         responses.append(r)
     assert responses[0].usage.input_tokens_details.cached_tokens == 0
     # a stored conversation renders to the same prompt prefix, so the engine's prompt cache serves it
-    for before, after in zip(responses, responses[1:]):
+    for before, after in itertools.pairwise(responses):
         assert after.usage.input_tokens_details.cached_tokens >= before.usage.input_tokens
     items = c.responses.input_items.list(ids[-1], order="asc").data
     assert [(i.role, i.content[0].text) for i in items] == [

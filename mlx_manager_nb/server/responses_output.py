@@ -140,7 +140,7 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
         events = open_message() if message is None else []
         assert message is not None
         message["content"][0]["text"] += text
-        return events + [event("response.output_text.delta", item_id=message["id"], output_index=len(output),
+        return [*events, event("response.output_text.delta", item_id=message["id"], output_index=len(output),
                                content_index=0, delta=text, logprobs=[])]
 
     def tool_call(index: int, call: Call) -> list[SseEvent]:
@@ -162,7 +162,7 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
         events = open_message() if message is None and not output else []  # an empty answer is an empty message
         events += close_message("completed" if status == "completed" else "incomplete")
         body = finish(response(draft, status, list(output), result))
-        return events + [event(TERMINAL[status], response=body)]
+        return [*events, event(TERMINAL[status], response=body)]
 
     def error(e: Exception) -> list[SseEvent]:
         partial = [message_item(message["id"], message["content"][0]["text"], "incomplete")] if message else []
