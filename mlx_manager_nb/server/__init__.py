@@ -13,8 +13,9 @@ A cell cannot call a server that runs on its own kernel's loop synchronously (th
 loop the server needs); use the in-process API (``pool.chat``) there, or ``serve(mode="thread")``.
 
 Modules: ``app`` (the aiohttp apps), ``common`` (what every endpoint shares), ``streaming`` (JSON
-or SSE answers), one module per protocol (``openai_api``, ``anthropic_api``), and ``lifecycle``
-(starting, stopping and listing servers).
+or SSE answers), one module per protocol (``openai_api``, ``anthropic_api``, and ``responses_api``
+with its answers' shapes in ``responses_output``), and ``lifecycle`` (starting, stopping and
+listing servers).
 """
 
 from .app import MAX_BODY, create_app

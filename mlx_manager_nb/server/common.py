@@ -27,9 +27,11 @@ from ..errors import ContextLengthError, InvalidModelError, InvalidParameterErro
 
 if TYPE_CHECKING:
     from ..model_pool import Pool
+    from ..response_store import ResponseStore
     from ..streams import AsyncTextStream
 
 POOL: web.AppKey[Pool] = web.AppKey("pool")
+RESPONSES: web.AppKey[ResponseStore | None] = web.AppKey("responses")  # None: responses are not stored
 REQUEST_ID = web.RequestKey("request_id", str)  # generated here: the audit row's id
 CLIENT_ID = web.RequestKey("client_id", object)  # the client's x-request-id, if usable
 MODEL = web.RequestKey("model", str)  # the model a request named, for its audit row
@@ -54,6 +56,8 @@ KINDS = {
     "invalid_request": ("invalid_request_error", None, "invalid_request_error"),
     "authentication": ("invalid_request_error", "invalid_api_key", "authentication_error"),
     "not_found": ("invalid_request_error", "model_not_found", "not_found_error"),
+    "no_response": ("invalid_request_error", None, "not_found_error"),  # a stored response id
+    "no_previous_response": ("invalid_request_error", "previous_response_not_found", "not_found_error"),
     "no_route": ("invalid_request_error", "unknown_url", "not_found_error"),
     "context_length": ("invalid_request_error", "context_length_exceeded", "invalid_request_error"),
     "forbidden": ("invalid_request_error", "forbidden", "permission_error"),

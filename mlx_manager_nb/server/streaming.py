@@ -1,6 +1,6 @@
 """One request's run on the pool, answered as JSON or as server-sent events.
 
-Both protocols share this loop; each gives only its shapes: the final JSON body, and a
+Every protocol shares this loop; each gives only its shapes: the final JSON body, and a
 :class:`StreamShape` saying which events open, carry, close and fail a stream.
 """
 

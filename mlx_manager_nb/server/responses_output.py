@@ -1,0 +1,165 @@
+"""The Responses API's answers: the ``response`` object, its output items, and its stream of events.
+
+Output is a ``message`` item with one ``output_text`` part (when there is text, or nothing else)
+and one ``function_call`` item per tool call. A stream numbers every event (``sequence_number``),
+opens the message at its first text delta, closes it before a tool call's item, and ends with
+``response.completed``, ``response.incomplete`` or ``response.failed`` carrying the whole response.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..streams import AsyncTextStream, Result
+from ..tools import ToolCall
+from .streaming import SseEvent, StreamShape
+
+# the pool's finish_reason -> the response's status
+STATUS = {"stop": "completed", "tool_calls": "completed", "length": "incomplete", "cancelled": "cancelled",
+          "timeout": "cancelled"}
+TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete", "cancelled": "response.incomplete",
+            "failed": "response.failed"}
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a response is before it runs: its id, the model name the client sent, and the request
+    fields it echoes (instructions, tools, temperature...)."""
+
+    id: str
+    model: str
+    created_at: int
+    echo: dict
+
+
+def new_item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def usage(result: Result) -> dict:
+    u = result.usage
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u.total_tokens}
+
+
+def response(draft: Draft, status: str, output: list[dict], result: Result | None = None,
+             error: dict | None = None) -> dict:
+    """The ``response`` object in ``status``, with ``output`` and (once finished) ``result``'s usage."""
+    return {
+        "id": draft.id,
+        "object": "response",
+        "created_at": draft.created_at,
+        "status": status,
+        "background": False,
+        "completed_at": int(time.time()) if status == "completed" else None,
+        "error": error,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "model": draft.model,
+        "output": output,
+        **draft.echo,
+        "usage": usage(result) if result is not None else None,
+    }
+
+
+def message_item(item_id: str, text: str, status: str) -> dict:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [text_part(text)]}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def function_call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else ""}
+
+
+def output_items(result: Result) -> list[dict]:
+    """A finished result's output: its text as a message (if any, or if nothing else), then its tool calls."""
+    calls = result.tool_calls
+    status = "completed" if STATUS[result.finish_reason] == "completed" else "incomplete"
+    message = [message_item(new_item_id("msg"), result.text, status)] if result.text or not calls else []
+    return message + [function_call_item(new_item_id("fc"), call) for call in calls]
+
+
+def final(draft: Draft, result: Result) -> dict:
+    """The response to a finished result."""
+    return response(draft, STATUS[result.finish_reason], output_items(result), result)
+
+
+def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
+    """The Responses event stream of one response; ``finish`` gets (and returns) the terminal response."""
+    sequence = itertools.count()
+    output: list[dict] = []  # the items finished so far
+    message: dict | None = None  # the message item being streamed, if one is open
+
+    def event(kind: str, **data: Any) -> SseEvent:
+        return kind, {"type": kind, **data, "sequence_number": next(sequence)}
+
+    def open_message() -> list[SseEvent]:
+        nonlocal message
+        message = message_item(new_item_id("msg"), "", "in_progress")
+        at = {"item_id": message["id"], "output_index": len(output)}
+        return [event("response.output_item.added", output_index=len(output), item={**message, "content": []}),
+                event("response.content_part.added", **at, content_index=0, part=text_part(""))]
+
+    def close_message(status: str) -> list[SseEvent]:
+        nonlocal message
+        if message is None:
+            return []
+        text = message["content"][0]["text"]
+        at = {"item_id": message["id"], "output_index": len(output)}
+        done = message_item(message["id"], text, status)
+        events = [event("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
+                  event("response.content_part.done", **at, content_index=0, part=text_part(text)),
+                  event("response.output_item.done", output_index=len(output), item=done)]
+        output.append(done)
+        message = None
+        return events
+
+    def start(s: AsyncTextStream) -> list[SseEvent]:
+        body = response(draft, "in_progress", [])
+        return [event("response.created", response=body), event("response.in_progress", response=body)]
+
+    def delta(text: str) -> list[SseEvent]:
+        events = open_message() if message is None else []
+        assert message is not None
+        message["content"][0]["text"] += text
+        return [*events, event("response.output_text.delta", item_id=message["id"], output_index=len(output),
+                               content_index=0, delta=text, logprobs=[])]
+
+    def tool_call(index: int, call: ToolCall) -> list[SseEvent]:
+        events = close_message("completed")
+        item_id, at = new_item_id("fc"), len(output)
+        done = function_call_item(item_id, call)
+        events += [event("response.output_item.added", output_index=at,
+                         item=function_call_item(item_id, call, "in_progress")),
+                   event("response.function_call_arguments.delta", item_id=item_id, output_index=at,
+                         delta=call.arguments),
+                   event("response.function_call_arguments.done", item_id=item_id, output_index=at,
+                         arguments=call.arguments),
+                   event("response.output_item.done", output_index=at, item=done)]
+        output.append(done)
+        return events
+
+    def end(result: Result) -> list[SseEvent]:
+        status = STATUS[result.finish_reason]
+        events = open_message() if message is None and not output else []  # an empty answer is an empty message
+        events += close_message("completed" if status == "completed" else "incomplete")
+        body = finish(response(draft, status, list(output), result))
+        return [*events, event(TERMINAL[status], response=body)]
+
+    def error(e: Exception) -> list[SseEvent]:
+        partial = [message_item(message["id"], message["content"][0]["text"], "incomplete")] if message else []
+        body = finish(response(draft, "failed", output + partial, error={"code": "server_error", "message": str(e)}))
+        return [event("response.failed", response=body)]
+
+    return StreamShape(protocol="openai", start=start, delta=delta, end=end, error=error, tool_call=tool_call)
