@@ -494,9 +494,10 @@ def test_a_required_function_call_round_trip_with_the_sdk(tools_server):
 
 
 def test_a_streamed_function_call_accumulates_in_the_sdk(tools_server):
-    with client(tools_server).responses.stream(model="wide", input="Weather?", tools=[WEATHER],
-                                               tool_choice={"type": "function", "name": "get_weather"},
-                                               parallel_tool_calls=False, max_output_tokens=200, temperature=0) as stream:
+    named = {"type": "function", "name": "get_weather"}
+    with client(tools_server).responses.stream(model="wide", input="Weather?", tools=[WEATHER], tool_choice=named,
+                                               parallel_tool_calls=False, max_output_tokens=200,
+                                               temperature=0) as stream:
         final_response = stream.get_final_response()
     (call_item,) = final_response.output
     assert call_item.type == "function_call" and json.loads(call_item.arguments)["city"] in ("Paris", "Rome")
