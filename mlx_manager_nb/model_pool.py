@@ -505,7 +505,8 @@ class Pool:
                 self._models.pop(name, None)
             raise
         self._remote[name] = remote
-        self._set(name, state="ready", size_bytes=getattr(remote, "local_weight_bytes", 0) or estimate)
+        self._set(name, state="ready", size_bytes=getattr(remote, "local_weight_bytes", 0) or estimate,
+                  ranks=remote.ranks())
         return self._touch(name)
 
     # -- requests -------------------------------------------------------------------------------

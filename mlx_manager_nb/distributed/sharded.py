@@ -152,7 +152,8 @@ class ShardedModel:
             self._kill()
 
     def ranks(self) -> tuple[dict, ...]:
-        """Per rank: host, pid, weight bytes, memory and running sequences (as of the last report), state."""
+        """Per rank: host, state, pid, weight bytes, and as of the last report (``reported_at``, every few
+        seconds) its MLX memory and running sequences."""
         state = "failed" if self.error else "stopped" if self._closing else "ready" if self._sock else "loading"
         return tuple({"host": host, "state": state, **info}
                      for host, info in zip(self.hosts, self.rank_state or [{} for _ in self.hosts]))
@@ -238,7 +239,7 @@ class ShardedModel:
         elif self.process.poll() is None:
             self.error = "the ranks did not report the model loaded in time"
         else:
-            self.error = self.error or self._why_ended()
+            self.error = self._why_ended()
         return None
 
     def _on_message(self, m: dict) -> None:
@@ -251,7 +252,8 @@ class ShardedModel:
         elif event == "failed":
             self._flights.finish(m["id"], Failed(EngineError(m["error"])))
         elif event == "ranks":
-            self.rank_state = [{**old, **new} for old, new in zip(self.rank_state, m["ranks"])]
+            now = time.time()
+            self.rank_state = [{**old, **new, "reported_at": now} for old, new in zip(self.rank_state, m["ranks"])]
         elif event == "fatal":
             self.error = m["error"]
 
@@ -268,25 +270,29 @@ class ShardedModel:
             self.process.wait(STOP_WAIT)
         except subprocess.TimeoutExpired:
             self._kill()
-        self.error = self.error or self._why_ended()
+        self.error = self._why_ended()
         message = f"sharded model {self.name!r} failed: {self.error}"
         self._flights.fail_all(EngineError(message))
         if self.on_failure is not None:
             self.on_failure(message)
 
     def _why_ended(self) -> str:
-        """What the job's output says about its end: the first rank that ended (mlx.launch then stops the
-        others), else its last lines."""
+        """Which rank ended first, as mlx.launch reports it (it then stops the others), with rank 0's own
+        error if it sent one; else the job's last lines. Rank 0 losing its peers is a consequence, not a cause."""
         time.sleep(0.2)  # the output thread's last lines
+        lost = "peer was lost" in (self.error or "")
         for line in list(self.log):
-            if m := re.search(r"Node with rank (\d+) (was killed|exited with code -?\d+)", line):
+            m = re.search(r"Node with rank (\d+) (was killed|exited with code -?\d+)", line)
+            if m and not (lost and m.group(1) == "0"):
                 rank = int(m.group(1))
                 host = self.hosts[rank] if rank < len(self.hosts) else "?"
-                return f"rank {rank} ({host}) {m.group(2)}; the job's output ends: {self._tail()}"
-        return f"the job ended (exit code {self.process.poll()}); its output ends: {self._tail()}"
+                return f"rank {rank} ({host}) {m.group(2)}" + (f" ({self.error})" if self.error else "") + self._tail()
+        return f"{self.error or f'the job ended (exit code {self.process.poll()})'}{self._tail()}"
 
-    def _tail(self, lines: int = 5) -> str:
-        return " | ".join(line for line in list(self.log)[-lines:] if line) or "(nothing)"
+    def _tail(self, lines: int = 3) -> str:
+        """The job's last lines of its own (not the ring's or the launcher's chatter), to say why it ended."""
+        own = [line for line in self.log if line and not line.startswith(("[ring]", "[WARN]"))][-lines:]
+        return f"; its output ends: {' | '.join(own)}" if own else ""
 
     def _kill(self) -> None:
         """End the job's local processes: mlx.launch runs them in the session it leads."""
