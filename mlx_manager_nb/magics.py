@@ -170,11 +170,11 @@ def cmd_ps(magics: "MLXMagics", args: argparse.Namespace) -> None:
         print("No model is loaded. Try `%mlx load demo`.")
         return
     rows = [[x.name + (" (default)" if pool.default in (x.name, x.alias) else ""), x.alias, x.state,
+             "this kernel" if x.placement == "local" else f"{x.placement}: {', '.join(x.hosts)}",
              out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "yes" if x.pinned else "no",
-             out.seconds(x.keep_alive), "this kernel" if x.placement == "local" else
-             f"{x.placement}: {', '.join(x.hosts)}"] for x in models]
-    out.show(out.table(rows, ["name", "alias", "state", "size", "in flight", "last used", "pinned", "keep-alive",
-                              "runs on"]))
+             out.seconds(x.keep_alive)] for x in models]
+    out.show(out.table(rows, ["name", "alias", "state", "runs on", "size", "in flight", "last used", "pinned",
+                              "keep-alive"]))
 
 
 def cmd_default(magics: "MLXMagics", args: argparse.Namespace) -> None:
