@@ -136,8 +136,8 @@ def serve(group: mx.distributed.Group, engine: Engine, runner: Runner, channel: 
             elif c["op"] == "stats":
                 rows = gather(group, [mx.get_active_memory(), mx.get_peak_memory(), len(runner.active)])
                 if channel is not None:
-                    channel.send({"event": "ranks", "ranks": [
-                        {"rank": i, "active_bytes": a, "peak_bytes": p, "sequences": n} for i, (a, p, n) in enumerate(rows)]})
+                    channel.send({"event": "ranks", "ranks": [{"rank": i, "active_bytes": a, "peak_bytes": p,
+                                                               "sequences": n} for i, (a, p, n) in enumerate(rows)]})
             elif c["op"] == "stop":
                 return
         engine.advance(runner)
