@@ -51,11 +51,13 @@ def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
     return tok
 
 
-def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True, model_type: str = "llama") -> Path:
+def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True, model_type: str = "llama",
+                     **sizes: int) -> Path:
     """Write an mlx-lm folder with random weights to `path` and return it.
 
     ``model_type`` names an mlx-lm family with llama's config keys ("qwen2" has pipeline parallelism);
-    a weight index is written too, as multi-file checkpoints have (pipeline loading reads it)."""
+    a weight index is written too, as multi-file checkpoints have (pipeline loading reads it).
+    ``sizes`` override CONFIG's (e.g. ``hidden_size=512`` for a benchmark)."""
     import importlib
 
     family = importlib.import_module(f"mlx_lm.models.{model_type}")
@@ -67,6 +69,7 @@ def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True, mode
     eos = tok.token_to_id("<|im_end|>")
     config = dict(
         CONFIG,
+        **sizes,
         model_type=model_type,
         vocab_size=tok.get_vocab_size(),
         bos_token_id=tok.token_to_id("<|endoftext|>"),
