@@ -240,10 +240,7 @@ class Engine:
                 wait = 0 if busy else max(0.0, next_tick - time.monotonic())
                 self._drain(wait)
                 for runner in list(self._runners.values()):
-                    if runner.waiting:
-                        self._admit(runner)
-                    if runner.active:
-                        self._step(runner)
+                    self.advance(runner)
                 if self._on_tick and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick_seconds
                     self._on_tick()
@@ -273,6 +270,15 @@ class Engine:
                     _emit(item[1], Failed(dead))
         finally:
             mx.clear_streams()  # MLX requires each thread to release its streams before it ends
+
+    def advance(self, runner: Runner) -> None:
+        """One scheduling step of ``runner``: admit the waiting requests that fit, then decode one token
+        for its batch. The engine thread calls it for each runner; a distributed worker calls it on each
+        rank in lockstep (see :mod:`mlx_manager_nb.distributed.worker`), from the thread that owns its MLX work."""
+        if runner.waiting:
+            self._admit(runner)
+        if runner.active:
+            self._step(runner)
 
     def _drain(self, wait: float) -> None:
         try:

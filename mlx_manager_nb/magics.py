@@ -127,13 +127,22 @@ def _with_progress(shell: Any, label: str, fn: Callable[[Callable[[str, float], 
 
 def cmd_load(magics: MLXMagics, args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
     info, live = _with_progress(magics.shell, args.model, lambda progress: _pool().load(
-        args.model, alias=args.alias, pin=args.pin, keep_alive=args.keep_alive, progress=progress))
+        args.model, alias=args.alias, pin=args.pin, keep_alive=args.keep_alive, progress=progress,
+        hosts=hosts, backend=args.backend, parallel=args.parallel, hostfile=args.hostfile))
     name = info.name + (f" as {info.alias!r}" if info.alias else "")
     details = f"{out.size(info.size_bytes)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
+    if info.hosts:
+        details += f", {args.parallel}-parallel over {len(info.hosts)} ranks ({', '.join(info.hosts)})"
     hint = "Embed with `pool.embed(texts)`." if info.kind == "embedding" else "Chat with `%%chat`."
     live.update({"text/plain": f"Loaded {name} ({details}) in {out.seconds(time.perf_counter() - started)}. "
                                f"{hint}"}, final=True)
+
+
+def cmd_attach(magics: MLXMagics, args: argparse.Namespace) -> None:
+    info = _pool().attach(args.name, args.base_url, api_key=args.api_key, model=args.model)
+    print(f"Attached {info.name} ({args.base_url}). Chat with `%%chat --model {info.name}`.")
 
 
 def cmd_unload(magics: MLXMagics, args: argparse.Namespace) -> None:
@@ -169,9 +178,11 @@ def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
         print("No model is loaded. Try `%mlx load demo`.")
         return
     rows = [[x.name + (" (default)" if pool.default in (x.name, x.alias) else ""), x.alias, x.state,
+             "this kernel" if x.placement == "local" else f"{x.placement}: {', '.join(x.hosts)}",
              out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "yes" if x.pinned else "no",
              out.seconds(x.keep_alive)] for x in models]
-    out.show(out.table(rows, ["name", "alias", "state", "size", "in flight", "last used", "pinned", "keep-alive"]))
+    out.show(out.table(rows, ["name", "alias", "state", "runs on", "size", "in flight", "last used", "pinned",
+                              "keep-alive"]))
 
 
 def cmd_default(magics: MLXMagics, args: argparse.Namespace) -> None:
@@ -301,6 +312,18 @@ def mlx_parser() -> argparse.ArgumentParser:
     c.add_argument("--pin", action="store_true", help="never unload it to make room or when idle")
     c.add_argument("--keep-alive", type=keep_alive, default="default", metavar="SECONDS",
                    help="unload it after this many idle seconds ('forever': never)")
+    c.add_argument("--hosts", metavar="H1,H2", help="shard it over one rank per host with mlx.launch "
+                   "(the first is this machine; repeat 127.0.0.1 for local ranks)")
+    c.add_argument("--hostfile", metavar="FILE", help="an mlx.launch hostfile instead of --hosts")
+    c.add_argument("--backend", default="ring", choices=("ring", "jaccl", "jaccl-ring", "mpi"),
+                   help="mx.distributed backend of a sharded model (default: ring)")
+    c.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
+                   help="how a sharded model is split (default: tensor)")
+    c = add("attach", cmd_attach, "serve a model of an OpenAI-compatible server as a pool entry")
+    c.add_argument("name", metavar="NAME", help="its name in the pool")
+    c.add_argument("base_url", metavar="URL", help="the server's OpenAI base URL, e.g. http://mac2:8000/v1")
+    c.add_argument("--api-key", default=None, help="the server's API key")
+    c.add_argument("--model", default=None, help="the server's model id (default: its only model, or NAME)")
     for name, run, text in (("unload", cmd_unload, "unload a model"),
                             ("pin", cmd_pin, "keep a model loaded until unpinned"),
                             ("unpin", cmd_unpin, "let a model be unloaded again when idle or to make room")):

@@ -97,6 +97,9 @@ class ModelInfo:
     kv_bytes: int = 0  # KV caches of its running sequences
     cache_bytes: int = 0  # its prompt cache
     kind: str = "chat"  # or "embedding"
+    placement: str = "local"  # "local", "sharded" (ranks started by mlx.launch) or "attached" (an OpenAI server)
+    hosts: tuple[str, ...] = ()  # a sharded model's hosts, rank by rank, or an attached model's base URL
+    ranks: tuple[dict, ...] = ()  # a sharded model's per-rank state (see ShardedModel.ranks)
 
 
 def _why_held(m: ModelInfo) -> str:
@@ -193,6 +196,7 @@ class Pool:
         self._loading: dict[str, Future] = {}
         self._in_flight: dict[str, int] = {}
         self._listeners: list[Listener] = []
+        self._remote: dict[str, Any] = {}  # models served by other processes (see mlx_manager_nb.distributed)
 
     # -- observers ----------------------------------------------------------------------------
 
@@ -224,7 +228,8 @@ class Pool:
             infos = list(self._models.values())
         memory = self.engine.model_memory()
         return [replace(i, in_flight=self._in_flight.get(i.name, 0), kv_bytes=memory.get(i.name, (0, 0))[0],
-                        cache_bytes=memory.get(i.name, (0, 0))[1]) for i in infos]
+                        cache_bytes=memory.get(i.name, (0, 0))[1],
+                        ranks=self._remote[i.name].ranks() if i.name in self._remote else i.ranks) for i in infos]
 
     def memory_used(self) -> int:
         """Bytes the pool's models hold: weights, KV caches of running requests and prompt caches."""
@@ -263,15 +268,25 @@ class Pool:
         pin: bool = False,
         keep_alive: float | str | None = "default",
         progress: Callable[[str, float], None] | None = None,
+        hosts: list[str] | None = None,
+        backend: str = "ring",
+        parallel: str = "tensor",
+        hostfile: str | None = None,
     ) -> ModelInfo:
         """Load a model (see :func:`mlx_manager_nb.store.resolve` for references); return its info.
 
         A model already loaded is returned as is; two concurrent loads of the same model load it once.
+        ``hosts`` (or an mlx.launch ``hostfile``) shards it over one rank per host with ``mx.distributed``
+        (``backend``: ring, jaccl, jaccl-ring or mpi; ``parallel``: "tensor" or "pipeline"), served by
+        :mod:`mlx_manager_nb.distributed`; e.g. ``hosts=["127.0.0.1", "127.0.0.1"]``.
         """
         ref = str(ref)
+        if hosts or hostfile:
+            return self._load_sharded(ref, alias, pin, keep_alive, progress, list(hosts or []), backend, parallel,
+                                      hostfile)
         with self._lock:
             for m in self._models.values():
-                if m.state == "ready" and ref in (m.ref, m.name, m.alias):
+                if m.state == "ready" and m.placement == "local" and ref in (m.ref, m.name, m.alias):
                     return self._touch(m.name, alias=alias or m.alias, pinned=m.pinned or pin)
         report = self._progress_reporter(ref, progress)
         path = store.resolve(ref, report)
@@ -382,6 +397,9 @@ class Pool:
             self.engine.run(self._unload_on_engine, victim.name).result()
 
     def _unload_on_engine(self, name: str) -> None:
+        remote = self._remote.pop(name, None)
+        if remote is not None:
+            remote.close(ModelNotFoundError(f"model {name!r} was unloaded"))
         self.engine.remove_runner(name, ModelNotFoundError(f"model {name!r} was unloaded"))
         with self._lock:
             info = self._models.pop(name, None)
@@ -422,10 +440,89 @@ class Pool:
                 self._set(m.name, state="unloading")
                 self._unload_on_engine(m.name)
 
+    # -- models served by other processes (mlx_manager_nb.distributed) ----------------------------
+
+    def _runner(self, name: str) -> Any:
+        """What serves ``name``: its engine Runner, or a remote runner (sharded or attached)."""
+        return self._remote.get(name) or self.engine.runner(name)
+
+    def _load_sharded(self, ref: str, alias: str | None, pin: bool, keep_alive: float | str | None,
+                      progress: Callable | None, hosts: list[str], backend: str, parallel: str,
+                      hostfile: str | None) -> ModelInfo:
+        from .distributed.sharded import ShardedModel, hostfile_hosts
+
+        report = self._progress_reporter(ref, progress)
+        path = store.resolve(ref, report)
+        hosts = hosts or hostfile_hosts(hostfile)
+        name = f"{store.model_name(ref, path)}@{parallel}{len(hosts)}"
+        if self._lookup(name) is not None:
+            return self._touch(name, alias=alias or self._models[name].alias, pinned=self._models[name].pinned or pin)
+        disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        on_this_machine = 1 + sum(h in ("127.0.0.1", "localhost", "::1") for h in hosts[1:])
+        return self._add_remote(
+            name, ref, path, alias, pin, keep_alive, "sharded", tuple(hosts), disk * on_this_machine // len(hosts),
+            lambda failed: ShardedModel(name, path, hosts, backend, parallel, hostfile, on_failure=failed))
+
+    def attach(self, name: str, base_url: str, api_key: str | None = None, model: str | None = None,
+               pin: bool = False, keep_alive: float | str | None = "default") -> ModelInfo:
+        """Serve a model of an OpenAI-compatible server (another machine's ``mlx_manager_nb serve``, or any)
+        as the pool entry ``name``: requests are proxied with streaming, cancellation and audit rows.
+
+        ``base_url`` ends with ``/v1`` as for OpenAI's client; ``model`` is the server's model id
+        (default: its only model, or ``name``).
+        """
+        from .distributed.attached import AttachedModel
+
+        if name in self._models:
+            raise InvalidParameterError("name", f"{name!r} is already in the pool")
+        return self._add_remote(name, base_url, None, None, pin, keep_alive, "attached", (base_url,), 0,
+                                lambda failed: AttachedModel(name, base_url, api_key, model))
+
+    def _add_remote(self, name: str, ref: str, path: Path | None, alias: str | None, pin: bool,
+                    keep_alive: float | str | None, placement: str, hosts: tuple[str, ...], estimate: int,
+                    make: Callable[[Callable[[str], None]], Any]) -> ModelInfo:
+        """Add a pool entry served by another process: ``make(on_failure)`` builds its runner, ``start()`` starts it."""
+        self._make_room(estimate, exclude=name)
+        ka = self.keep_alive if keep_alive == "default" else keep_alive
+        assert not isinstance(ka, str)
+        with self._lock:
+            self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka, None,
+                                           store.describe(path).context_length if path else None,
+                                           placement=placement, hosts=hosts)
+        self._publish(ModelEvent(name, "loading", self._models[name]))
+
+        def failed(message: str) -> None:  # the remote side died: its requests failed, the entry stays to tell why
+            if name in self._models:
+                self._set(name, state="failed", error=message)
+
+        try:
+            remote = make(failed)
+            remote.start()
+        except BaseException as e:
+            self._set(name, state="failed", error=str(e))
+            with self._lock:
+                self._models.pop(name, None)
+            raise
+        self._remote[name] = remote
+        self._set(name, state="ready", size_bytes=getattr(remote, "local_weight_bytes", 0) or estimate,
+                  ranks=remote.ranks())
+        return self._touch(name)
+
     # -- requests -------------------------------------------------------------------------------
 
     def _chat_tokens(self, runner: Runner, messages: Any, structure: dict | None = None) -> tuple[list[int], Plan]:
         """The prompt's tokens, and the plan of its tools and structure (see :mod:`.structured`)."""
+        self._check_messages(messages)
+        if not getattr(runner.tokenizer, "chat_template", None):
+            raise InvalidParameterError(
+                "model", f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
+        p = plan(runner.tokenizer, messages, **(structure or {}))
+        tokens = runner.tokenizer.apply_chat_template(p.messages, tools=p.template_tools, add_generation_prompt=True)
+        return list(tokens), p
+
+    @staticmethod
+    def _check_messages(messages: Any) -> None:
+        """Raise InvalidParameterError naming the field unless ``messages`` is a valid conversation."""
         if not isinstance(messages, list) or not messages:
             raise InvalidParameterError("messages", "messages must be a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
@@ -438,12 +535,6 @@ class Pool:
                 _check_tool_calls(calls, f"messages[{i}].tool_calls")
             if not (calls and m.get("content") is None):
                 _check_text(m.get("content"), f"messages[{i}].content", allow_empty=True)
-        if not getattr(runner.tokenizer, "chat_template", None):
-            raise InvalidParameterError(
-                "model", f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
-        p = plan(runner.tokenizer, messages, **(structure or {}))
-        tokens = runner.tokenizer.apply_chat_template(p.messages, tools=p.template_tools, add_generation_prompt=True)
-        return list(tokens), p
 
     def _prompt_tokens(self, runner: Runner, prompt: Any) -> list[int]:
         _check_text(prompt, "prompt", allow_empty=False)
@@ -452,7 +543,9 @@ class Pool:
     def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
         """How many tokens a chat (or a raw prompt) takes with the model's template."""
         info = self._chat_model(model)
-        runner = self.engine.runner(info.name)
+        runner = self._runner(info.name)
+        if runner.tokenizer is None:
+            raise InvalidParameterError("model", f"model {info.name!r} is attached: its tokenizer is on its server")
         if prompt is not None:
             return len(self._prompt_tokens(runner, prompt))
         return len(self._chat_tokens(runner, messages)[0])
@@ -484,14 +577,20 @@ class Pool:
     def _start(self, kind: str, content: Any, model: str | None, sink: Callable[[StreamEvent], None],
                meta: dict | None, timeout: float | None, params: dict) -> tuple[str, str, Request]:
         info = self._chat_model(model)
-        runner = self.engine.runner(info.name)
+        runner = self._runner(info.name)
         params = dict(params)
         structure = {k: params.pop(k) for k in STRUCTURE if params.get(k) is not None} if kind == "chat" else {}
         p = fit_to_model(make_params(**params), runner.vocab_size)
         if isinstance(content, (str, list)):
             self._check_fits(info, runner, kind, content)
         chat_plan: Plan | None = None
-        if kind == "chat":
+        if structure and info.name in self._remote:  # a grammar matcher cannot cross to another process yet
+            raise InvalidParameterError(next(iter(structure)), f"model {info.name!r} runs in other processes: tools "
+                                        "and structured output need a model of this process")
+        if runner.tokenizer is None:  # an attached server templates and tokenizes the request itself
+            self._check_messages(content) if kind == "chat" else _check_text(content, "prompt", allow_empty=False)
+            tokens: list[int] = []
+        elif kind == "chat":
             tokens, chat_plan = self._chat_tokens(runner, content, structure)
         else:
             tokens = self._prompt_tokens(runner, content)
@@ -550,7 +649,10 @@ class Pool:
         request = Request(info.name, tokens, p, emit, constraint=constraint,
                           deadline=time.perf_counter() + timeout if timeout else None)
         self._request_started(info.name, request_id, meta)
-        self.engine.submit(request)
+        if info.name in self._remote:
+            self._remote[info.name].submit(request, content)
+        else:
+            self.engine.submit(request)
         return request_id, info.alias or info.name, request
 
     def _request_started(self, name: str, request_id: str, meta: dict) -> None:

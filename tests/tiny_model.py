@@ -51,9 +51,16 @@ def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
     return tok
 
 
-def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True) -> Path:
-    """Write an mlx-lm folder with random weights to `path` and return it."""
-    from mlx_lm.models import llama
+def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True, model_type: str = "llama",
+                     **sizes: int) -> Path:
+    """Write an mlx-lm folder with random weights to `path` and return it.
+
+    ``model_type`` names an mlx-lm family with llama's config keys ("qwen2" has pipeline parallelism);
+    a weight index is written too, as multi-file checkpoints have (pipeline loading reads it).
+    ``sizes`` override CONFIG's (e.g. ``hidden_size=512`` for a benchmark)."""
+    import importlib
+
+    family = importlib.import_module(f"mlx_lm.models.{model_type}")
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -62,6 +69,8 @@ def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True) -> P
     eos = tok.token_to_id("<|im_end|>")
     config = dict(
         CONFIG,
+        **sizes,
+        model_type=model_type,
         vocab_size=tok.get_vocab_size(),
         bos_token_id=tok.token_to_id("<|endoftext|>"),
         eos_token_id=eos,
@@ -81,7 +90,7 @@ def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True) -> P
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = family.Model(family.ModelArgs.from_dict(config))
     # Larger than default init so that greedy decoding varies from token to token.
     weights = {
         k: (mx.random.normal(v.shape) * 0.5).astype(mx.float32)
@@ -90,4 +99,6 @@ def build_tiny_model(path: Path, seed: int = 0, chat_template: bool = True) -> P
         for k, v in tree_flatten(model.parameters())
     }
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in weights}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     return path
