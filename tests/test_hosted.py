@@ -133,6 +133,10 @@ def test_mlx_serve_in_a_hub_kernel_answers_the_openai_sdk_through_jupyter_server
         reply = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
                                                messages=[{"role": "user", "content": "Hello"}])
         assert reply.choices[0].message.content and reply.usage.completion_tokens == 5
+        stream = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": "Hello"}])
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == reply.choices[0].message.content  # SSE through the proxy too
         anonymous = openai.OpenAI(base_url=base, api_key="unused", http_client=http, max_retries=0)
         with pytest.raises(openai.APIStatusError) as refused:  # the Jupyter server wants its token
             anonymous.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
