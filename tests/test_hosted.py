@@ -40,6 +40,7 @@ def test_on_a_hub_the_proxys_requests_pass_the_host_check_and_a_rebinding_page_s
     server = serve(pool, port=0, mode="thread")
     try:
         port = server.port
+        assert repr(server).endswith(f"through Jupyter at /user/ana/proxy/{port})>")
         context = b"x-forwarded-context: /user/ana/proxy/%d\r\n" % port
         for host, headers, expected in (
                 (b"hub.example.org", context, 200),  # what jupyter-server-proxy forwards

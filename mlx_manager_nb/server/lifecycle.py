@@ -81,7 +81,8 @@ class Server:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Server {self.url} ({self.mode} mode, {state})>"
+        proxied = f", through Jupyter at {self.proxied.root}" if self.proxied is not None else ""
+        return f"<Server {self.url} ({self.mode} mode, {state}{proxied})>"
 
     def base_urls(self, root: str | None = None) -> dict[str, str]:
         """The base URL each SDK takes: OpenAI's ends in ``/v1``, Anthropic's is the root (its SDK adds ``/v1``)."""
