@@ -2,15 +2,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# PYTHONWARNINGS: setuptools' banner about editable installs says nothing to act on
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test test-unit lint
+.PHONY: demo lab test test-unit lint
 demo: $(VENV)/.installed  ## a real kernel serves the demo model; the openai and anthropic SDKs call it
 	$(PY) -m mlx_manager_nb demo
+
+lab: $(VENV)/.installed  ## JupyterLab on the notebooks (with jupyter-server-proxy, as on a hub)
+	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
 
 # -v: one line per test and per notebook cell as it runs; then the ten slowest
 test: $(VENV)/.installed  ## the whole suite: unit, server, kernel and notebook tests

@@ -31,8 +31,7 @@ def serve_command(args: argparse.Namespace) -> int:
                    mode="thread", allow_remote=args.allow_remote, allowed_hosts=args.allowed_host,
                    allow_downloads=args.allow_downloads, store_responses=not args.no_store_responses)
     print(f"Serving {', '.join(pool.health()['models']) or 'no model yet'} (OpenAI and Anthropic protocols):\n"
-          f"  OpenAI SDK:    base_url={server.url}/v1\n  Anthropic SDK: base_url={server.url}\n"
-          f"Ctrl-C stops.", flush=True)
+          f"{server.describe()}\nCtrl-C stops.", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same drain as Ctrl-C
     try:
         while True:

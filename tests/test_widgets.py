@@ -2,11 +2,15 @@
 
 import asyncio
 import json
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
-from html import escape
+from datetime import datetime, timedelta, timezone
+from html import escape, unescape
 
 import pytest
 from helpers import free_port, wait_for
@@ -29,6 +33,12 @@ def pool(make_pool, audit):
 def loaded(pool, tiny_model_path):
     pool.load(tiny_model_path)
     return pool
+
+
+def shown(output) -> str:
+    """What an Output widget shows, as text: each output's Markdown, HTML or plain text."""
+    return "\n".join(next(o["data"][m] for m in ("text/markdown", "text/html", "text/plain") if m in o["data"])
+                     for o in output.outputs)
 
 
 def chat_until_done(parts, text, max_tokens=20):
@@ -100,7 +110,8 @@ def test_chat_streams_answers_shows_tokens_per_second_and_clear_empties(loaded, 
     answer = loaded.chat(HELLO, temperature=0, max_tokens=20).text
     assert [m["role"] for m in parts.history] == ["user", "assistant"]
     assert parts.history[1]["content"] == answer
-    assert escape(answer) in parts.conversation.value
+    (answer_shown,) = [o for o in parts.conversation.outputs if o["data"].get("text/plain") == answer]
+    assert answer_shown["data"]["text/markdown"] == answer  # rendered as Markdown, as %%chat renders it
     assert "20 tokens" in parts.speed.value and "tok/s" in parts.speed.value
     chat_until_done(parts, "And then?")
     assert [m["role"] for m in parts.history] == ["user", "assistant"] * 2
@@ -109,7 +120,7 @@ def test_chat_streams_answers_shows_tokens_per_second_and_clear_empties(loaded, 
     assert {(r["endpoint"], r["protocol"], r["stream"], r["status"]) for r in rows} == {
         ("chat_panel", "python", True, "ok")}
     parts.clear.click()
-    assert parts.history == [] and "No messages yet" in parts.conversation.value and parts.speed.value == ""
+    assert parts.history == [] and "No messages yet" in shown(parts.conversation) and parts.speed.value == ""
 
 
 def test_stop_cancels_a_long_answer_in_the_engine(loaded, audit):
@@ -119,14 +130,18 @@ def test_stop_cancels_a_long_answer_in_the_engine(loaded, audit):
     parts.temperature.value = 0.0  # greedy: the tiny model never samples its end-of-turn early
     parts.send.click()
     assert not parts.stop.disabled
-    started = parts.conversation.value
-    assert wait_for(lambda: parts.conversation.value != started)  # the answer is streaming in
+    started = shown(parts.conversation)
+    assert wait_for(lambda: shown(parts.conversation) != started)  # the answer is streaming in
     parts.stop.click()
     assert wait_for(lambda: not parts.send.disabled)
     assert wait_for(lambda: loaded.models()[0].in_flight == 0)
-    assert parts.speed.value == "stopped" and parts.stop.disabled
+    assert parts.stop.disabled and "▌" not in shown(parts.conversation)
+    audit.flush()
     (row,) = audit.query(source="widget")
     assert row["status"] == "cancelled" and row["completion_tokens"] < 400
+    tokens, rate, reason = parts.speed.value.split(" · ")  # like a finished answer's: "12 tokens · 30.1 tok/s"
+    assert reason == "stopped" and rate.endswith("tok/s")
+    assert 0 < int(tokens.removesuffix(" tokens")) <= row["completion_tokens"]
 
 
 def test_a_chat_error_shows_in_the_panel_and_the_panel_still_works(loaded):
@@ -151,7 +166,8 @@ def test_tool_calls_run_and_show_readably_in_the_chat_panel(pool, wide_tiny_mode
     chat_until_done(parts, "Roll!", max_tokens=80)
     roles = [m["role"] for m in parts.history]
     assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "assistant", parts.error.value
-    assert "→ dice(n=" in parts.conversation.value and "← dice: 7" in parts.conversation.value
+    text = shown(parts.conversation)
+    assert "→ dice(n=" in text and "← dice: 7" in text
 
 
 # -- audit --------------------------------------------------------------------------------------
@@ -176,6 +192,22 @@ def test_audit_panel_shows_new_rows_live_and_filters_them(loaded):
     parts.model.value = "tiny-llama"
     assert parts.rows.value.count("<tr>") == 3 and "missing" not in parts.summary.value
     assert "0%" in parts.summary.value
+
+
+def test_audit_rows_show_their_date_when_they_span_days(audit):
+    parts = audit_panel(audit).parts
+    assert (parts.model.value, parts.status.value, parts.source.value) == ("(all)",) * 3
+    today = datetime.now(timezone.utc)
+    audit.record({"started_at": today, "model": "m", "status": "ok", "source": "http"})
+    audit.flush()
+    assert wait_for(lambda: parts.rows.value.count("<tr>") == 2)
+    clock = today.astimezone().strftime("%H:%M:%S")
+    assert f">{clock}<" in parts.rows.value  # one day: the time alone
+    audit.record({"started_at": today - timedelta(days=2), "model": "m", "status": "ok", "source": "http"})
+    audit.flush()
+    assert wait_for(lambda: parts.rows.value.count("<tr>") == 3)
+    assert f">{today.astimezone():%Y-%m-%d} {clock}<" in parts.rows.value
+    assert f">{(today - timedelta(days=2)).astimezone():%Y-%m-%d} " in parts.rows.value
 
 
 # -- together -----------------------------------------------------------------------------------
@@ -246,7 +278,8 @@ def test_in_a_running_loop_widgets_change_on_the_loop_thread_only(loaded):
 # -- server -------------------------------------------------------------------------------------
 
 
-def test_server_panel_starts_and_stops_the_server_with_snippets(loaded, audit):
+def test_server_panel_starts_and_stops_the_server_with_snippets(loaded, audit, monkeypatch):
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
     parts, other = (server_panel(loaded, audit).parts for _ in range(2))
     parts.port.value = free_port()
     parts.api_key.value = "sekret"
@@ -254,10 +287,14 @@ def test_server_panel_starts_and_stops_the_server_with_snippets(loaded, audit):
     assert parts.error.value == ""
     url = f"http://127.0.0.1:{parts.port.value}"
     assert wait_for(lambda: url in parts.url.value and url in other.url.value)  # two dashboards agree
+    assert f"OpenAI: <code>{url}/v1</code>" in parts.url.value and f"Anthropic: <code>{url}</code>" in parts.url.value
+    assert "Through Jupyter" not in parts.url.value  # not on a hub
     assert parts.toggle.description == "Stop server" and other.toggle.value and other.port.disabled
     for name in ("curl", "openai", "anthropic"):
         assert escape(name) in parts.snippets.value
-    assert parts.snippets.value.count(url) == 3 and "sekret" in parts.snippets.value
+    assert parts.snippets.value.count(url) == 3 and "Bearer sekret" in parts.snippets.value
+    assert parts.snippets.value.count(">Copy</button>") == 3
+    assert "white-space:pre;overflow-x:auto" in parts.snippets.value  # code scrolls, never wraps mid-word
     assert "requests: <b>0</b>" in parts.counters.value
     body = json.dumps({"model": "tiny-llama", "messages": HELLO, "max_tokens": 5}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", body, {
@@ -269,6 +306,45 @@ def test_server_panel_starts_and_stops_the_server_with_snippets(loaded, audit):
     other.toggle.value = False
     assert wait_for(lambda: "Server stopped" in parts.url.value)
     assert parts.toggle.description == "Start server" and not parts.toggle.value and parts.snippets.value == ""
+
+
+def snippet(html: str, name: str, nth: int = 0) -> str:
+    """The code of the ``nth`` snippet called ``name`` in the panel's HTML, as the Copy button copies it."""
+    codes = re.findall(rf"<b>{name}</b> <button.*?<pre[^>]*>(.*?)</pre>", html, re.S)
+    return unescape(codes[nth])
+
+
+def test_the_snippets_work_as_shown_without_a_key(loaded, audit, monkeypatch):
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
+    parts = server_panel(loaded, audit).parts
+    parts.port.value = free_port()
+    parts.toggle.value = True
+    assert wait_for(lambda: "OpenAI" in parts.url.value)
+    assert "none" not in parts.snippets.value and "Authorization" not in parts.snippets.value
+    code = snippet(parts.snippets.value, "openai")
+    assert 'api_key="unused"' in code
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0 and printed.stdout.strip(), printed.stderr
+    curl = snippet(parts.snippets.value, "curl")
+    assert "'Hello!'" not in curl and '"Hello!"' in curl  # one unbroken line per argument
+    parts.toggle.value = False
+    assert wait_for(lambda: "Server stopped" in parts.url.value)
+
+
+def test_on_a_hub_the_panel_shows_the_proxied_url_and_how_to_authenticate(loaded, audit, monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ana/")
+    monkeypatch.setenv("JUPYTERHUB_PUBLIC_URL", "https://hub.example.org/user/ana/")
+    parts = server_panel(loaded, audit).parts
+    parts.port.value = port = free_port()
+    parts.toggle.value = True
+    proxied = f"https://hub.example.org/user/ana/proxy/{port}"
+    assert wait_for(lambda: proxied in parts.url.value)
+    assert f"OpenAI: <code>{proxied}/v1</code>" in parts.url.value and "hub/token" in parts.url.value
+    assert f"http://127.0.0.1:{port}/v1" in parts.url.value  # the local one too
+    code = snippet(parts.snippets.value, "openai", 1)
+    assert f'base_url="{proxied}/v1"' in code and '"Authorization": "token <JUPYTER_TOKEN>"' in code
+    parts.toggle.value = False
+    assert wait_for(lambda: "Server stopped" in parts.url.value)
 
 
 def test_a_busy_port_shows_its_error_and_the_server_panel_still_works(loaded, audit):

@@ -110,7 +110,9 @@ class AttachedModel:
         self._watcher = asyncio.ensure_future(self._watch())
 
     async def _request(self, rid: str, request: Request, content: Any) -> None:
-        self._tasks[rid] = asyncio.current_task()
+        task = asyncio.current_task()
+        if task is not None:  # always: this coroutine runs as a task on the client loop
+            self._tasks[rid] = task
         try:
             flight = self._flights.get(rid)
             if flight is None or flight.ending:  # cancelled before it started
@@ -138,8 +140,12 @@ class AttachedModel:
         body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
                 **openai_body(request.params), **({"messages": content} if chat else {"prompt": content})}
         url = f"{self.base_url}/{'chat/completions' if chat else 'completions'}"
-        finish, usage = None, {}
-        async with self._session.post(url, json=body) as r:
+        finish: str | None = None
+        usage: dict[str, Any] = {}
+        session = self._session
+        if session is None:  # submit() comes after start() connected
+            raise EngineError("not connected")
+        async with session.post(url, json=body) as r:
             if r.status != 200:
                 raise EngineError(f"the server answered {r.status}: {_message(await r.json(content_type=None))}")
             async for line in r.content:
@@ -156,7 +162,8 @@ class AttachedModel:
                         self._flights.delta(rid, text)
                     finish = choice.get("finish_reason") or finish
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        self._flights.done(rid, FINISH.get(finish, "stop"), None, usage.get("prompt_tokens", 0),
+        reason = "stop" if finish is None else FINISH.get(finish, "stop")
+        self._flights.done(rid, reason, None, usage.get("prompt_tokens", 0),
                            usage.get("completion_tokens", 0), cached, usage.get("completion_tokens", 0) > 0)
 
 

@@ -45,7 +45,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def _families(marker: str) -> list[str]:
     """The mlx-lm model families whose source has ``marker`` (``def shard(`` or ``PipelineMixin``)."""
-    folder = Path(importlib.util.find_spec("mlx_lm.models").submodule_search_locations[0])
+    spec = importlib.util.find_spec("mlx_lm.models")
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError("cannot find mlx-lm's model sources (mlx_lm.models)")
+    folder = Path(spec.submodule_search_locations[0])
     return sorted(p.stem for p in folder.glob("*.py") if p.stem != "pipeline" and marker in p.read_text())
 
 
@@ -169,13 +172,21 @@ class ShardedModel:
     def _send(self, message: dict) -> None:
         with self._send_lock:
             if self._sock is not None:
-                try:
+                with contextlib.suppress(OSError):  # the reader sees the end and reports it
                     send(self._sock, message)
-                except OSError:  # the reader sees the end and reports it
-                    pass
+
+    @property
+    def _job(self) -> subprocess.Popen:
+        """The mlx.launch process, which start() sets before the threads that use it run."""
+        if self.process is None:
+            raise EngineError(f"{self.name!r} was not started")
+        return self.process
 
     def _collect_output(self) -> None:
-        for line in self.process.stdout:
+        output = self._job.stdout
+        if output is None:  # never: start() pipes it
+            return
+        for line in output:
             self.log.append(_ANSI.sub("", line.decode(errors="replace").rstrip()))
 
     def _run(self, listener: socket.socket, token: str, deadline: float) -> None:
@@ -191,7 +202,7 @@ class ShardedModel:
         sock.settimeout(POLL_SECONDS)
         while True:
             lines = reader.read()
-            if lines is None or self.process.poll() is not None:
+            if lines is None or self._job.poll() is not None:
                 break
             if self._closed_at is not None and time.monotonic() > self._closed_at + STOP_WAIT:
                 self._kill()  # the ranks did not end after "stop"
@@ -205,7 +216,8 @@ class ShardedModel:
     def _accept(self, listener: socket.socket, token: str, deadline: float) -> socket.socket | None:
         """Rank 0's connection once it proved itself and the model loaded; None (with ``error`` set) if not."""
         sock = None
-        while time.monotonic() < deadline and self.process.poll() is None and not self._closing:
+        lines: list[dict] | None
+        while time.monotonic() < deadline and self._job.poll() is None and not self._closing:
             if sock is None:
                 try:
                     sock, _ = listener.accept()
@@ -237,7 +249,7 @@ class ShardedModel:
                     return None
         if self._closing:
             self.error = "unloaded while starting"
-        elif self.process.poll() is None:
+        elif self._job.poll() is None:
             self.error = "the ranks did not report the model loaded in time"
         else:
             self.error = self._why_ended()
@@ -254,7 +266,9 @@ class ShardedModel:
             self._flights.finish(m["id"], Failed(EngineError(m["error"])))
         elif event == "ranks":
             now = time.time()
-            self.rank_state = [{**old, **new, "reported_at": now} for old, new in zip(self.rank_state, m["ranks"], strict=False)]
+            # one row per rank of the same group as the "ready" message's
+            self.rank_state = [{**old, **new, "reported_at": now}
+                               for old, new in zip(self.rank_state, m["ranks"], strict=True)]
         elif event == "fatal":
             self.error = m["error"]
 
@@ -263,12 +277,12 @@ class ShardedModel:
         sock.close()
         if self._closing:
             try:
-                self.process.wait(STOP_WAIT)
+                self._job.wait(STOP_WAIT)
             except subprocess.TimeoutExpired:
                 self._kill()
             return
         try:  # mlx.launch stops the other ranks within a second of one's death: wait for its report
-            self.process.wait(STOP_WAIT)
+            self._job.wait(STOP_WAIT)
         except subprocess.TimeoutExpired:
             self._kill()
         self.error = self._why_ended()
@@ -288,7 +302,7 @@ class ShardedModel:
                 rank = int(m.group(1))
                 host = self.hosts[rank] if rank < len(self.hosts) else "?"
                 return f"rank {rank} ({host}) {m.group(2)}" + (f" ({self.error})" if self.error else "") + self._tail()
-        return f"{self.error or f'the job ended (exit code {self.process.poll()})'}{self._tail()}"
+        return f"{self.error or f'the job ended (exit code {self._job.poll()})'}{self._tail()}"
 
     def _tail(self, lines: int = 3) -> str:
         """The job's last lines of its own (not the ring's or the launcher's chatter), to say why it ended."""

@@ -13,6 +13,7 @@ by rank 0 so that sampling draws the same tokens everywhere. Rank 0 alone talks 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -45,6 +46,7 @@ def share(group: mx.distributed.Group, commands: list[dict]) -> list[dict]:
     size = mx.distributed.all_sum(mx.array(len(data)), group=group, stream=generation_stream).item()
     if size == 0:
         return []
+    assert isinstance(size, int)  # the sum of int32 lengths
     buffer = mx.array(np.frombuffer(data, np.uint8)) if data else mx.zeros(size, mx.uint8)
     buffer = mx.distributed.all_sum(buffer, group=group, stream=generation_stream)
     mx.eval(buffer)  # rank 0 too: every rank must take part in each collective, in the same order
@@ -69,11 +71,8 @@ class Channel:
         threading.Thread(target=self._read, name="kernel-channel", daemon=True).start()
 
     def send(self, message: dict) -> None:
-        with self.lock:
-            try:
-                send(self.sock, message)
-            except OSError:  # the kernel is gone: the reader thread asks the ranks to stop
-                pass
+        with self.lock, contextlib.suppress(OSError):  # the kernel is gone: the reader thread asks the ranks to stop
+            send(self.sock, message)
 
     def take(self, wait: float) -> list[dict]:
         """The commands that arrived, waiting up to ``wait`` seconds for a first one."""
@@ -164,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         tensor, pipeline = (group, None) if args.parallel == "tensor" else (None, group)
         model, tokenizer = sharded_load(args.model, pipeline_group=pipeline, tensor_group=tensor)
         mx.set_cache_limit(MLX_CACHE_LIMIT)
-        weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        # tree_flatten returns a list of (key, array) pairs without a destination; its annotation allows a dict
+        parameters: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+        weights = sum(v.nbytes for _, v in parameters)
         ranks = gather(group, [os.getpid(), weights])
         runner = Runner(args.name, model, tokenizer)
         if channel is not None:

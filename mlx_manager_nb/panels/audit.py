@@ -17,13 +17,23 @@ AUDIT_ROWS = 25
 ALL = "(all)"
 
 
-def _audit_row(r: dict) -> list[Any]:
-    when = datetime.fromisoformat(r["started_at"]).astimezone().strftime("%H:%M:%S") if r.get("started_at") else ""
-    tps = r.get("tokens_per_second")
-    return [when, r.get("source") or "", r.get("endpoint") or "", r.get("model") or "", r.get("status") or "",
-            r.get("completion_tokens") if r.get("completion_tokens") is not None else "",
-            seconds(r.get("duration")), f"{tps:.1f}" if tps is not None else "",
-            (r.get("error_message") or "")[:80]]
+def _local(r: dict) -> datetime | None:
+    return datetime.fromisoformat(r["started_at"]).astimezone() if r.get("started_at") else None
+
+
+def _audit_rows(rows: list[dict]) -> list[list[Any]]:
+    """Table rows; times carry their date when the rows span more than one day."""
+    times = [_local(r) for r in rows]
+    dated = len({t.date() for t in times if t is not None}) > 1
+    table = []
+    for r, t in zip(rows, times, strict=True):
+        tps = r.get("tokens_per_second")
+        table.append([t.strftime("%Y-%m-%d %H:%M:%S" if dated else "%H:%M:%S") if t else "",
+                      r.get("source") or "", r.get("endpoint") or "", r.get("model") or "", r.get("status") or "",
+                      r.get("completion_tokens") if r.get("completion_tokens") is not None else "",
+                      seconds(r.get("duration")), f"{tps:.1f}" if tps is not None else "",
+                      (r.get("error_message") or "")[:80]])
+    return table
 
 
 def _summary_row(s: dict) -> list[Any]:
@@ -33,7 +43,7 @@ def _summary_row(s: dict) -> list[Any]:
 
 
 def audit_panel(audit: AuditLog | None = None) -> widgets.VBox:
-    """The latest audit rows with model, status and source filters, and a per-model summary."""
+    """The latest audit rows with model, status and source filters (all at first), and a per-model summary."""
     audit = audit_or_default(audit)
     call = ui_caller()
     model = widgets.Dropdown(description="Model", options=[ALL])
@@ -63,7 +73,7 @@ def audit_panel(audit: AuditLog | None = None) -> widgets.VBox:
         summary.value = html_table(["model", "requests", "error rate", "p50 latency", "p95 latency", "tok/s"],
                                    [_summary_row(s) for s in stats], "No requests yet.")
         rows.value = html_table(["time", "source", "endpoint", "model", "status", "tokens", "duration", "tok/s",
-                                 "error"], [_audit_row(r) for r in latest], "No matching requests.")
+                                 "error"], _audit_rows(latest), "No matching requests.")
 
     refresh_soon = coalesced(call, refresh)
 

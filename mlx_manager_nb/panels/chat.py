@@ -22,18 +22,29 @@ STREAM_INTERVAL = 0.1  # seconds between two renders of streamed text
 TOOL_ROUNDS = 5  # rounds of tool calls per message before the model must answer
 
 
-def _bubble(role: str, text: str) -> str:
+def _output(data: dict[str, str]) -> dict:
+    return {"output_type": "display_data", "data": data, "metadata": {}}
+
+
+def _turn(role: str, text: str) -> list[dict]:
+    """A message as outputs: the role, then the text (an answer as Markdown, as ``%%chat`` shows it)."""
     color = {"user": "#1565c0", "assistant": "#2e7d32", "tool": "#6a1b9a"}.get(role, "#555")
-    return (f"<div style='margin:4px 0'><b style='color:{color}'>{escape(role)}</b>"
-            f"<div style='white-space:pre-wrap'>{escape(text)}</div></div>")
+    label = _output({"text/html": f"<b style='color:{color}'>{escape(role)}</b>", "text/plain": role})
+    if role == "assistant":
+        return [label, _output({"text/markdown": text, "text/plain": text})]
+    return [label, _output({"text/html": f"<div style='white-space:pre-wrap'>{escape(text)}</div>",
+                            "text/plain": text})]
 
 
-def _speed(result: Any) -> str:
+def _speed(result: Any, tokens: int, seconds: float) -> str:
+    """Tokens, speed and why the answer ended; ``tokens`` and ``seconds`` count a stopped one without a result."""
     if result is None:
-        return "stopped"
+        rate = f"{(tokens - 1) / seconds:.1f} tok/s" if tokens > 1 and seconds > 0 else "– tok/s"
+        return f"{tokens} tokens · {rate} · stopped"
     tps = result.tokens_per_second
     rate = f"{tps:.1f} tok/s" if tps is not None else "– tok/s"
-    return f"{result.usage.completion_tokens} tokens · {rate} · {result.finish_reason}"
+    reason = "stopped" if result.finish_reason == "cancelled" else result.finish_reason
+    return f"{result.usage.completion_tokens} tokens · {rate} · {reason}"
 
 
 def chat_panel(pool: Pool | None = None, tools: list | None = None,
@@ -52,7 +63,7 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
     temperature = widgets.FloatSlider(value=0.7, min=0.0, max=2.0, step=0.05, description="Temperature",
                                         style={"description_width": "initial"})
     max_tokens = widgets.BoundedIntText(value=512, min=1, max=131072, description="Max tokens")
-    conversation = widgets.HTML()
+    conversation = widgets.Output(layout=widgets.Layout(max_height="480px", overflow="auto"))
     prompt = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="600px"))
     send = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
     stop = widgets.Button(description="Stop", icon="stop", disabled=True)
@@ -61,12 +72,14 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
     error = widgets.HTML()
     history: list[dict] = []
     current: threading.Event | None = None  # set to stop the running request
+    streaming: Any = None  # the running request's stream
 
     def render(partial: str | None = None) -> None:
-        bubbles = [_bubble(m["role"], describe_turn(m)) for m in history]
+        outputs = [o for m in history for o in _turn(m["role"], describe_turn(m))]
         if partial is not None:
-            bubbles.append(_bubble("assistant", partial + "▌"))
-        conversation.value = "".join(bubbles) or "<i>No messages yet.</i>"
+            outputs += _turn("assistant", partial + " ▌")
+        empty = [_output({"text/html": "<i>No messages yet.</i>", "text/plain": "No messages yet."})]
+        conversation.outputs = tuple(outputs or empty)
 
     def busy(on: bool) -> None:
         send.disabled, stop.disabled = on, not on
@@ -76,23 +89,26 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
             render(text)
             speed.value = rate
 
-    def finish(flag: threading.Event, text: str, result: Any, failure: BaseException | None) -> None:
-        nonlocal current
+    def finish(flag: threading.Event, text: str, result: Any, failure: BaseException | None, tokens: int,
+               seconds: float) -> None:
+        nonlocal current, streaming
         if flag is not current:  # cleared meanwhile
             return
-        current = None
+        current = streaming = None
         if text:
             history.append({"role": "assistant", "content": text})
         elif history and history[-1]["role"] == "user":
             history.pop()  # keep user and assistant turns alternating
-        speed.value = _speed(result) if failure is None else ""
+        speed.value = _speed(result, tokens, seconds) if failure is None else ""
         error.value = error_html(failure)
         busy(False)
         render()
 
-    def add_turns(flag: threading.Event, turns: list[dict]) -> None:
+    def add_turns(flag: threading.Event, turns: list[dict], stream: Any) -> None:
+        nonlocal streaming
         if flag is current:
             history.extend(turns)
+            streaming = stream
             render("")
 
     def request(messages: list[dict], choice: str | dict | None = None) -> Any:
@@ -105,12 +121,10 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
         try:
             for round_ in range(1, TOOL_ROUNDS + 2):
                 with stream:  # leaving early closes the stream, which cancels the request
-                    for _ in stream:
-                        if flag.is_set():
-                            break
+                    for _ in stream:  # after Stop, until the engine reports the cancel (with its counts)
                         now = time.perf_counter()
                         first, n = first or now, n + 1
-                        if now - last >= STREAM_INTERVAL:
+                        if now - last >= STREAM_INTERVAL and not flag.is_set():
                             last = now
                             rate = f"≈ {(n - 1) / (now - first):.1f} tok/s" if now > first else ""
                             call(progress, flag, stream.text, rate)
@@ -118,15 +132,18 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
                 if flag.is_set() or not calls or round_ > TOOL_ROUNDS:
                     break
                 turns = tool_turns(stream.text, calls, tool_list)
-                messages = messages + turns
-                call(add_turns, flag, turns)
+                messages = [*messages, *turns]
                 stream = request(messages, "none" if round_ == TOOL_ROUNDS else "auto")
+                call(add_turns, flag, turns, stream)
+                if flag.is_set():  # Stop came while the calls ran: the next round ends at once
+                    stream.close()
         except Exception as e:
             failure = e
-        call(finish, flag, stream.text, stream.result, failure)
+        seconds = time.perf_counter() - first if first else 0.0
+        call(finish, flag, stream.text, stream.result, failure, n, seconds)
 
     def on_send(_: Any) -> None:
-        nonlocal current
+        nonlocal current, streaming
         text = prompt.value.strip()
         if not text or current is not None:
             return
@@ -139,7 +156,7 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
             return
         history.append(turn)
         prompt.value, error.value, speed.value = "", "", ""
-        current = threading.Event()
+        current, streaming = threading.Event(), stream
         busy(True)
         render("")
         threading.Thread(target=consume, args=(stream, messages, current), name="mlx-nb-chat", daemon=True).start()
@@ -147,11 +164,12 @@ def chat_panel(pool: Pool | None = None, tools: list | None = None,
     def on_stop(_: Any) -> None:
         if current is not None:
             current.set()
+            streaming.close()  # the engine ends the request within a step; its counts come with the end
 
     def on_clear(_: Any) -> None:
-        nonlocal current
+        nonlocal current, streaming
         on_stop(None)
-        current = None
+        current = streaming = None
         history.clear()
         speed.value = error.value = ""
         busy(False)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..model_pool import Pool
 
 TABLE_STYLE = "border-collapse:collapse;font-size:12px"
-CELL_STYLE = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd"
+CELL_STYLE = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd;white-space:nowrap"
 REFRESH_INTERVAL = 0.2  # seconds between two refreshes of a panel by its subscriptions
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 
+from ..hosted import TOKEN_PLACEHOLDER
 from ..model_pool import PoolEvent, RequestEvent
 from ..server import Server, on_servers_changed, running_servers, serve
 from .common import audit_or_default, coalesced, error_html, make_panel, pool_or_default, ready_options, ui_caller
@@ -17,22 +18,61 @@ if TYPE_CHECKING:
     from ..model_pool import Pool
 
 SETTLE = 0.3  # seconds after a request event to read the server's counters again
+NO_KEY = "unused"  # what the SDKs need as a key when the server wants none (they refuse an empty one)
+SNIPPET = ("<div class='mlx-snippet' style='margin:6px 0'><b>{name}</b> <button class='mlx-copy' "
+           "onclick=\"navigator.clipboard.writeText(this.closest('.mlx-snippet').querySelector('pre').innerText)"
+           ".then(() => this.textContent = 'Copied')\">Copy</button>"
+           "<pre style='white-space:pre;overflow-x:auto;margin:2px 0;padding:6px;background:#f5f5f5'>"
+           "{code}</pre></div>")
 
 
-def _snippets(url: str, api_key: str | None, model: str) -> dict[str, str]:
-    key = api_key or "none"
+def _snippets(root: str, api_key: str | None, model: str, jupyter: bool = False) -> dict[str, str]:
+    """curl, openai and anthropic calls of the server at ``root``; ``jupyter``: through the Jupyter server."""
+    key = api_key or NO_KEY
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
     hello = '[{"role": "user", "content": "Hello!"}]'
+    headers: dict[str, str] = {}
+    if jupyter:  # the Jupyter server takes the Authorization header; the key travels as x-api-key
+        headers["Authorization"] = f"token {TOKEN_PLACEHOLDER}"
+        if api_key:
+            headers["x-api-key"] = api_key
+    elif api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    curl_headers = "".join(f"  -H '{k}: {v}' \\\n" for k, v in headers.items())
+    extra = f", default_headers={json.dumps(headers)}" if jupyter else ""
+    anthropic_extra = f", default_headers={json.dumps({'Authorization': headers['Authorization']})}" if jupyter else ""
     return {
-        "curl": (f"curl {url}/v1/chat/completions \\\n  -H 'Content-Type: application/json' \\\n"
-                 f"  -H 'Authorization: Bearer {key}' \\\n  -d '{body}'"),
-        "openai": (f"from openai import OpenAI\n\nclient = OpenAI(base_url={json.dumps(url + '/v1')}, "
-                   f"api_key={json.dumps(key)})\nreply = client.chat.completions.create(model={json.dumps(model)}, "
-                   f"messages={hello})\nprint(reply.choices[0].message.content)"),
-        "anthropic": (f"import anthropic\n\nclient = anthropic.Anthropic(base_url={json.dumps(url)}, "
-                      f"api_key={json.dumps(key)})\nreply = client.messages.create(model={json.dumps(model)}, "
-                      f"max_tokens=256, messages={hello})\nprint(reply.content[0].text)"),
+        "curl": (f"curl {root}/v1/chat/completions \\\n  -H 'Content-Type: application/json' \\\n"
+                 f"{curl_headers}  -d '{body}'"),
+        "openai": (f"from openai import OpenAI\n\nclient = OpenAI(base_url={json.dumps(root + '/v1')}, "
+                   f"api_key={json.dumps(key)}{extra})\nreply = client.chat.completions.create("
+                   f"model={json.dumps(model)}, messages={hello})\nprint(reply.choices[0].message.content)"),
+        "anthropic": (f"import anthropic\n\nclient = anthropic.Anthropic(base_url={json.dumps(root)}, "
+                      f"api_key={json.dumps(key)}{anthropic_extra})\nreply = client.messages.create("
+                      f"model={json.dumps(model)}, max_tokens=256, messages={hello})\nprint(reply.content[0].text)"),
     }
+
+
+def _snippets_html(texts: dict[str, str]) -> str:
+    return "".join(SNIPPET.format(name=escape(k), code=escape(v)) for k, v in texts.items())
+
+
+def _urls_html(server: Server) -> str:
+    """The base URL of each SDK, locally and, on a hub, through the Jupyter server, with how to authenticate."""
+
+    def line(label: str, root: str) -> str:
+        bases = " · ".join(f"{sdk}: <code>{escape(url)}</code>" for sdk, url in server.base_urls(root).items())
+        health = f"<a href='{escape(root)}/health' target='_blank'>health</a>"
+        return f"<div>{label}: {bases} · {health}</div>"
+
+    html = line("This machine", server.url)
+    proxied = server.proxied
+    if proxied is not None:
+        where = "" if proxied.url else " (on the address your browser shows)"
+        html += line(f"Through Jupyter{where}", proxied.root) + f"<div style='color:#555'>{proxied.auth()}</div>"
+        if not proxied.proxy_installed:
+            html += "<div style='color:#b00020'>This needs <code>pip install jupyter-server-proxy</code>.</div>"
+    return html
 
 
 def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> widgets.VBox:
@@ -42,7 +82,7 @@ def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> wid
     call = ui_caller()
     host = widgets.Text(value="127.0.0.1", description="Host")
     port = widgets.BoundedIntText(value=8000, min=0, max=65535, description="Port")
-    api_key = widgets.Password(description="API key", placeholder="none")
+    api_key = widgets.Password(description="API key", placeholder="no key")
     toggle = widgets.ToggleButton(description="Start server", icon="play")
     url = widgets.HTML()
     counters = widgets.HTML()
@@ -63,15 +103,18 @@ def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> wid
             url.value = "<i>Server stopped.</i>"
             counters.value = snippets.value = ""
             return
-        url.value = f"<a href='{escape(server.url)}' target='_blank'>{escape(server.url)}</a>"
+        url.value = _urls_html(server)
         s = server.stats()
         tps = s.get("tokens_per_second")
         counters.value = (f"requests: <b>{s['requests']}</b> · active streams: <b>{s['active_streams']}</b>"
                           f" · tokens/s: <b>{'–' if tps is None else f'{tps:.1f}'}</b>")
         ready = ready_options(pool)
-        texts = _snippets(server.url, server.api_key, ready[0][0] if ready else "MODEL")
-        snippets.value = "".join(f"<b>{escape(k)}</b><pre style='user-select:all'>{escape(v)}</pre>"
-                                 for k, v in texts.items())
+        model = ready[0][0] if ready else "MODEL"
+        html = _snippets_html(_snippets(server.url, server.api_key, model))
+        if server.proxied is not None:
+            html += ("<div style='margin-top:8px'><b>Through Jupyter, from outside this machine</b></div>"
+                     + _snippets_html(_snippets(server.proxied.root, server.api_key, model, jupyter=True)))
+        snippets.value = html
 
     def start() -> None:
         error.value = ""

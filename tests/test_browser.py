@@ -1,0 +1,160 @@
+"""The dashboard notebook in JupyterLab in a real Chromium (Debian's, driven by Playwright): what a user sees.
+
+Skips where no ``chromium`` is installed (``.ci/run`` installs it); Playwright never downloads a
+browser here. A screenshot of the dashboard is saved under the test's tmp folder (path printed).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import free_port
+
+ROOT = Path(__file__).parent.parent
+TOKEN = "browser-test-token"
+SETTINGS = {  # JupyterLab's settings for the test: start the notebook's kernel, ask nothing, fetch nothing
+    "notebook-extension/tracker": {"autoStartDefaultKernel": True},
+    "apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt-get install -y chromium)"),
+]
+
+
+@pytest.fixture
+def lab(tmp_path, demo_home):
+    """JupyterLab on a copy of the dashboard notebook (and the picture it shows).
+
+    The kernel gets a home of its own, with the demo model linked: its audit log holds only what
+    this test does (the screenshot goes into the README).
+    """
+    pytest.importorskip("jupyterlab", reason="JupyterLab is in the demo extra")
+    (tmp_path / "work" / "notebooks").mkdir(parents=True)
+    shutil.copy(ROOT / "notebooks" / "02_dashboard.ipynb", tmp_path / "work" / "notebooks")
+    shutil.copytree(ROOT / "docs" / "images", tmp_path / "work" / "docs" / "images")
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    for model in (demo_home / "models").iterdir():
+        (home / "models" / model.name).symlink_to(model.resolve(), target_is_directory=True)
+    port = free_port()
+    env = {**os.environ, "MLX_NB_HOME": str(home)}
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR",
+                 "JUPYTERLAB_WORKSPACES_DIR"):
+        env[name] = str(tmp_path / name.lower())
+    for name, values in SETTINGS.items():
+        path = tmp_path / "jupyterlab_settings_dir" / "@jupyterlab" / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                             "--allow-root", f"--IdentityProvider.token={TOKEN}",
+                             f"--ServerApp.root_dir={tmp_path / 'work'}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < end, "JupyterLab did not start"
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
+    expect = sync_api.expect
+    started = time.monotonic()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=lab)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.goto(f"{lab}/lab/tree/notebooks/02_dashboard.ipynb?token={TOKEN}")
+
+        # the new kernel runs every cell: the last code cell's prompt then counts them all
+        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
+        for menu, item in (("Edit", "Clear Outputs of All Cells"), ("Run", "Run All Cells")):
+            page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+            page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{item}$")).click()
+        prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
+        expect(prompts.last).to_have_text(f"[{prompts.count()}]:", timeout=150_000)
+        assert "Traceback" not in page.locator(".jp-Notebook").inner_text()
+
+        # every panel is a rendered widget, not a repr or an error
+        dash = page.locator(".widget-tab").first
+        expect(dash).to_be_visible()
+        for title in ("Pool", "Chat", "Server", "Audit"):
+            expect(dash.locator(".lm-TabBar-tab", has_text=title)).to_be_visible()
+        notebook = page.locator(".jp-Notebook")
+        assert "Error displaying widget" not in notebook.inner_text()
+        assert "Tab(children=" not in notebook.inner_text() and "VBox(children=" not in notebook.inner_text()
+
+        def tab(title: str) -> None:
+            dash.locator(".lm-TabBar-tab", has_text=title).click()
+
+        # a question from the chat panel streams an answer, rendered as Markdown
+        tab("Chat")
+        dash.get_by_role("button", name="Clear").click()
+        conversation = dash.locator(".widget-output").first
+        expect(conversation).to_contain_text("No messages yet")
+        dash.get_by_placeholder("Message").fill("What is the capital of France? Answer in one sentence.")
+        dash.get_by_role("button", name="Send").click()
+        partial = conversation.locator(".jp-RenderedMarkdown", has_text=re.compile(r"\w\s*▌"))
+        expect(partial).to_be_visible(timeout=30_000)  # words arrive before the answer ends
+        expect(conversation.locator(".jp-RenderedMarkdown", has_text="Paris")).to_be_visible(timeout=60_000)
+        expect(conversation).not_to_contain_text("▌", timeout=30_000)
+        speed = dash.locator(".widget-label", has_text=" tokens · ")
+        expect(speed).to_have_text(re.compile(r"\d+ tokens · [\d.–]+ tok/s · stop$"))
+
+        # Stop ends a long answer and keeps its count; the audit panel shows the request at once
+        dash.locator(".widget-inline-hbox", has_text="Max tokens").locator("input").fill("400")
+        dash.get_by_placeholder("Message").fill("Write a long story about a dragon and a knight.")
+        dash.get_by_role("button", name="Send").click()
+        expect(dash.locator(".widget-label", has_text="≈")).to_be_visible(timeout=30_000)  # the live rate
+        dash.get_by_role("button", name="Stop").click()
+        expect(speed).to_have_text(re.compile(r"[1-9]\d* tokens · [\d.–]+ tok/s · stopped$"), timeout=15_000)
+        expect(dash.get_by_role("button", name="Send")).to_be_enabled()
+        tab("Audit")
+        expect(dash.locator("tr", has_text="chat_panel").filter(has_text="cancelled").first).to_be_visible(
+            timeout=10_000)
+
+        # the server tab: both base URLs, and a snippet's Copy button copies it
+        tab("Server")
+        dash.get_by_role("button", name="Start server").click()
+        expect(dash.get_by_text("OpenAI:")).to_be_visible(timeout=15_000)
+        snippet = dash.locator(".mlx-snippet", has_text="openai").first
+        snippet.get_by_role("button", name="Copy").click()
+        expect(snippet.get_by_role("button", name="Copied")).to_be_visible()
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert 'base_url="http://127.0.0.1:' in copied and 'api_key="unused"' in copied
+
+        tab("Audit")
+        time.sleep(0.5)  # the newest rows in place
+        shot = tmp_path / "dashboard.png"
+        dash.evaluate("e => e.scrollIntoView({block: 'start'})")
+        page.screenshot(path=str(shot))
+        print(f"\nscreenshot of the dashboard: {shot} ({time.monotonic() - started:.0f} s in the browser)")
+        tab("Server")
+        dash.get_by_role("button", name="Stop server").click()
+        expect(dash.get_by_text("Server stopped.")).to_be_visible(timeout=15_000)
+        browser.close()
+    assert errors == []
