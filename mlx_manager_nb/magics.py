@@ -177,12 +177,13 @@ def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
     if not models:
         print("No model is loaded. Try `%mlx load demo`.")
         return
-    rows = [[x.name + (" (default)" if pool.default in (x.name, x.alias) else ""), x.alias, x.state,
+    rows = [[x.name + (" (default)" if pool.default is not None and pool.default in (x.name, x.alias) else ""),
+             x.alias, x.kind, x.state,
              "this kernel" if x.placement == "local" else f"{x.placement}: {', '.join(x.hosts)}",
              out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "yes" if x.pinned else "no",
              out.seconds(x.keep_alive)] for x in models]
-    out.show(out.table(rows, ["name", "alias", "state", "runs on", "size", "in flight", "last used", "pinned",
-                              "keep-alive"]))
+    out.show(out.table(rows, ["name", "alias", "kind", "state", "runs on", "size", "in flight", "last used",
+                              "pinned", "keep-alive"]))
 
 
 def cmd_default(magics: MLXMagics, args: argparse.Namespace) -> None:

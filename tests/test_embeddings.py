@@ -381,3 +381,10 @@ def test_litellm_embedding(server, pool):
     got = np.array([d["embedding"] for d in r.data])
     np.testing.assert_allclose(got, pool.embed(TEXTS, model="bert"), atol=1e-6)
     assert r.usage.prompt_tokens > len(TEXTS)
+
+
+def test_the_pool_panel_shows_each_models_kind(pool):
+    from mlx_manager_nb.widgets import pool_panel
+
+    table = pool_panel(pool).parts.table.value
+    assert "<td>bert</td><td>embedding</td>" in table and "<td>tiny</td><td>chat</td>" in table

@@ -165,3 +165,43 @@ def test_the_prompt_cache_holds_only_its_own_bytes(pool):
     # a lazy slice would keep a 12-sequence batch buffer (about 1.5 MiB for the tiny model) alive here; other
     # pools of the same process may move a few tens of KiB meanwhile (94 KiB was seen once in the full suite)
     assert held < 256 * 1024, held
+
+
+MEMORY_SCRIPT = """
+import json, os, threading, time
+from mlx_manager_nb import Pool
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+pool = Pool(keep_alive=None, max_memory=2 * 2**30, max_models=2)
+pool.load("demo")
+pool.chat([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
+weights, budget, base = pool.models()[0].size_bytes, pool.max_memory // pool.max_models, rss()
+kv_seen = []
+threads = [threading.Thread(target=pool.chat, args=([{"role": "user", "content": f"Tell me about {i}."}],),
+                            kwargs={"max_tokens": 16, "temperature": 0}) for i in range(64)]
+for t in threads:
+    t.start()
+while any(t.is_alive() for t in threads):
+    kv_seen.append(pool.models()[0].kv_bytes + pool.models()[0].cache_bytes)
+    time.sleep(0.05)
+time.sleep(3)  # idle: the engine hands its spare buffers back
+print(json.dumps({"weights": weights, "budget": budget, "base": base, "after": rss(), "kv_max": max(kv_seen)}))
+"""
+
+
+@pytest.mark.slow
+def test_memory_stays_in_budget_and_is_given_back_after_64_requests(demo_home):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MLX_NB_HOME": str(demo_home)})
+    assert done.returncode == 0, done.stderr
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    assert m["kv_max"] <= m["budget"], m
+    # after idle, what the burst added is within 25% of weights plus the prompt cache bound
+    assert m["after"] - m["base"] <= 0.25 * (m["weights"] + m["budget"]), m

@@ -461,6 +461,36 @@ def test_agents_sdk_run_and_streamed_run(demo_server):
     assert response.response_id.startswith("resp_") and response.usage.output_tokens > 0
 
 
+@pytest.mark.slow
+def test_agents_sdk_runs_a_function_tool(demo_server):
+    from agents import Agent, ModelSettings, Runner, function_tool, set_default_openai_client, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    asked = []
+
+    @function_tool
+    def capital_of(country: str) -> str:
+        """The capital city of a country."""
+        asked.append(country)
+        return "Paris"
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=demo_server.url + "/v1", api_key="unused")
+        set_default_openai_client(client, use_for_tracing=False)
+        # the first turn must call the tool; the SDK then resets tool_choice, so the model answers
+        agent = Agent(name="Geographer", instructions="Use the tool, then answer in one sentence.", model="demo",
+                      tools=[capital_of], model_settings=ModelSettings(temperature=0, max_tokens=80,
+                                                                       tool_choice="required"))
+        result = await Runner.run(agent, "What is the capital of France?")
+        await client.close()
+        return result
+
+    result = asyncio.run(main())
+    assert len(asked) == 1 and isinstance(asked[0], str)
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+    assert isinstance(result.final_output, str) and result.final_output
+
 @pytest.fixture
 def tools_server(make_pool, wide_tiny_model_path):
     """A server over the tiny model with room in its context for a tool listing."""

@@ -40,6 +40,7 @@ BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")
 LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # the `mlx.launch` command, with our interpreter
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STOP_WAIT = 10.0  # seconds the job gets to end after "stop" before its processes are killed
+REPORT_WAIT = 3.0  # seconds to wait for mlx.launch to say which rank died
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -294,15 +295,19 @@ class ShardedModel:
     def _why_ended(self) -> str:
         """Which rank ended first, as mlx.launch reports it (it then stops the others), with rank 0's own
         error if it sent one; else the job's last lines. Rank 0 losing its peers is a consequence, not a cause."""
-        time.sleep(0.2)  # the output thread's last lines
         lost = "peer was lost" in (self.error or "")
-        for line in list(self.log):
-            m = re.search(r"Node with rank (\d+) (was killed|exited with code -?\d+)", line)
-            if m and not (lost and m.group(1) == "0"):
-                rank = int(m.group(1))
-                host = self.hosts[rank] if rank < len(self.hosts) else "?"
-                return f"rank {rank} ({host}) {m.group(2)}" + (f" ({self.error})" if self.error else "") + self._tail()
-        return f"{self.error or f'the job ended (exit code {self._job.poll()})'}{self._tail()}"
+        deadline = time.monotonic() + REPORT_WAIT
+        while True:  # mlx.launch reports the dead rank within a moment (longer on a loaded machine)
+            for line in list(self.log):
+                m = re.search(r"Node with rank (\d+) (was killed|exited with code -?\d+)", line)
+                if m and not (lost and m.group(1) == "0"):
+                    rank = int(m.group(1))
+                    host = self.hosts[rank] if rank < len(self.hosts) else "?"
+                    return (f"rank {rank} ({host}) {m.group(2)}" + (f" ({self.error})" if self.error else "")
+                            + self._tail())
+            if time.monotonic() > deadline:
+                return f"{self.error or f'the job ended (exit code {self._job.poll()})'}{self._tail()}"
+            time.sleep(0.05)
 
     def _tail(self, lines: int = 3) -> str:
         """The job's last lines of its own (not the ring's or the launcher's chatter), to say why it ended."""

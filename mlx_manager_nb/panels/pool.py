@@ -27,9 +27,17 @@ if TYPE_CHECKING:
     from ..model_pool import ModelInfo, Pool
 
 
+def _runs_on(m: ModelInfo) -> str:
+    """Where a model runs: this process, its ranks (host, state, running sequences) or the server it is attached to."""
+    if m.placement == "sharded":
+        return "; ".join(f"rank {i} {r['host']}: {r['state']}" + (f", {r['sequences']} running" if "sequences" in r
+                                                                  else "") for i, r in enumerate(m.ranks))
+    return m.hosts[0] if m.placement == "attached" and m.hosts else "this process"
+
+
 def _model_row(m: ModelInfo) -> list[Any]:
     keep = "forever" if m.keep_alive is None else seconds(m.keep_alive)
-    return [m.alias or m.name, m.state, size(m.size_bytes), m.in_flight,
+    return [m.alias or m.name, m.kind, m.state, _runs_on(m), size(m.size_bytes), m.in_flight,
             time.strftime("%H:%M:%S", time.localtime(m.last_used)), "yes" if m.pinned else "", keep]
 
 
@@ -56,7 +64,8 @@ def pool_panel(pool: Pool | None = None) -> widgets.VBox:
 
     def refresh() -> None:
         models = pool.models()
-        table.value = html_table(["model", "state", "size", "in flight", "last used", "pinned", "keep-alive"],
+        table.value = html_table(["model", "kind", "state", "runs on", "size", "in flight", "last used", "pinned",
+                                  "keep-alive"],
                                  [_model_row(m) for m in models], "No model loaded.")
         set_options(target, [(m.alias or m.name, m.name) for m in models])
         used, budget = pool.memory_used(), pool.max_memory
