@@ -164,7 +164,7 @@ def _tools(body: dict) -> dict:
         if kind not in ("auto", "any", "tool", "none"):
             raise ApiError(400, f"tool_choice.type must be auto, any, tool or none, got {str(kind)[:40]!r}",
                            param="tool_choice.type")
-        if kind != "none" and not out:
+        if kind in ("any", "tool") and not out:
             raise ApiError(400, f"tool_choice {kind!r} needs 'tools'", param="tool_choice")
         if kind == "tool":
             if choice.get("name") not in [t["function"]["name"] for t in out]:
@@ -179,7 +179,7 @@ def _tools(body: dict) -> dict:
                 raise ApiError(400, "tool_choice.disable_parallel_tool_use must be a boolean",
                                param="tool_choice.disable_parallel_tool_use")
             options["parallel_tool_calls"] = not parallel
-    if options.get("tool_choice") == "none" and not out:
+    if options.get("tool_choice") in ("none", "auto") and not out:  # nothing to choose from: asks for nothing
         options.pop("tool_choice")
     fmt = _output_format(body)
     if fmt is not None:
