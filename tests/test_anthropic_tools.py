@@ -166,3 +166,23 @@ def test_the_sdk_raises_bad_request_for_an_unknown_tool_use_id(client):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "toolu_x", "content": "7"}]}])
     assert "tool_use_id" in caught.value.message
+
+
+def test_a_call_after_text_opens_the_next_block():
+    from mlx_manager_nb.server.anthropic_api import _shape
+    from mlx_manager_nb.streams import Result, Usage
+    from mlx_manager_nb.tools import ToolCall
+
+    shape = _shape("msg_1", "tiny")
+    call_ = ToolCall("call_ab", "add", '{"a": 1, "b": 4}')
+    events = [*shape.delta("Let me"), *shape.delta(" add."), *shape.tool_call(0, call_)]
+    events += shape.end(Result(id="r", model="tiny", text="Let me add.", finish_reason="tool_calls", stop=None,
+                               usage=Usage(3, 9), ttft=None, tokens_per_second=None, duration=0.1,
+                               tool_calls=[call_]))
+    framed = [(e["type"], e.get("index")) for _, e in events]
+    assert framed == [("content_block_start", 0), ("ping", None), ("content_block_delta", 0),
+                      ("content_block_delta", 0), ("content_block_stop", 0), ("content_block_start", 1),
+                      ("content_block_delta", 1), ("content_block_stop", 1), ("message_delta", None),
+                      ("message_stop", None)]
+    assert events[5][1]["content_block"] == {"type": "tool_use", "id": "toolu_ab", "name": "add", "input": {}}
+    assert json.loads(events[6][1]["delta"]["partial_json"]) == {"a": 1, "b": 4}

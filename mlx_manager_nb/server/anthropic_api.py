@@ -135,7 +135,7 @@ def _conversation(body: dict) -> list[dict]:
 def _tools(body: dict) -> dict:
     """The pool's ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``."""
     tools = field_of(body, "tools", list, default=[])
-    out = []
+    out: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
         if not isinstance(tool, dict):
@@ -153,7 +153,7 @@ def _tools(body: dict) -> dict:
         description = tool.get("description")
         if description is not None and not isinstance(description, str):
             raise ApiError(400, f"{where}.description must be a string", param=f"{where}.description")
-        function = {"name": name, "description": description or "", "parameters": schema}
+        function: dict[str, Any] = {"name": name, "description": description or "", "parameters": schema}
         if tool.get("strict") is not None:
             function["strict"] = bool(tool["strict"])
         out.append({"type": "function", "function": function})
