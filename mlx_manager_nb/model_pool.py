@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -540,19 +541,24 @@ class Pool:
         _check_text(prompt, "prompt", allow_empty=False)
         return list(runner.tokenizer.encode(prompt))
 
-    def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
-        """How many tokens a chat (or a raw prompt) takes with the model's template."""
+    def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None,
+                     **structure: Any) -> int:
+        """How many tokens a chat (or a raw prompt) takes with the model's template; ``structure``
+        (``tools``, ``tool_choice``, ``response_format``...) as :meth:`chat` takes it, since tools are in the prompt."""
         info = self._chat_model(model)
         runner = self._runner(info.name)
         if runner.tokenizer is None:
             raise InvalidParameterError("model", f"model {info.name!r} is attached: its tokenizer is on its server")
         if prompt is not None:
             return len(self._prompt_tokens(runner, prompt))
-        return len(self._chat_tokens(runner, messages)[0])
+        structure = {k: v for k, v in structure.items() if v is not None}
+        return len(self._chat_tokens(runner, messages, structure)[0])
 
-    async def acount_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None) -> int:
+    async def acount_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None,
+                            **structure: Any) -> int:
         """:meth:`count_tokens` on a worker thread, never blocking the running event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.count_tokens, messages, model, prompt)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.count_tokens, messages, model, prompt, **structure))
 
     @staticmethod
     def _check_fits(info: ModelInfo, runner: Runner, kind: str, content: Any) -> None:
