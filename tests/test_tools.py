@@ -272,6 +272,33 @@ def test_openai_response_format_json_schema(client):
     jsonschema.validate(json.loads(r.choices[0].message.content), NESTED)
 
 
+def test_openai_parse_returns_a_validated_object(client):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        sure: bool
+
+    r = client.chat.completions.parse(model="tiny", messages=ASK, response_format=Verdict, temperature=1.0, seed=5,
+                                      max_tokens=300)
+    assert isinstance(r.choices[0].message.parsed, Verdict)
+
+
+def test_openai_stream_helper_accumulates_a_whole_tool_call_then_the_answer(client):
+    kw = dict(model="tiny", tools=[ADD], temperature=1.0, seed=6, max_tokens=300, parallel_tool_calls=False)
+    with client.chat.completions.stream(messages=ASK, tool_choice="required", **kw) as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+    history = [*ASK, final.choices[0].message.model_dump(exclude_none=True, exclude={"parsed"}),
+               {"role": "tool", "tool_call_id": call.id, "content": "7"}]
+    # the random tiny model never ends by itself, and the helper refuses an answer cut at max_tokens: plain create
+    answer = client.chat.completions.create(messages=history, model="tiny", temperature=0, max_tokens=5)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
 def test_openai_bad_tools_are_400s_naming_the_field(client):
     import openai
 
