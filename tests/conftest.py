@@ -46,6 +46,17 @@ def audit(tmp_path):
     log.close()
 
 
+@pytest.fixture(scope="module")
+def wide_pool(wide_tiny_model_path):
+    """A pool holding the wide tiny model as ``tiny``, shared by one module's tests (tool listings fit)."""
+    from mlx_manager_nb.model_pool import Pool
+
+    p = Pool(keep_alive=None)
+    p.load(wide_tiny_model_path, alias="tiny")
+    yield p
+    p.close()
+
+
 @pytest.fixture
 def shell():
     """A fresh IPython shell (history in memory) with the extension loaded, over fresh default pool and

@@ -12,8 +12,6 @@ import pytest
 from helpers import call
 from pydantic import BaseModel
 
-from mlx_manager_nb.model_pool import Pool
-
 ASK = [{"role": "user", "content": "Weather?"}]
 WEATHER = {"name": "get_weather", "description": "Get the weather for a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
@@ -33,11 +31,8 @@ class Verdict(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def pool(wide_tiny_model_path):
-    p = Pool(keep_alive=None)
-    p.load(wide_tiny_model_path, alias="tiny")
-    yield p
-    p.close()
+def pool(wide_pool):
+    return wide_pool
 
 
 @pytest.fixture(scope="module")

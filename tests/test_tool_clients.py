@@ -9,8 +9,6 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel
 
-from mlx_manager_nb.model_pool import Pool
-
 
 class Weather(BaseModel):
     """The weather in a city."""
@@ -30,11 +28,8 @@ ASK = "What is the weather in Paris?"
 
 
 @pytest.fixture(scope="module")
-def pool(wide_tiny_model_path):
-    p = Pool(keep_alive=None)
-    p.load(wide_tiny_model_path, alias="tiny")
-    yield p
-    p.close()
+def pool(wide_pool):
+    return wide_pool
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,8 @@ ADD = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def pool(wide_tiny_model_path):
-    p = Pool(keep_alive=None)
-    p.load(wide_tiny_model_path, alias="tiny")
-    yield p
-    p.close()
+def pool(wide_pool):
+    return wide_pool
 
 
 def test_a_python_function_becomes_a_tool():

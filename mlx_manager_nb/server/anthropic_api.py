@@ -11,7 +11,7 @@ from aiohttp import web
 from ..errors import ContextLengthError, InvalidParameterError
 from ..streams import AsyncTextStream, Result
 from ..tools import ToolCall
-from .common import MODEL, POOL, REQUEST_ID, ApiError, api_error, audit_meta, field_of, resolve_model
+from .common import MODEL, POOL, REQUEST_ID, ApiError, api_error, audit_meta, field_of, refuse_fields, resolve_model
 from .streaming import StreamShape, respond
 
 REFUSED = ("mcp_servers", "container")  # would change the answer and cannot be honoured: never ignored
@@ -211,13 +211,7 @@ def _output_format(body: dict) -> dict | None:
 
 
 def _params(body: dict) -> dict:
-    for name in REFUSED:
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported yet", param=name)
-    for name, accepted in NO_OPS.items():
-        if body.get(name) is not None and body[name] not in accepted:
-            raise ApiError(400, f"'{name}' other than {' or '.join(map(repr, accepted))} is not supported yet",
-                           param=name)
+    refuse_fields(body, REFUSED, NO_OPS)
     temperature = field_of(body, "temperature", (int, float))
     if temperature is not None and not 0 <= temperature <= 1:
         raise ApiError(400, f"temperature: must be in [0, 1], got {temperature}", param="temperature")

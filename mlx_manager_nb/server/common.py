@@ -191,6 +191,18 @@ async def json_body(request: web.Request) -> dict:
     return parse_json(raw)
 
 
+def refuse_fields(body: dict, refused: tuple[str, ...], no_ops: dict[str, tuple]) -> None:
+    """Fields that would change the answer and cannot be honoured are a 400 naming them, never ignored;
+    ``no_ops`` maps a field to the values that ask for nothing, which are accepted."""
+    for name in refused:
+        if body.get(name) not in (None, False, [], {}):
+            raise ApiError(400, f"'{name}' is not supported yet", param=name)
+    for name, accepted in no_ops.items():
+        if body.get(name) is not None and body[name] not in accepted:
+            raise ApiError(400, f"'{name}' other than {' or '.join(map(repr, accepted))} is not supported yet",
+                           param=name)
+
+
 def field_of(body: dict, name: str, kinds: type | tuple, required: bool = False, default: Any = None) -> Any:
     """Read one field, checking its JSON type; a wrong or missing field is a 400 naming it."""
     if name not in body or body[name] is None:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..streams import Result
 from ..tools import ToolCall
-from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, resolve_model
+from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, refuse_fields, resolve_model
 from .streaming import StreamShape, respond
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
@@ -72,18 +72,8 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _refuse(body: dict, refused: tuple[str, ...]) -> None:
-    for name in refused:
-        if body.get(name) is not None:
-            raise ApiError(400, f"'{name}' is not supported yet", param=name)
-    for name, accepted in NO_OPS.items():
-        if body.get(name) is not None and body[name] not in accepted:
-            raise ApiError(400, f"'{name}' other than {' or '.join(map(repr, accepted))} is not supported yet",
-                           param=name)
-
-
 def _params(body: dict, kind: str) -> dict:
-    _refuse(body, REFUSED_CHAT if kind == "chat" else REFUSED_COMPLETIONS)
+    refuse_fields(body, REFUSED_CHAT if kind == "chat" else REFUSED_COMPLETIONS, NO_OPS)
     if kind != "chat":
         for name in ("tools", "tool_choice", "response_format"):
             if body.get(name) is not None:

@@ -18,7 +18,18 @@ from aiohttp import web
 
 from ..errors import InvalidParameterError
 from ..params import GenParams
-from .common import MODEL, POOL, REQUEST_ID, RESPONSES, ApiError, api_error, audit_meta, field_of, resolve_model
+from .common import (
+    MODEL,
+    POOL,
+    REQUEST_ID,
+    RESPONSES,
+    ApiError,
+    api_error,
+    audit_meta,
+    field_of,
+    refuse_fields,
+    resolve_model,
+)
 from .responses_output import Draft, final, new_item_id, stream_shape
 from .streaming import respond
 
@@ -49,13 +60,7 @@ MAX_METADATA = 16  # key-value pairs, each key up to 64 characters and value up 
 
 
 def _refuse(body: dict) -> None:
-    for name in REFUSED:
-        if body.get(name) is not None:
-            raise ApiError(400, f"'{name}' is not supported yet", param=name)
-    for name, accepted in NO_OPS.items():
-        if body.get(name) is not None and body[name] not in accepted:
-            raise ApiError(400, f"'{name}' other than {' or '.join(map(repr, accepted))} is not supported",
-                           param=name)
+    refuse_fields(body, REFUSED, NO_OPS)
     include = field_of(body, "include", list, default=[])
     if "message.output_text.logprobs" in include:
         raise ApiError(400, "'include': message.output_text.logprobs is not supported yet", param="include")
