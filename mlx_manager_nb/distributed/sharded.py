@@ -263,6 +263,9 @@ class ShardedModel:
         elif event == "done":
             self._flights.done(m["id"], m["finish_reason"], m["stop"], m["prompt_tokens"], m["completion_tokens"],
                                m["cached_tokens"], m["ttft"] is not None)
+        elif event == "failed" and "peer was lost" in m["error"]:
+            # a rank died: mlx.launch ends the job, and _ended fails every request naming that rank
+            self.error = self.error or m["error"]
         elif event == "failed":
             self._flights.finish(m["id"], Failed(EngineError(m["error"])))
         elif event == "ranks":
