@@ -16,6 +16,8 @@ gets what the running sequences leave. When the engine goes idle it hands MLX's 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import queue
 import threading
 import time
@@ -236,6 +238,7 @@ class Engine:
                 busy = any(r.active or r.waiting for r in self._runners.values())
                 if was_busy and not busy:  # the last sequence finished: give MLX's spare buffers back
                     mx.clear_cache()
+                    _return_freed_memory()
                 was_busy = busy
                 wait = 0 if busy else max(0.0, next_tick - time.monotonic())
                 self._drain(wait)
@@ -511,6 +514,23 @@ def _emit(request: Request, event: Event) -> None:
     """Deliver a final event; a consumer that is gone cannot be told, and that is fine."""
     with contextlib.suppress(Exception):
         request.emit(event)
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps them otherwise, and RSS stays high)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def stop_all() -> None:
