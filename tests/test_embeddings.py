@@ -388,3 +388,14 @@ def test_the_pool_panel_shows_each_models_kind(pool):
 
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", pool_panel(pool).parts.table.value)
     assert cells[cells.index("bert") + 1] == "embedding" and cells[cells.index("tiny") + 1] == "chat"
+
+
+def test_hostile_embedding_requests_are_400s_beside_bystander_streams(server, pool):
+    from test_hostile import post_raw, with_bystanders
+
+    url = server.url + "/v1/embeddings"
+    huge = json.dumps({"model": "bert", "input": ["many words " * 20] * 10_000}).encode()
+    assert with_bystanders(server, pool, lambda http: post_raw(http, url, huge))[0] == 400
+    surrogate = b'{"model": "bert", "input": ["fine", "bad \\ud800"]}'
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, url, surrogate))
+    assert status == 400 and answer["error"]["param"] == "input[1]"

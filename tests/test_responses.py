@@ -543,3 +543,16 @@ def test_responses_parse_returns_a_validated_object(tools_server):
     r = client(tools_server).responses.parse(model="wide", input="A city?", text_format=City, max_output_tokens=200,
                                               temperature=1)
     assert isinstance(r.output_parsed, City)
+
+
+def test_hostile_responses_bodies_are_400s_beside_bystander_streams(server, pool):
+    from test_hostile import post_raw, with_bystanders
+
+    url = server.url + "/v1/responses"
+    deep = b'{"model": "tiny", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert with_bystanders(server, pool, lambda http: post_raw(http, url, deep))[0] == 400
+    huge = json.dumps({"model": "tiny", "input": "x" * 7_000_000}).encode()
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, url, huge))
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+    nan = b'{"model": "tiny", "input": "Hi", "temperature": NaN}'
+    assert with_bystanders(server, pool, lambda http: post_raw(http, url, nan))[0] == 400
