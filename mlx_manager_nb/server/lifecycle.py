@@ -248,10 +248,11 @@ def stop_all(drain: float = 2.0) -> None:
             try:
                 server.stop(drain)
                 continue
-            except RuntimeError:
+            except RuntimeError:  # its loop ended meanwhile; stop() may already have unlisted it
                 pass
         server.running = False
-        _servers.remove(server)
+        if server in _servers:
+            _servers.remove(server)
         server._sock.close()
 
 
