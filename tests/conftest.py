@@ -57,6 +57,16 @@ def wide_pool(wide_tiny_model_path):
     p.close()
 
 
+@pytest.fixture(scope="module")
+def wide_server(wide_pool):
+    """A thread-mode server over ``wide_pool``, shared by one module's tests."""
+    from mlx_manager_nb.server import serve
+
+    s = serve(wide_pool, port=0, mode="thread")
+    yield s
+    s.stop(drain=0)
+
+
 @pytest.fixture
 def shell():
     """A fresh IPython shell (history in memory) with the extension loaded, over fresh default pool and

@@ -31,17 +31,8 @@ class Verdict(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def pool(wide_pool):
-    return wide_pool
-
-
-@pytest.fixture(scope="module")
-def server(pool):
-    from mlx_manager_nb.server import serve
-
-    s = serve(pool, port=0, mode="thread")
-    yield s
-    s.stop(drain=0)
+def server(wide_server):
+    return wide_server
 
 
 @pytest.fixture(scope="module")

@@ -28,17 +28,8 @@ ASK = "What is the weather in Paris?"
 
 
 @pytest.fixture(scope="module")
-def pool(wide_pool):
-    return wide_pool
-
-
-@pytest.fixture(scope="module")
-def base_url(pool):
-    from mlx_manager_nb.server import serve
-
-    s = serve(pool, port=0, mode="thread")
-    yield s.url + "/v1"
-    s.stop(drain=0)
+def base_url(wide_server):
+    return wide_server.url + "/v1"
 
 
 # -- langchain-openai -----------------------------------------------------------------------------

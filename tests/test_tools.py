@@ -223,14 +223,10 @@ def test_a_tool_round_trip_on_the_demo_model(demo_home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def client(pool):
+def client(wide_server):
     import openai
 
-    from mlx_manager_nb.server import serve
-
-    server = serve(pool, port=0, mode="thread")
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-    server.stop(drain=0)
+    return openai.OpenAI(base_url=wide_server.url + "/v1", api_key="unused")
 
 
 def test_openai_tool_calls_non_streamed_then_the_result_goes_back(client):
