@@ -134,12 +134,14 @@ class Constraint:
         self._started = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        # start this step's forward pass before waiting for the last token, so the mask is
-        # computed while the model runs (the pipelining mlx-lm gets from async_eval)
+        # Queue the token history, then this step's forward pass, and read the last token through
+        # the buffer protocol: it waits for that token only, not the forward pass (``tokens[-1]``
+        # would be a new op queued behind it), so the mask is computed while the model runs and
+        # mlx-lm's async_eval pipelining is kept (measured: 0.85 of free decoding without it).
+        mx.async_eval(tokens)
         mx.async_eval(logits)
         if self._started and self.error is None and not self.matcher.is_stopped():
-            token = tokens[-1].item()
-            assert isinstance(token, int)
+            token = int(memoryview(tokens)[-1])
             if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
         self._started = True
