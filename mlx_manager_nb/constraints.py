@@ -70,28 +70,36 @@ def check_schema(schema: Any, param: str) -> dict:
     return schema
 
 
+_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "allOf"})
+
+
 def closed_schema(schema: Any) -> Any:
-    """``schema`` with ``additionalProperties: false`` on each object that does not say: for schemas
-    made from Python (pydantic models, function signatures), where extra keys are no use."""
+    """``schema`` with ``additionalProperties: false`` on each object that does not say.
+
+    Grammars are built from closed schemas: what they generate still matches the schema, but a weak
+    model cannot ramble on in keys nobody asked for (as XGrammar's strict mode does). Values
+    (``enum``, ``const``...) are left as they are, and so is ``allOf``, whose parts closed would
+    exclude each other's keys.
+    """
     if isinstance(schema, list):
         return [closed_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed_schema(v) for k, v in schema.items()}
+    out = {k: v if k in _NOT_SCHEMAS else closed_schema(v) for k, v in schema.items()}
     if out.get("type") == "object" and "properties" in out:
         out.setdefault("additionalProperties", False)
     return out
 
 
 def json_grammar(schema: dict, param: str) -> str:
-    """The grammar of JSON text matching ``schema`` (compact)."""
+    """The grammar of JSON text matching ``schema`` (compact, closed)."""
     check_schema(schema, param)
-    return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    return llg.LLMatcher.grammar_from_json_schema(closed_schema(schema), defaults=JSON_OPTIONS)
 
 
 def lark_json(schema: dict) -> str:
-    """``schema`` inlined in a Lark grammar (``%json {...}``), compact like :func:`json_grammar`."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    """``schema`` inlined in a Lark grammar (``%json {...}``), compact and closed like :func:`json_grammar`."""
+    return "%json " + json.dumps({**closed_schema(schema), "x-guidance": JSON_OPTIONS})
 
 
 def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:

@@ -237,7 +237,8 @@ def render_fallback(messages: list[dict], tools: list[Tool]) -> list[dict]:
 
 def tools_grammar(tools: list[Tool], choice: str, parallel: bool) -> str:
     """A Lark grammar for the answer: ``auto`` is free text up to the first ``<tool_call>`` (a lazy
-    grammar), then only calls; ``required`` and a named tool are calls from the first token.
+    grammar), then only calls; ``required`` and a named tool are calls from the first token, and a
+    named tool exactly one call.
 
     Each call is ``<tool_call>{"name": <const>, "arguments": <the tool's parameters>}</tool_call>``;
     arguments always match the schema (whether or not the tool is marked strict).
@@ -245,7 +246,9 @@ def tools_grammar(tools: list[Tool], choice: str, parallel: bool) -> str:
     chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
     one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
                       "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]}
-    more = '("\\n" call)*' if parallel else ""
+    # a named tool is called once, as OpenAI's and Anthropic's forced calls are (clients such as
+    # instructor read exactly one); ``auto`` and ``required`` may add calls unless parallel is off
+    more = '("\\n" call)*' if parallel and choice in ("auto", "required") else ""
     lines = [f"calls: call {more}", f'call: "{START}" {lark_json(one)} "{END}"']
     if choice == "auto":
         start = ["start: TEXT | prefix calls_rest",

@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlx_manager_nb.constraints import closed_schema
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.model_pool import Pool
 
@@ -71,6 +72,28 @@ def test_twenty_generations_at_temperature_1_all_match_a_dict_schema(pool):
         r = pool.chat(ASK, schema=NESTED, temperature=1.0, seed=seed, max_tokens=200)
         assert r.finish_reason == "stop", r.text
         jsonschema.validate(r.parsed, NESTED)
+
+
+OPEN = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+def test_objects_a_schema_leaves_open_are_generated_without_extra_keys(pool):
+    # extra keys still match an open schema; generating them only lets a weak model ramble on
+    for seed in range(10):
+        r = pool.chat(ASK, schema=OPEN, temperature=1.0, seed=seed, max_tokens=100)
+        assert r.finish_reason == "stop" and set(r.parsed) <= {"a"}, r.text
+
+
+def test_closing_a_schema_keeps_what_it_says_and_its_values():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                               "c": {"const": {"type": "object", "properties": {}}}},
+              "additionalProperties": {"type": "integer"},
+              "allOf": [{"type": "object", "properties": {"d": {}}}]}
+    closed = closed_schema(schema)
+    assert closed["additionalProperties"] == {"type": "integer"}  # said by the schema: kept
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"] == schema["properties"]["c"]  # a value, not a schema
+    assert closed["allOf"] == schema["allOf"]  # closed parts would exclude each other's keys
 
 
 def test_any_json_object_through_openai_response_format(pool):

@@ -86,6 +86,13 @@ def test_forced_calls_on_the_tiny_model_parse_and_match_the_parameters(pool, cho
         assert r.constrained
 
 
+def test_a_named_tool_is_called_exactly_once_even_with_parallel_calls_allowed(pool):
+    # instructor's TOOLS mode names its one function and reads exactly one call
+    for seed in range(5):
+        r = pool.chat(ASK, tools=[ADD], tool_choice="add", temperature=1.0, seed=seed, max_tokens=300)
+        assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1, r.text
+
+
 def test_auto_lets_the_model_answer_in_text(pool):
     r = pool.chat(ASK, tools=[ADD], temperature=0, max_tokens=20)
     assert r.finish_reason in ("stop", "length") and r.text and not r.tool_calls
