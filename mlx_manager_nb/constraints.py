@@ -149,7 +149,7 @@ class Constraint:
         mx.async_eval(tokens)
         mx.async_eval(logits)
         if self._started and self.error is None and not self.matcher.is_stopped():
-            token = int(memoryview(tokens)[-1])
+            token = int(memoryview(tokens)[-1])  # type: ignore[arg-type]  # mlx arrays are buffers
             if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
         self._started = True

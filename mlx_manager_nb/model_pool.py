@@ -630,13 +630,16 @@ class Pool:
                 if parser is not None:  # content goes on as deltas, each call as one event
                     shown, calls = parser.feed(event.text)
                     _send(shown, calls)
+                    if parser.repeated:  # the model repeats a call: its turn is over
+                        request.cancelled.set()
                     return
             elif isinstance(event, Done) and structured:
                 if parser is not None:
                     _send(*parser.finish())
                 calls = list(parser.calls) if parser is not None else []
                 parsed = parse("".join(text)) if parse is not None else None
-                done = replace(event, finish_reason="tool_calls") if calls and event.finish_reason == "stop" else event
+                ended = event.finish_reason == "stop" or (parser is not None and parser.repeated)
+                done = replace(event, finish_reason="tool_calls") if calls and ended else event
                 final = Final(done, calls, parsed, constraint is not None)
                 self._finished(info.name, request_id, started, started_at, kind, content, "".join(text), final, meta)
                 sink(final)

@@ -34,7 +34,7 @@ Tools you can call (JSON schemas):
 {tools}
 To call tools, answer only with one line per call:
 <tool_call>{{"name": <name>, "arguments": {{<arguments>}}}}</tool_call>
-Results come back in <tool_response></tool_response>."""
+Results come back in <tool_response></tool_response>: then answer the user's question with them, in plain text."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,10 @@ class CallParser:
     the ``start`` marker is held back until it is known. A call that does not parse is content.
     ``parse`` reads one call's text into ``{"name", "arguments"}`` or a list of them (mlx-lm's
     parsers); with no ``end`` marker (Mistral's format), a call runs to the end of the text.
+
+    A call identical to one already made in the turn (same name and arguments) is dropped and sets
+    ``repeated``: the turn should end there, since small models otherwise repeat a call until
+    ``max_tokens``; nothing fed after it counts.
     """
 
     def __init__(self, start: str, end: str, parse: Callable[[str], Any]):
@@ -274,10 +278,13 @@ class CallParser:
         self.buffer = ""
         self.inside = False
         self.calls: list[ToolCall] = []
+        self.repeated = False
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self.repeated:
+            return "", []
         self.buffer += text
-        shown, calls = "", []
+        shown, calls = "", list[ToolCall]()
         while True:
             if not self.inside:
                 i = self.buffer.find(self.start)
@@ -296,8 +303,13 @@ class CallParser:
                 parsed = self._calls(body)
                 if parsed is None:
                     shown += self.start + body + self.end
-                else:
-                    calls += parsed
+                    continue
+                made = {(c.name, json.dumps(c.args, sort_keys=True)) for c in self.calls + calls}
+                fresh = [c for c in parsed if (c.name, json.dumps(c.args, sort_keys=True)) not in made]
+                calls += fresh
+                if len(fresh) < len(parsed):
+                    self.repeated, self.buffer = True, ""
+                    break
         self.calls += calls
         return (shown.strip() if self.calls and not shown.strip() else shown), calls
 
@@ -305,7 +317,7 @@ class CallParser:
         """What is left at the end of the text: an unclosed call parses if it can (some models end
         the turn without the closing tag)."""
         rest, self.buffer = self.buffer, ""
-        if self.inside:
+        if self.inside and not self.repeated:
             parsed = self._calls(rest)
             if parsed is not None:
                 self.calls += parsed

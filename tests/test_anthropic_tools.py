@@ -21,7 +21,8 @@ ADD = {"name": "add", "description": "Add two digits.",
        "input_schema": {"type": "object", "properties": {"a": {"type": "integer", "enum": [1, 2, 3]},
                                                          "b": {"type": "integer", "enum": [4, 5]}},
                         "required": ["a", "b"], "additionalProperties": False}}
-FORCED = dict(model="tiny", max_tokens=200, extra_body={"temperature": 1.0})  # this SDK takes no temperature
+# seeded; room for every distinct call before a repeat ends the turn (this SDK takes no temperature or seed)
+FORCED = dict(model="tiny", max_tokens=600, extra_body={"temperature": 1.0, "seed": 4})
 GREEDY = {"temperature": 0}
 
 

@@ -56,6 +56,16 @@ def test_the_call_parser_holds_back_a_split_trigger_and_keeps_unparsable_calls_a
     assert [c.name for c in r.finish()[1]] == ["f"]  # the closing tag is optional at the end of the turn
 
 
+def test_a_repeated_call_is_dropped_and_ends_the_turn():
+    p = CallParser("<tool_call>", "</tool_call>", json.loads)
+    call = '<tool_call>{"name": "f", "arguments": {"x": 1, "y": 2}}</tool_call>'
+    again = '<tool_call>{"name": "f", "arguments": {"y": 2, "x": 1}}</tool_call>'  # the same arguments
+    other = '<tool_call>{"name": "f", "arguments": {"x": 2, "y": 2}}</tool_call>'
+    assert [c.args for c in p.feed(call + "\n" + other + "\n")[1]] == [{"x": 1, "y": 2}, {"x": 2, "y": 2}]
+    assert p.feed(again + "\nmore text")[1] == [] and p.repeated
+    assert p.feed(other) == ("", []) and p.finish() == ("", []) and len(p.calls) == 2
+
+
 def test_the_fallback_renders_history_calls_and_results():
     calls = [ToolCall("call_1", "add", '{"a": 1, "b": 2}').to_openai()]
     history = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": calls},
