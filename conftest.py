@@ -67,6 +67,32 @@ def ensure_session_demo() -> Path:
     return link
 
 
+def client_python(requirements: Path) -> Path:
+    """The Python of a virtualenv with ``requirements`` installed, kept in the suite cache.
+
+    For client libraries whose pins conflict with the suite's environment (instructor caps jiter
+    below what the suite's openai needs): they get the versions pip resolves for them, as their
+    users do, and call the servers the tests start over HTTP.
+    """
+    import hashlib
+
+    spec = requirements.read_text()
+    venv = demo_cache() / "venvs" / f"{requirements.stem}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    python = venv / "bin" / "python"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / ".installed").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            for step in ([sys.executable, "-m", "venv", str(venv)],
+                         [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)]):
+                done = subprocess.run(step, capture_output=True, text=True)
+                if done.returncode != 0:
+                    pytest.fail(f"could not make the {requirements.stem} client environment:\n{done.stderr}")
+            (venv / ".installed").touch()
+    return python
+
+
 def start_audit_writer() -> None:
     """Another process writing to the session home's audit log until the session ends."""
     if "writer" not in _state:
@@ -140,6 +166,12 @@ def demo_home():
     """The session's home, holding the real demo model."""
     ensure_session_demo()
     return session_home()
+
+
+@pytest.fixture(scope="session")
+def instructor_python():
+    """A Python with instructor (``tests/clients/instructor.txt``) in a virtualenv of its own."""
+    return client_python(Path(__file__).parent / "tests" / "clients" / "instructor.txt")
 
 
 def pytest_unconfigure(config):
