@@ -47,23 +47,15 @@ def session_home() -> Path:
 
 def ensure_session_demo() -> Path:
     """The demo model in the session home: imported into the suite cache once, then linked."""
+    from mlx_manager_nb.scratch import link_demo_models
+
     link = session_home() / "models" / DEMO_NAME
-    if link.is_dir():
-        return link
-    cache = demo_cache()
-    cache.mkdir(parents=True, exist_ok=True)
-    stored = cache / "models" / DEMO_NAME
-    with open(cache / ".lock", "w") as lock:  # two sessions at once import it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not stored.is_dir():
-            print(f"\nFetching and importing the demo model into the suite cache {cache} (once)...", flush=True)
-            code = "from mlx_manager_nb.demo import ensure_demo; ensure_demo()"
-            done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_NB_HOME": str(cache)},
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.exit(f"The demo model could not be prepared in {cache}:\n{done.stderr}", returncode=3)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(stored, target_is_directory=True)
+    if not link.is_dir():
+        print(f"\nThe demo model in the suite cache {demo_cache()} (fetched and imported once)...", flush=True)
+        try:
+            link_demo_models(session_home(), demo_cache())
+        except Exception as e:
+            pytest.exit(f"The demo model could not be prepared in {demo_cache()}: {e}", returncode=3)
     return link
 
 
@@ -127,6 +119,7 @@ def pytest_configure(config):
     _state.update(root=root, home=root / "home")
     _state["home"].mkdir()
     os.environ["MLX_NB_HOME"] = str(_state["home"])
+    os.environ["MLX_NB_DEMO_CACHE"] = str(demo_cache())  # the demo command's and benchmarks' scratch homes link it
     # models in the user's Hugging Face cache would show in `%mlx ls` and store listings
     os.environ["HF_HUB_CACHE"] = str(root / "hf-cache")
     os.environ["IPYTHONDIR"] = str(root / "ipython")  # the shells' and kernels' history and profile

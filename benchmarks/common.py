@@ -2,17 +2,21 @@
 """What the benchmarks share: the demo model, one prompt of about 42 tokens, and timing helpers.
 
 Run each benchmark by hand from the repository root, on an otherwise idle machine:
-``.venv/bin/python benchmarks/engine.py`` (see each file's docstring).
+``.venv/bin/python benchmarks/engine.py`` (see each file's docstring). They run in a scratch
+``MLX_NB_HOME`` (the demo models linked from the demo cache), never in the user's.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import statistics
 import threading
 import time
 from collections.abc import Callable
 
 import mlx_manager_nb  # first: binds the fast BLAS before mlx loads  # noqa: F401
+from mlx_manager_nb.scratch import scratch_home
 
 import mlx.core as mx
 
@@ -29,6 +33,11 @@ MAX_TOKENS = 128
 def messages(i: int = 0) -> list[dict]:
     suffix = "" if i == 0 else f" (Variation {i}.)"
     return [{"role": "user", "content": PROMPT + suffix}]
+
+
+_scratch = contextlib.ExitStack()
+_scratch.enter_context(scratch_home(("demo", "demo-embed")))
+atexit.register(_scratch.close)
 
 
 def demo_path():

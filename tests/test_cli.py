@@ -54,11 +54,14 @@ def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):
 
 
 @pytest.mark.slow
-def test_the_demo_command_runs_the_serving_story(demo_home):
-    """`make demo`'s command: a real kernel serves the demo model to both SDKs and shows its audit rows."""
+def test_the_demo_command_runs_the_serving_story(demo_home, tmp_path):
+    """`make demo`'s command: a real kernel serves the demo model to both SDKs and shows its audit rows,
+    all in a scratch home: the user's own is never created or written."""
+    users_home = tmp_path / "users-home"
     done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "demo"], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "MLX_NB_HOME": str(demo_home)})
+                          timeout=600, env={**os.environ, "MLX_NB_HOME": str(users_home)})
     assert done.returncode == 0, done.stdout + done.stderr
+    assert not users_home.exists()
     assert "without encryption" not in done.stdout + done.stderr  # the kernel talks over private IPC sockets
     assert "The capital of France is Paris." in done.stdout
     assert "The kernel still runs cells while it serves: 42" in done.stdout

@@ -15,7 +15,7 @@ from mlx_manager_nb.widgets import server_panel
 PUBLIC = ["pool", "audit", "Pool", "AuditLog", "serve", "create_app", "Server", "Result", "TextStream", "ModelInfo",
           "MLXManagerError", "ModelNotFoundError", "InvalidModelError", "UnsupportedModelError", "PoolFullError",
           "EngineError", "ServerError", "DemoModelUnavailableError", "list_local_models", "import_gguf",
-          "dashboard", "doctor", "__version__"]
+          "dashboard", "doctor", "scratch_home", "__version__"]
 
 
 def test_every_public_name_is_importable_from_the_root_and_listed():

@@ -150,3 +150,16 @@ def test_the_home_folder_is_created_owner_only_and_an_existing_one_left_alone(is
     shared.mkdir(mode=0o755)
     store.make_private_dir(shared)
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+
+
+
+def test_a_scratch_home_holds_the_demo_model_for_the_block_then_goes(demo_home, isolated_home):
+    from mlx_manager_nb import scratch_home
+
+    with scratch_home() as home:
+        assert os.environ["MLX_NB_HOME"] == str(home) != str(isolated_home)
+        assert store.resolve("demo") == home / "models" / DEMO_NAME
+        assert (home / "models" / DEMO_NAME / "config.json").is_file()
+    assert os.environ["MLX_NB_HOME"] == str(isolated_home)
+    assert not home.exists() and not isolated_home.exists()  # the user's home was never created
+    assert (demo_home / "models" / DEMO_NAME / "config.json").is_file()  # the cached model stays
