@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 #: Compact JSON: no free whitespace, which a weak model can repeat until max_tokens.
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
+MAX_SCHEMA_DEPTH = 64  # objects and arrays; generated schemas (pydantic's with $defs) nest about 10
 MATCHERS_PER_MODEL = 64
 
 
@@ -60,14 +61,32 @@ def ll_tokenizer(tokenizer: Any) -> llg.LLTokenizer:
 
 
 def check_schema(schema: Any, param: str) -> dict:
-    """A JSON schema, checked against the JSON Schema meta-schema; raise naming ``param`` if invalid."""
+    """A JSON schema, checked against the JSON Schema meta-schema; raise naming ``param`` if invalid.
+
+    Schemas nested deeper than :data:`MAX_SCHEMA_DEPTH` are refused first: the checks and the
+    grammar recurse through them.
+    """
     if not isinstance(schema, dict):
         raise InvalidParameterError(param, f"{param} must be a JSON schema object, got {type(schema).__name__}")
+    if _nested_deeper(schema, MAX_SCHEMA_DEPTH):
+        raise InvalidParameterError(param, f"{param} is nested more than {MAX_SCHEMA_DEPTH} levels deep")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise InvalidParameterError(param, f"{param} is not a valid JSON schema: {e.message}") from None
     return schema
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether objects and arrays in ``value`` nest more than ``limit`` levels (without recursing)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "allOf"})

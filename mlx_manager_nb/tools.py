@@ -28,6 +28,7 @@ from .constraints import check_schema, closed_schema, lark_json
 from .errors import InvalidParameterError
 
 START, END = "<tool_call>", "</tool_call>"
+MAX_TOOLS = 128  # each is a grammar to compile for the request
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FALLBACK_PROMPT = """\
 Tools you can call (JSON schemas):
@@ -130,6 +131,8 @@ def make_tools(tools: Any, param: str = "tools") -> list[Tool]:
     """Validate tools given as Python functions, :class:`Tool`s or OpenAI function-tool dicts."""
     if not isinstance(tools, (list, tuple)):
         raise InvalidParameterError(param, f"{param} must be a list of functions or function-tool objects")
+    if len(tools) > MAX_TOOLS:
+        raise InvalidParameterError(param, f"{param} holds {len(tools)} tools; at most {MAX_TOOLS} (as OpenAI allows)")
     out: list[Tool] = []
     for i, t in enumerate(tools):
         where = f"{param}[{i}]"

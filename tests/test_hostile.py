@@ -298,3 +298,55 @@ def test_a_request_the_pool_refuses_leaves_one_row_with_the_status_answered(serv
     assert status == 400
     (row,) = audit.query()
     assert row["id"] == headers["x-request-id"] and row["http_status"] == 400 and row["status"] == "error"
+
+
+# -- hostile tools and schemas ---------------------------------------------------------------------
+
+
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _tool(i: int, schema: dict) -> dict:
+    return {"type": "function", "function": {"name": f"f{i}", "parameters": schema}}
+
+
+SMALL = {"type": "object", "properties": {"a": {"type": "integer"}}}
+HUGE_ENUM = {"type": "object", "properties": {"a": {"enum": [f"value{i}" for i in range(100_000)]}}}
+OPENAI_HOSTILE = {
+    "deep schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested(300)}}},
+                    "response_format.json_schema.schema"),
+    "deep tool": ({"tools": [_tool(0, _nested(300))], "tool_choice": "required"}, "tools[0].function.parameters"),
+    "129 tools": ({"tools": [_tool(i, SMALL) for i in range(129)]}, "tools"),
+    "100,000-value enum": ({"tools": [_tool(0, HUGE_ENUM)], "tool_choice": "required"},
+                           "tools[0].function.parameters"),
+}
+
+
+@pytest.mark.parametrize("extra,param", OPENAI_HOSTILE.values(), ids=OPENAI_HOSTILE.keys())
+def test_hostile_tools_and_schemas_are_400s_beside_bystanders(server, pool, extra, param):
+    body = json.dumps({**chat(), **extra}).encode()
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/chat/completions",
+                                                                            body))
+    assert status == 400 and answer["error"]["param"] == param, answer
+
+
+ANTHROPIC_HOSTILE = {
+    "deep input_schema": ({"tools": [{"name": "f", "input_schema": _nested(300)}], "tool_choice": {"type": "any"}},
+                          "tools.0.input_schema"),
+    "129 tools": ({"tools": [{"name": f"f{i}", "input_schema": SMALL} for i in range(129)]}, "tools"),
+    "deep output format": ({"output_config": {"format": {"type": "json_schema", "schema": _nested(300)}}},
+                           "output_config.format"),
+}
+
+
+@pytest.mark.parametrize("extra,param", ANTHROPIC_HOSTILE.values(), ids=ANTHROPIC_HOSTILE.keys())
+def test_hostile_anthropic_tools_and_formats_are_400s_beside_bystanders(server, pool, extra, param):
+    body = json.dumps({**chat(), **extra}).encode()
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/messages", body,
+                                                                            ANTHROPIC))
+    assert status == 400 and answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
+    assert param in answer["error"]["message"], answer
