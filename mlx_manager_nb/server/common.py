@@ -222,25 +222,40 @@ def _tuple(kinds: type | tuple) -> tuple:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
-def _servable() -> list[str]:
-    """Names a client may load: the store's models and repos in the local Hugging Face cache (disk scan)."""
-    return [m.name for m in store.list_local_models()]
+async def servable_models(request: web.Request) -> list[dict]:
+    """Every name a client may use, the one rule for listing and resolving: loaded models and their
+    aliases, the app's aliases, then (with auto-load) models of the store and the local Hugging Face
+    cache that load on first use. Never a path or a GGUF file."""
+    pool, options = request.app[POOL], request.app[OPTIONS]
+    out: dict[str, dict] = {}
+
+    def add(name: str, **info: object) -> None:
+        out.setdefault(name, {"id": name, **info})
+
+    for m in pool.models():
+        for name in filter(None, (m.alias, m.name)):
+            add(name, created=int(m.last_used), loaded=True, state=m.state, size_bytes=m.size_bytes)
+    local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
+    if DEMO_NAME in out or any(m.name == DEMO_NAME for m in local):
+        add("demo", created=0, loaded=DEMO_NAME in out, state="alias", size_bytes=None)
+    for alias, target in options.aliases.items():
+        if target in out or any(m.name == target for m in local):
+            add(alias, created=0, loaded=target in out, state="alias", size_bytes=None)
+    if options.auto_load:
+        for entry in local:
+            add(entry.name, created=0, loaded=False, state="available", size_bytes=entry.size_bytes)
+    return list(out.values())
 
 
 async def resolve_model(request: web.Request, name: str) -> str:
-    """Map a client's model name to a loaded model, loading one from the store on first use.
-
-    A client names only what the server may serve: loaded models and their aliases, the store's
-    models and repos already in the local Hugging Face cache. Never a path or a GGUF file, and
-    nothing is downloaded unless the server was started with ``allow_downloads=True``.
-    """
+    """Map a client's model name to a loaded model, loading a servable one on first use; nothing is
+    downloaded unless the server was started with ``allow_downloads=True``."""
     pool, options = request.app[POOL], request.app[OPTIONS]
     name = options.aliases.get(name, name)
     if len(name) <= MAX_NAME and pool.is_loaded(name):
         return name
-    loop = asyncio.get_running_loop()
-    servable = await loop.run_in_executor(None, _servable)
-    known = name in servable or (name == "demo" and DEMO_NAME in servable)
+    servable = await servable_models(request)
+    known = any(m["id"] == name for m in servable)
     fetchable = options.allow_downloads and (name == "demo" or store.REPO_ID.match(name) is not None)
     if options.auto_load and len(name) <= MAX_NAME and (known or fetchable):
         try:
@@ -250,9 +265,9 @@ async def resolve_model(request: web.Request, name: str) -> str:
             pass
         except InvalidModelError as e:
             raise ApiError(400, str(e), param="model") from None
-    loaded = [m.alias or m.name for m in pool.models() if m.state == "ready"]
+    loaded = [m["id"] for m in servable if m["loaded"] and m["state"] != "alias"]
+    others = [m["id"] for m in servable if not m["loaded"]]
     shown = name if len(name) <= 80 else name[:77] + "..."
-    others = [n for n in servable if n not in loaded]
     raise ApiError(404, f"The model {shown!r} does not exist or cannot be served. Loaded: "
                    f"{', '.join(loaded) or 'none'}; available to load: {', '.join(others) or 'none'}.",
                    "not_found", "model")

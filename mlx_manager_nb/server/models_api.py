@@ -3,38 +3,11 @@ carries ``anthropic-version``, in Anthropic's."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timezone
 
 from aiohttp import web
 
-from .. import store
-from ..demo import DEMO_NAME
-from .common import MAX_NAME, OPTIONS, POOL, ApiError
-
-
-async def _servable(request: web.Request) -> list[dict]:
-    """Every name the server accepts: loaded models and their aliases, the app's aliases, then
-    models of the store and the Hugging Face cache that load on first use."""
-    pool, options = request.app[POOL], request.app[OPTIONS]
-    out: dict[str, dict] = {}
-
-    def add(name: str, **info: object) -> None:
-        out.setdefault(name, {"id": name, **info})
-
-    for m in pool.models():
-        for name in filter(None, (m.alias, m.name)):
-            add(name, created=int(m.last_used), loaded=True, state=m.state, size_bytes=m.size_bytes)
-    local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
-    if DEMO_NAME in out or any(m.name == DEMO_NAME for m in local):
-        add("demo", created=0, loaded=DEMO_NAME in out, state="alias", size_bytes=None)
-    for alias, target in options.aliases.items():
-        if target in out or any(m.name == target for m in local):
-            add(alias, created=0, loaded=target in out, state="alias", size_bytes=None)
-    if options.auto_load:
-        for entry in local:
-            add(entry.name, created=0, loaded=False, state="available", size_bytes=entry.size_bytes)
-    return list(out.values())
+from .common import MAX_NAME, ApiError, servable_models
 
 
 def _openai(m: dict) -> dict:
@@ -49,7 +22,7 @@ def _anthropic(m: dict) -> dict:
 
 async def models(request: web.Request, body: dict) -> web.Response:
     """Loaded models first, then the aliases and local models that load on first use."""
-    found = await _servable(request)
+    found = await servable_models(request)
     if "anthropic-version" in request.headers:
         data = [_anthropic(m) for m in found]
         return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
@@ -60,7 +33,7 @@ async def models(request: web.Request, body: dict) -> web.Response:
 async def model(request: web.Request, body: dict) -> web.Response:
     """One model by the name a client would send."""
     name = request.match_info["id"]
-    found = {m["id"]: m for m in await _servable(request)}
+    found = {m["id"]: m for m in await servable_models(request)}
     if name not in found:
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise ApiError(404, f"The model {shown!r} does not exist or cannot be served. "
