@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +44,15 @@ def m001_responses(db: Database) -> None:
                             "response": str}, pk="id", if_not_exists=True)
 
 
-MIGRATIONS: list[Migration] = [m001_responses]  # append new ones; never edit one that has shipped
+def m002_created_at_index(db: Database) -> None:
+    """An index for pruning by age."""
+    db.table("responses").create_index(["created_at"], if_not_exists=True)
+
+
+# append new ones; never edit one that has shipped
+MIGRATIONS: list[Migration] = [m001_responses, m002_created_at_index]
+MAX_AGE_DAYS = 30.0  # how long OpenAI keeps a stored response
+PRUNE_EVERY = 3600.0  # seconds between prunes while responses are being stored
 
 
 @dataclass(frozen=True)
@@ -55,11 +64,17 @@ class Stored:
 
 
 class ResponseStore:
-    """Responses kept in SQLite (default ``$MLX_NB_HOME/responses.db``), opened on first use."""
+    """Responses kept in SQLite (default ``$MLX_NB_HOME/responses.db``), opened on first use.
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    Responses older than ``max_age_days`` (30, as OpenAI keeps them; None keeps them all) are
+    deleted when the store opens and then hourly while responses are stored.
+    """
+
+    def __init__(self, path: str | Path | None = None, max_age_days: float | None = MAX_AGE_DAYS) -> None:
         self.path = Path(path).expanduser() if path is not None else home() / "responses.db"
+        self.max_age_days = max_age_days
         self._db: Database | None = None
+        self._pruned = 0.0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-nb-responses")
 
     def __repr__(self) -> str:
@@ -95,6 +110,10 @@ class ResponseStore:
     def _open(self) -> Database:
         if self._db is None:
             self._db = open_database(self.path, lambda db: migrate(db, MIGRATIONS, "_responses_migrations"))
+        if self.max_age_days is not None and time.time() - self._pruned > PRUNE_EVERY:
+            self._pruned = time.time()
+            with self._db.conn as conn:
+                conn.execute("DELETE FROM responses WHERE created_at < ?", [self._pruned - self.max_age_days * 86400])
         return self._db
 
     def _close(self) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import sqlite3
+import time
 import urllib.request
 from types import SimpleNamespace
 from typing import Literal
@@ -218,7 +219,8 @@ def test_stored_responses_are_private_and_outlive_the_server(pool, isolated_home
 def test_the_store_is_versioned_and_shared_by_two_writers(tmp_path):
     async def main():
         one, two = ResponseStore(tmp_path / "r.db"), ResponseStore(tmp_path / "r.db")
-        one.put({"id": "resp_1", "created_at": 0, "model": "m", "status": "completed", "output": []}, [{"id": "a"}])
+        one.put({"id": "resp_1", "created_at": time.time(), "model": "m", "status": "completed", "output": []},
+                [{"id": "a"}])
         assert (await one.get("resp_1")).context == [{"id": "a"}]  # read after write, in order
         assert (await two.get("resp_1")).response["status"] == "completed"
         assert await two.delete("resp_1") and not await one.delete("resp_1") and await one.get("resp_1") is None
@@ -229,6 +231,25 @@ def test_the_store_is_versioned_and_shared_by_two_writers(tmp_path):
     with sqlite3.connect(tmp_path / "r.db") as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM _responses_migrations")]
     assert names == [m.__name__ for m in MIGRATIONS]
+
+
+def test_responses_older_than_the_retention_are_deleted(tmp_path):
+    def response(rid, days_ago):
+        return {"id": rid, "created_at": time.time() - days_ago * 86400, "model": "m", "status": "completed"}
+
+    async def main():
+        keep_all = ResponseStore(tmp_path / "r.db", max_age_days=None)
+        for rid, days in (("resp_old", 31), ("resp_new", 29)):
+            keep_all.put(response(rid, days), [])
+        assert await keep_all.get("resp_old") is not None
+        keep_all.close()
+        store = ResponseStore(tmp_path / "r.db")  # 30 days, as OpenAI keeps them: pruned on opening
+        found = [await store.get(rid) for rid in ("resp_old", "resp_new")]
+        store.close()
+        return found
+
+    old, new = asyncio.run(main())
+    assert old is None and new is not None
 
 
 def test_requests_are_audited_as_openai(server, audit):
