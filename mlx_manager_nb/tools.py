@@ -307,11 +307,9 @@ class CallParser:
                 if parsed is None:
                     shown += self.start + body + self.end
                     continue
-                made = {(c.name, json.dumps(c.args, sort_keys=True)) for c in self.calls + calls}
-                fresh = [c for c in parsed if (c.name, json.dumps(c.args, sort_keys=True)) not in made]
-                calls += fresh
-                if len(fresh) < len(parsed):
-                    self.repeated, self.buffer = True, ""
+                calls += self._fresh(parsed, self.calls + calls)
+                if self.repeated:
+                    self.buffer = ""
                     break
         self.calls += calls
         return (shown.strip() if self.calls and not shown.strip() else shown), calls
@@ -323,10 +321,22 @@ class CallParser:
         if self.inside and not self.repeated:
             parsed = self._calls(rest)
             if parsed is not None:
-                self.calls += parsed
-                return "", parsed
+                fresh = self._fresh(parsed, self.calls)
+                self.calls += fresh
+                return "", fresh
             rest = self.start + rest
         return (rest.rstrip() if self.calls else rest), []
+
+    def _fresh(self, parsed: list[ToolCall], made: list[ToolCall]) -> list[ToolCall]:
+        """The calls of ``parsed`` up to the first that repeats one already made (which sets ``repeated``)."""
+        seen = {(c.name, json.dumps(c.args, sort_keys=True)) for c in made}
+        for i, c in enumerate(parsed):
+            key = (c.name, json.dumps(c.args, sort_keys=True))
+            if key in seen:
+                self.repeated = True
+                return parsed[:i]
+            seen.add(key)
+        return parsed
 
     def _calls(self, body: str) -> list[ToolCall] | None:
         try:

@@ -64,6 +64,9 @@ def test_a_repeated_call_is_dropped_and_ends_the_turn():
     assert [c.args for c in p.feed(call + "\n" + other + "\n")[1]] == [{"x": 1, "y": 2}, {"x": 2, "y": 2}]
     assert p.feed(again + "\nmore text")[1] == [] and p.repeated
     assert p.feed(other) == ("", []) and p.finish() == ("", []) and len(p.calls) == 2
+    native = CallParser("[TOOL_CALLS]", "", json.loads)  # one body holding a list, as Mistral's parser reads
+    native.feed('[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "f", "arguments": {}}]')
+    assert [c.name for c in native.finish()[1]] == ["f"] and native.repeated
 
 
 def test_the_fallback_renders_history_calls_and_results():
