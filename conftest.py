@@ -47,6 +47,7 @@ def session_home() -> Path:
 
 def ensure_session_demo() -> Path:
     """The demo model in the session home: imported into the suite cache once, then linked."""
+    from mlx_manager_nb.errors import DemoModelUnavailableError
     from mlx_manager_nb.scratch import link_demo_models
 
     link = session_home() / "models" / DEMO_NAME
@@ -54,7 +55,7 @@ def ensure_session_demo() -> Path:
         print(f"\nThe demo model in the suite cache {demo_cache()} (fetched and imported once)...", flush=True)
         try:
             link_demo_models(session_home(), demo_cache())
-        except Exception as e:
+        except DemoModelUnavailableError as e:
             pytest.exit(f"The demo model could not be prepared in {demo_cache()}: {e}", returncode=3)
     return link
 
@@ -68,8 +69,8 @@ def client_python(requirements: Path) -> Path:
     """
     import hashlib
 
-    spec = requirements.read_text()
-    venv = demo_cache() / "venvs" / f"{requirements.stem}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    key = requirements.read_text() + sys.version + sys.base_prefix  # a new interpreter gets a new venv
+    venv = demo_cache() / "venvs" / f"{requirements.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     python = venv / "bin" / "python"
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / ".lock", "w") as lock:

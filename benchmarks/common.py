@@ -15,10 +15,15 @@ import threading
 import time
 from collections.abc import Callable
 
-import mlx_manager_nb  # first: binds the fast BLAS before mlx loads  # noqa: F401
-from mlx_manager_nb.scratch import scratch_home
+# Registered before the package's own exit hook, so it runs after it (atexit is last in, first out):
+# servers, engines and audit logs are closed before their scratch home goes.
+_scratch = contextlib.ExitStack()
+atexit.register(_scratch.close)
 
-import mlx.core as mx
+import mlx_manager_nb  # first: binds the fast BLAS before mlx loads  # noqa: F401, E402
+from mlx_manager_nb.scratch import scratch_home  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
 
 if mx.default_device().type == mx.DeviceType.cpu:
     # The pool turns mx.compile off on CPU (it recompiles C++ for each new shape); raw mlx-lm runs the
@@ -35,9 +40,7 @@ def messages(i: int = 0) -> list[dict]:
     return [{"role": "user", "content": PROMPT + suffix}]
 
 
-_scratch = contextlib.ExitStack()
 _scratch.enter_context(scratch_home(("demo", "demo-embed")))
-atexit.register(_scratch.close)
 
 
 def demo_path():

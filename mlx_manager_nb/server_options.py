@@ -9,10 +9,10 @@ from typing import Any
 API_KEY_VARIABLE = "MLX_NB_API_KEY"
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser, port: int = 8000) -> None:
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--host``, ``--port``, ``--api-key`` and the security and storage switches to ``parser``."""
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help=f"require this key (Bearer or x-api-key); default: ${API_KEY_VARIABLE}, kept out of "
                              "ps and notebooks")

@@ -287,7 +287,8 @@ class CallParser:
         if self.repeated:
             return "", []
         self.buffer += text
-        shown, calls = "", list[ToolCall]()
+        shown = ""
+        calls: list[ToolCall] = []
         while True:
             if not self.inside:
                 i = self.buffer.find(self.start)
@@ -318,7 +319,7 @@ class CallParser:
         """What is left at the end of the text: an unclosed call parses if it can (some models end
         the turn without the closing tag)."""
         rest, self.buffer = self.buffer, ""
-        if self.inside and not self.repeated:
+        if self.inside:
             parsed = self._calls(rest)
             if parsed is not None:
                 fresh = self._fresh(parsed, self.calls)

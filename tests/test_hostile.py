@@ -336,17 +336,18 @@ def test_hostile_tools_and_schemas_are_400s_beside_bystanders(server, pool, extr
 
 ANTHROPIC_HOSTILE = {
     "deep input_schema": ({"tools": [{"name": "f", "input_schema": _nested(300)}], "tool_choice": {"type": "any"}},
-                          "tools.0.input_schema"),
-    "129 tools": ({"tools": [{"name": f"f{i}", "input_schema": SMALL} for i in range(129)]}, "tools"),
+                          "tools.0.input_schema nests objects and arrays more than 64 levels"),
+    "129 tools": ({"tools": [{"name": f"f{i}", "input_schema": SMALL} for i in range(129)]},
+                  "tools holds 129 tools; at most 128"),
     "deep output format": ({"output_config": {"format": {"type": "json_schema", "schema": _nested(300)}}},
-                           "output_config.format"),
+                           "output_config.format.schema nests objects and arrays more than 64 levels"),
 }
 
 
-@pytest.mark.parametrize("extra,param", ANTHROPIC_HOSTILE.values(), ids=ANTHROPIC_HOSTILE.keys())
-def test_hostile_anthropic_tools_and_formats_are_400s_beside_bystanders(server, pool, extra, param):
+@pytest.mark.parametrize("extra,says", ANTHROPIC_HOSTILE.values(), ids=ANTHROPIC_HOSTILE.keys())
+def test_hostile_anthropic_tools_and_formats_are_400s_beside_bystanders(server, pool, extra, says):
     body = json.dumps({**chat(), **extra}).encode()
     status, answer = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/messages", body,
                                                                             ANTHROPIC))
     assert status == 400 and answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
-    assert param in answer["error"]["message"], answer
+    assert says in answer["error"]["message"], answer

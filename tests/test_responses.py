@@ -245,11 +245,13 @@ def test_responses_older_than_the_retention_are_deleted(tmp_path):
         keep_all.close()
         store = ResponseStore(tmp_path / "r.db")  # 30 days, as OpenAI keeps them: pruned on opening
         found = [await store.get(rid) for rid in ("resp_old", "resp_new")]
+        store.put(response("resp_late", 31), [])  # already expired when the store has just pruned
+        found.append(await store.get("resp_late"))
         store.close()
         return found
 
-    old, new = asyncio.run(main())
-    assert old is None and new is not None
+    old, new, late = asyncio.run(main())
+    assert old is None and new is not None and late is None
 
 
 def test_requests_are_audited_as_openai(server, audit):

@@ -84,16 +84,27 @@ def test_objects_a_schema_leaves_open_are_generated_without_extra_keys(pool):
         assert r.finish_reason == "stop" and set(r.parsed) <= {"a"}, r.text
 
 
-def test_closing_a_schema_keeps_what_it_says_and_its_values():
-    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
-                                               "c": {"const": {"type": "object", "properties": {}}}},
-              "additionalProperties": {"type": "integer"},
-              "allOf": [{"type": "object", "properties": {"d": {}}}]}
-    closed = closed_schema(schema)
-    assert closed["additionalProperties"] == {"type": "integer"}  # said by the schema: kept
-    assert closed["properties"]["a"]["additionalProperties"] is False
-    assert closed["properties"]["c"] == schema["properties"]["c"]  # a value, not a schema
-    assert closed["allOf"] == schema["allOf"]  # closed parts would exclude each other's keys
+def _obj(**props):
+    return {"type": "object", "properties": props}
+
+
+def test_closing_a_schema_narrows_only_where_that_keeps_its_meaning():
+    schema = {"type": "object", "properties": {
+        "default": _obj(x={}),  # a property's name, not the keyword: closed
+        "c": {"const": _obj()},  # a value: left as it is
+        "any": {"anyOf": [_obj(y={}), {"type": "string"}]},
+        "said": {**_obj(z={}), "additionalProperties": {"type": "integer"}},
+        "merged": {**_obj(p={}), "allOf": [_obj(q={})]},  # allOf brings keys: open
+        "elsewhere": {**_obj(p={}), "required": ["q"]},  # a required key outside properties: open
+        "negated": {"not": _obj(n={})},  # closing under not would widen what passes
+    }}
+    closed = closed_schema(schema)["properties"]
+    assert closed["default"]["additionalProperties"] is False
+    assert closed["c"] == schema["properties"]["c"]
+    assert closed["any"]["anyOf"][0]["additionalProperties"] is False
+    assert closed["said"]["additionalProperties"] == {"type": "integer"}
+    for name in ("merged", "elsewhere", "negated"):
+        assert closed[name] == schema["properties"][name], name
 
 
 def test_any_json_object_through_openai_response_format(pool):

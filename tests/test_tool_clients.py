@@ -62,10 +62,6 @@ def client(base_url):
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
 
 
-def _answered_in_words(text: str | None) -> bool:
-    return bool(text) and "<tool_" not in text
-
-
 # -- openai ---------------------------------------------------------------------------------------
 
 

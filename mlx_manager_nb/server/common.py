@@ -223,9 +223,9 @@ def _tuple(kinds: type | tuple) -> tuple:
 
 
 async def servable_models(request: web.Request) -> list[dict]:
-    """Every name a client may use, the one rule for listing and resolving: loaded models and their
-    aliases, the app's aliases, then (with auto-load) models of the store and the local Hugging Face
-    cache that load on first use. Never a path or a GGUF file."""
+    """Every name a client may use, the one rule for listing and for loading on first use: loaded
+    models and their aliases, the app's aliases, then (with auto-load) models of the store and the
+    local Hugging Face cache. Never a path or a GGUF file."""
     pool, options = request.app[POOL], request.app[OPTIONS]
     out: dict[str, dict] = {}
 
@@ -265,7 +265,7 @@ async def resolve_model(request: web.Request, name: str) -> str:
             pass
         except InvalidModelError as e:
             raise ApiError(400, str(e), param="model") from None
-    loaded = [m["id"] for m in servable if m["loaded"] and m["state"] != "alias"]
+    loaded = [m.alias or m.name for m in pool.models() if m.state == "ready"]
     others = [m["id"] for m in servable if not m["loaded"]]
     shown = name if len(name) <= 80 else name[:77] + "..."
     raise ApiError(404, f"The model {shown!r} does not exist or cannot be served. Loaded: "
