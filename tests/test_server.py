@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import threading
+import urllib.request
 
 import aiohttp
 import anthropic
@@ -256,12 +257,30 @@ def test_unknown_local_model_is_loaded_on_first_use(server, pool, tiny_model_pat
 
 def test_auto_load_can_be_switched_off_and_aliases_map_names(pool, tiny_model_path):
     shutil.copytree(tiny_model_path, store.models_dir() / "lazy")
-    s = serve(pool, port=0, mode="thread", auto_load=False, aliases={"gpt-4o-mini": "tiny"})
+    s = serve(pool, port=0, mode="thread", auto_load=False, aliases={"gpt-4o-mini": "tiny", "later": "lazy"})
     try:
         assert post(s.url + "/v1/chat/completions", {"model": "lazy", "messages": HI})[0] == 404
+        assert post(s.url + "/v1/chat/completions", {"model": "later", "messages": HI})[0] == 404
+        listed = {m["id"] for m in json.load(urllib.request.urlopen(s.url + "/v1/models", timeout=10))["data"]}
+        assert "gpt-4o-mini" in listed and not {"lazy", "later"} & listed  # what is listed can be used
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
         r = client.chat.completions.create(model="gpt-4o-mini", messages=HI, temperature=0, max_tokens=2)
         assert r.model == "gpt-4o-mini" and r.usage.completion_tokens == 2
+    finally:
+        s.stop(drain=0)
+
+
+def test_the_listed_demo_alias_answers_for_a_demo_model_loaded_by_path(make_pool, tiny_model_path, tmp_path):
+    from mlx_manager_nb.demo import DEMO_NAME
+
+    shutil.copytree(tiny_model_path, tmp_path / DEMO_NAME)  # stands in for the demo model's folder
+    p = make_pool(keep_alive=None)
+    p.load(tmp_path / DEMO_NAME)
+    s = serve(p, port=0, mode="thread", auto_load=False)
+    try:
+        listed = {m["id"] for m in json.load(urllib.request.urlopen(s.url + "/v1/models", timeout=10))["data"]}
+        assert "demo" in listed
+        assert post(s.url + "/v1/chat/completions", {"model": "demo", "messages": HI, "max_tokens": 2})[0] == 200
     finally:
         s.stop(drain=0)
 

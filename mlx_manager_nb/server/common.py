@@ -236,10 +236,14 @@ async def servable_models(request: web.Request) -> list[dict]:
         for name in filter(None, (m.alias, m.name)):
             add(name, created=int(m.last_used), loaded=True, state=m.state, size_bytes=m.size_bytes)
     local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
-    if DEMO_NAME in out or any(m.name == DEMO_NAME for m in local):
+
+    def servable(target: str) -> bool:  # without auto-load, only what is loaded
+        return target in out or (options.auto_load and any(m.name == target for m in local))
+
+    if servable(DEMO_NAME):
         add("demo", created=0, loaded=DEMO_NAME in out, state="alias", size_bytes=None)
     for alias, target in options.aliases.items():
-        if target in out or any(m.name == target for m in local):
+        if servable(target):
             add(alias, created=0, loaded=target in out, state="alias", size_bytes=None)
     if options.auto_load:
         for entry in local:
@@ -254,6 +258,8 @@ async def resolve_model(request: web.Request, name: str) -> str:
     name = options.aliases.get(name, name)
     if len(name) <= MAX_NAME and pool.is_loaded(name):
         return name
+    if name == "demo" and pool.is_loaded(DEMO_NAME):  # the listing's demo alias, for a demo loaded by path
+        return DEMO_NAME
     servable = await servable_models(request)
     known = any(m["id"] == name for m in servable)
     fetchable = options.allow_downloads and (name == "demo" or store.REPO_ID.match(name) is not None)
