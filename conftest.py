@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-DEMO_NAME = "smollm2-135m-instruct"  # mlx_manager_nb.demo.DEMO_NAME, without importing the package here
 _state: dict = {}
 
 
@@ -47,6 +46,7 @@ def session_home() -> Path:
 
 def ensure_session_demo() -> Path:
     """The demo model in the session home: imported into the suite cache once, then linked."""
+    from mlx_manager_nb.demo import DEMO_NAME
     from mlx_manager_nb.errors import DemoModelUnavailableError
     from mlx_manager_nb.scratch import link_demo_models
 

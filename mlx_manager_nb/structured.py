@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 
 from . import tools as T
-from .constraints import Constraint, closed_schema, compile_grammar, json_grammar, lark_json, make_constraint
+from .constraints import Constraint, compile_grammar, json_grammar, lark_json, make_constraint
 from .errors import InvalidParameterError
 
 ANY_OBJECT = {"type": "object"}
@@ -44,9 +44,9 @@ class Plan:
 
 
 def schema_of(schema: Any, param: str) -> dict:
-    """The JSON schema of a pydantic model class (closed: no extra keys) or a schema dict (as given)."""
+    """The JSON schema of a pydantic model class or a schema dict (grammars close it: no extra keys)."""
     if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
-        return closed_schema(schema.model_json_schema())
+        return schema.model_json_schema()
     if isinstance(schema, dict):
         return schema
     raise InvalidParameterError(param, f"{param} must be a pydantic model class or a JSON schema dict")

@@ -46,15 +46,26 @@ def audit(tmp_path):
     log.close()
 
 
-@pytest.fixture(scope="module")
-def wide_pool(wide_tiny_model_path):
-    """A pool holding the wide tiny model as ``tiny``, shared by one module's tests (tool listings fit)."""
+def _module_pool(path):
+    """A pool holding the model at ``path`` as ``tiny``, closed when the module's tests are done."""
     from mlx_manager_nb.model_pool import Pool
 
     p = Pool(keep_alive=None)
-    p.load(wide_tiny_model_path, alias="tiny")
+    p.load(path, alias="tiny")
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_module_pool(tiny_model_path):
+    """A pool holding the tiny model as ``tiny``, shared by one module's tests."""
+    yield from _module_pool(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def wide_pool(wide_tiny_model_path):
+    """A pool holding the wide tiny model as ``tiny``, shared by one module's tests (tool listings fit)."""
+    yield from _module_pool(wide_tiny_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,8 @@ NESTED = {  # the same kind of schema as a dict: nested objects, arrays, enums, 
 
 
 @pytest.fixture(scope="module")
-def pool(tiny_model_path):
-    p = Pool(keep_alive=None)
-    p.load(tiny_model_path, alias="tiny")
-    yield p
-    p.close()
+def pool(tiny_module_pool):
+    return tiny_module_pool
 
 
 def test_twenty_generations_at_temperature_1_all_match_a_pydantic_schema(pool):
