@@ -161,6 +161,18 @@ print(json.dumps({"partial": conv[-1]["content"], "in_flight": pool.models()[0].
                                         "display_data")[-1]["content"]["data"]["text/plain"]
 
 
+def test_the_pool_panels_loading_bar_clears_after_a_load_from_a_cell(kernel):
+    """The engine thread's progress events and the cell's own "ready" event reach the bar in order."""
+    _, kc, _ = kernel
+    printed(kc, "import asyncio\nimport mlx_manager_nb as mnb\nfrom mlx_manager_nb.widgets import pool_panel\n"
+                "panel = pool_panel(mnb.pool)\nmnb.pool.unload('tiny')")
+    printed(kc, "mnb.pool.load(os.environ['TINY_MODEL'], alias='tiny')")
+    out = printed(kc, "await asyncio.sleep(0.5)  # whatever the engine thread queued has run\n"
+                      "print(panel.children[4].layout.display, '|', panel.parts.progress_text.value)")
+    assert out.startswith("none |"), out
+    assert "tiny · 1 token" in shown(kc, "%%chat -t 0 --max-tokens 1\nHi")  # served as before
+
+
 def test_serve_runs_on_the_kernel_loop(kernel):
     _, kc, _ = kernel
     out = printed(kc, "%mlx serve --port 0")

@@ -259,6 +259,21 @@ def test_ui_caller_hops_onto_the_loop_running_when_built():
     assert ran_on[1] == threading.get_ident() != worker  # hopped onto the loop's thread
 
 
+def test_ui_caller_keeps_the_order_of_calls_from_other_threads_and_its_own():
+    async def main():
+        call, order = ui_caller(), []
+        thread = threading.Thread(target=call, args=(order.append, "progress 90% (engine thread)"))
+        thread.start()
+        thread.join()
+        call(order.append, "ready (loop thread)")  # waits behind the queued call instead of overtaking it
+        await asyncio.sleep(0.05)
+        call(order.append, "later (loop thread, nothing queued)")
+        return order
+
+    assert asyncio.run(main()) == ["progress 90% (engine thread)", "ready (loop thread)",
+                                   "later (loop thread, nothing queued)"]
+
+
 def test_in_a_running_loop_widgets_change_on_the_loop_thread_only(loaded):
     async def main():
         panel = pool_panel(loaded)

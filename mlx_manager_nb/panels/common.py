@@ -27,20 +27,34 @@ REFRESH_INTERVAL = 0.2  # seconds between two refreshes of a panel by its subscr
 def ui_caller() -> Callable[..., None]:
     """Return ``call(fn, *args)``, which runs ``fn`` on the event loop running now (the kernel's).
 
-    From another thread ``call`` schedules ``fn`` with ``loop.call_soon_threadsafe``; on the loop's
-    own thread, or where no loop was running (scripts, tests), it runs ``fn`` at once.
+    Calls run in the order they were made: from another thread ``call`` schedules ``fn`` with
+    ``loop.call_soon_threadsafe``; on the loop's own thread it runs ``fn`` at once unless calls from
+    other threads still wait, in which case ``fn`` queues behind them (a load's last "ready" event,
+    sent from the kernel's thread, must not overtake its progress events from the engine thread).
+    Where no loop was running (scripts, tests) it runs ``fn`` at once.
     """
     try:
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         loop = None
     home = threading.get_ident()
+    lock = threading.Lock()
+    waiting = 0  # calls scheduled and not yet run
+
+    def run(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        nonlocal waiting
+        with lock:
+            waiting -= 1
+        fn(*args)
 
     def call(fn: Callable[..., Any], *args: Any) -> None:
-        if loop is not None and threading.get_ident() != home and loop.is_running():
-            loop.call_soon_threadsafe(fn, *args)
-        else:
-            fn(*args)
+        nonlocal waiting
+        with lock:  # held while scheduling, so a call seeing ``waiting`` queues behind what it counts
+            if loop is not None and loop.is_running() and (waiting or threading.get_ident() != home):
+                waiting += 1
+                loop.call_soon_threadsafe(run, fn, args)
+                return
+        fn(*args)
 
     return call
 
