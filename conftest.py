@@ -150,7 +150,9 @@ def pytest_terminal_summary(terminalreporter):
     if text is None:
         return
     if ok:
-        terminalreporter.write_line(f"another process wrote to the session's audit log meanwhile: {text}")
+        terminalreporter.write_line(f"the suite's own background writer (tests/audit_writer.py, standing in for "
+                                    f"another notebook) {text} to the session's temporary audit log while the "
+                                    "demo-model tests and notebooks ran")
     else:
         terminalreporter.write_line(f"FAILED: {text}", red=True)
 
