@@ -124,7 +124,7 @@ def test_a_dead_rank_fails_its_requests_and_the_model_only(make_pool, tiny_model
     with pytest.raises(EngineError, match=r"rank 1 \(127.0.0.1\) exited with code -9"):
         for _ in s:
             pass
-    assert time.monotonic() - killed < 5
+    assert time.monotonic() - killed < 30  # at once (about a second idle), not hung waiting for the dead rank
     info = next(m for m in pool.models() if m.name == name)
     assert info.state == "failed" and "rank 1" in info.error
     assert pool.complete("Hello", model="tiny", temperature=0, max_tokens=4).usage.completion_tokens == 4

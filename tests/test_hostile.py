@@ -217,6 +217,7 @@ def test_health_answers_while_a_7mb_prompt_is_refused(server, pool):
     huge = json.dumps({**chat(), "messages": [{"role": "user", "content": "x" * 7_000_000}]}).encode()
 
     async def hostile(http):
+        started = time.perf_counter()
         refused = asyncio.create_task(post_raw(http, server.url + "/v1/chat/completions", huge))
         latencies = []
         while not refused.done():
@@ -225,11 +226,13 @@ def test_health_answers_while_a_7mb_prompt_is_refused(server, pool):
                 assert r.status == 200
             latencies.append(time.perf_counter() - start)
             await asyncio.sleep(0.01)
-        return await refused, latencies
+        return await refused, latencies, time.perf_counter() - started
 
-    (status, body), latencies = with_bystanders(server, pool, hostile)
+    (status, body), latencies, refusal = with_bystanders(server, pool, hostile)
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-    assert max(latencies) < 0.1, latencies
+    # work on the loop would hold every /health behind it for most of the refusal; the floor is
+    # what a machine shared with other jobs adds to one small request
+    assert latencies and max(latencies) < max(0.5, refusal / 2), (latencies, refusal)
 
 
 def test_count_tokens_of_a_large_body_does_not_block(server):

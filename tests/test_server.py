@@ -361,16 +361,23 @@ def test_stop_drains_open_streams(pool):
         openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0).models.list()
 
 
+def server_threads() -> set[threading.Thread]:
+    """The threads a thread-mode server owns: its loop, its executor's workers, its Responses store."""
+    return {t for t in threading.enumerate() if t.name.startswith(("mlx-nb-server", "mlx-nb-responses"))}
+
+
 def test_start_stop_cycles_leak_no_port_or_thread(pool):
     s = serve(pool, port=0, mode="thread")
     port = s.port
     s.stop(drain=0)
-    threads = threading.active_count()
     for _ in range(5):
+        before = server_threads()  # other tests' servers may be running: only this one's threads count
         s = serve(pool, port=port, mode="thread")
         assert post(s.url + "/v1/chat/completions", {"model": "tiny", "messages": HI, "max_tokens": 1})[0] == 200
+        owned = server_threads() - before
+        assert any(t.name == "mlx-nb-server" for t in owned)
         s.stop(drain=0)
-    assert threading.active_count() == threads
+        assert wait_for(lambda owned=owned: not any(t.is_alive() for t in owned)), owned
     with socket.socket() as probe:  # nobody listens there any more (TIME_WAIT needs SO_REUSEADDR)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
