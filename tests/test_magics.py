@@ -2,6 +2,7 @@
 
 import json
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -162,9 +163,13 @@ def test_ls_and_import_gguf(ip, tiny_model_path, isolated_home, tmp_path, monkey
     c = mlx(ip, f"import-gguf {gguf} --as tinyq")
     assert texts(c)[-1].startswith(f"Imported {gguf} into the store as tinyq") and not c.stderr
     table = mlx(ip, "ls").outputs[0].data["text/plain"].splitlines()
-    assert table[0].split() == ["name", "architecture", "size", "quantization", "context", "chat", "template", "origin"]
+    assert table[0].split() == ["name", "architecture", "on", "disk", "quantization", "context", "chat", "template",
+                                "origin"]
     assert table[2].split()[:2] == ["copy", "llama"] and "float" in table[2] and "512" in table[2]
     assert table[3].split()[:2] == ["tinyq", "llama"] and "8-bit" in table[3]
+    loaded = texts(mlx(ip, "load tinyq"))[-1]  # on a CPU, quantized weights load as float32: both sizes shown
+    assert re.match(r"Loaded tinyq \([\d.]+ [KM]iB as float32 on CPU, [\d.]+ [KM]iB on disk as 8-bit, context", loaded)
+    mlx(ip, "unload tinyq")
     assert "does not exist" in one_line_error(mlx(ip, f"import-gguf {tmp_path / 'none.gguf'}"))
 
 
@@ -334,6 +339,7 @@ def test_doctor_shows_the_blas_and_its_measured_speed(ip):
 
     text = mlx(ip, "doctor").outputs[0].data["text/plain"]
     assert blas.status in text and "GFLOPS" in text and "max memory" in text
+    assert re.search(r"keep alive +(\d+ (ms|s|min)|[\d.]+ h|forever) idle, then a model unloads", text), text
 
 
 # -- helpers ------------------------------------------------------------------------------------
