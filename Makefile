@@ -1,28 +1,38 @@
-# Two entry points, each installing what it needs into a project virtualenv (.venv).
+# Each entry point installs what it needs into a project virtualenv (.venv): `demo` and `lab` the
+# package with its demo extra (a kernel, the SDKs, JupyterLab), the test and lint targets the test
+# extra on top (the other clients, pytest, nbval, Playwright, ruff, mypy).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LAB_DIR ?= lab
+LAB_ARGS ?=
 
 # PYTHONWARNINGS: setuptools' banner about editable installs says nothing to act on
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.demo: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.demo
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 .PHONY: demo lab test test-unit lint
-demo: $(VENV)/.installed  ## a real kernel serves the demo model; the openai and anthropic SDKs call it
+demo: $(VENV)/.demo  ## a real kernel serves the demo model; the openai and anthropic SDKs call it
 	$(PY) -m mlx_manager_nb demo
 
-lab: $(VENV)/.installed  ## JupyterLab on the notebooks (with jupyter-server-proxy, as on a hub)
-	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
+# on working copies in $(LAB_DIR)/, so running the notebooks leaves notebooks/ as committed;
+# --allow-root is added for root; LAB_ARGS go to JupyterLab, e.g. make lab LAB_ARGS="--port 8890 --no-browser"
+lab: $(VENV)/.demo  ## JupyterLab on the notebooks (with jupyter-server-proxy, as on a hub)
+	$(PY) -m mlx_manager_nb lab --dir $(LAB_DIR) $(LAB_ARGS)
 
 # -v: one line per test and per notebook cell as it runs; then the ten slowest
-test: $(VENV)/.installed  ## the whole suite: unit, server, kernel and notebook tests
+test: $(VENV)/.test  ## the whole suite: unit, server, kernel and notebook tests
 	$(PY) -m pytest -v --durations=10
 
-test-unit: $(VENV)/.installed  ## the tests on the tiny model only: no notebooks, no demo model (under a minute)
+test-unit: $(VENV)/.test  ## the tests on the tiny model only: no notebooks, no demo model (about 3 minutes)
 	$(PY) -m pytest tests -m "not slow"
 
-lint: $(VENV)/.installed  ## ruff (pyflakes, bugbear, pyupgrade, simplify, ruff's own rules) and mypy on the package
+lint: $(VENV)/.test  ## ruff (pyflakes, bugbear, pyupgrade, simplify, ruff's own rules) and mypy on the package
 	$(PY) -m ruff check .
 	$(PY) -m mypy

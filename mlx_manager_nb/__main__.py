@@ -1,4 +1,4 @@
-"""Command line: ``python -m mlx_manager_nb serve --model demo --port 8000`` and ``... demo``."""
+"""Command line: ``python -m mlx_manager_nb serve --model demo --port 8000``, ``... demo`` and ``... lab``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 from mlx_manager_nb.server_options import add_serve_arguments, serve_options
 
@@ -44,6 +45,12 @@ def demo_command(args: argparse.Namespace) -> int:
     return run(question=args.question)
 
 
+def lab_command(args: argparse.Namespace) -> int:
+    from mlx_manager_nb.lab import run
+
+    run(Path(args.dir), args.jupyter_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_manager_nb", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     d = commands.add_parser("demo", help="the notebook story, headless: a real kernel serving the demo model")
     d.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
     d.set_defaults(run=demo_command)
-    args = parser.parse_args(argv)
+    lab = commands.add_parser("lab", help="JupyterLab on working copies of the notebooks (the repository's stay "
+                                         "as committed)")
+    lab.add_argument("--dir", default="lab", help="the working folder (default: lab)")
+    lab.set_defaults(run=lab_command)  # any other argument goes to JupyterLab, e.g. --port 8890
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.jupyter_args = extra
     try:
         return args.run(args)
     except Exception as e:  # a readable line, not a traceback, for the errors users cause

@@ -1,10 +1,18 @@
 """Small helpers the test modules share."""
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
 
 
 def free_port() -> int:
@@ -45,3 +53,38 @@ def raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
             reply += chunk
     status = int(reply.split(b" ", 2)[1])
     return status, reply.split(b"\r\n\r\n", 1)[1]
+
+
+@contextlib.contextmanager
+def make_lab(work: Path, config: Path, token: str, env: dict[str, str] | None = None):
+    """``make lab`` as users run it, on working copies in ``work``: yield its URL, then stop it.
+
+    Jupyter's own folders go under ``config``; the Makefile's venv is this interpreter's, taken as
+    built (``-o``), and the server answers only on 127.0.0.1 with ``token``.
+    """
+    port = free_port()
+    env = {**os.environ, **(env or {})}
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR",
+                 "JUPYTERLAB_WORKSPACES_DIR"):
+        env.setdefault(name, str(config / name.lower()))
+    args = f"--no-browser --port={port} --ip=127.0.0.1 --IdentityProvider.token={token}"
+    config.mkdir(parents=True, exist_ok=True)
+    with open(config / "lab.log", "w") as log:
+        proc = subprocess.Popen(["make", "-C", str(ROOT), "lab", "-o", f"{sys.prefix}/.demo", f"VENV={sys.prefix}",
+                                 f"LAB_DIR={work}", f"LAB_ARGS={args}"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"make lab stopped:\n{(config / 'lab.log').read_text()}"
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < end, "JupyterLab did not start"
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -5,19 +5,13 @@ browser here. A screenshot of the dashboard is saved under the test's tmp folder
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import ROOT, make_lab
 
-ROOT = Path(__file__).parent.parent
 TOKEN = "browser-test-token"
 SETTINGS = {  # JupyterLab's settings for the test: start the notebook's kernel, ask nothing, fetch nothing
     "notebook-extension/tracker": {"autoStartDefaultKernel": True},
@@ -33,53 +27,29 @@ pytestmark = [
 
 @pytest.fixture
 def lab(tmp_path, demo_home):
-    """JupyterLab on a copy of the dashboard notebook (and the picture it shows).
+    """``make lab`` as users run it: JupyterLab on working copies of the notebooks, with their pictures.
 
     The kernel gets a home of its own, with the demo model linked: its audit log holds only what
     this test does (the screenshot goes into the README).
     """
     pytest.importorskip("jupyterlab", reason="JupyterLab is in the demo extra")
-    (tmp_path / "work" / "notebooks").mkdir(parents=True)
-    shutil.copy(ROOT / "notebooks" / "02_dashboard.ipynb", tmp_path / "work" / "notebooks")
-    shutil.copytree(ROOT / "docs" / "images", tmp_path / "work" / "docs" / "images")
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
     for model in (demo_home / "models").iterdir():
         (home / "models" / model.name).symlink_to(model.resolve(), target_is_directory=True)
-    port = free_port()
-    env = {**os.environ, "MLX_NB_HOME": str(home)}
-    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR",
-                 "JUPYTERLAB_WORKSPACES_DIR"):
-        env[name] = str(tmp_path / name.lower())
     for name, values in SETTINGS.items():
-        path = tmp_path / "jupyterlab_settings_dir" / "@jupyterlab" / f"{name}.jupyterlab-settings"
+        path = tmp_path / "jupyter" / "jupyterlab_settings_dir" / "@jupyterlab" / f"{name}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             "--allow-root", f"--IdentityProvider.token={TOKEN}",
-                             f"--ServerApp.root_dir={tmp_path / 'work'}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < end, "JupyterLab did not start"
-                time.sleep(0.3)
+    with make_lab(tmp_path / "lab", tmp_path / "jupyter", TOKEN, {"MLX_NB_HOME": str(home)}) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
     expect = sync_api.expect
     started = time.monotonic()
+    committed = {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM)
         context = browser.new_context(viewport={"width": 1280, "height": 1000})
@@ -88,7 +58,10 @@ def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
         errors: list[str] = []
         page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-        page.goto(f"{lab}/lab/tree/notebooks/02_dashboard.ipynb?token={TOKEN}")
+        page.goto(f"{lab}/lab/tree/02_dashboard.ipynb?token={TOKEN}")
+        picture = page.locator("img[alt=\"The dashboard's Audit tab\"]")  # shown before the notebook runs
+        expect(picture).to_be_visible(timeout=60_000)
+        assert picture.evaluate("img => img.complete && img.naturalWidth") > 0, "the picture did not load"
 
         # the new kernel runs every cell: the last code cell's prompt then counts them all
         expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
@@ -156,5 +129,10 @@ def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
         tab("Server")
         dash.get_by_role("button", name="Stop server").click()
         expect(dash.get_by_text("Server stopped.")).to_be_visible(timeout=15_000)
+        page.keyboard.press("Control+s")  # saving writes the outputs into the working copy only
+        expect(page.locator(".jp-mod-dirty")).to_have_count(0, timeout=15_000)
         browser.close()
     assert errors == []
+    assert {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")} == committed
+    ran = tmp_path / "lab" / "02_dashboard.ipynb"
+    assert ran.read_bytes() != committed[ROOT / "notebooks" / ran.name]  # the lab saved its own copy
