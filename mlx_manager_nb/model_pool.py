@@ -41,7 +41,7 @@ from .errors import ContextLengthError, InvalidModelError, InvalidParameterError
 from .params import DEFAULT_MAX_TOKENS, fit_to_model, make_params
 from .streams import AsyncTextStream, Final, Result, StreamEvent, TextStream, async_sink, queue_sink
 from .structured import Plan, plan
-from .tools import ToolCall, make_tools, tool_turns
+from .tools import ParsedItem, ToolCall, make_tools, tool_turns
 
 ROLES = ("system", "user", "assistant", "tool")
 #: chat() keywords about tools and structure, planned by :func:`mlx_manager_nb.structured.plan`
@@ -627,15 +627,14 @@ class Pool:
         def emit(event: Event) -> None:
             if isinstance(event, Delta):
                 text.append(event.text)
-                if parser is not None:  # content goes on as deltas, each call as one event
-                    shown, calls = parser.feed(event.text)
-                    _send(shown, calls)
+                if parser is not None:  # content goes on as deltas, calls as their pieces, then whole
+                    _send(parser.feed(event.text))
                     if parser.repeated:  # the model repeats a call: its turn is over
                         request.cancelled.set()
                     return
             elif isinstance(event, Done) and structured:
                 if parser is not None:
-                    _send(*parser.finish())
+                    _send(parser.finish())
                 calls = list(parser.calls) if parser is not None else []
                 parsed = parse("".join(text)) if parse is not None else None
                 ended = event.finish_reason == "stop" or (parser is not None and parser.repeated)
@@ -649,11 +648,9 @@ class Pool:
                                constrained=constraint is not None)
             sink(event)
 
-        def _send(shown: str, calls: list[ToolCall]) -> None:
-            if shown:
-                sink(Delta(shown))
-            for call in calls:
-                sink(call)
+        def _send(items: list[ParsedItem]) -> None:
+            for item in items:
+                sink(Delta(item) if isinstance(item, str) else item)
 
         request = Request(info.name, tokens, p, emit, constraint=constraint,
                           deadline=time.perf_counter() + timeout if timeout else None)

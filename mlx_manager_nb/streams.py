@@ -1,8 +1,9 @@
 """The consumer side of a request: a finished result, or a stream of text deltas, sync or async.
 
-A chat with tools or a schema also gets, from the pool, a :class:`~mlx_manager_nb.tools.ToolCall`
-event as each call completes and a :class:`Final` event in place of the engine's ``Done``.
-Iterating a stream yields text only; :meth:`TextStream.events` yields text and calls in order.
+A chat with tools or a schema also gets, from the pool, :class:`~mlx_manager_nb.tools.CallPiece`
+events as each call is generated, a :class:`~mlx_manager_nb.tools.ToolCall` event as it completes,
+and a :class:`Final` event in place of the engine's ``Done``. Iterating a stream yields text only;
+:meth:`TextStream.events` yields text and calls in order (and the pieces, when asked).
 
 Events arrive on the engine thread; a sync stream reads them from a ``queue.Queue``, an async
 stream from an ``asyncio.Queue`` fed through ``loop.call_soon_threadsafe``. Leaving a stream early
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .engine import Delta, Done, Event, Request
-from .tools import ToolCall
+from .tools import CallPiece, ToolCall
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ def make_result(request_id: str, model: str, text: str, end: Done | Final) -> Re
     return result
 
 
-StreamItem = str | ToolCall
-StreamEvent = Event | ToolCall | Final  # what the pool sends a stream: the engine's events, calls, Final
+StreamItem = str | CallPiece | ToolCall
+StreamEvent = Event | CallPiece | ToolCall | Final  # what the pool sends a stream: the engine's events, calls, Final
+GOING_ON = (Delta, CallPiece, ToolCall)  # the events that are not a request's last
 
 
 def _consume(stream: TextStream | AsyncTextStream, event: StreamEvent) -> StreamItem | None:
@@ -82,6 +84,8 @@ def _consume(stream: TextStream | AsyncTextStream, event: StreamEvent) -> Stream
         return event.text
     if isinstance(event, ToolCall):
         stream.tool_calls.append(event)
+        return event
+    if isinstance(event, CallPiece):
         return event
     if isinstance(event, (Done, Final)):
         stream.result = make_result(stream.id, stream.model, stream.text, event)
@@ -112,9 +116,15 @@ class TextStream:
             pass
         return item
 
-    def events(self) -> Generator[StreamItem, None, None]:
-        """Text deltas and :class:`~mlx_manager_nb.tools.ToolCall` objects, in the order they complete."""
-        yield from self._it
+    def events(self, pieces: bool = False) -> Generator[StreamItem, None, None]:
+        """Text deltas and :class:`~mlx_manager_nb.tools.ToolCall` objects, in the order they complete;
+        with ``pieces``, each call's :class:`~mlx_manager_nb.tools.CallPiece` s before it, as it is generated."""
+        try:
+            for item in self._it:
+                if pieces or not isinstance(item, CallPiece):
+                    yield item
+        finally:  # leaving early cancels the request, as leaving the stream does
+            self._it.close()
 
     def close(self) -> None:
         """Stop reading; the engine drops the request within one step. Safe from any thread."""
@@ -175,10 +185,12 @@ class AsyncTextStream:
             pass
         return item
 
-    async def events(self) -> AsyncGenerator[StreamItem, None]:
-        """Text deltas and :class:`~mlx_manager_nb.tools.ToolCall` objects, in the order they complete."""
+    async def events(self, pieces: bool = False) -> AsyncGenerator[StreamItem, None]:
+        """Text deltas and :class:`~mlx_manager_nb.tools.ToolCall` objects, in the order they complete;
+        with ``pieces``, each call's :class:`~mlx_manager_nb.tools.CallPiece` s before it, as it is generated."""
         async for item in self._it:
-            yield item
+            if pieces or not isinstance(item, CallPiece):
+                yield item
 
     async def aclose(self) -> None:
         """Stop reading and cancel the request; returns once the engine has ended it (and it is audited)."""
@@ -205,14 +217,14 @@ class AsyncTextStream:
 
     async def _drain(self) -> None:
         while not self._ended:
-            self._ended = not isinstance(await self._events.get(), (Delta, ToolCall))
+            self._ended = not isinstance(await self._events.get(), GOING_ON)
 
     async def _iterate(self) -> AsyncGenerator[StreamItem, None]:
         try:
             self.id, self.model, self._request = await asyncio.shield(self._started)
             while True:
                 event = await self._events.get()
-                self._ended = not isinstance(event, (Delta, ToolCall))
+                self._ended = not isinstance(event, GOING_ON)
                 item = _consume(self, event)
                 if item is None:
                     return

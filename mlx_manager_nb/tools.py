@@ -14,6 +14,7 @@ format is another one are shown the fallback format whenever a grammar is needed
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
@@ -263,17 +264,75 @@ def tools_grammar(tools: list[Tool], choice: str, parallel: bool) -> str:
     return "\n".join(start + lines) + "\n"
 
 
-class CallParser:
-    """Splits streamed text into content and tool calls.
+@dataclass(frozen=True)
+class CallPiece:
+    """Part of a tool call as it is generated: a call's first piece carries its ``id`` and ``name``
+    (``arguments`` empty), the next ones the arguments' text as it grows; joined, they are the call."""
 
-    ``feed(text)`` returns the content to show now and the calls completed; text that may begin
-    the ``start`` marker is held back until it is known. A call that does not parse is content.
-    ``parse`` reads one call's text into ``{"name", "arguments"}`` or a list of them (mlx-lm's
-    parsers); with no ``end`` marker (Mistral's format), a call runs to the end of the text.
+    index: int  # the call's place among the turn's calls
+    id: str
+    name: str
+    arguments: str = ""
+
+
+ParsedItem = str | CallPiece | ToolCall  # content, a piece of a call, a call complete
+# the start of a call in the JSON format, up to its arguments object: the grammar writes the name first
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+class _JsonEnd:
+    """Finds where a JSON object ends, fed its text piece by piece."""
+
+    def __init__(self) -> None:
+        self.depth, self.string, self.escape, self.done = 0, False, False, False
+
+    def feed(self, text: str) -> int:
+        """How many characters of ``text`` belong to the object: all of them, up to its closing brace."""
+        for i, ch in enumerate(text):
+            if self.string:
+                self.escape, self.string = (False, True) if self.escape else (ch == "\\", ch != '"')
+            elif ch == '"':
+                self.string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.done = True
+                    return i + 1
+        return len(text)
+
+
+@dataclass
+class _OpenCall:
+    """The call being generated: where its arguments start in the call's text, and what was sent."""
+
+    id: str
+    name: str
+    start: int
+    index: int
+    arguments: str = ""
+    sent: int = -1  # characters of the arguments sent as pieces; -1: not even the name yet
+    end: _JsonEnd = field(default_factory=_JsonEnd)
+
+
+class CallParser:
+    """Splits streamed text into content and tool calls, in the order they are generated.
+
+    ``feed(text)`` returns content to show now, :class:`CallPiece` s and the calls completed; text
+    that may begin the ``start`` marker is held back until it is known. A call in the JSON format
+    (``{"name": ..., "arguments": {...}}``, as the tools grammar writes it) streams as it is
+    generated: its name once known, then its arguments' text, which is then the call's
+    ``arguments`` exactly. A call in another format is parsed whole, at its end marker, by
+    ``parse`` (mlx-lm's parsers: one ``{"name", "arguments"}`` or a list of them; with no ``end``
+    marker, Mistral's format, a call runs to the end of the text); one that does not parse is content.
 
     A call identical to one already made in the turn (same name and arguments) is dropped and sets
     ``repeated``: the turn should end there, since small models otherwise repeat a call until
-    ``max_tokens``; nothing fed after it counts.
+    ``max_tokens``; nothing fed after it counts. A streamed call is held back while its text could
+    still be a repeat; one sent before it turns out to repeat (same arguments in another order)
+    is kept, and ends the turn. A streamed call cut off (``max_tokens``) is a call with its
+    arguments so far, as OpenAI's are.
     """
 
     def __init__(self, start: str, end: str, parse: Callable[[str], Any]):
@@ -282,51 +341,105 @@ class CallParser:
         self.inside = False
         self.calls: list[ToolCall] = []
         self.repeated = False
+        self._open: _OpenCall | None = None
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, text: str) -> list[ParsedItem]:
         if self.repeated:
-            return "", []
+            return []
         self.buffer += text
-        shown = ""
-        calls: list[ToolCall] = []
+        items: list[ParsedItem] = []
         while True:
             if not self.inside:
                 i = self.buffer.find(self.start)
                 if i < 0:
                     keep = _partial_suffix(self.buffer, self.start)
-                    shown += self.buffer[:len(self.buffer) - keep]
+                    items.append(self.buffer[:len(self.buffer) - keep])
                     self.buffer = self.buffer[len(self.buffer) - keep:]
                     break
-                shown += self.buffer[:i]
+                items.append(self.buffer[:i])
                 self.buffer, self.inside = self.buffer[i + len(self.start):], True
             else:
                 j = self.buffer.find(self.end) if self.end else -1
                 if j < 0:
+                    items += self._pieces(self.buffer)
                     break
                 body, self.buffer, self.inside = self.buffer[:j], self.buffer[j + len(self.end):], False
-                parsed = self._calls(body)
-                if parsed is None:
-                    shown += self.start + body + self.end
-                    continue
-                calls += self._fresh(parsed, self.calls + calls)
+                items += self._complete(body)
                 if self.repeated:
                     self.buffer = ""
                     break
-        self.calls += calls
-        return (shown.strip() if self.calls and not shown.strip() else shown), calls
+        return self._content(items)
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self) -> list[ParsedItem]:
         """What is left at the end of the text: an unclosed call parses if it can (some models end
-        the turn without the closing tag)."""
+        the turn without the closing tag), and a streamed one ends with what was generated of it."""
         rest, self.buffer = self.buffer, ""
-        if self.inside:
-            parsed = self._calls(rest)
-            if parsed is not None:
-                fresh = self._fresh(parsed, self.calls)
-                self.calls += fresh
-                return "", fresh
-            rest = self.start + rest
-        return (rest.rstrip() if self.calls else rest), []
+        if not self.inside:
+            return self._content([rest.rstrip() if self.calls else rest])
+        return self._content(self._complete(rest, closed=False))
+
+    def _content(self, items: list[ParsedItem]) -> list[ParsedItem]:
+        """``items`` without empty text, and without blank text once a call is made."""
+        blank_out = bool(self.calls) or (self._open is not None and self._open.sent >= 0)
+        return [i for i in items if not isinstance(i, str) or (i.strip() if blank_out else i)]
+
+    def _pieces(self, body: str) -> list[ParsedItem]:
+        """The pieces of the call whose text so far is ``body``: its name once the arguments' opening
+        brace follows it, then the arguments as they grow; nothing while it may repeat an earlier call."""
+        if self._open is None:
+            head = CALL_HEAD.match(body)
+            if head is None:
+                return []
+            try:
+                name = json.loads(f'"{head.group(1)}"')
+            except ValueError:
+                return []
+            index = len(self.calls)
+            self._open = _OpenCall(f"call_{secrets.token_hex(12)}", name, head.end(), index)
+        call = self._open
+        if not call.end.done:
+            new = body[call.start + len(call.arguments):]
+            call.arguments += new[:call.end.feed(new)]
+        if call.sent < 0 and any(c.name == call.name and c.arguments.startswith(call.arguments) for c in self.calls):
+            return []
+        out: list[ParsedItem] = [CallPiece(call.index, call.id, call.name)] if call.sent < 0 else []
+        call.sent = max(call.sent, 0)
+        if len(call.arguments) > call.sent:
+            out.append(CallPiece(call.index, call.id, call.name, call.arguments[call.sent:]))
+            call.sent = len(call.arguments)
+        return out
+
+    def _complete(self, body: str, closed: bool = True) -> list[ParsedItem]:
+        """The items a call's whole text adds: the rest of a streamed call, else the calls it parses
+        to, else (it does not parse) the text as content."""
+        items = self._pieces(body)
+        if self._open is not None and self._open.sent >= 0:
+            return [*items, self._close_open()]
+        self._open = None
+        parsed = self._calls(body)
+        if parsed is None:
+            return [self.start + body + (self.end if closed else "")]
+        return self._made(self._fresh(parsed, self.calls))
+
+    def _close_open(self) -> ToolCall:
+        """The streamed call, as it was sent; one that repeats an earlier call is kept (it was sent)
+        and ends the turn."""
+        assert self._open is not None
+        call = ToolCall(self._open.id, self._open.name, self._open.arguments)
+        self._open = None
+        with contextlib.suppress(ValueError):  # arguments cut off by max_tokens repeat nothing
+            self._fresh([call], self.calls)
+        self.calls.append(call)
+        return call
+
+    def _made(self, calls: list[ToolCall]) -> list[ParsedItem]:
+        """Calls parsed whole: each as its pieces (its name, then all its arguments) and itself."""
+        items: list[ParsedItem] = []
+        for call in calls:
+            index = len(self.calls)
+            items += [CallPiece(index, call.id, call.name), CallPiece(index, call.id, call.name, call.arguments), call]
+            self.calls.append(call)
+        return items
 
     def _fresh(self, parsed: list[ToolCall], made: list[ToolCall]) -> list[ToolCall]:
         """The calls of ``parsed`` up to the first that repeats one already made (which sets ``repeated``)."""

@@ -69,14 +69,26 @@ def test_the_raw_stream_frames_a_call_as_a_tool_use_block(server):
 
     events = asyncio.run(main())
     kinds = [e["type"] for e in events]
-    assert kinds == ["message_start", "content_block_start", "ping", "content_block_delta", "content_block_stop",
-                     "message_delta", "message_stop"]
-    start, delta = events[1], events[3]
-    assert start["index"] == delta["index"] == events[4]["index"] == 0
+    deltas = events[3:-3]  # the input, as it is generated
+    assert kinds == ["message_start", "content_block_start", "ping", *["content_block_delta"] * len(deltas),
+                     "content_block_stop", "message_delta", "message_stop"] and len(deltas) > 3
+    start = events[1]
+    assert {e["index"] for e in [start, *deltas, events[-3]]} == {0}
     assert start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
-    assert delta["delta"]["type"] == "input_json_delta"
-    jsonschema.validate(json.loads(delta["delta"]["partial_json"]), ADD["input_schema"])
-    assert events[5]["delta"]["stop_reason"] == "tool_use"
+    assert {d["delta"]["type"] for d in deltas} == {"input_json_delta"}
+    jsonschema.validate(json.loads("".join(d["delta"]["partial_json"] for d in deltas)), ADD["input_schema"])
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_the_sdk_sees_the_input_grow_as_it_is_generated(client):
+    with client.messages.stream(messages=ASK, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
+                                **FORCED) as stream:
+        events = list(stream)
+        message = stream.get_final_message()
+    pieces = [e for e in events if e.type == "input_json"]
+    (use,) = message.content
+    assert len(pieces) > 3 and json.loads("".join(e.partial_json for e in pieces)) == use.input
+    assert pieces[-1].snapshot == use.input and [e.type for e in events][-1] == "message_stop"
 
 
 def test_a_named_tool_non_streamed(client):
@@ -158,18 +170,20 @@ def test_the_sdk_raises_bad_request_for_an_unknown_tool_use_id(client):
 def test_a_call_after_text_opens_the_next_block():
     from mlx_manager_nb.server.anthropic_api import _shape
     from mlx_manager_nb.streams import Result, Usage
-    from mlx_manager_nb.tools import ToolCall
+    from mlx_manager_nb.tools import CallPiece, ToolCall
 
     shape = _shape("msg_1", "tiny")
     call_ = ToolCall("call_ab", "add", '{"a": 1, "b": 4}')
-    events = [*shape.delta("Let me"), *shape.delta(" add."), *shape.tool_call(0, call_)]
+    pieces = [CallPiece(0, "call_ab", "add", text) for text in ("", '{"a": 1, ', '"b": 4}')]
+    events = [*shape.delta("Let me"), *shape.delta(" add.")]
+    events += [event for piece in pieces for event in shape.call_piece(piece)] + shape.tool_call(call_)
     events += shape.end(Result(id="r", model="tiny", text="Let me add.", finish_reason="tool_calls", stop=None,
                                usage=Usage(3, 9), ttft=None, tokens_per_second=None, duration=0.1,
                                tool_calls=[call_]))
     framed = [(e["type"], e.get("index")) for _, e in events]
     assert framed == [("content_block_start", 0), ("ping", None), ("content_block_delta", 0),
                       ("content_block_delta", 0), ("content_block_stop", 0), ("content_block_start", 1),
-                      ("content_block_delta", 1), ("content_block_stop", 1), ("message_delta", None),
-                      ("message_stop", None)]
+                      ("content_block_delta", 1), ("content_block_delta", 1), ("content_block_stop", 1),
+                      ("message_delta", None), ("message_stop", None)]
     assert events[5][1]["content_block"] == {"type": "tool_use", "id": "toolu_ab", "name": "add", "input": {}}
-    assert json.loads(events[6][1]["delta"]["partial_json"]) == {"a": 1, "b": 4}
+    assert json.loads(events[6][1]["delta"]["partial_json"] + events[7][1]["delta"]["partial_json"]) == {"a": 1, "b": 4}

@@ -25,6 +25,7 @@ from mlx_manager_nb.server import serve
 from mlx_manager_nb.server.responses_api import _input_items, _messages, tool_options
 from mlx_manager_nb.server.responses_output import Draft, final, stream_shape
 from mlx_manager_nb.streams import Result, Usage
+from mlx_manager_nb.tools import CallPiece
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 GREEDY = {"temperature": 0, "max_output_tokens": 6}
@@ -397,14 +398,17 @@ def test_function_calls_are_output_items_streamed_and_not(text):
     events = shape.start(SimpleNamespace(prompt_tokens=10))
     for piece in ([text[:4], text[4:]] if text else []):
         events += shape.delta(piece)
-    for i, c in enumerate(CALLS):
-        events += shape.tool_call(i, c)
+    for i, c in enumerate(CALLS):  # each call's name, then its arguments in two pieces, then the call
+        for arguments in ("", c.arguments[:1], c.arguments[1:]):
+            events += shape.call_piece(CallPiece(i, c.id, c.name, arguments))
+        events += shape.tool_call(c)
     events += shape.end(result)
     text_events = ["response.output_item.added", "response.content_part.added", "response.output_text.delta",
                    "response.output_text.delta", "response.output_text.done", "response.content_part.done",
                    "response.output_item.done"]
     call_events = ["response.output_item.added", "response.function_call_arguments.delta",
-                   "response.function_call_arguments.done", "response.output_item.done"]
+                   "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                   "response.output_item.done"]
     assert checked_events(events) == ["response.created", "response.in_progress", *text_events * bool(text),
                                       *call_events * 2, "response.completed"]
     assert without_ids(validated(events[-1][1]["response"])) == without_ids(response)
@@ -555,6 +559,19 @@ def test_a_streamed_function_call_accumulates_in_the_sdk(tools_server):
         final_response = stream.get_final_response()
     (call_item,) = final_response.output
     assert call_item.type == "function_call" and json.loads(call_item.arguments)["city"] in ("Paris", "Rome")
+
+
+def test_function_call_arguments_stream_as_they_are_generated(tools_server):
+    with client(tools_server).responses.stream(model="wide", input="Weather?", tools=[WEATHER],
+                                               tool_choice="required", parallel_tool_calls=False,
+                                               max_output_tokens=200, temperature=0) as stream:
+        events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    (call_item,) = events[-1].response.output
+    assert len(deltas) > 3 and "".join(deltas) == done.arguments == call_item.arguments
+    kinds = [e.type for e in events]
+    assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta")
 
 
 class City(BaseModel):

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.model_pool import Pool
-from mlx_manager_nb.tools import CallParser, ToolCall, function_tool, make_tools, render_fallback
+from mlx_manager_nb.tools import CallParser, CallPiece, ToolCall, function_tool, make_tools, render_fallback
 
 ASK = [{"role": "user", "content": "Weather?"}]
 
@@ -44,29 +44,61 @@ def test_a_python_function_becomes_a_tool():
     assert tool.parameters["additionalProperties"] is False  # the function takes no other keywords
 
 
+def split(items):
+    """A parser's items as (content, calls complete)."""
+    return "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, ToolCall)]
+
+
 def test_the_call_parser_holds_back_a_split_trigger_and_keeps_unparsable_calls_as_text():
     p = CallParser("<tool_call>", "</tool_call>", json.loads)
-    out = [p.feed(t) for t in ["Sure <tool", "_call>{\"name\": \"f\", \"argu", "ments\": {\"x\": 1}}</tool_call>"]]
+    texts = ["Sure <tool", "_call>{\"name\": \"f\", \"argu", "ments\": {\"x\": 1}}</tool_call>"]
+    out = [split(p.feed(t)) for t in texts]
     assert [o[0] for o in out] == ["Sure ", "", ""]
     assert [c.name for c in out[2][1]] == ["f"] and out[2][1][0].args == {"x": 1}
     q = CallParser("<tool_call>", "</tool_call>", json.loads)
-    assert q.feed("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert split(q.feed("<tool_call>not json</tool_call>")) == ("<tool_call>not json</tool_call>", [])
     r = CallParser("<tool_call>", "</tool_call>", json.loads)
     r.feed('<tool_call>{"name": "f", "arguments": {}}')
-    assert [c.name for c in r.finish()[1]] == ["f"]  # the closing tag is optional at the end of the turn
+    assert [c.name for c in split(r.finish())[1]] == ["f"]  # the closing tag is optional at the end of the turn
 
 
 def test_a_repeated_call_is_dropped_and_ends_the_turn():
     p = CallParser("<tool_call>", "</tool_call>", json.loads)
     call = '<tool_call>{"name": "f", "arguments": {"x": 1, "y": 2}}</tool_call>'
-    again = '<tool_call>{"name": "f", "arguments": {"y": 2, "x": 1}}</tool_call>'  # the same arguments
+    again = '<tool_call>{"name": "f", "arguments": {"x": 1, "y": 2}}</tool_call>'  # the same call
     other = '<tool_call>{"name": "f", "arguments": {"x": 2, "y": 2}}</tool_call>'
-    assert [c.args for c in p.feed(call + "\n" + other + "\n")[1]] == [{"x": 1, "y": 2}, {"x": 2, "y": 2}]
-    assert p.feed(again + "\nmore text")[1] == [] and p.repeated
-    assert p.feed(other) == ("", []) and p.finish() == ("", []) and len(p.calls) == 2
+    assert [c.args for c in split(p.feed(call + "\n" + other + "\n"))[1]] == [{"x": 1, "y": 2}, {"x": 2, "y": 2}]
+    assert p.feed(again + "\nmore text") == [] and p.repeated
+    assert p.feed(other) == [] and p.finish() == [] and len(p.calls) == 2
+    q = CallParser("<tool_call>", "</tool_call>", json.loads)
+    q.feed(call)
+    reordered = split(q.feed('<tool_call>{"name": "f", "arguments": {"y": 2, "x": 1}}</tool_call>'))[1]
+    assert len(reordered) == 1 and q.repeated  # streamed before it was known to repeat: kept, and the turn ends
     native = CallParser("[TOOL_CALLS]", "", json.loads)  # one body holding a list, as Mistral's parser reads
     native.feed('[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "f", "arguments": {}}]')
-    assert [c.name for c in native.finish()[1]] == ["f"] and native.repeated
+    assert [c.name for c in split(native.finish())[1]] == ["f"] and native.repeated
+
+
+def test_a_call_streams_its_name_then_its_arguments_as_they_are_generated():
+    p = CallParser("<tool_call>", "</tool_call>", json.loads)
+    text = 'Hi <tool_call>{"name": "f", "arguments": {"x": 1, "s": "a}b"}}</tool_call>'
+    items = [item for ch in text for item in p.feed(ch)] + p.finish()
+    pieces = [i for i in items if isinstance(i, CallPiece)]
+    (call,) = [i for i in items if isinstance(i, ToolCall)]
+    assert items.index(call) == len(items) - 1 and pieces[0] == CallPiece(0, call.id, "f")
+    assert len(pieces) > 10 and "".join(p.arguments for p in pieces) == call.arguments == '{"x": 1, "s": "a}b"}'
+    assert "".join(i for i in items if isinstance(i, str)) == "Hi "
+
+
+def test_a_streamed_call_is_held_back_while_it_may_repeat_and_cut_off_it_keeps_what_was_generated():
+    p = CallParser("<tool_call>", "</tool_call>", json.loads)
+    first = '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>\n'
+    assert split(p.feed(first))[1][0].arguments == '{"x": 1}'
+    assert p.feed('<tool_call>{"name": "f", "arguments": {"x": ') == []  # still the first call's text
+    pieces = p.feed("2")
+    assert [piece.arguments for piece in pieces] == ["", '{"x": 2'] and pieces[0].index == 1
+    (cut,) = p.finish()  # max_tokens ended the turn inside the call
+    assert (cut.id, cut.arguments) == (pieces[0].id, '{"x": 2')
 
 
 def test_the_fallback_renders_history_calls_and_results():
@@ -266,12 +298,17 @@ def test_openai_tool_calls_non_streamed_then_the_result_goes_back(client):
 
 
 def test_openai_tool_calls_streamed_as_deltas(client):
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=ASK, tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}},
-        temperature=1.0, seed=3, max_tokens=300, parallel_tool_calls=False, stream=True))
+    kw = dict(model="tiny", messages=ASK, tools=[ADD], tool_choice={"type": "function", "function": {"name": "add"}},
+              temperature=1.0, seed=3, max_tokens=300, parallel_tool_calls=False)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].id.startswith("call_")
-    assert calls[0].function.name == "add" and json.loads(calls[0].function.arguments).keys() == {"a", "b"}
+    first, *pieces = calls  # the name, then the arguments as they are generated
+    assert first.index == 0 and first.id.startswith("call_") and first.function.name == "add"
+    assert len(pieces) > 3 and {(p.index, p.id, p.function.name) for p in pieces} == {(0, None, None)}
+    arguments = "".join(p.function.arguments for p in pieces)
+    assert json.loads(arguments).keys() == {"a", "b"}
+    assert arguments == client.chat.completions.create(**kw).choices[0].message.tool_calls[0].function.arguments
+    assert [c for c in chunks if c.choices][-1].choices[0].delta.tool_calls is None  # all sent before the end
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -327,8 +364,8 @@ def test_openai_bad_tools_are_400s_naming_the_field(client):
 
 def test_native_parsers_may_return_several_calls_and_have_no_end_marker():
     p = CallParser("[TOOL_CALLS]", "", lambda text: [{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{}"}])
-    assert p.feed("Hi [TOOL_CALLS]a{} b{}") == ("Hi ", [])
-    assert [c.name for c in p.finish()[1]] == ["a", "b"]
+    assert split(p.feed("Hi [TOOL_CALLS]a{} b{}")) == ("Hi ", [])
+    assert [c.name for c in split(p.finish())[1]] == ["a", "b"]
 
 
 NATIVE_TEMPLATE = (  # a Qwen-like template: mlx-lm infers its json_tools parser from it

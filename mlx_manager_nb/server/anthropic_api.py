@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..errors import ContextLengthError, InvalidParameterError
 from ..streams import AsyncTextStream, Result
-from ..tools import ToolCall
+from ..tools import CallPiece, ToolCall
 from .common import MODEL, POOL, REQUEST_ID, ApiError, api_error, audit_meta, field_of, refuse_fields, resolve_model
 from .streaming import StreamShape, respond
 
@@ -258,12 +258,17 @@ def _tool_use(call: ToolCall) -> dict:
         args = call.args
     except ValueError:  # only when generation stopped inside the call
         args = {}
-    return {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1), "name": call.name, "input": args}
+    return {"type": "tool_use", "id": _tool_use_id(call.id), "name": call.name, "input": args}
+
+
+def _tool_use_id(call_id: str) -> str:
+    return call_id.replace("call_", "toolu_", 1)
 
 
 def _shape(rid: str, model: str) -> StreamShape:
-    """Text goes in a text block, each tool call in a ``tool_use`` block after it; a block opens
-    when its first piece arrives, so a call alone is block 0, as Anthropic's own are."""
+    """Text goes in a text block, each tool call in a ``tool_use`` block after it, its input as
+    ``input_json_delta`` s as it is generated; a block opens when its first piece arrives, so a call
+    alone is block 0, as Anthropic's own are."""
     index, open_kind = -1, None
 
     def close() -> list:
@@ -293,11 +298,10 @@ def _shape(rid: str, model: str) -> StreamShape:
         events = open_block({"type": "text", "text": ""}) if open_kind != "text" else []
         return [*events, _delta({"type": "text_delta", "text": text})]
 
-    def tool_call(_: int, call: ToolCall) -> list:
-        block = _tool_use(call)
-        events = open_block({**block, "input": {}})
-        partial = json.dumps(block["input"], ensure_ascii=False)
-        return [*events, _delta({"type": "input_json_delta", "partial_json": partial}), *close()]
+    def call_piece(piece: CallPiece) -> list:
+        if not piece.arguments:  # the call's first piece: its block opens
+            return open_block({"type": "tool_use", "id": _tool_use_id(piece.id), "name": piece.name, "input": {}})
+        return [_delta({"type": "input_json_delta", "partial_json": piece.arguments})]
 
     def end(result: Result) -> list:
         final = _message(rid, model, None, result)
@@ -313,7 +317,8 @@ def _shape(rid: str, model: str) -> StreamShape:
         protocol="anthropic",
         start=start,
         delta=delta,
-        tool_call=tool_call,
+        call_piece=call_piece,
+        tool_call=lambda call: close(),
         end=end,
         error=lambda e: [("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})],
     )

@@ -3,7 +3,8 @@
 Each handler reads the request into pool parameters, runs it on the pool, and formats the
 result (or the stream of deltas) in OpenAI's shapes. ``tools``, ``tool_choice``,
 ``parallel_tool_calls`` and ``response_format`` go to the pool as they are (it validates them and
-names the field); each completed tool call streams as one ``tool_calls`` delta.
+names the field); a tool call streams as it is generated: a ``tool_calls`` delta with its id and
+name, then deltas of its arguments' text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..streams import Result
-from ..tools import ToolCall
+from ..tools import CallPiece
 from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, refuse_fields, resolve_model
 from .streaming import StreamShape, respond
 
@@ -132,15 +133,17 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
             events += chunk([], _usage(result))
         return [*events, (None, "[DONE]")]
 
-    def tool_call(index: int, call: ToolCall) -> list:
-        delta = {"tool_calls": [{"index": index, **call.to_openai()}]}
-        return chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+    def call_piece(piece: CallPiece) -> list:
+        call = ({"index": piece.index, "function": {"arguments": piece.arguments}} if piece.arguments else
+                {"index": piece.index, "id": piece.id, "type": "function",
+                 "function": {"name": piece.name, "arguments": ""}})
+        return chunk([{"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}])
 
     return StreamShape(
         protocol="openai",
         start=lambda s: chunk([choice(None, None, role=True)]) if kind == "chat" else [],
         delta=lambda text: chunk([choice(text, None)]),
-        tool_call=tool_call,
+        call_piece=call_piece,
         end=end,
         error=lambda e: [(None, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})],
     )

@@ -2,7 +2,8 @@
 
 Output is a ``message`` item with one ``output_text`` part (when there is text, or nothing else)
 and one ``function_call`` item per tool call. A stream numbers every event (``sequence_number``),
-opens the message at its first text delta, closes it before a tool call's item, and ends with
+opens the message at its first text delta, closes it before a tool call's item (whose arguments
+stream as they are generated), and ends with
 ``response.completed``, ``response.incomplete`` or ``response.failed`` carrying the whole response.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..streams import AsyncTextStream, Result
-from ..tools import ToolCall
+from ..tools import CallPiece, ToolCall
 from .streaming import SseEvent, StreamShape
 
 # the pool's finish_reason -> the response's status
@@ -100,6 +101,7 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
     sequence = itertools.count()
     output: list[dict] = []  # the items finished so far
     message: dict | None = None  # the message item being streamed, if one is open
+    call_item: str | None = None  # the id of the function_call item being streamed, if one is open
 
     def event(kind: str, **data: Any) -> SseEvent:
         return kind, {"type": kind, **data, "sequence_number": next(sequence)}
@@ -136,19 +138,26 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
         return [*events, event("response.output_text.delta", item_id=message["id"], output_index=len(output),
                                content_index=0, delta=text, logprobs=[])]
 
-    def tool_call(index: int, call: ToolCall) -> list[SseEvent]:
+    def call_piece(piece: CallPiece) -> list[SseEvent]:
+        nonlocal call_item
+        if piece.arguments:
+            assert call_item is not None
+            return [event("response.function_call_arguments.delta", item_id=call_item, output_index=len(output),
+                          delta=piece.arguments)]
         events = close_message("completed")
-        item_id, at = new_item_id("fc"), len(output)
-        done = function_call_item(item_id, call)
-        events += [event("response.output_item.added", output_index=at,
-                         item=function_call_item(item_id, call, "in_progress")),
-                   event("response.function_call_arguments.delta", item_id=item_id, output_index=at,
-                         delta=call.arguments),
-                   event("response.function_call_arguments.done", item_id=item_id, output_index=at,
-                         arguments=call.arguments),
-                   event("response.output_item.done", output_index=at, item=done)]
+        call_item = new_item_id("fc")
+        opened = function_call_item(call_item, ToolCall(piece.id, piece.name, ""), "in_progress")
+        return [*events, event("response.output_item.added", output_index=len(output), item=opened)]
+
+    def tool_call(call: ToolCall) -> list[SseEvent]:
+        nonlocal call_item
+        assert call_item is not None
+        at, done = len(output), function_call_item(call_item, call)
+        call_item = None
         output.append(done)
-        return events
+        return [event("response.function_call_arguments.done", item_id=done["id"], output_index=at,
+                      arguments=call.arguments),
+                event("response.output_item.done", output_index=at, item=done)]
 
     def end(result: Result) -> list[SseEvent]:
         status = STATUS[result.finish_reason]
@@ -162,4 +171,5 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
         body = finish(response(draft, "failed", output + partial, error={"code": "server_error", "message": str(e)}))
         return [event("response.failed", response=body)]
 
-    return StreamShape(protocol="openai", start=start, delta=delta, end=end, error=error, tool_call=tool_call)
+    return StreamShape(protocol="openai", start=start, delta=delta, end=end, error=error, call_piece=call_piece,
+                       tool_call=tool_call)

@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..streams import AsyncTextStream, Result
-from ..tools import ToolCall
+from ..streams import AsyncTextStream, Result, StreamItem
+from ..tools import CallPiece, ToolCall
 from .common import AUDITED, STATS, id_headers
 
 SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
@@ -29,7 +29,8 @@ class StreamShape:
     delta: Callable[[str], list[SseEvent]]
     end: Callable[[Result], list[SseEvent]]
     error: Callable[[Exception], list[SseEvent]]
-    tool_call: Callable[[int, ToolCall], list[SseEvent]] | None = None  # a completed call, with its index
+    call_piece: Callable[[CallPiece], list[SseEvent]] | None = None  # a tool call's name, or arguments text
+    tool_call: Callable[[ToolCall], list[SseEvent]] | None = None  # a tool call complete, after its pieces
 
 
 async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> None:
@@ -62,22 +63,21 @@ async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stre
             result = await s.collect()
             stats.finished(result.usage.completion_tokens, result.duration)
             return web.json_response(final(result))
-        events = s.events()  # text deltas and tool calls, in order
+        events = s.events(pieces=True)  # text deltas, tool calls' pieces and the calls, in order
         try:
-            first: str | ToolCall | None = await events.__anext__()
+            first: StreamItem | None = await events.__anext__()
         except StopAsyncIteration:
             first = None
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                                **id_headers(request, shape.protocol)})
         await response.prepare(request)
-        calls = 0
 
-        def shaped(item: str | ToolCall) -> list[SseEvent]:
-            nonlocal calls
+        def shaped(item: StreamItem) -> list[SseEvent]:
             if isinstance(item, str):
                 return shape.delta(item)
-            calls += 1
-            return shape.tool_call(calls - 1, item) if shape.tool_call else []
+            if isinstance(item, CallPiece):
+                return shape.call_piece(item) if shape.call_piece else []
+            return shape.tool_call(item) if shape.tool_call else []
 
         try:
             await send_events(response, shape.start(s) + (shaped(first) if first is not None else []))
