@@ -6,17 +6,21 @@ import shutil
 import socket
 import threading
 import urllib.request
+from typing import get_args
 
 import aiohttp
 import anthropic
 import openai
 import pytest
 from aiohttp import web
+from anthropic.types import ModelInfo
+from anthropic.types.shared import ErrorResponse, ErrorType
 from helpers import wait_for
 
 from mlx_manager_nb import store
 from mlx_manager_nb.errors import ServerError
 from mlx_manager_nb.server import create_app, serve
+from mlx_manager_nb.server.common import KINDS
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0}  # the anthropic SDK takes sampling settings through extra_body
@@ -90,6 +94,18 @@ def test_models_lists_loaded_and_loadable(server, tiny_model_path):
     models = {m.id: m for m in client.models.list().data}
     assert models["tiny"].model_extra["state"] == "ready"
     assert models["on-disk"].model_extra["state"] == "available"
+
+
+def test_every_error_kind_is_a_type_of_the_anthropic_sdk():
+    assert {anthropic_type for _, _, anthropic_type in KINDS.values()} <= set(get_args(ErrorType))
+
+
+def test_anthropic_model_info_has_the_fields_the_sdk_requires(server):
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    listed = client.models.with_raw_response.list().http_response.json()["data"]
+    infos = [ModelInfo.model_validate(m) for m in listed]  # strict: every required field, valid values
+    assert "tiny" in {m.id for m in infos} and {m.lifecycle for m in infos} == {"active"}
+    assert ModelInfo.model_validate(client.models.with_raw_response.retrieve("tiny").http_response.json()).id == "tiny"
 
 
 def test_anthropic_create_stream_and_count(server, pool):
@@ -197,8 +213,15 @@ def test_malformed_json_and_oversized_bodies(pool):
         assert code == 400 and "JSON" in err["error"]["message"]
         big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5000}]}
         code, _, err = post(s.url + "/v1/messages", big)
-        assert code == 413 and err == {"type": "error", "error": {"type": "request_too_large",
+        assert code == 413 and err == {"type": "error", "error": {"type": "invalid_request_error",
                                                                   "message": err["error"]["message"]}}
+        ErrorResponse.model_validate(err)  # a type in the SDK's union of errors
+        with pytest.raises(anthropic.ContentTooLargeError):
+            anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0).messages.create(
+                model="tiny", max_tokens=5, messages=big["messages"])
+        code, _, err = post(s.url + "/v1/chat/completions", big)  # OpenAI's shape on OpenAI's side
+        assert code == 413 and err["error"]["type"] == "invalid_request_error"
+        assert err["error"]["code"] == "request_too_large"
     finally:
         s.stop(drain=0)
 

@@ -62,7 +62,7 @@ KINDS = {
     "context_length": ("invalid_request_error", "context_length_exceeded", "invalid_request_error"),
     "forbidden": ("invalid_request_error", "forbidden", "permission_error"),
     "media_type": ("invalid_request_error", "unsupported_media_type", "invalid_request_error"),
-    "too_large": ("invalid_request_error", "request_too_large", "request_too_large"),
+    "too_large": ("invalid_request_error", "request_too_large", "invalid_request_error"),
     "overloaded": ("server_error", "overloaded", "overloaded_error"),
     "api": ("server_error", None, "api_error"),
 }

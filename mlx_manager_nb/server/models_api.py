@@ -17,7 +17,7 @@ def _openai(m: dict) -> dict:
 
 def _anthropic(m: dict) -> dict:
     created = datetime.fromtimestamp(m["created"], timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"type": "model", "id": m["id"], "display_name": m["id"], "created_at": created}
+    return {"type": "model", "id": m["id"], "display_name": m["id"], "created_at": created, "lifecycle": "active"}
 
 
 async def models(request: web.Request, body: dict) -> web.Response:
