@@ -147,6 +147,9 @@ BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "bogus"}}}
     ({"tools": [ADD], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
     ({"tools": [ADD], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+    ({"container": "container_011"}, "'container'"),  # no code execution to run it in
+    ({"container": {}}, "'container'"),
+    ({"output_config": {"effort": "low"}}, "output_config.effort"),  # less effort than the answer took
     ({"output_config": {"format": {"type": "json_schema", "schema": BAD_SCHEMA}}}, "output_config.format.schema"),
     ({"messages": [*ASK, {"role": "assistant", "content": "ok"}, {"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "toolu_unknown", "content": "7"}]}]},

@@ -108,6 +108,26 @@ def test_anthropic_model_info_has_the_fields_the_sdk_requires(server):
     assert ModelInfo.model_validate(client.models.with_raw_response.retrieve("tiny").http_response.json()).id == "tiny"
 
 
+@pytest.mark.parametrize("field, value", [
+    ("web_search_options", {}),  # an empty object turns web search on: there is none
+    ("web_search_options", {"search_context_size": "low"}),
+    ("verbosity", "low"),
+    ("reasoning_effort", "high"),
+])
+def test_chat_fields_that_cannot_be_honoured_are_refused(server, field, value):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, extra_body={field: value})
+    assert caught.value.body["param"] == field
+
+
+def test_chat_no_op_values_are_accepted(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, verbosity="medium",
+                                       reasoning_effort="none")
+    assert r.usage.completion_tokens == 2
+
+
 def test_anthropic_create_stream_and_count(server, pool):
     client = anthropic.Anthropic(base_url=server.url, api_key="unused")
     expected = pool.chat(HI, max_tokens=6, temperature=0).text

@@ -192,10 +192,11 @@ async def json_body(request: web.Request) -> dict:
 
 
 def refuse_fields(body: dict, refused: tuple[str, ...], no_ops: dict[str, tuple]) -> None:
-    """Fields that would change the answer and cannot be honoured are a 400 naming them, never ignored;
-    ``no_ops`` maps a field to the values that ask for nothing, which are accepted."""
+    """Fields that would change the answer and cannot be honoured are a 400 naming them, never ignored
+    (an empty object too: ``web_search_options: {}`` asks for web search); ``no_ops`` maps a field to
+    the values that ask for nothing, which are accepted."""
     for name in refused:
-        if body.get(name) not in (None, False, [], {}):
+        if body.get(name) not in (None, False, []):
             raise ApiError(400, f"'{name}' is not supported yet", param=name)
     for name, accepted in no_ops.items():
         if body.get(name) is not None and body[name] not in accepted:

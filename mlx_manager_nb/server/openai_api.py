@@ -29,6 +29,8 @@ NO_OPS = {  # values that ask for nothing: accepted
     "echo": (False,),
     "best_of": (1,),
     "n": (1,),
+    "verbosity": ("medium",),  # the default; asking for shorter or longer answers would go unheard
+    "reasoning_effort": ("none", "minimal"),  # these models do not reason
 }
 
 
