@@ -263,6 +263,27 @@ def test_embedding_model_named_for_chat(server):
     assert status == 400 and "'bert' is an embedding model" in out["error"]["message"]
 
 
+def test_the_listing_names_every_model_the_server_answers_to(make_pool, tiny_bert_path):
+    import shutil
+
+    from mlx_manager_nb import store
+    from mlx_manager_nb.demo_embed import DEMO_EMBED_NAME
+
+    shutil.copytree(tiny_bert_path, store.models_dir() / DEMO_EMBED_NAME)  # where demo-embed is imported to
+    p = make_pool(keep_alive=None)
+    p.load("demo-embed")  # as `serve --model demo-embed` does
+    s = serve(p, port=0, mode="thread", auto_load=False)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        listed = client.models.list().data
+        assert {m.id for m in listed} == {"demo-embed", DEMO_EMBED_NAME}
+        assert {m.model_extra["root"] for m in listed} == {DEMO_EMBED_NAME}  # one model, under two names
+        for m in listed:
+            assert client.embeddings.create(model=m.id, input="hi").data[0].embedding
+    finally:
+        s.stop(drain=0)
+
+
 def test_http_audit_row(server, audit):
     status, headers, body = post(server.url + "/v1/embeddings", {"model": "bert", "input": TEXTS})
     assert status == 200

@@ -23,6 +23,7 @@ from aiohttp import web
 from .. import store
 from ..audit_log import new_request_id
 from ..demo import DEMO_NAME
+from ..demo_embed import DEMO_EMBED_NAME
 from ..errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ AUDITED = web.RequestKey("audited", bool)  # the pool recorded this request (it 
 MAX_NAME = 256  # characters of a model name or client request id
 PARSE_OFF_LOOP = 64 * 1024  # bodies larger than this are parsed on a worker thread
 PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+NAMED_MODELS = {"demo": DEMO_NAME, "demo-embed": DEMO_EMBED_NAME}  # reference -> the model it loads
 
 
 class ApiError(Exception):
@@ -226,7 +228,8 @@ def _tuple(kinds: type | tuple) -> tuple:
 async def servable_models(request: web.Request) -> list[dict]:
     """Every name a client may use, the one rule for listing and for loading on first use: loaded
     models and their aliases, the app's aliases, then (with auto-load) models of the store and the
-    local Hugging Face cache. Never a path or a GGUF file."""
+    local Hugging Face cache. Never a path or a GGUF file. Each name's ``root`` is the model it
+    serves (as vLLM lists it), so a client can tell an alias from another model."""
     pool, options = request.app[POOL], request.app[OPTIONS]
     out: dict[str, dict] = {}
 
@@ -235,20 +238,24 @@ async def servable_models(request: web.Request) -> list[dict]:
 
     for m in pool.models():
         for name in filter(None, (m.alias, m.name)):
-            add(name, created=int(m.last_used), loaded=True, state=m.state, size_bytes=m.size_bytes)
+            add(name, root=m.name, created=int(m.last_used), loaded=True, state=m.state, size_bytes=m.size_bytes)
     local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
 
     def servable(target: str) -> bool:  # without auto-load, only what is loaded
         return target in out or (options.auto_load and any(m.name == target for m in local))
 
-    if servable(DEMO_NAME):
-        add("demo", created=0, loaded=DEMO_NAME in out, state="alias", size_bytes=None)
-    for alias, target in options.aliases.items():
+    def add_alias(alias: str, target: str) -> None:
         if servable(target):
-            add(alias, created=0, loaded=target in out, state="alias", size_bytes=None)
+            root = out[target]["root"] if target in out else target
+            add(alias, root=root, created=0, loaded=target in out, state="alias", size_bytes=None)
+
+    for reference, target in NAMED_MODELS.items():
+        add_alias(reference, target)
+    for alias, target in options.aliases.items():
+        add_alias(alias, target)
     if options.auto_load:
         for entry in local:
-            add(entry.name, created=0, loaded=False, state="available", size_bytes=entry.size_bytes)
+            add(entry.name, root=entry.name, created=0, loaded=False, state="available", size_bytes=entry.size_bytes)
     return list(out.values())
 
 
@@ -259,11 +266,11 @@ async def resolve_model(request: web.Request, name: str) -> str:
     name = options.aliases.get(name, name)
     if len(name) <= MAX_NAME and pool.is_loaded(name):
         return name
-    if name == "demo" and pool.is_loaded(DEMO_NAME):  # the listing's demo alias, for a demo loaded by path
-        return DEMO_NAME
+    if name in NAMED_MODELS and pool.is_loaded(NAMED_MODELS[name]):  # the listing's name, for a model loaded by path
+        return NAMED_MODELS[name]
     servable = await servable_models(request)
     known = any(m["id"] == name for m in servable)
-    fetchable = options.allow_downloads and (name == "demo" or store.REPO_ID.match(name) is not None)
+    fetchable = options.allow_downloads and (name in NAMED_MODELS or store.REPO_ID.match(name) is not None)
     if options.auto_load and len(name) <= MAX_NAME and (known or fetchable):
         try:
             await pool.aload(name)

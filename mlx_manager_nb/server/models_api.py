@@ -11,8 +11,8 @@ from .common import MAX_NAME, ApiError, servable_models
 
 
 def _openai(m: dict) -> dict:
-    return {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "local", "state": m["state"],
-            "size_bytes": m["size_bytes"], "loaded": m["loaded"]}
+    return {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "local", "root": m["root"],
+            "state": m["state"], "size_bytes": m["size_bytes"], "loaded": m["loaded"]}
 
 
 def _anthropic(m: dict) -> dict:
