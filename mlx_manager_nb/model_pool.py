@@ -470,7 +470,7 @@ class Pool:
         as the pool entry ``name``: requests are proxied with streaming, cancellation and audit rows.
 
         ``base_url`` ends with ``/v1`` as for OpenAI's client; ``model`` is the server's model id
-        (default: its only model, or ``name``).
+        (default: its only model, listed under any number of names and aliases, or ``name``).
         """
         from .distributed.attached import AttachedModel
 

@@ -193,3 +193,12 @@ def test_attach_proxies_chat_stream_and_cancel_with_audit_on_both_sides(make_poo
         remote.close()
     with pytest.raises(Exception, match="does not serve 'nope'"):
         pool.attach("nope", base_url=base_url, api_key="secret", model="nope")
+
+
+def test_attach_picks_the_only_model_of_a_server_that_lists_it_under_an_alias_too(make_pool, server):
+    # the server lists the tiny model as "tiny" and under its folder's name
+    listed = call(server.url + "/v1/models", method="GET")[2]["data"]
+    assert len(listed) == 2 and len({m["root"] for m in listed}) == 1
+    pool = make_pool(keep_alive=None)
+    pool.attach("far", base_url=server.url + "/v1")
+    assert pool.chat([{"role": "user", "content": "Hi"}], model="far", max_tokens=2).usage.completion_tokens == 2

@@ -102,9 +102,10 @@ class AttachedModel:
                     raise EngineError(f"{self.base_url}/models answered {r.status}: {_message(body)}")
         except aiohttp.ClientError as e:
             raise EngineError(f"cannot reach {self.base_url}: {e}") from None
-        ids = [m.get("id") for m in body.get("data", [])]
+        listed = [m for m in body.get("data", []) if isinstance(m, dict)]
+        ids = [str(m.get("id")) for m in listed]
         if self.model is None:
-            self.model = ids[0] if len(ids) == 1 else self.name
+            self.model = only_model(listed) or self.name
         if self.model not in ids:
             raise ModelNotFoundError(f"{self.base_url} does not serve {self.model!r}; it serves: {', '.join(ids)}")
         self._watcher = asyncio.ensure_future(self._watch())
@@ -165,6 +166,17 @@ class AttachedModel:
         reason = "stop" if finish is None else FINISH.get(finish, "stop")
         self._flights.done(rid, reason, None, usage.get("prompt_tokens", 0),
                            usage.get("completion_tokens", 0), cached, usage.get("completion_tokens", 0) > 0)
+
+
+def only_model(listed: list[dict]) -> str | None:
+    """The id of the one model a ``/models`` listing serves, under whichever names (an alias lists its
+    ``root``, as vLLM's and this package's servers do); None when it serves several or none."""
+    roots = {m.get("root") or m.get("id") for m in listed}
+    if len(roots) != 1:
+        return None
+    root = roots.pop()
+    ids = [m.get("id") for m in listed]
+    return root if root in ids else ids[0]
 
 
 def _message(body: Any) -> str:
