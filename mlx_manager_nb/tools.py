@@ -82,7 +82,11 @@ class ToolCall:
 
 def new_call(name: str, args: Any) -> ToolCall:
     text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return ToolCall(f"call_{secrets.token_hex(12)}", name, text)
+    return ToolCall(new_call_id(), name, text)
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
 
 
 def function_tool(fn: Callable[..., Any]) -> Tool:
@@ -289,8 +293,10 @@ class _JsonEnd:
     def feed(self, text: str) -> int:
         """How many characters of ``text`` belong to the object: all of them, up to its closing brace."""
         for i, ch in enumerate(text):
-            if self.string:
-                self.escape, self.string = (False, True) if self.escape else (ch == "\\", ch != '"')
+            if self.escape:
+                self.escape = False
+            elif self.string:
+                self.escape, self.string = ch == "\\", ch != '"'
             elif ch == '"':
                 self.string = True
             elif ch in "{[":
@@ -314,6 +320,11 @@ class _OpenCall:
     arguments: str = ""
     sent: int = -1  # characters of the arguments sent as pieces; -1: not even the name yet
     end: _JsonEnd = field(default_factory=_JsonEnd)
+
+    @property
+    def announced(self) -> bool:
+        """Whether its first piece was sent (from then on it is a call, whatever follows)."""
+        return self.sent >= 0
 
 
 class CallParser:
@@ -380,7 +391,7 @@ class CallParser:
 
     def _content(self, items: list[ParsedItem]) -> list[ParsedItem]:
         """``items`` without empty text, and without blank text once a call is made."""
-        blank_out = bool(self.calls) or (self._open is not None and self._open.sent >= 0)
+        blank_out = bool(self.calls) or (self._open is not None and self._open.announced)
         return [i for i in items if not isinstance(i, str) or (i.strip() if blank_out else i)]
 
     def _pieces(self, body: str) -> list[ParsedItem]:
@@ -394,15 +405,15 @@ class CallParser:
                 name = json.loads(f'"{head.group(1)}"')
             except ValueError:
                 return []
-            index = len(self.calls)
-            self._open = _OpenCall(f"call_{secrets.token_hex(12)}", name, head.end(), index)
+            self._open = _OpenCall(new_call_id(), name, head.end(), len(self.calls))
         call = self._open
         if not call.end.done:
             new = body[call.start + len(call.arguments):]
             call.arguments += new[:call.end.feed(new)]
-        if call.sent < 0 and any(c.name == call.name and c.arguments.startswith(call.arguments) for c in self.calls):
+        if not call.announced and any(c.name == call.name and c.arguments.startswith(call.arguments)
+                                      for c in self.calls):
             return []
-        out: list[ParsedItem] = [CallPiece(call.index, call.id, call.name)] if call.sent < 0 else []
+        out: list[ParsedItem] = [] if call.announced else [CallPiece(call.index, call.id, call.name)]
         call.sent = max(call.sent, 0)
         if len(call.arguments) > call.sent:
             out.append(CallPiece(call.index, call.id, call.name, call.arguments[call.sent:]))
@@ -413,7 +424,7 @@ class CallParser:
         """The items a call's whole text adds: the rest of a streamed call, else the calls it parses
         to, else (it does not parse) the text as content."""
         items = self._pieces(body)
-        if self._open is not None and self._open.sent >= 0:
+        if self._open is not None and self._open.announced:
             return [*items, self._close_open()]
         self._open = None
         parsed = self._calls(body)
