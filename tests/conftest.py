@@ -28,6 +28,17 @@ def wide_tiny_model_path(tiny_model_path, tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def ctrl_c_works():
+    """Children start with Ctrl-C's default action, as in a terminal, even where this run ignores SIGINT
+    (a background job, `nohup`): an ignored signal stays ignored across exec, a handled one does not."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own store directory (the session's home is only for the demo model)."""

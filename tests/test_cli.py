@@ -11,15 +11,6 @@ import pytest
 from helpers import free_port, wait_for
 
 
-@pytest.fixture
-def ctrl_c_works():
-    """Children start with Ctrl-C's default action, as in a terminal, even where this run ignores SIGINT
-    (a background job, `nohup`): an ignored signal stays ignored across exec, a handled one does not."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
-
-
 def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home, ctrl_c_works):
     port = free_port()
     proc = subprocess.Popen(

@@ -153,7 +153,7 @@ def test_pipeline_greedy_equals_one_process_and_cancels(make_pool, tiny_qwen_pat
 
 
 @pytest.fixture
-def other_server(tiny_model_path, tmp_path):
+def other_server(tiny_model_path, tmp_path, ctrl_c_works):
     """A second process running ``python -m mlx_manager_nb serve`` on the tiny model, with an API key."""
     port, home = free_port(), tmp_path / "other-home"
     env = {**os.environ, "MLX_NB_HOME": str(home)}

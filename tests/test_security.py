@@ -22,6 +22,8 @@ from mlx_manager_nb.audit_log import AuditLog
 from mlx_manager_nb.errors import ServerError
 from mlx_manager_nb.server import serve
 
+pytestmark = pytest.mark.usefixtures("ctrl_c_works")  # the command-line servers here stop on Ctrl-C
+
 HI = [{"role": "user", "content": "Hi"}]
 
 
