@@ -41,7 +41,6 @@ META = {"source": "magic", "endpoint": "%%chat", "protocol": "python", "stream":
 HINT = "See `%mlx ls` for local models, or start with `%mlx load demo`."
 FORMATS = ("markdown", "text", "code", "json")
 FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
-TOOL_ROUNDS = 5  # rounds of tool calls one %%chat runs before the model must answer
 
 
 class UsageError(Exception):
@@ -373,6 +372,8 @@ def mlx_parser() -> argparse.ArgumentParser:
 
 
 def chat_parser() -> argparse.ArgumentParser:
+    from .chain import TOOL_ROUNDS  # loads llguidance: only when chatting
+
     p = _Parser(prog="%%chat", description=(
         "Send the cell to a model and stream the answer below it. {name} in the cell is filled from the "
         "notebook's variables; write {{ and }} for literal braces. Each conversation remembers its turns."))
@@ -510,8 +511,25 @@ def deliver(shell: Any, args: argparse.Namespace, text: str) -> None:
         shell.user_ns[args.out] = value
 
 
+def chat_asker(args: argparse.Namespace, schema: Any, tools: list, history: list[dict]) -> Callable[..., Any]:
+    """``ask(messages, tool_choice)``: one streamed round of a ``%%chat`` with its options."""
+
+    def ask(messages: list[dict], choice: str | dict | None) -> Any:
+        try:
+            return _pool().chat(messages, model=args.model, stream=True, meta=dict(META), tools=tools or None,
+                                tool_choice=choice if tools else None, schema=schema,
+                                temperature=args.temperature, max_tokens=args.max_tokens)
+        except ValueError as e:
+            if history and "context" in str(e):
+                raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
+            raise
+
+    return ask
+
+
 def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
-    from .tools import describe_turn, make_tools, tool_turns  # loads llguidance: only when chatting
+    from .chain import rounds  # loads llguidance: only when chatting
+    from .tools import describe_turn, make_tools
 
     args = parse(chat_parser(), line)
     if args is None:
@@ -524,29 +542,15 @@ def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
     history = [] if args.new else magics.conversations.get(args.name, [])
     messages = [*with_system(history, args.system), {"role": "user", "content": prompt}]
     ns = magics.shell.user_ns if magics.shell is not None else {}
-    structure: dict[str, Any] = {}
-    if args.schema:
-        structure["schema"] = schema_value(ns, args.schema)
-    if args.tools:
-        structure.update(tools=make_tools(tools_value(ns, args.tools)), tool_choice=args.tool_choice)
+    schema = schema_value(ns, args.schema) if args.schema else None
+    tools = make_tools(tools_value(ns, args.tools)) if args.tools else []
+    ask = chat_asker(args, schema, tools, history)
     live = out.can_update(magics.shell)
-    for round_ in range(TOOL_ROUNDS + 1):
-        if args.tools and round_:
-            structure["tool_choice"] = "none" if round_ == TOOL_ROUNDS else "auto"
-        try:
-            stream = _pool().chat(messages, model=args.model, stream=True, meta=dict(META),
-                                  temperature=args.temperature, max_tokens=args.max_tokens, **structure)
-        except ValueError as e:
-            if history and "context" in str(e):
-                raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
-            raise
+    for stream in rounds(ask, messages, tools, tool_choice=args.tool_choice,
+                         on_turns=lambda turns: print("\n".join(describe_turn(t) for t in turns))):
         interrupted = show_stream(stream, live, args.format)
-        calls = stream.result.tool_calls if stream.result is not None else []
-        if interrupted or not calls:
+        if interrupted:
             break
-        turns = tool_turns(stream.text, calls, structure["tools"])
-        print("\n".join(describe_turn(t) for t in turns))
-        messages += turns
     magics.conversations[args.name] = [*messages, {"role": "assistant", "content": stream.text}]
     if interrupted:
         raise Interrupted(f"generation stopped; the partial answer is kept in conversation {args.name!r}")

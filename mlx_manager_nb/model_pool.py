@@ -36,12 +36,13 @@ from mlx_lm.utils import load as load_model
 
 from . import embeddings, store
 from .audit_log import audit_row, error_fields, new_request_id, utc_now
+from .chain import TOOL_ROUNDS, rounds
 from .engine import Delta, Done, Engine, Event, Failed, Request, Runner
 from .errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .params import DEFAULT_MAX_TOKENS, fit_to_model, make_params
 from .streams import AsyncTextStream, Final, Result, StreamEvent, TextStream, async_sink, queue_sink
 from .structured import Plan, plan
-from .tools import ParsedItem, ToolCall, make_tools, tool_turns
+from .tools import ParsedItem, ToolCall, make_tools
 
 ROLES = ("system", "user", "assistant", "tool")
 #: chat() keywords about tools and structure, planned by :func:`mlx_manager_nb.structured.plan`
@@ -770,27 +771,22 @@ class Pool:
         params.update(tools=tools, tool_choice=tool_choice, schema=schema)
         return self._run("chat", messages, model, stream, meta, timeout, params)
 
-    def chain(self, messages: list[dict], tools: list, model: str | None = None, *, max_rounds: int = 5,
+    def chain(self, messages: list[dict], tools: list, model: str | None = None, *, max_rounds: int = TOOL_ROUNDS,
               tool_choice: str | dict | None = None, **params: Any) -> tuple[Result, list[dict]]:
-        """Answer with tools run in a loop: each round the model's calls run (Python functions) and
-        their results go back, until it answers in text; after ``max_rounds`` rounds of calls it must
-        answer (tool_choice "none"). ``tool_choice`` applies to the first round, later ones are "auto".
+        """Answer with tools run in a loop (see :func:`mlx_manager_nb.chain.rounds`): each round the
+        model's calls run (Python functions) and their results go back, until it answers in text;
+        after ``max_rounds`` rounds of calls it must answer (tool_choice "none"). ``tool_choice``
+        applies to the first round, later ones are "auto".
 
         Returns the final :class:`Result` and the transcript (``messages`` with the calls, the
         tool results and the answer). A failing function's error goes back to the model as its result.
         """
         tool_list = make_tools(tools)
         history = list(messages)
-        choice = tool_choice
-        for round_ in range(max_rounds + 1):
-            result = self.chat(history, model, tools=tool_list,
-                               tool_choice="none" if round_ == max_rounds else choice, **params)
-            if not result.tool_calls:
-                history.append({"role": "assistant", "content": result.text})
-                return result, history
-            history += tool_turns(result.text, result.tool_calls, tool_list)
-            choice = "auto"
-        raise AssertionError("unreachable: the last round forbids tool calls")
+        *_, result = rounds(lambda m, choice: self.chat(m, model, tools=tool_list, tool_choice=choice, **params),
+                            history, tool_list, tool_choice=tool_choice, max_rounds=max_rounds)
+        history.append({"role": "assistant", "content": result.text})
+        return result, history
 
     @overload
     def complete(self, prompt: str, model: str | None = None, stream: Literal[False] = False, *,

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 from pydantic import Field
 
+from mlx_manager_nb.chain import rounds
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.tools import CallParser, CallPiece, ToolCall, function_tool, make_tools, render_fallback
@@ -197,6 +198,32 @@ def test_a_chain_runs_the_function_and_returns_the_answer(pool):
     assert call["function"]["name"] == "add" and len(seen) == 1
     assert transcript[2] == {"role": "tool", "tool_call_id": call["id"], "name": "add", "content": str(sum(seen[0]))}
     assert not result.tool_calls and transcript[3]["content"] == result.text
+
+
+def test_the_loop_forces_an_answer_after_its_rounds_and_stops_when_the_caller_does(pool):
+    ran, choices = [], []
+
+    def add(a: Annotated[int, Field(ge=0, le=9)], b: Annotated[int, Field(ge=0, le=9)]) -> int:
+        """Add two numbers."""
+        ran.append((a, b))
+        return a + b
+
+    tools = make_tools([add])
+
+    def ask(messages, choice):
+        choices.append(choice)
+        return pool.chat(messages, tools=tools, tool_choice=choice, temperature=1.0, seed=1, max_tokens=60,
+                         parallel_tool_calls=False)
+
+    messages = [{"role": "user", "content": "2+3?"}]
+    first, last = rounds(ask, messages, tools, tool_choice="add", max_rounds=1)
+    assert choices == ["add", "none"] and first.tool_calls and not last.tool_calls
+    assert len(ran) == 1 and [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    ran.clear()
+    for reply in rounds(ask, [{"role": "user", "content": "2+3?"}], tools, tool_choice="required"):
+        assert reply.tool_calls
+        break  # the caller stops: the calls of its last reply never run
+    assert ran == []
 
 
 def test_history_with_calls_and_results_is_accepted(pool):
