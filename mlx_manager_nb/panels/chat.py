@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from html import escape
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from ..chain import rounds
 from ..model_pool import ModelEvent
-from ..tools import Tool, describe_turn, make_tools, tool_turns
+from ..tools import Tool, describe_turn, make_tools
 from .common import coalesced, error_html, make_panel, pool_or_default, ready_options, set_options, ui_caller
 
 if TYPE_CHECKING:
@@ -19,7 +23,6 @@ if TYPE_CHECKING:
 
 CHAT_META = {"source": "widget", "endpoint": "chat_panel", "protocol": "python", "stream": True}
 STREAM_INTERVAL = 0.1  # seconds between two renders of streamed text
-TOOL_ROUNDS = 5  # rounds of tool calls per message before the model must answer
 
 
 def _output(data: dict[str, str]) -> dict:
@@ -47,147 +50,208 @@ def _speed(result: Any, tokens: int, seconds: float) -> str:
     return f"{result.usage.completion_tokens} tokens · {rate} · {reason}"
 
 
+@dataclass
+class _Conversation:
+    """A panel's messages and its request running now, if any."""
+
+    history: list[dict] = field(default_factory=list)
+    current: threading.Event | None = None  # set to stop the running request
+    streaming: Any = None  # the running request's stream
+
+
+@dataclass
+class _Meter:
+    """Counts a message's streamed deltas over its rounds, for the speed shown while it streams."""
+
+    tokens: int = 0
+    first: float | None = None
+    shown: float = 0.0  # when the text was last shown
+
+    def tick(self) -> str | None:
+        """Count a delta; the rate to show if it is time to show the text again, else None."""
+        now = time.perf_counter()
+        self.first, self.tokens = self.first or now, self.tokens + 1
+        if now - self.shown < STREAM_INTERVAL:
+            return None
+        self.shown = now
+        return f"≈ {(self.tokens - 1) / (now - self.first):.1f} tok/s" if now > self.first else ""
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.first if self.first else 0.0
+
+
+def _controls() -> SimpleNamespace:
+    return SimpleNamespace(
+        model=widgets.Dropdown(description="Model"),
+        system=widgets.Textarea(description="System", placeholder="optional system prompt",
+                                layout=widgets.Layout(width="600px")),
+        temperature=widgets.FloatSlider(value=0.7, min=0.0, max=2.0, step=0.05, description="Temperature",
+                                        style={"description_width": "initial"}),
+        max_tokens=widgets.BoundedIntText(value=512, min=1, max=131072, description="Max tokens"),
+        conversation=widgets.Output(layout=widgets.Layout(max_height="480px", overflow="auto")),
+        prompt=widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="600px")),
+        send=widgets.Button(description="Send", button_style="primary", icon="paper-plane"),
+        stop=widgets.Button(description="Stop", icon="stop", disabled=True),
+        clear=widgets.Button(description="Clear", icon="trash"),
+        speed=widgets.Label(),
+        error=widgets.HTML(),
+    )
+
+
+def _layout(ui: SimpleNamespace) -> list[widgets.Widget]:
+    return [widgets.HBox([ui.model, ui.temperature, ui.max_tokens]), ui.system, ui.conversation, ui.prompt,
+            widgets.HBox([ui.send, ui.stop, ui.clear, ui.speed]), ui.error]
+
+
+def _render(ui: SimpleNamespace, history: list[dict], partial: str | None = None) -> None:
+    """Show the conversation, and the answer streaming in (``partial``) with a cursor."""
+    outputs = [o for m in history for o in _turn(m["role"], describe_turn(m))]
+    if partial is not None:
+        outputs += _turn("assistant", partial + " ▌")
+    empty = [_output({"text/html": "<i>No messages yet.</i>", "text/plain": "No messages yet."})]
+    ui.conversation.outputs = tuple(outputs or empty)
+
+
+def _busy(ui: SimpleNamespace, on: bool) -> None:
+    ui.send.disabled, ui.stop.disabled = on, not on
+
+
+def _asker(pool: Pool, ui: SimpleNamespace, tools: list[Tool]) -> Callable[[list[dict], str | dict | None], Any]:
+    """``ask(messages, tool_choice)``: one streamed round with the panel's model and settings."""
+
+    def ask(messages: list[dict], choice: str | dict | None) -> Any:
+        return pool.chat(messages, model=ui.model.value, stream=True, meta=dict(CHAT_META),
+                         tools=tools or None, tool_choice=choice if tools else None,
+                         temperature=ui.temperature.value, max_tokens=ui.max_tokens.value)
+
+    return ask
+
+
+# -- on the UI's loop: each checks that its request is still the panel's (Clear may have ended it)
+
+
+def _progress(ui: SimpleNamespace, state: _Conversation, flag: threading.Event, text: str, rate: str) -> None:
+    if flag is state.current:
+        _render(ui, state.history, text)
+        ui.speed.value = rate
+
+
+def _add_turns(ui: SimpleNamespace, state: _Conversation, flag: threading.Event, turns: list[dict]) -> None:
+    if flag is state.current:
+        state.history.extend(turns)
+        _render(ui, state.history, "")
+
+
+def _next_round(state: _Conversation, flag: threading.Event, stream: Any) -> None:
+    if flag is state.current:
+        state.streaming = stream
+
+
+def _finish(ui: SimpleNamespace, state: _Conversation, flag: threading.Event, stream: Any,
+            failure: BaseException | None, tokens: int, seconds: float) -> None:
+    if flag is not state.current:
+        return
+    state.current = state.streaming = None
+    if stream.text:
+        state.history.append({"role": "assistant", "content": stream.text})
+    elif state.history and state.history[-1]["role"] == "user":
+        state.history.pop()  # keep user and assistant turns alternating
+    ui.speed.value = _speed(stream.result, tokens, seconds) if failure is None else ""
+    ui.error.value = error_html(failure)
+    _busy(ui, False)
+    _render(ui, state.history)
+
+
+# -- on the request's thread
+
+
+def _consume(call: Callable[..., None], ui: SimpleNamespace, state: _Conversation, replies: Iterator[Any],
+             stream: Any, flag: threading.Event) -> None:
+    """Show each round's stream as it arrives; between rounds ``replies`` runs the model's tool calls."""
+    failure, meter = None, _Meter()
+    try:
+        while True:
+            with stream:  # leaving early closes the stream, which cancels the request
+                for _ in stream:  # after Stop, until the engine reports the cancel (with its counts)
+                    rate = meter.tick()
+                    if rate is not None and not flag.is_set():
+                        call(_progress, ui, state, flag, stream.text, rate)
+            following = None if flag.is_set() else next(replies, None)
+            if following is None:
+                break
+            stream = following
+            call(_next_round, state, flag, stream)
+            if flag.is_set():  # Stop came while the calls ran: the next round ends at once
+                stream.close()
+    except Exception as e:
+        failure = e
+    call(_finish, ui, state, flag, stream, failure, meter.tokens, meter.seconds())
+
+
+# -- the buttons
+
+
+def _send(call: Callable[..., None], ui: SimpleNamespace, state: _Conversation, ask: Callable[..., Any],
+          tools: list[Tool], tool_choice: str | dict | None) -> None:
+    text = ui.prompt.value.strip()
+    if not text or state.current is not None:
+        return
+    turn = {"role": "user", "content": text}
+    system = [{"role": "system", "content": ui.system.value}] if ui.system.value.strip() else []
+    flag = threading.Event()
+    replies = rounds(ask, [*system, *state.history, turn], tools, tool_choice=tool_choice,
+                     on_turns=lambda turns: call(_add_turns, ui, state, flag, turns))
+    try:
+        stream = next(replies)  # here, so that a refused request shows at once and leaves no turn
+    except Exception as e:
+        ui.error.value = error_html(e)
+        return
+    state.history.append(turn)
+    ui.prompt.value, ui.error.value, ui.speed.value = "", "", ""
+    state.current, state.streaming = flag, stream
+    _busy(ui, True)
+    _render(ui, state.history, "")
+    threading.Thread(target=_consume, args=(call, ui, state, replies, stream, flag), name="mlx-nb-chat",
+                     daemon=True).start()
+
+
+def _stop(state: _Conversation) -> None:
+    if state.current is not None:
+        state.current.set()
+        state.streaming.close()  # the engine ends the request within a step; its counts come with the end
+
+
+def _clear(ui: SimpleNamespace, state: _Conversation) -> None:
+    _stop(state)
+    state.current = state.streaming = None
+    state.history.clear()
+    ui.speed.value = ui.error.value = ""
+    _busy(ui, False)
+    _render(ui, state.history)
+
+
 def chat_panel(pool: Pool | None = None, tools: list | None = None,
                tool_choice: str | dict | None = None) -> widgets.VBox:
     """Chat with a loaded model: the answer streams in; Stop cancels it in the engine.
 
-    ``tools``: Python functions the model may call (see :meth:`Pool.chat`); they run in the panel.
-    ``tool_choice`` applies to the first round of each message, later rounds are "auto".
+    ``tools``: Python functions the model may call (see :meth:`Pool.chat`); they run in the panel,
+    at most :data:`~mlx_manager_nb.chain.TOOL_ROUNDS` rounds per message. ``tool_choice`` applies
+    to the first round of each message, later rounds are "auto".
     """
     pool = pool_or_default(pool)
     tool_list: list[Tool] = make_tools(tools) if tools else []
     call = ui_caller()
-    model = widgets.Dropdown(description="Model")
-    system = widgets.Textarea(description="System", placeholder="optional system prompt",
-                              layout=widgets.Layout(width="600px"))
-    temperature = widgets.FloatSlider(value=0.7, min=0.0, max=2.0, step=0.05, description="Temperature",
-                                        style={"description_width": "initial"})
-    max_tokens = widgets.BoundedIntText(value=512, min=1, max=131072, description="Max tokens")
-    conversation = widgets.Output(layout=widgets.Layout(max_height="480px", overflow="auto"))
-    prompt = widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="600px"))
-    send = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
-    stop = widgets.Button(description="Stop", icon="stop", disabled=True)
-    clear = widgets.Button(description="Clear", icon="trash")
-    speed = widgets.Label()
-    error = widgets.HTML()
-    history: list[dict] = []
-    current: threading.Event | None = None  # set to stop the running request
-    streaming: Any = None  # the running request's stream
-
-    def render(partial: str | None = None) -> None:
-        outputs = [o for m in history for o in _turn(m["role"], describe_turn(m))]
-        if partial is not None:
-            outputs += _turn("assistant", partial + " ▌")
-        empty = [_output({"text/html": "<i>No messages yet.</i>", "text/plain": "No messages yet."})]
-        conversation.outputs = tuple(outputs or empty)
-
-    def busy(on: bool) -> None:
-        send.disabled, stop.disabled = on, not on
-
-    def progress(flag: threading.Event, text: str, rate: str) -> None:
-        if flag is current:
-            render(text)
-            speed.value = rate
-
-    def finish(flag: threading.Event, text: str, result: Any, failure: BaseException | None, tokens: int,
-               seconds: float) -> None:
-        nonlocal current, streaming
-        if flag is not current:  # cleared meanwhile
-            return
-        current = streaming = None
-        if text:
-            history.append({"role": "assistant", "content": text})
-        elif history and history[-1]["role"] == "user":
-            history.pop()  # keep user and assistant turns alternating
-        speed.value = _speed(result, tokens, seconds) if failure is None else ""
-        error.value = error_html(failure)
-        busy(False)
-        render()
-
-    def add_turns(flag: threading.Event, turns: list[dict], stream: Any) -> None:
-        nonlocal streaming
-        if flag is current:
-            history.extend(turns)
-            streaming = stream
-            render("")
-
-    def request(messages: list[dict], choice: str | dict | None = None) -> Any:
-        return pool.chat(messages, model=model.value, stream=True, meta=dict(CHAT_META),
-                         tools=tool_list or None, tool_choice=choice if tool_list else None,
-                         temperature=temperature.value, max_tokens=max_tokens.value)
-
-    def consume(stream: Any, messages: list[dict], flag: threading.Event) -> None:
-        failure, first, last, n = None, None, 0.0, 0
-        try:
-            for round_ in range(1, TOOL_ROUNDS + 2):
-                with stream:  # leaving early closes the stream, which cancels the request
-                    for _ in stream:  # after Stop, until the engine reports the cancel (with its counts)
-                        now = time.perf_counter()
-                        first, n = first or now, n + 1
-                        if now - last >= STREAM_INTERVAL and not flag.is_set():
-                            last = now
-                            rate = f"≈ {(n - 1) / (now - first):.1f} tok/s" if now > first else ""
-                            call(progress, flag, stream.text, rate)
-                calls = stream.result.tool_calls if stream.result is not None else []
-                if flag.is_set() or not calls or round_ > TOOL_ROUNDS:
-                    break
-                turns = tool_turns(stream.text, calls, tool_list)
-                messages = [*messages, *turns]
-                stream = request(messages, "none" if round_ == TOOL_ROUNDS else "auto")
-                call(add_turns, flag, turns, stream)
-                if flag.is_set():  # Stop came while the calls ran: the next round ends at once
-                    stream.close()
-        except Exception as e:
-            failure = e
-        seconds = time.perf_counter() - first if first else 0.0
-        call(finish, flag, stream.text, stream.result, failure, n, seconds)
-
-    def on_send(_: Any) -> None:
-        nonlocal current, streaming
-        text = prompt.value.strip()
-        if not text or current is not None:
-            return
-        turn = {"role": "user", "content": text}
-        messages = ([{"role": "system", "content": system.value}] if system.value.strip() else []) + history + [turn]
-        try:
-            stream = request(messages, tool_choice)
-        except Exception as e:
-            error.value = error_html(e)
-            return
-        history.append(turn)
-        prompt.value, error.value, speed.value = "", "", ""
-        current, streaming = threading.Event(), stream
-        busy(True)
-        render("")
-        threading.Thread(target=consume, args=(stream, messages, current), name="mlx-nb-chat", daemon=True).start()
-
-    def on_stop(_: Any) -> None:
-        if current is not None:
-            current.set()
-            streaming.close()  # the engine ends the request within a step; its counts come with the end
-
-    def on_clear(_: Any) -> None:
-        nonlocal current, streaming
-        on_stop(None)
-        current = streaming = None
-        history.clear()
-        speed.value = error.value = ""
-        busy(False)
-        render()
+    ui, state = _controls(), _Conversation()
+    ask = _asker(pool, ui, tool_list)
+    ui.send.on_click(lambda _: _send(call, ui, state, ask, tool_list, tool_choice))
+    ui.stop.on_click(lambda _: _stop(state))
+    ui.clear.on_click(lambda _: _clear(ui, state))
 
     def refresh_models() -> None:
-        set_options(model, ready_options(pool), pool.default)
+        set_options(ui.model, ready_options(pool), pool.default)
 
-    send.on_click(on_send)
-    stop.on_click(on_stop)
-    clear.on_click(on_clear)
     refresh_soon = coalesced(call, refresh_models)
     unsubscribe = pool.subscribe(lambda e: refresh_soon() if isinstance(e, ModelEvent) else None)
     refresh_models()
-    render()
-    parts = dict(model=model, system=system, temperature=temperature, max_tokens=max_tokens,
-                 conversation=conversation, prompt=prompt, send=send, stop=stop, clear=clear, speed=speed,
-                 error=error, history=history)
-    children = [widgets.HBox([model, temperature, max_tokens]), system, conversation, prompt,
-                widgets.HBox([send, stop, clear, speed]), error]
-    return make_panel(children, parts, [unsubscribe])
+    _render(ui, state.history)
+    return make_panel(_layout(ui), {**vars(ui), "history": state.history}, [unsubscribe])
