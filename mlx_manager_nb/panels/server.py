@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
@@ -75,85 +76,104 @@ def _urls_html(server: Server) -> str:
     return html
 
 
+def _controls() -> SimpleNamespace:
+    return SimpleNamespace(
+        host=widgets.Text(value="127.0.0.1", description="Host"),
+        port=widgets.BoundedIntText(value=8000, min=0, max=65535, description="Port"),
+        api_key=widgets.Password(description="API key", placeholder="no key"),
+        toggle=widgets.ToggleButton(description="Start server", icon="play"),
+        url=widgets.HTML(),
+        counters=widgets.HTML(),
+        snippets=widgets.HTML(),
+        error=widgets.HTML(),
+    )
+
+
+def _layout(ui: SimpleNamespace) -> list[widgets.Widget]:
+    return [widgets.HBox([ui.host, ui.port]), widgets.HBox([ui.api_key, ui.toggle]), ui.url, ui.counters,
+            ui.snippets, ui.error]
+
+
+def _running(pool: Pool) -> Server | None:
+    """This pool's server, wherever it was started (a panel, ``%mlx serve``, ``serve()``)."""
+    servers = running_servers(pool)
+    return servers[0] if servers else None
+
+
+def _counters_html(stats: dict) -> str:
+    tps = stats.get("tokens_per_second")
+    return (f"requests: <b>{stats['requests']}</b> · active streams: <b>{stats['active_streams']}</b>"
+            f" · tokens/s: <b>{'–' if tps is None else f'{tps:.1f}'}</b>")
+
+
+def _all_snippets_html(server: Server, model: str) -> str:
+    """Client snippets for this machine and, on a hub, through the Jupyter server."""
+    html = _snippets_html(_snippets(server.url, server.api_key, model))
+    if server.proxied is not None:
+        html += ("<div style='margin-top:8px'><b>Through Jupyter, from outside this machine</b></div>"
+                 + _snippets_html(_snippets(server.proxied.root, server.api_key, model, jupyter=True)))
+    return html
+
+
+def _refresh(pool: Pool, ui: SimpleNamespace) -> None:
+    """Show whether the server runs: the toggle, and its URLs, counters and snippets."""
+    server = _running(pool)
+    ui.toggle.value = server is not None
+    ui.toggle.description, ui.toggle.icon = ("Stop server", "stop") if server else ("Start server", "play")
+    ui.host.disabled = ui.port.disabled = ui.api_key.disabled = server is not None
+    if server is None:
+        ui.url.value = "<i>Server stopped.</i>"
+        ui.counters.value = ui.snippets.value = ""
+        return
+    ui.url.value = _urls_html(server)
+    ui.counters.value = _counters_html(server.stats())
+    ready = ready_options(pool)
+    ui.snippets.value = _all_snippets_html(server, ready[0][0] if ready else "MODEL")
+
+
+def _start(pool: Pool, audit: AuditLog, ui: SimpleNamespace) -> None:
+    ui.error.value = ""
+    try:
+        serve(pool=pool, audit=audit, host=ui.host.value.strip(), port=ui.port.value, api_key=ui.api_key.value or None)
+    except Exception as e:
+        ui.error.value = error_html(e)
+    _refresh(pool, ui)
+
+
+def _stop(pool: Pool, ui: SimpleNamespace) -> None:
+    server = _running(pool)
+    if server is None:
+        return
+    try:
+        server.stop()
+    except Exception as e:
+        ui.error.value = error_html(e)
+    _refresh(pool, ui)
+
+
+def _on_toggle(pool: Pool, audit: AuditLog, ui: SimpleNamespace, change: dict) -> None:
+    server = _running(pool)
+    if change["new"] and server is None:
+        _start(pool, audit, ui)
+    elif not change["new"] and server is not None:
+        _stop(pool, ui)
+
+
 def server_panel(pool: Pool | None = None, audit: AuditLog | None = None) -> widgets.VBox:
     """Start and stop the HTTP server on the pool; its URL, live counters and client snippets."""
     pool = pool_or_default(pool)
     audit = audit_or_default(audit, pool)
     call = ui_caller()
-    host = widgets.Text(value="127.0.0.1", description="Host")
-    port = widgets.BoundedIntText(value=8000, min=0, max=65535, description="Port")
-    api_key = widgets.Password(description="API key", placeholder="no key")
-    toggle = widgets.ToggleButton(description="Start server", icon="play")
-    url = widgets.HTML()
-    counters = widgets.HTML()
-    snippets = widgets.HTML()
-    error = widgets.HTML()
-
-    def running() -> Server | None:
-        """This pool's server, wherever it was started (a panel, ``%mlx serve``, ``serve()``)."""
-        servers = running_servers(pool)
-        return servers[0] if servers else None
-
-    def refresh() -> None:
-        server = running()
-        toggle.value = server is not None
-        toggle.description, toggle.icon = ("Stop server", "stop") if server else ("Start server", "play")
-        host.disabled = port.disabled = api_key.disabled = server is not None
-        if server is None:
-            url.value = "<i>Server stopped.</i>"
-            counters.value = snippets.value = ""
-            return
-        url.value = _urls_html(server)
-        s = server.stats()
-        tps = s.get("tokens_per_second")
-        counters.value = (f"requests: <b>{s['requests']}</b> · active streams: <b>{s['active_streams']}</b>"
-                          f" · tokens/s: <b>{'–' if tps is None else f'{tps:.1f}'}</b>")
-        ready = ready_options(pool)
-        model = ready[0][0] if ready else "MODEL"
-        html = _snippets_html(_snippets(server.url, server.api_key, model))
-        if server.proxied is not None:
-            html += ("<div style='margin-top:8px'><b>Through Jupyter, from outside this machine</b></div>"
-                     + _snippets_html(_snippets(server.proxied.root, server.api_key, model, jupyter=True)))
-        snippets.value = html
-
-    def start() -> None:
-        error.value = ""
-        try:
-            serve(pool=pool, audit=audit, host=host.value.strip(), port=port.value, api_key=api_key.value or None)
-        except Exception as e:
-            error.value = error_html(e)
-        refresh()
-
-    def stop() -> None:
-        server = running()
-        if server is None:
-            return
-        try:
-            server.stop()
-        except Exception as e:
-            error.value = error_html(e)
-        refresh()
-
-    def on_toggle(change: dict) -> None:
-        server = running()
-        if change["new"] and server is None:
-            start()
-        elif not change["new"] and server is not None:
-            stop()
-
-    toggle.observe(on_toggle, "value")
-    refresh_soon = coalesced(call, refresh)
-    settled = coalesced(call, refresh, delay=SETTLE)
+    ui = _controls()
+    ui.toggle.observe(lambda change: _on_toggle(pool, audit, ui, change), "value")
+    refresh_soon = coalesced(call, lambda: _refresh(pool, ui))
+    settled = coalesced(call, lambda: _refresh(pool, ui), delay=SETTLE)
 
     def on_event(event: PoolEvent) -> None:
         refresh_soon()
         if isinstance(event, RequestEvent):
             settled()  # the server updates its counters just after the pool's event
 
-    unsubscribe = pool.subscribe(on_event)
-    unsubscribe_servers = on_servers_changed(refresh_soon)
-    refresh()
-    parts = dict(host=host, port=port, api_key=api_key, toggle=toggle, url=url, counters=counters,
-                 snippets=snippets, error=error)
-    children = [widgets.HBox([host, port]), widgets.HBox([api_key, toggle]), url, counters, snippets, error]
-    return make_panel(children, parts, [unsubscribe, unsubscribe_servers])
+    cleanups = [pool.subscribe(on_event), on_servers_changed(refresh_soon)]
+    _refresh(pool, ui)
+    return make_panel(_layout(ui), vars(ui), cleanups)
