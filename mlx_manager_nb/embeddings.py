@@ -1,22 +1,15 @@
-"""Embedding models in the pool: a BERT encoder in MLX, its loading, and batched embedding.
+"""Embedding models in the pool: which folders are ones, and batched embedding on their encoders.
 
-An embedding model is a folder with a BERT ``config.json``, ``tokenizer.json`` and safetensors
-weights, plus (optionally) sentence-transformers' ``modules.json`` and ``1_Pooling/config.json``
-(pooling, normalization) and ``sentence_bert_config.json`` (maximum length). A
-``"matryoshka_dimensions": [...]`` list in ``config.json`` declares the shorter sizes the model was
-trained to be truncated to.
-
-Callers tokenize on their own thread, then append their token ids to the model's pending list;
-the first one to find the list empty schedules one flush job on the engine thread, which embeds
-everything pending by then, sorted by length, in as few padded forward passes as the token budget
-allows. Concurrent callers thus share forward passes; chat batching is untouched.
+The model itself (a BERT encoder and its loading) is :mod:`mlx_manager_nb.bert`. Callers tokenize
+on their own thread, then append their token ids to the model's pending list; the first one to
+find the list empty schedules one flush job on the engine thread, which embeds everything pending
+by then, sorted by length, in as few padded forward passes as the token budget allows. Concurrent
+callers thus share forward passes; chat batching is untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -26,23 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
-from tokenizers import Tokenizer
 
+from . import bert
 from .audit_log import audit_row, error_fields, new_request_id, utc_now
+from .bert import ENCODER_TYPES, Bert, Spec, read_spec
 from .engine import Engine, Runner
-from .errors import InvalidModelError, InvalidParameterError, ModelNotFoundError
+from .errors import InvalidParameterError, ModelNotFoundError
 from .store import read_config
 
-ENCODER_TYPES = ("bert",)
-POOLING_FLAGS = {  # sentence-transformers' Pooling config keys
-    "cls": "pooling_mode_cls_token",
-    "mean": "pooling_mode_mean_tokens",
-    "max": "pooling_mode_max_tokens",
-    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
-}
 MAX_INPUTS = 2048  # as OpenAI's /v1/embeddings
 BATCH_TOKENS = 8192  # padded tokens per forward pass
 MIN_FILL = 0.5  # a pass takes no sequence shorter than this fraction of its longest one
@@ -55,169 +40,13 @@ def _bad(message: str, param: str = "input") -> InvalidParameterError:
     return InvalidParameterError(param, message)
 
 
-# -- the model --------------------------------------------------------------------------------
-# Module and parameter names follow Hugging Face's BertModel, so its checkpoints load as they are.
-
-
-@dataclass(frozen=True)
-class Spec:
-    """How an encoder turns hidden states into one vector per text."""
-
-    pooling: str  # a key of POOLING_FLAGS
-    normalize: bool
-    max_length: int  # tokens, special tokens included
-    dimensions: int
-    matryoshka: tuple[int, ...]
-    vocab_size: int
-    pad_id: int
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
-
-    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
-        b, n, d = x.shape
-
-        def split(t: mx.array) -> mx.array:
-            return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(d // self.heads), mask=bias)
-        return out.transpose(0, 2, 1, 3).reshape(b, n, d)
-
-
-class _DenseNorm(nn.Module):
-    def __init__(self, dims_in: int, dims_out: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(dims_in, dims_out)
-        self.LayerNorm = nn.LayerNorm(dims_out, eps=eps)
-
-    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class _Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, eps: float):
-        super().__init__()
-        self.self = _SelfAttention(hidden, heads)
-        self.output = _DenseNorm(hidden, hidden, eps)
-
-    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
-        return self.output(self.self(x, bias), x)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, hidden: int, inner: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden, inner)
-
-
-class _Layer(nn.Module):
-    def __init__(self, c: dict):
-        super().__init__()
-        eps = c.get("layer_norm_eps", 1e-12)
-        self.attention = _Attention(c["hidden_size"], c["num_attention_heads"], eps)
-        self.intermediate = _Intermediate(c["hidden_size"], c["intermediate_size"])
-        self.output = _DenseNorm(c["intermediate_size"], c["hidden_size"], eps)
-
-    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
-        a = self.attention(x, bias)
-        return self.output(nn.gelu(self.intermediate.dense(a)), a)
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, c: dict):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(c["vocab_size"], c["hidden_size"])
-        self.position_embeddings = nn.Embedding(c["max_position_embeddings"], c["hidden_size"])
-        self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), c["hidden_size"])
-        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-12))
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        positions = mx.arange(ids.shape[1])[None]
-        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
-        return self.LayerNorm(x)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, c: dict):
-        super().__init__()
-        self.layer = [_Layer(c) for _ in range(c["num_hidden_layers"])]
-
-
-class Bert(nn.Module):
-    """A BERT encoder with its pooling: ``model(ids, mask)`` is one vector per row (not yet normalized)."""
-
-    def __init__(self, config: dict, spec: Spec):
-        super().__init__()
-        self.spec = spec
-        self.embeddings = _Embeddings(config)
-        self.encoder = _Encoder(config)
-        self.queue = _Queue()
-
-    def __call__(self, ids: mx.array, mask: mx.array) -> mx.array:
-        x = self.embeddings(ids)
-        bias = ((1.0 - mask) * -1e9).astype(x.dtype)[:, None, None, :]
-        for layer in self.encoder.layer:
-            x = layer(x, bias)
-        return pool_hidden(x, mask, self.spec.pooling)
-
-
-def pool_hidden(h: mx.array, mask: mx.array, mode: str) -> mx.array:
-    """Pool hidden states ``(B, L, D)`` over the tokens ``mask`` (``(B, L)``, 1 or 0) keeps."""
-    m = mask[..., None].astype(h.dtype)
-    if mode == "cls":
-        return h[:, 0]
-    if mode == "max":
-        return mx.where(m > 0, h, -1e9).max(axis=1)
-    total, count = (h * m).sum(axis=1), m.sum(axis=1)
-    if mode == "mean_sqrt_len":
-        return total / mx.sqrt(count)
-    return total / mx.maximum(count, 1e-9)
-
-
-def _normalized(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-
-
-# -- loading ----------------------------------------------------------------------------------
+# -- the pool's view of a model folder -------------------------------------------------------
 
 
 def model_kind(path: Path) -> str:
     """``"embedding"`` for an encoder folder (a BERT config or sentence-transformers modules), else ``"chat"``."""
     encoder = read_config(path).get("model_type") in ENCODER_TYPES or (Path(path) / "modules.json").is_file()
     return "embedding" if encoder else "chat"
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_spec(path: Path, config: dict | None = None) -> Spec:
-    """The pooling, normalization and length limits a model folder declares (sentence-transformers' files)."""
-    path = Path(path)
-    config = config or read_config(path)
-    modules = _read_json(path / "modules.json") or []
-    types = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
-    pooling = _read_json(path / types.get("Pooling", "1_Pooling") / "config.json")
-    mode = next((mode for mode, flag in POOLING_FLAGS.items() if pooling.get(flag)), "mean")
-    if pooling.get("pooling_mode_lasttoken") or pooling.get("pooling_mode_weightedmean_tokens"):
-        raise InvalidModelError(f"{path}: only cls, mean, max and mean_sqrt_len pooling are supported")
-    positions = config["max_position_embeddings"]
-    max_length = min(_read_json(path / "sentence_bert_config.json").get("max_seq_length") or positions, positions)
-    hidden = config["hidden_size"]
-    return Spec(
-        pooling=mode,
-        normalize="Normalize" in types if modules else True,
-        max_length=max_length,
-        dimensions=hidden,
-        matryoshka=tuple(sorted(d for d in config.get("matryoshka_dimensions", []) if d < hidden)),
-        vocab_size=config["vocab_size"],
-        pad_id=config.get("pad_token_id") or 0,
-    )
 
 
 def max_length(path: Path) -> int | None:
@@ -229,36 +58,9 @@ def max_length(path: Path) -> int | None:
 
 
 def load_runner(name: str, path: Path, progress: Callable[[str, float], None]) -> Runner:
-    """Load an encoder and its tokenizer (on the engine thread), reporting progress per tensor."""
-    path = Path(path)
-    try:
-        config = read_config(path)
-        if config.get("model_type") not in ENCODER_TYPES:
-            raise InvalidModelError(f"{path}: embedding models of type {config.get('model_type')!r} are not "
-                                    f"supported (supported: {', '.join(ENCODER_TYPES)})")
-        model = Bert(config, read_spec(path, config))
-        weights: dict[str, mx.array] = {}
-        for f in sorted(path.glob("*.safetensors")):
-            loaded: Any = mx.load(str(f))
-            weights.update({k.removeprefix("bert."): v for k, v in loaded.items()})
-        flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
-        wanted = [k for k, _ in flat]
-        missing = [k for k in wanted if k not in weights]
-        if missing:
-            raise InvalidModelError(f"{path} lacks {len(missing)} weights of a BERT encoder, e.g. {missing[0]}")
-        model.load_weights([(k, weights[k].astype(mx.float32)) for k in wanted])
-        for i, (_, v) in enumerate(tree_flatten(model.parameters())):
-            mx.eval(v)
-            if i % 16 == 0:
-                progress("loading weights", 0.1 + 0.85 * i / len(wanted))
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        tokenizer.no_truncation()  # sentence-transformers' tokenizer.json often pads and truncates to 128
-        tokenizer.no_padding()
-    except InvalidModelError:
-        raise
-    except Exception as e:  # shapes, JSON, safetensors and tokenizers errors all mean a bad folder
-        raise InvalidModelError(f"cannot load {path}: {e}") from None
-    return Runner(name, model, tokenizer)
+    """Load an encoder and its tokenizer (on the engine thread), with an empty queue for its jobs."""
+    model, tokenizer = bert.load(path, progress)
+    return Runner(name, model, tokenizer, embed_queue=_Queue())
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -370,11 +172,16 @@ def _forward(model: Bert, seqs: list[list[int]]) -> np.ndarray:
     return np.array(out.astype(mx.float32))
 
 
+def _normalized(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
 def _flush(engine: Engine, runner: Runner) -> None:
     """Embed every job pending on a model (engine thread)."""
     model: Bert = runner.model
-    with model.queue.lock:
-        jobs, model.queue.pending, model.queue.scheduled = model.queue.pending, [], False
+    queue: _Queue = runner.embed_queue
+    with queue.lock:
+        jobs, queue.pending, queue.scheduled = queue.pending, [], False
     try:
         if engine.runner(runner.name) is not runner:
             raise ModelNotFoundError(f"model {runner.name!r} was unloaded")
@@ -427,7 +234,7 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
     job = _Job(tokens, dims, finish)
     job.future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the engine
     pool._request_started(info.name, request_id, meta)
-    queue = runner.model.queue
+    queue = runner.embed_queue
     with queue.lock:
         queue.pending.append(job)
         schedule, queue.scheduled = not queue.scheduled, True

@@ -118,6 +118,7 @@ class Runner:
     kv_bytes: int = 0  # KV cache bytes of the running sequences, as of the last step
     cache_bytes: int = 0  # bytes held by the prompt cache, as of the last step
     token_bytes: int | None = None  # KV bytes per token position, measured on first use
+    embed_queue: Any = None  # an embedding model's jobs waiting for a forward pass (see embeddings)
 
     @property
     def vocab_size(self) -> int:

@@ -128,7 +128,7 @@ def test_concurrent_callers_share_forward_passes(pool, monkeypatch):
                for t in texts]
     for t in threads:
         t.start()
-    queue = pool.engine.runner(pool.find("bert").name).model.queue
+    queue = pool.engine.runner(pool.find("bert").name).embed_queue
     while len(queue.pending) < len(texts):
         threading.Event().wait(0.01)
     release.set()
@@ -351,7 +351,7 @@ def test_minilm_same_vectors_in_a_batch_of_64_callers(minilm, monkeypatch):
     async def callers():
         release = hold_engine(minilm)
         tasks = [asyncio.ensure_future(minilm.aembed(t, model="demo-embed", truncate=True)) for t in texts]
-        queue = minilm.engine.runner(minilm.find("demo-embed").name).model.queue
+        queue = minilm.engine.runner(minilm.find("demo-embed").name).embed_queue
         while len(queue.pending) < len(texts):
             await asyncio.sleep(0.01)
         release.set()

@@ -7,7 +7,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from mlx_manager_nb.embeddings import Bert, read_spec
+from mlx_manager_nb.bert import Bert, read_spec
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CORPUS = [
