@@ -26,7 +26,8 @@ def rounds(ask: Callable[[list[dict], str | dict | None], Reply], messages: list
     are "auto", and after ``max_rounds`` rounds of calls the model must answer ("none"). Read each
     reply to its end before asking for the next: its calls then run (a failing function's error is
     its result), ``on_turns`` gets the new turns, and the next round starts. The last reply made no
-    calls; a caller that stops iterating (the user stopped it) runs no more.
+    calls, or was cut off by ``max_tokens`` (its last call's arguments may be half made, so none
+    runs); a caller that stops iterating (the user stopped it) runs no more.
     """
     choice = tool_choice
     for round_ in range(max_rounds + 1):
@@ -43,6 +44,6 @@ def rounds(ask: Callable[[list[dict], str | dict | None], Reply], messages: list
 
 
 def _calls(reply: Result | TextStream) -> list[ToolCall]:
-    """The calls a finished reply made (none for a stream left before its end)."""
+    """The calls a finished reply made (none for a stream left before its end or a reply cut off)."""
     result = reply if isinstance(reply, Result) else reply.result
-    return result.tool_calls if result is not None else []
+    return result.tool_calls if result is not None and result.finish_reason != "length" else []

@@ -225,6 +225,12 @@ def test_the_loop_forces_an_answer_after_its_rounds_and_stops_when_the_caller_do
         break  # the caller stops: the calls of its last reply never run
     assert ran == []
 
+    def ask_briefly(messages, choice):
+        return pool.chat(messages, tools=tools, tool_choice=choice, temperature=0, max_tokens=48)
+
+    (cut,) = rounds(ask_briefly, [{"role": "user", "content": "2+3?"}], tools, tool_choice="add")
+    assert cut.finish_reason == "length" and cut.tool_calls  # a call with half its arguments ends the loop
+
 
 def test_history_with_calls_and_results_is_accepted(pool):
     calls = [ToolCall("call_1", "add", '{"a": 1, "b": 2}').to_openai()]
