@@ -165,7 +165,10 @@ def other_server(tiny_model_path, tmp_path, ctrl_c_works):
             break
     yield f"http://127.0.0.1:{port}/v1", home
     process.send_signal(signal.SIGINT)
-    process.wait(30)
+    try:
+        process.wait(30)
+    finally:
+        process.kill()  # a no-op once it stopped; one that did not must not outlive the test
 
 
 def test_attach_proxies_chat_stream_and_cancel_with_audit_on_both_sides(make_pool, audit, other_server):

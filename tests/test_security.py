@@ -126,7 +126,11 @@ def cli(tiny_model_path, home, *flags, env=None):
 
 def stop(proc, sig=signal.SIGINT):
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a server that did not stop must not outlive the test
+        raise
     return out
 
 
