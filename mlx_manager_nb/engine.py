@@ -321,7 +321,7 @@ class Engine:
             _emit(request, _done(request, "cancelled" if request.cancelled.is_set() else "timeout", None, 0, 0, None))
         while runner.waiting:
             request = runner.waiting[0]
-            slots = _kv_slots(len(request.prompt) + request.params.max_tokens)
+            slots = _kv_slots(len(request.prompt) + request.params.limit)
             if runner.active and runner.kv_budget is not None:
                 if runner.token_bytes is None:
                     try:
@@ -361,7 +361,7 @@ class Engine:
             sampler = make_sampler(p)
             (uid,) = runner.batch().insert(
                 [rest if cache is not None else prompt],
-                max_tokens=[p.max_tokens],
+                max_tokens=[p.limit],
                 caches=[cache],
                 all_tokens=[prompt[:cached]],
                 samplers=[sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults)],

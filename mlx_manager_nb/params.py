@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -34,6 +34,10 @@ MAX_SEED = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed
 Processor = Callable[[mx.array, mx.array], mx.array]
 
 
+NUMBER = {"json": (int, float)}  # each field's JSON types, as request bodies carry it
+INTEGER = {"json": int}
+
+
 @dataclass(frozen=True)
 class GenParams:
     """What one request asks of the sampler. ``temperature=0`` is greedy decoding.
@@ -41,22 +45,39 @@ class GenParams:
     ``logit_bias`` holds (token id, bias) pairs, added to the logits before sampling.
     ``presence_penalty`` and ``frequency_penalty`` follow OpenAI: a token's logit drops by
     ``frequency_penalty * count + presence_penalty * (count > 0)``, counting the tokens generated so far.
+    ``max_tokens`` None: up to :data:`DEFAULT_MAX_TOKENS`, within the model's context.
     """
 
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    seed: int | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    stop: tuple[str, ...] = field(default_factory=tuple)
+    temperature: float = field(default=0.7, metadata=NUMBER)
+    top_p: float = field(default=1.0, metadata=NUMBER)
+    top_k: int = field(default=0, metadata=INTEGER)
+    min_p: float = field(default=0.0, metadata=NUMBER)
+    repetition_penalty: float = field(default=1.0, metadata=NUMBER)
+    presence_penalty: float = field(default=0.0, metadata=NUMBER)
+    frequency_penalty: float = field(default=0.0, metadata=NUMBER)
+    logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata={"json": dict})
+    seed: int | None = field(default=None, metadata=INTEGER)
+    max_tokens: int | None = field(default=None, metadata=INTEGER)
+    stop: tuple[str, ...] = field(default=(), metadata={"json": (str, list)})
+
+    @property
+    def limit(self) -> int:
+        """The most tokens to generate."""
+        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
 
 NAMES = {f.name for f in fields(GenParams)}
+JSON_TYPES = {f.name: f.metadata["json"] for f in fields(GenParams)}
+
+
+def json_fields(p: GenParams) -> dict[str, Any]:
+    """``p``'s fields that differ from the defaults, as JSON values (``logit_bias`` as an object)."""
+    out = {f.name: getattr(p, f.name) for f in fields(p) if getattr(p, f.name) != f.default}
+    if "logit_bias" in out:
+        out["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if "stop" in out:
+        out["stop"] = list(p.stop)
+    return out
 
 
 def _short(value: Any) -> str:
@@ -81,70 +102,71 @@ def _number(name: str, value: Any, integer: bool = False) -> float:
     return value
 
 
-def _stops(value: Any) -> tuple[str, ...]:
+def _stops(value: Any, name: str) -> tuple[str, ...]:
     stop = [value] if isinstance(value, str) else value
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        raise InvalidParameterError("stop", f"stop must be a non-empty string or a list of them, got {_short(value)}")
+        raise InvalidParameterError(name, f"{name} must be a non-empty string or a list of them, got {_short(value)}")
     if len(stop) > MAX_STOPS:
-        raise InvalidParameterError("stop", f"stop takes at most {MAX_STOPS} strings, got {len(stop)}")
+        raise InvalidParameterError(name, f"{name} takes at most {MAX_STOPS} strings, got {len(stop)}")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise InvalidParameterError("stop", f"each stop string must be at most {MAX_STOP_CHARS} characters, "
+        raise InvalidParameterError(name, f"each {name} string must be at most {MAX_STOP_CHARS} characters, "
                          f"got one of {max(len(s) for s in stop)}")
     return tuple(stop)
 
 
-def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+def _logit_bias(value: Any, name: str) -> tuple[tuple[int, float], ...]:
     """A {token id: bias} mapping (ids may be decimal strings, as JSON keys are) as sorted pairs."""
     if not isinstance(value, dict):
-        raise InvalidParameterError("logit_bias",
-                                    f"logit_bias must be an object mapping token ids to biases, got {_short(value)}")
+        raise InvalidParameterError(name,
+                                    f"{name} must be an object mapping token ids to biases, got {_short(value)}")
     out = {}
     for key, bias in value.items():
         token = key
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             token = int(key)
         if not isinstance(token, int) or isinstance(token, bool) or token < 0:
-            raise InvalidParameterError("logit_bias",
-                                        f"logit_bias keys must be token ids (integers >= 0), got {_short(key)}")
-        if not -MAX_LOGIT_BIAS <= _number(f"logit_bias[{key!r}]", bias) <= MAX_LOGIT_BIAS:
-            raise InvalidParameterError("logit_bias",
-                                        f"logit_bias[{_short(key)}] must be in "
+            raise InvalidParameterError(name, f"{name} keys must be token ids (integers >= 0), got {_short(key)}")
+        if not -MAX_LOGIT_BIAS <= _number(f"{name}[{key!r}]", bias) <= MAX_LOGIT_BIAS:
+            raise InvalidParameterError(name, f"{name}[{_short(key)}] must be in "
                                         f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
         out[token] = float(bias)
     return tuple(sorted(out.items()))
 
 
-def make_params(**given: Any) -> GenParams:
-    """Validate user-given parameters (None means default); raise InvalidParameterError naming the field."""
+#: field -> (check of a given value, what it must be): a value that fails names the field
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "presence_penalty": (lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+    "frequency_penalty": (lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**64 - 1]"),
+    "max_tokens": (lambda v: v > 0, "> 0"),
+}
+INTEGERS = ("top_k", "seed", "max_tokens")
+
+
+def make_params(names: Mapping[str, str] | None = None, /, **given: Any) -> GenParams:
+    """Validate user-given parameters (None means default); raise InvalidParameterError naming the field,
+    as ``names`` maps it (a protocol's own name for it, e.g. ``{"stop": "stop_sequences"}``)."""
+    names = names or {}
     given = {k: v for k, v in given.items() if v is not None}
     unknown = set(given) - NAMES
     if unknown:
         raise InvalidParameterError(min(unknown),
                                     f"unknown parameter(s): {_short(sorted(unknown))}; "
                                     f"known: {', '.join(sorted(NAMES))}")
-    if "temperature" in given and _number("temperature", given["temperature"]) < 0:
-        raise InvalidParameterError("temperature", f"temperature must be >= 0, got {given['temperature']}")
-    if "top_p" in given and not 0 < _number("top_p", given["top_p"]) <= 1:
-        raise InvalidParameterError("top_p", f"top_p must be in (0, 1], got {given['top_p']}")
-    if "top_k" in given and _number("top_k", given["top_k"], integer=True) < 0:
-        raise InvalidParameterError("top_k", f"top_k must be >= 0, got {given['top_k']}")
-    if "min_p" in given and not 0 <= _number("min_p", given["min_p"]) <= 1:
-        raise InvalidParameterError("min_p", f"min_p must be in [0, 1], got {given['min_p']}")
-    if "repetition_penalty" in given and _number("repetition_penalty", given["repetition_penalty"]) <= 0:
-        raise InvalidParameterError("repetition_penalty",
-                                    f"repetition_penalty must be > 0, got {given['repetition_penalty']}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if name in given and not -MAX_PENALTY <= _number(name, given[name]) <= MAX_PENALTY:
-            raise InvalidParameterError(name,
-                                        f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {given[name]}")
-    if "seed" in given and not 0 <= _number("seed", given["seed"], integer=True) <= MAX_SEED:
-        raise InvalidParameterError("seed", f"seed must be an integer in [0, 2**64 - 1], got {given['seed']}")
-    if "max_tokens" in given and _number("max_tokens", given["max_tokens"], integer=True) <= 0:
-        raise InvalidParameterError("max_tokens", f"max_tokens must be > 0, got {given['max_tokens']}")
+    for field_name, (ok, what) in RANGES.items():
+        if field_name in given:
+            name = names.get(field_name, field_name)
+            if not ok(_number(name, given[field_name], integer=field_name in INTEGERS)):
+                raise InvalidParameterError(name, f"{name} must be {what}, got {given[field_name]}")
     if "stop" in given:
-        given["stop"] = _stops(given["stop"])
+        given["stop"] = _stops(given["stop"], names.get("stop", "stop"))
     if "logit_bias" in given:
-        given["logit_bias"] = _logit_bias(given["logit_bias"])
+        given["logit_bias"] = _logit_bias(given["logit_bias"], names.get("logit_bias", "logit_bias"))
     return GenParams(**given)
 
 

@@ -185,7 +185,7 @@ def list_local_models() -> list[LocalModel]:
     return found
 
 
-def _install(name: str, write: Callable[[Path], None]) -> Path:
+def install(name: str, write: Callable[[Path], None]) -> Path:
     """Build a store entry in a temporary folder and move it into place only when complete."""
     dest = models_dir() / name
     make_private_dir(home())
@@ -219,7 +219,7 @@ def import_gguf(path: str | Path, name: str | None = None, progress: Progress | 
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file {path} does not exist")
-    return _install(name or store_name(path), lambda tmp: convert_gguf(path, tmp, progress))
+    return install(name or store_name(path), lambda tmp: convert_gguf(path, tmp, progress))
 
 
 def _hf_repo(repo: str, progress: Progress | None) -> Path:
@@ -254,17 +254,35 @@ def model_name(ref: str, path: Path) -> str:
     return ref if "snapshots" in path.parts and REPO_ID.match(ref) else path.name
 
 
+@dataclass(frozen=True)
+class Named:
+    """A named reference (``"demo"``): the store folder it installs, and the function that fetches it."""
+
+    folder: str
+    fetch: Callable[[Progress | None], Path]
+
+
+#: named references, registered by the modules that provide them (see mlx_manager_nb.demo)
+NAMED: dict[str, Named] = {}
+
+
+def register(ref: str, folder: str, fetch: Callable[[Progress | None], Path]) -> None:
+    """Make ``ref`` a named reference: :func:`resolve` fetches it, and a model loaded from the store
+    folder ``folder`` answers to it."""
+    NAMED[ref] = Named(folder, fetch)
+
+
+def named_folder(ref: str | None) -> str | None:
+    """The store folder a named reference installs, or None if ``ref`` is not one."""
+    named = NAMED.get(ref) if ref is not None else None
+    return named.folder if named is not None else None
+
+
 def resolve(ref: str | os.PathLike, progress: Progress | None = None) -> Path:
     """Return the local mlx-lm folder for a model reference, importing or fetching it if needed."""
     text = str(ref)
-    if text == "demo":
-        from .demo import ensure_demo
-
-        return ensure_demo(progress)
-    if text == "demo-embed":
-        from .demo_embed import ensure_demo_embed
-
-        return ensure_demo_embed(progress)
+    if text in NAMED:
+        return NAMED[text].fetch(progress)
     path = Path(text).expanduser()
     if path.is_dir():
         return validate_model_dir(path)

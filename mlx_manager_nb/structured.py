@@ -1,22 +1,23 @@
 """What a chat request asks beyond free text, planned before it reaches the engine.
 
-:func:`plan` turns ``tools``, ``tool_choice`` and ``schema`` (or an OpenAI ``response_format``)
-into a :class:`Plan`: the messages and ``tools`` to give the chat template, the request's
+:func:`plan` turns a request's ``tools``, ``tool_choice`` and ``schema`` into a :class:`Plan`: the
+messages and ``tools`` to give the chat template, the request's
 :class:`~mlx_manager_nb.constraints.Constraint` (or None), and the parser that turns the raw text
-into content, tool calls and a parsed object. Everything is validated here, on the caller's thread:
-a schema or tool that cannot be compiled raises :class:`~mlx_manager_nb.errors.InvalidParameterError`.
+into content, tool calls and a parsed object. A request's parser validates its schema and tools
+(:func:`check_schema`, :func:`~mlx_manager_nb.tools.tool_parameters`) before it reaches the pool.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
 from . import tools as T
-from .constraints import Constraint, compile_grammar, json_grammar, lark_json, make_constraint
+from .constraints import Constraint, check_grammar, compile_grammar, json_grammar, lark_json, make_constraint
 from .errors import InvalidParameterError
 
 ANY_OBJECT = {"type": "object"}
@@ -68,20 +69,18 @@ def from_response_format(rf: Any) -> dict | None:
     return spec.get("schema", ANY_OBJECT)
 
 
-def plan(tokenizer: Any, messages: list[dict], tools: Any = None, tool_choice: Any = None, schema: Any = None,
-         response_format: Any = None, parallel_tool_calls: bool = True) -> Plan:
-    """Plan a chat request on the model of ``tokenizer`` (see the module docstring)."""
-    param = "schema"
-    if response_format is not None:
-        if schema is not None:
-            raise InvalidParameterError("response_format", "give schema or response_format, not both")
-        schema, param = from_response_format(response_format), "response_format"
-    tool_list = T.make_tools(tools) if tools is not None else []
-    choice = T.tool_choice(tool_choice, tool_list)
-    if schema is not None and choice != "none":
-        raise InvalidParameterError(param, f"{param} cannot be combined with tools unless tool_choice is 'none'")
-    if choice == "none":
-        tool_list = []
+def check_schema(schema: Any, param: str) -> Any:
+    """``schema`` if it is a pydantic model class or a JSON schema dict that grammars can constrain
+    (checked without a model); else InvalidParameterError naming ``param``."""
+    check_grammar(json_grammar(schema_of(schema, param), param), param)
+    return schema
+
+
+def plan(tokenizer: Any, messages: list[dict], tools: Sequence[T.Tool] = (), choice: str = "none",
+         schema: Any = None, parallel_tool_calls: bool = True) -> Plan:
+    """Plan a checked chat request (see :class:`~mlx_manager_nb.request.ChatRequest`) on the model of
+    ``tokenizer``; a grammar this model's tokenizer refuses names the request's own field."""
+    tool_list = list(tools) if choice != "none" else []
     native = T.is_native(tokenizer)
     native_json = native and T.native_is_json(tokenizer)
     # tools in the JSON format are always constrained (auto: a lazy grammar); another native format
@@ -91,12 +90,11 @@ def plan(tokenizer: Any, messages: list[dict], tools: Any = None, tool_choice: A
     use_native = native and (not tool_list or not constrained or native_json)
     constraint = parser = None
     if schema is not None:
-        grammar_param = param if param == "schema" or isinstance(schema, type) else f"{param}.json_schema.schema"
-        constraint = make_constraint(tokenizer, json_grammar(schema_of(schema, param), grammar_param), grammar_param)
+        constraint = make_constraint(tokenizer, json_grammar(schema_of(schema, "schema"), "schema"), "schema")
     elif tool_list:
         if constrained:
             for i, t in enumerate(tool_list):  # name the tool whose schema llguidance refuses
-                where = f"tools[{i}].function.parameters"
+                where = f"tools[{i}].parameters"
                 compile_grammar(tokenizer, "start: " + lark_json(t.parameters), where)
             grammar = T.tools_grammar(tool_list, choice, parallel_tool_calls)
             where = "tool_choice" if choice not in ("auto", "required") else "tools"

@@ -25,7 +25,7 @@ from typing import Any, get_type_hints
 
 import pydantic
 
-from .constraints import check_schema, closed_schema, lark_json
+from .constraints import check_grammar, check_schema, closed_schema, lark_json
 from .errors import InvalidParameterError
 
 START, END = "<tool_call>", "</tool_call>"
@@ -121,26 +121,33 @@ def _tool_from_dict(t: dict, where: str) -> Tool:
     if not isinstance(name, str) or not NAME.match(name):
         raise InvalidParameterError(f"{inner}.name", f"{inner}.name must be 1 to 64 letters, digits, '_' or '-', "
                                                      f"got {str(name)[:70]!r}")
-    params = fn.get("parameters", {"type": "object", "properties": {}})
-    check_schema(params, f"{inner}.parameters")
-    if params.get("type") != "object":
-        raise InvalidParameterError(f"{inner}.parameters", f"{inner}.parameters must describe an object "
-                                                           '({"type": "object", ...})')
     description = fn.get("description") or ""
     if not isinstance(description, str):
         raise InvalidParameterError(f"{inner}.description", f"{inner}.description must be a string")
-    return Tool(name, description, params, bool(fn.get("strict", False)))
+    params = fn.get("parameters", {"type": "object", "properties": {}})
+    return Tool(name, description, tool_parameters(params, f"{inner}.parameters"), bool(fn.get("strict", False)))
 
 
-def make_tools(tools: Any, param: str = "tools") -> list[Tool]:
-    """Validate tools given as Python functions, :class:`Tool`s or OpenAI function-tool dicts."""
+def tool_parameters(schema: Any, where: str) -> dict:
+    """A tool's parameters: a valid JSON schema of an object that grammars can constrain; a bad one
+    raises InvalidParameterError naming ``where``."""
+    check_schema(schema, where)
+    if schema.get("type") != "object":
+        raise InvalidParameterError(where, f"{where} must describe an object ({{\"type\": \"object\", ...}})")
+    check_grammar("start: " + lark_json(schema), where)
+    return schema
+
+
+def make_tools(tools: Any, param: str = "tools", index: str = "[{}]") -> list[Tool]:
+    """Validate tools given as Python functions, :class:`Tool`s or OpenAI function-tool dicts; the
+    ``i``-th is named ``param + index.format(i)`` in errors."""
     if not isinstance(tools, (list, tuple)):
         raise InvalidParameterError(param, f"{param} must be a list of functions or function-tool objects")
     if len(tools) > MAX_TOOLS:
         raise InvalidParameterError(param, f"{param} holds {len(tools)} tools; at most {MAX_TOOLS} (as OpenAI allows)")
     out: list[Tool] = []
     for i, t in enumerate(tools):
-        where = f"{param}[{i}]"
+        where = param + index.format(i)
         if isinstance(t, Tool):
             out.append(t)
         elif isinstance(t, dict):
@@ -155,7 +162,8 @@ def make_tools(tools: Any, param: str = "tools") -> list[Tool]:
     names = [t.name for t in out]
     for i, n in enumerate(names):
         if n in names[:i]:
-            raise InvalidParameterError(f"{param}[{i}]", f"{param}[{i}]: a tool named {n!r} is defined twice")
+            where = param + index.format(i)
+            raise InvalidParameterError(where, f"{where}: a tool named {n!r} is defined twice")
     return out
 
 

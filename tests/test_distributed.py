@@ -18,7 +18,7 @@ PROMPTS = ["Hello world", "The capital of France", "def add(a, b):", "Once upon 
 
 def no_eos(pool, model):
     """A logit_bias that keeps ``model`` from ending early, so streams run long enough to cancel or break."""
-    return {pool._runner(pool.find(model).name).tokenizer.eos_token_id: -100}
+    return {pool.runner(pool.find(model).name).tokenizer.eos_token_id: -100}
 
 
 @pytest.fixture(scope="module")

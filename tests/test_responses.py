@@ -5,6 +5,7 @@ field the types do not know fails the test as a missing one does.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import sqlite3
@@ -22,10 +23,10 @@ from pydantic import BaseModel, TypeAdapter
 
 from mlx_manager_nb.response_store import MIGRATIONS, ResponseStore
 from mlx_manager_nb.server import serve
-from mlx_manager_nb.server.responses_api import _input_items, _messages, tool_options
+from mlx_manager_nb.server.responses_api import _input_items, _messages, _structure
 from mlx_manager_nb.server.responses_output import Draft, final, stream_shape
 from mlx_manager_nb.streams import Result, Usage
-from mlx_manager_nb.tools import CallPiece
+from mlx_manager_nb.tools import CallPiece, Tool
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 GREEDY = {"temperature": 0, "max_output_tokens": 6}
@@ -80,8 +81,9 @@ def completes(pool, monkeypatch):
     returns the text they complete with."""
     full = pool.chat(HI, temperature=0, max_tokens=12).text
     stop = full[4:6]
-    achat = pool.achat
-    monkeypatch.setattr(pool, "achat", lambda *a, **k: achat(*a, stop=[stop], **k))
+    astream = pool.astream  # what the server runs a parsed request with
+    monkeypatch.setattr(pool, "astream", lambda request, *a: astream(
+        dataclasses.replace(request, params=dataclasses.replace(request.params, stop=(stop,))), *a))
     return full[:full.find(stop)]
 
 
@@ -430,7 +432,7 @@ def test_function_call_items_become_the_chat_the_pool_takes():
         {"type": "function_call", "call_id": "call_2", "name": "get_time", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "18C"}]},
         {"type": "function_call_output", "call_id": "call_2", "output": "noon"}]})
-    assert _messages(items, "Be brief.") == [
+    assert [m.template() for m in _messages(items, "Be brief.")] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [
@@ -438,14 +440,14 @@ def test_function_call_items_become_the_chat_the_pool_takes():
             {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
         {"role": "tool", "tool_call_id": "call_2", "content": "noon"}]
+    tools = [{**t, "parameters": {"type": "object"}} for t in TOOLS]
+    as_tools = tuple(Tool(n, "", {"type": "object"}, True) for n in ("get_weather", "get_time"))
+    plain = {"format": {"type": "text"}}
+    assert _structure(tools, {"type": "function", "name": "get_time"}, False, plain) == {
+        "tools": as_tools, "tool_choice": "get_time", "schema": None, "parallel_tool_calls": False}
     text = {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": True}}
-    assert tool_options(TOOLS, {"type": "function", "name": "get_time"}, False, text) == {
-        "parallel_tool_calls": False,
-        "tools": [{"type": "function", "function": {"name": n, "parameters": {}, "strict": True}}
-                  for n in ("get_weather", "get_time")],
-        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
-        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"},
-                                                                   "strict": True}}}
+    assert _structure(tools, "none", True, text) == {
+        "tools": as_tools, "tool_choice": "none", "schema": {"type": "object"}, "parallel_tool_calls": True}
 
 
 # -- openai-agents on the real demo model ------------------------------------------------------------

@@ -9,9 +9,11 @@ import jsonschema
 import pytest
 from pydantic import Field
 
+from mlx_manager_nb import runner
 from mlx_manager_nb.chain import rounds
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.model_pool import Pool
+from mlx_manager_nb.request import python_request
 from mlx_manager_nb.tools import CallParser, CallPiece, ToolCall, function_tool, make_tools, render_fallback
 
 ASK = [{"role": "user", "content": "Weather?"}]
@@ -420,7 +422,8 @@ def test_a_template_with_tools_renders_them_and_its_family_parser_reads_the_call
         p.load(path, alias="native")
         tokenizer = p.engine.runner(p.find("native").name).tokenizer
         assert tokenizer.has_tool_calling and tokenizer.tool_call_start == "<tool_call>"
-        prompt = tokenizer.decode(p._chat_tokens(p.engine.runner(p.find("native").name), ASK, {"tools": [ADD]})[0])
+        ids = runner.tokens(p.engine.runner(p.find("native").name), python_request(ASK, tools=[ADD]))[0]
+        prompt = tokenizer.decode(ids)
         assert "TOOLS:add;" in prompt and "Tools you can call" not in prompt  # the template's rendering
         r = p.chat(ASK, tools=[ADD], tool_choice="add", temperature=1.0, seed=5, max_tokens=300,
                    parallel_tool_calls=False)

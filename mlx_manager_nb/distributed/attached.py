@@ -18,7 +18,7 @@ import aiohttp
 
 from ..engine import Failed, Request
 from ..errors import EngineError, ModelNotFoundError
-from ..params import GenParams
+from ..params import GenParams, json_fields
 from .remote import POLL_SECONDS, Flights
 
 CONNECT_TIMEOUT = 10.0
@@ -26,17 +26,13 @@ FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", "tool_ca
 
 
 def openai_body(p: GenParams) -> dict:
-    """The OpenAI fields for ``p``; the extensions (top_k, min_p, repetition_penalty) only when set."""
-    body: dict[str, Any] = {"temperature": p.temperature, "max_tokens": p.max_tokens}
-    optional = {"top_p": (p.top_p, 1.0), "top_k": (p.top_k, 0), "min_p": (p.min_p, 0.0),
-                "repetition_penalty": (p.repetition_penalty, 1.0), "presence_penalty": (p.presence_penalty, 0.0),
-                "frequency_penalty": (p.frequency_penalty, 0.0), "seed": (p.seed, None)}
-    body.update({k: v for k, (v, default) in optional.items() if v != default})
-    if p.stop:
-        body["stop"] = list(p.stop)
-    if p.logit_bias:
-        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
-    return body
+    """The OpenAI fields for ``p`` (named as the OpenAI adapter reads them); the extensions (top_k,
+    min_p, repetition_penalty) only when set."""
+    from ..server.openai_api import FIELDS
+
+    names = {param: name for name, param in FIELDS.items()}
+    return {"temperature": p.temperature, "max_tokens": p.limit,
+            **{names[param]: value for param, value in json_fields(p).items() if param in names}}
 
 
 class AttachedModel:

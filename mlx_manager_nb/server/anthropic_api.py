@@ -8,34 +8,38 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import ContextLengthError, InvalidParameterError
+from ..errors import ApiError
+from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure, text
 from ..streams import AsyncTextStream, Result
-from ..tools import CallPiece, ToolCall
-from .common import MODEL, POOL, REQUEST_ID, ApiError, api_error, audit_meta, field_of, refuse_fields, resolve_model
-from .streaming import StreamShape, respond
+from ..structured import check_schema
+from ..tools import CallPiece, Tool, ToolCall, make_tools, tool_parameters
+from .adapter import Adapter, Answer, chat_handler
+from .common import MODEL, POOL, REQUEST_ID, endpoint, field_of, refuse_fields, resolve_model, sampling
+from .streaming import StreamShape
 
 REFUSED = ("mcp_servers", "container")  # would change the answer and cannot be honoured: never ignored
 NO_OPS = {"thinking": ({"type": "disabled"},)}  # asks for nothing: accepted
 STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "timeout": "max_tokens",
                "tool_calls": "tool_use"}
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# the pool's parameter (or its prefix) -> this API's field
-POOL_NAMES = {"stop": "stop_sequences", "response_format.json_schema.schema": "output_config.format.schema",
-              "response_format.json_schema": "output_config.format", "response_format": "output_config.format",
-              "messages": "messages", "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}
-POOL_TOOL = re.compile(r"^tools\[(\d+)\](?:\.function)?(\.parameters|\.name|\.description|\.type)?")
+# kind of error -> Anthropic's error type
+KINDS = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+         "not_found": "not_found_error", "no_response": "not_found_error", "no_previous_response": "not_found_error",
+         "no_route": "not_found_error", "context_length": "invalid_request_error", "forbidden": "permission_error",
+         "media_type": "invalid_request_error", "too_large": "invalid_request_error", "overloaded": "overloaded_error",
+         "api": "api_error"}
+# Anthropic's sampling fields -> GenParams'
+FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop_sequences": "stop",
+          "max_tokens": "max_tokens"}
 
 
-def _field(param: str) -> str:
-    """This API's name for a field the pool named in its own (OpenAI chat) terms."""
-    m = POOL_TOOL.match(param)
-    if m:
-        rest = {".parameters": ".input_schema", None: ""}.get(m.group(2), m.group(2))
-        return f"tools.{m.group(1)}{rest}{param[m.end():]}"
-    for pool_name, name in POOL_NAMES.items():
-        if param == pool_name or param.startswith((pool_name + ".", pool_name + "[")):
-            return name  # message indexes differ (tool results are messages of their own): name the field
-    return param
+def error_body(error: ApiError) -> dict:
+    return {"type": "error", "error": {"type": KINDS[error.kind], "message": error.message}}
+
+
+ADAPTER = Adapter("anthropic", error_body, fields={"schema": "output_config.format.schema"},
+                  statuses={"overloaded": 529},
+                  context_message=lambda e: f"prompt is too long: {e.tokens} tokens > {e.limit} maximum")
 
 
 def _block_text(block: Any, where: str) -> str:
@@ -54,11 +58,11 @@ def _text(content: Any, where: str) -> str:
     return "".join(_block_text(block, f"{where}.{i}") for i, block in enumerate(content))
 
 
-def _assistant(content: Any, where: str, calls: dict[str, str]) -> dict:
-    """An assistant turn: its text blocks, and its ``tool_use`` blocks as OpenAI ``tool_calls``."""
+def _assistant(content: Any, where: str, calls: dict[str, str]) -> Message:
+    """An assistant turn: its text blocks and its ``tool_use`` blocks."""
     if not isinstance(content, list):
-        return {"role": "assistant", "content": _text(content, where)}
-    text, tool_calls = [], []
+        return text("assistant", _text(content, where))
+    texts, uses = [], []
     for j, block in enumerate(content):
         at = f"{where}.{j}"
         if isinstance(block, dict) and block.get("type") == "tool_use":
@@ -70,30 +74,26 @@ def _assistant(content: Any, where: str, calls: dict[str, str]) -> dict:
             if not isinstance(args, dict):
                 raise ApiError(400, f"{at}.input must be an object", param=f"{at}.input")
             calls[call_id] = name
-            tool_calls.append({"id": call_id, "type": "function",
-                               "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+            uses.append(ToolUse(call_id, name, json.dumps(args, ensure_ascii=False)))
         else:
-            text.append(_block_text(block, at))
-    message: dict = {"role": "assistant", "content": "".join(text)}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return message
+            texts.append(_block_text(block, at))
+    return Message("assistant", (Text("".join(texts)), *uses))
 
 
-def _user(content: Any, where: str, calls: dict[str, str]) -> list[dict]:
+def _user(content: Any, where: str, calls: dict[str, str]) -> list[Message]:
     """A user turn: its ``tool_result`` blocks as ``tool`` messages, in order with its text."""
     if not isinstance(content, list):
-        return [{"role": "user", "content": _text(content, where)}]
-    out: list[dict] = []
-    text: list[str] = []
+        return [text("user", _text(content, where))]
+    out: list[Message] = []
+    texts: list[str] = []
     for j, block in enumerate(content):
         at = f"{where}.{j}"
         if not (isinstance(block, dict) and block.get("type") == "tool_result"):
-            text.append(_block_text(block, at))
+            texts.append(_block_text(block, at))
             continue
-        if text:
-            out.append({"role": "user", "content": "".join(text)})
-            text = []
+        if texts:
+            out.append(text("user", "".join(texts)))
+            texts = []
         call_id = block.get("tool_use_id")
         if not isinstance(call_id, str) or call_id not in calls:
             raise ApiError(400, f"{at}.tool_use_id: no earlier tool_use block has the id {str(call_id)[:70]!r}",
@@ -103,21 +103,20 @@ def _user(content: Any, where: str, calls: dict[str, str]) -> list[dict]:
         is_error = block.get("is_error", False)
         if not isinstance(is_error, bool):
             raise ApiError(400, f"{at}.is_error must be a boolean", param=f"{at}.is_error")
-        out.append({"role": "tool", "tool_call_id": call_id, "name": calls[call_id],
-                    "content": f"Error: {result}" if is_error else result})
-    if text or not out:
-        out.append({"role": "user", "content": "".join(text)})
+        out.append(Message("tool", (ToolResult(call_id, f"Error: {result}" if is_error else result, calls[call_id]),)))
+    if texts or not out:
+        out.append(text("user", "".join(texts)))
     return out
 
 
-def _conversation(body: dict) -> list[dict]:
+def _conversation(body: dict) -> list[Message]:
     messages = field_of(body, "messages", list, required=True)
     if not messages:
         raise ApiError(400, "messages: at least one message is required", param="messages")
     out = []
     system = body.get("system")
     if system is not None:
-        out.append({"role": "system", "content": _text(system, "system")})
+        out.append(text("system", _text(system, "system")))
     calls: dict[str, str] = {}  # tool_use id -> tool name, for the tool_result blocks that answer them
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
@@ -133,9 +132,9 @@ def _conversation(body: dict) -> list[dict]:
 
 
 def _tools(body: dict) -> dict:
-    """The pool's ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``."""
+    """The request's tools, tool choice and schema (``output_config.format``)."""
     tools = field_of(body, "tools", list, default=[])
-    out: list[dict[str, Any]] = []
+    out: list[Tool] = []
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
         if not isinstance(tool, dict):
@@ -153,39 +152,35 @@ def _tools(body: dict) -> dict:
         description = tool.get("description")
         if description is not None and not isinstance(description, str):
             raise ApiError(400, f"{where}.description must be a string", param=f"{where}.description")
-        function: dict[str, Any] = {"name": name, "description": description or "", "parameters": schema}
-        if tool.get("strict") is not None:
-            function["strict"] = bool(tool["strict"])
-        out.append({"type": "function", "function": function})
-    options: dict = {"tools": out or None}
-    choice = field_of(body, "tool_choice", dict)
-    if choice is not None:
-        kind = choice.get("type")
-        if kind not in ("auto", "any", "tool", "none"):
-            raise ApiError(400, f"tool_choice.type must be auto, any, tool or none, got {str(kind)[:40]!r}",
-                           param="tool_choice.type")
-        if kind in ("any", "tool") and not out:
-            raise ApiError(400, f"tool_choice {kind!r} needs 'tools'", param="tool_choice")
-        if kind == "tool":
-            if choice.get("name") not in [t["function"]["name"] for t in out]:
-                raise ApiError(400, f"tool_choice.name: {str(choice.get('name'))[:64]!r} is not the name of a tool "
-                               "in 'tools'", param="tool_choice.name")
-            options["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
-        else:
-            options["tool_choice"] = {"any": "required"}.get(kind, kind)
-        parallel = choice.get("disable_parallel_tool_use")
-        if parallel is not None:
-            if not isinstance(parallel, bool):
-                raise ApiError(400, "tool_choice.disable_parallel_tool_use must be a boolean",
-                               param="tool_choice.disable_parallel_tool_use")
-            options["parallel_tool_calls"] = not parallel
-    if options.get("tool_choice") in ("none", "auto") and not out:  # nothing to choose from: asks for nothing
-        options.pop("tool_choice")
+        out.append(Tool(name, description or "", tool_parameters(schema, f"{where}.input_schema"),
+                        bool(tool.get("strict", False))))
+    make_tools(out, "tools", index=".{}")  # at most MAX_TOOLS, each name once
+    choice, parallel = _tool_choice(body, out)
     fmt = _output_format(body)
-    if fmt is not None:
-        options["response_format"] = {"type": "json_schema",
-                                      "json_schema": {"name": "output", "schema": fmt, "strict": True}}
-    return {k: v for k, v in options.items() if v is not None}
+    return structure(out, choice, fmt, "output_config.format", parallel)
+
+
+def _tool_choice(body: dict, tools: list[Tool]) -> tuple[str | None, bool]:
+    """The tool choice (None: the default) and whether calls may come in parallel."""
+    choice = field_of(body, "tool_choice", dict)
+    if choice is None:
+        return None, True
+    kind = choice.get("type")
+    if kind not in ("auto", "any", "tool", "none"):
+        raise ApiError(400, f"tool_choice.type must be auto, any, tool or none, got {str(kind)[:40]!r}",
+                       param="tool_choice.type")
+    if kind in ("any", "tool") and not tools:
+        raise ApiError(400, f"tool_choice {kind!r} needs 'tools'", param="tool_choice")
+    if kind == "tool" and choice.get("name") not in [t.name for t in tools]:
+        raise ApiError(400, f"tool_choice.name: {str(choice.get('name'))[:64]!r} is not the name of a tool "
+                       "in 'tools'", param="tool_choice.name")
+    parallel = choice.get("disable_parallel_tool_use")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "tool_choice.disable_parallel_tool_use must be a boolean",
+                       param="tool_choice.disable_parallel_tool_use")
+    if not tools:  # nothing to choose from: asks for nothing
+        return None, not parallel
+    return {"any": "required", "tool": choice.get("name")}.get(kind, kind), not parallel
 
 
 def _output_format(body: dict) -> dict | None:
@@ -207,10 +202,10 @@ def _output_format(body: dict) -> dict | None:
         raise ApiError(400, f"{where}.type must be 'json_schema'", param=f"{where}.type")
     if not isinstance(fmt.get("schema"), dict):
         raise ApiError(400, f"{where}.schema must be a JSON schema object", param=f"{where}.schema")
-    return fmt["schema"]
+    return check_schema(fmt["schema"], f"{where}.schema")
 
 
-def _params(body: dict) -> dict:
+def _request(body: dict) -> ChatRequest:
     refuse_fields(body, REFUSED, NO_OPS)
     temperature = field_of(body, "temperature", (int, float))
     if temperature is not None and not 0 <= temperature <= 1:
@@ -221,14 +216,12 @@ def _params(body: dict) -> dict:
     max_tokens = field_of(body, "max_tokens", int, required=True)
     if max_tokens <= 0:
         raise ApiError(400, f"max_tokens: must be at least 1, got {max_tokens}", param="max_tokens")
-    return {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": field_of(body, "top_p", (int, float)),
-        "top_k": field_of(body, "top_k", int),
-        "stop": stops or None,
-        **_tools(body),
-    }
+    params = sampling({**body, "stop_sequences": stops or None}, FIELDS)
+    tools = _tools(body)
+    conversation = _conversation(body)
+    if conversation[-1].role == "assistant":
+        raise ApiError(400, "a final assistant message (prefill) is not supported yet", param="messages")
+    return ChatRequest(tuple(conversation), params=params, **tools)
 
 
 def _message(rid: str, model: str, text: str | None, result: Result | None = None, input_tokens: int = 0) -> dict:
@@ -314,56 +307,30 @@ def _shape(rid: str, model: str) -> StreamShape:
             ("message_stop", {"type": "message_stop"})]
 
     return StreamShape(
-        protocol="anthropic",
         start=start,
         delta=delta,
         call_piece=call_piece,
         tool_call=lambda call: close(),
         end=end,
-        error=lambda e: [("error", {"type": "error", "error": {"type": "api_error", "message": str(e)}})],
+        error=lambda error: [("error", error_body(error))],
     )
 
 
-def _translated(e: InvalidParameterError) -> ApiError:
-    """The pool's refusal, naming this API's field (``tools.0.input_schema``, not ``tools[0].function.parameters``)."""
-    error = api_error("anthropic", e)
-    if isinstance(e, ContextLengthError) or not e.param:
-        return error
-    field = _field(e.param)
-    message = str(e)
-    message = message.replace(e.param, field, 1) if e.param in message else f"{field}: {message}"
-    return ApiError(400, message, error.kind, field)
-
-
-async def messages(request: web.Request, body: dict) -> web.StreamResponse:
-    model = field_of(body, "model", str, required=True)
-    request[MODEL] = model
-    stream = field_of(body, "stream", bool, default=False)
-    params = _params(body)
-    conversation = _conversation(body)
-    if conversation[-1]["role"] == "assistant":
-        raise ApiError(400, "a final assistant message (prefill) is not supported yet", param="messages")
-    name = await resolve_model(request, model)
-    pool = request.app[POOL]
-    meta = audit_meta(request, "anthropic", stream)
+async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
+    chat_request = _request(body)
     rid = "msg_" + request[REQUEST_ID]
-    try:
-        return await respond(
-            request, lambda: pool.achat(conversation, model=name, stream=True, meta=meta, **params), stream,
-            lambda result: _message(rid, model, result.text, result), _shape(rid, model),
-        )
-    except InvalidParameterError as e:
-        raise _translated(e) from None
+    return Answer(chat_request, lambda result: _message(rid, model, result.text, result), _shape(rid, model))
 
 
-async def count_tokens(request: web.Request, body: dict) -> web.Response:
+messages = chat_handler(ADAPTER, _parse)
+
+
+async def _count_tokens(request: web.Request, body: dict) -> web.Response:
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
-    conversation = _conversation(body)
-    structure = {k: v for k, v in _tools(body).items() if k != "parallel_tool_calls"}
+    chat_request = ChatRequest(tuple(_conversation(body)), **_tools(body))
     name = await resolve_model(request, model)
-    try:
-        count = await request.app[POOL].acount_tokens(conversation, model=name, **structure)
-    except InvalidParameterError as e:
-        raise _translated(e) from None
-    return web.json_response({"input_tokens": count})
+    return web.json_response({"input_tokens": await request.app[POOL].acount_tokens(chat_request, name)})
+
+
+count_tokens = endpoint(ADAPTER, _count_tokens)

@@ -13,7 +13,8 @@ from aiohttp import web
 from ..hosted import proxy_context
 from ..response_store import ResponseStore
 from . import anthropic_api, embeddings_api, models_api, openai_api, responses_api
-from .common import OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, error_body, is_loopback
+from .adapter import Adapter
+from .common import OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, is_loopback
 
 V1 = web.AppKey("v1", web.Application)
 MAX_BODY = 8 * 2**20
@@ -40,17 +41,18 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     app[STATS] = Stats()
     app[RESPONSES] = ResponseStore() if store_responses else None
     app.on_cleanup.append(_close_responses)
-    app.router.add_get("/models", endpoint("auto", models_api.models, body=False))
-    app.router.add_get("/models/{id:.+}", endpoint("auto", models_api.model, body=False))
-    app.router.add_post("/chat/completions", endpoint("openai", openai_api.chat_completions))
-    app.router.add_post("/completions", endpoint("openai", openai_api.completions))
-    app.router.add_post("/responses", endpoint("openai", responses_api.create))
-    app.router.add_get("/responses/{id}", endpoint("openai", responses_api.retrieve, body=False))
-    app.router.add_delete("/responses/{id}", endpoint("openai", responses_api.delete, body=False))
-    app.router.add_get("/responses/{id}/input_items", endpoint("openai", responses_api.input_items, body=False))
-    app.router.add_post("/messages", endpoint("anthropic", anthropic_api.messages))
-    app.router.add_post("/messages/count_tokens", endpoint("anthropic", anthropic_api.count_tokens))
-    app.router.add_post("/embeddings", endpoint("openai", embeddings_api.embeddings))
+    openai, anthropic = openai_api.ADAPTER, anthropic_api.ADAPTER
+    app.router.add_get("/models", endpoint(openai, models_api.models, body=False, alternative=anthropic))
+    app.router.add_get("/models/{id:.+}", endpoint(openai, models_api.model, body=False, alternative=anthropic))
+    app.router.add_post("/chat/completions", openai_api.chat_completions)
+    app.router.add_post("/completions", openai_api.completions)
+    app.router.add_post("/responses", responses_api.create)
+    app.router.add_get("/responses/{id}", responses_api.retrieve)
+    app.router.add_delete("/responses/{id}", responses_api.delete)
+    app.router.add_get("/responses/{id}/input_items", responses_api.input_items)
+    app.router.add_post("/messages", anthropic_api.messages)
+    app.router.add_post("/messages/count_tokens", anthropic_api.count_tokens)
+    app.router.add_post("/embeddings", endpoint(openai, embeddings_api.embeddings))
     return app
 
 
@@ -61,8 +63,8 @@ async def _close_responses(app: web.Application) -> None:
         store.close()
 
 
-def _protocol(path: str) -> str:
-    return "anthropic" if "/v1/messages" in path else "openai"
+def _adapter(path: str) -> Adapter:
+    return anthropic_api.ADAPTER if "/v1/messages" in path else openai_api.ADAPTER
 
 
 @web.middleware
@@ -74,7 +76,7 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         kind = "no_route" if e.status == 404 else "invalid_request"
         what = "No such endpoint" if e.status == 404 else f"Method {request.method} is not allowed on"
         error = ApiError(e.status, f"{what}: {request.method} {request.path}"[:300], kind)
-        return web.json_response(error_body(_protocol(request.path), error), status=e.status,
+        return web.json_response(_adapter(request.path).error_body(error), status=e.status,
                                  headers={k: v for k, v in e.headers.items() if k.lower() == "allow"})
 
 
@@ -87,7 +89,7 @@ def _host_guard(allowed: frozenset[str], proxy_prefix: str | None) -> Any:
                 and not _proxied(request, host, proxy_prefix)):
             error = ApiError(403, "Host not allowed: this server answers only to its own host names "
                                   "(pass allowed_hosts=[...] to serve() to add one).", "forbidden")
-            return web.json_response(error_body(_protocol(request.path), error), status=403)
+            return web.json_response(_adapter(request.path).error_body(error), status=403)
         return await handler(request)
 
     return guard

@@ -1,7 +1,8 @@
 """What every protocol's endpoints share: request ids, auth, JSON bodies, errors, stats, model names.
 
 Every endpoint is wrapped by :func:`endpoint`, which turns any failure into the protocol's own
-error shape, records refused requests in the audit log, and echoes ``x-request-id``.
+error shape (see :class:`~.adapter.Adapter`), records refused requests in the audit log, and
+echoes ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +23,15 @@ from aiohttp import web
 
 from .. import store
 from ..audit_log import new_request_id
-from ..demo import DEMO_NAME
-from ..demo_embed import DEMO_EMBED_NAME
-from ..errors import ContextLengthError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
+from ..errors import ApiError, InvalidModelError, ModelNotFoundError
+from ..params import JSON_TYPES, GenParams, make_params
+from ..request import RequestContext
 
 if TYPE_CHECKING:
     from ..model_pool import Pool
     from ..response_store import ResponseStore
     from ..streams import AsyncTextStream
+    from .adapter import Adapter
 
 POOL: web.AppKey[Pool] = web.AppKey("pool")
 RESPONSES: web.AppKey[ResponseStore | None] = web.AppKey("responses")  # None: responses are not stored
@@ -37,44 +39,11 @@ REQUEST_ID = web.RequestKey("request_id", str)  # generated here: the audit row'
 CLIENT_ID = web.RequestKey("client_id", object)  # the client's x-request-id, if usable
 MODEL = web.RequestKey("model", str)  # the model a request named, for its audit row
 AUDITED = web.RequestKey("audited", bool)  # the pool recorded this request (it reached the pool)
+STREAM = web.RequestKey("stream", bool)  # the request asked for a stream, for its audit row
 
 MAX_NAME = 256  # characters of a model name or client request id
 PARSE_OFF_LOOP = 64 * 1024  # bodies larger than this are parsed on a worker thread
 PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-NAMED_MODELS = {"demo": DEMO_NAME, "demo-embed": DEMO_EMBED_NAME}  # reference -> the model it loads
-
-
-class ApiError(Exception):
-    """A failure with an HTTP status and the protocol-neutral kind of error it is."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request", param: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers or {}
-
-
-# error kind -> (OpenAI type, OpenAI code, Anthropic type)
-KINDS = {
-    "invalid_request": ("invalid_request_error", None, "invalid_request_error"),
-    "authentication": ("invalid_request_error", "invalid_api_key", "authentication_error"),
-    "not_found": ("invalid_request_error", "model_not_found", "not_found_error"),
-    "no_response": ("invalid_request_error", None, "not_found_error"),  # a stored response id
-    "no_previous_response": ("invalid_request_error", "previous_response_not_found", "not_found_error"),
-    "no_route": ("invalid_request_error", "unknown_url", "not_found_error"),
-    "context_length": ("invalid_request_error", "context_length_exceeded", "invalid_request_error"),
-    "forbidden": ("invalid_request_error", "forbidden", "permission_error"),
-    "media_type": ("invalid_request_error", "unsupported_media_type", "invalid_request_error"),
-    "too_large": ("invalid_request_error", "request_too_large", "invalid_request_error"),
-    "overloaded": ("server_error", "overloaded", "overloaded_error"),
-    "api": ("server_error", None, "api_error"),
-}
-
-
-def error_body(protocol: str, error: ApiError) -> dict:
-    openai_type, code, anthropic_type = KINDS[error.kind]
-    if protocol == "anthropic":
-        return {"type": "error", "error": {"type": anthropic_type, "message": error.message}}
-    return {"error": {"message": error.message, "type": openai_type, "param": error.param, "code": code}}
 
 
 @dataclass
@@ -221,6 +190,14 @@ def field_of(body: dict, name: str, kinds: type | tuple, required: bool = False,
     return value
 
 
+def sampling(body: dict, fields: Mapping[str, str], **given: Any) -> GenParams:
+    """The sampler's parameters in a body: ``fields`` maps each field of the protocol to the
+    :class:`~mlx_manager_nb.params.GenParams` field it sets (``{"stop_sequences": "stop"}``), ``given``
+    holds those read (and checked) otherwise. A bad value is a 400 naming the protocol's field."""
+    values = {param: field_of(body, name, JSON_TYPES[param]) for name, param in fields.items()}
+    return make_params({param: name for name, param in fields.items()}, **{**values, **given})
+
+
 def _tuple(kinds: type | tuple) -> tuple:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
@@ -249,8 +226,8 @@ async def servable_models(request: web.Request) -> list[dict]:
             root = out[target]["root"] if target in out else target
             add(alias, root=root, created=0, loaded=target in out, state="alias", size_bytes=None)
 
-    for reference, target in NAMED_MODELS.items():
-        add_alias(reference, target)
+    for reference, named in store.NAMED.items():  # "demo": the name of the demo model's folder
+        add_alias(reference, named.folder)
     for alias, target in options.aliases.items():
         add_alias(alias, target)
     if options.auto_load:
@@ -264,13 +241,11 @@ async def resolve_model(request: web.Request, name: str) -> str:
     downloaded unless the server was started with ``allow_downloads=True``."""
     pool, options = request.app[POOL], request.app[OPTIONS]
     name = options.aliases.get(name, name)
-    if len(name) <= MAX_NAME and pool.is_loaded(name):
+    if len(name) <= MAX_NAME and pool.is_loaded(name):  # the pool's resolver: names, aliases, "demo"
         return name
-    if name in NAMED_MODELS and pool.is_loaded(NAMED_MODELS[name]):  # the listing's name, for a model loaded by path
-        return NAMED_MODELS[name]
     servable = await servable_models(request)
     known = any(m["id"] == name for m in servable)
-    fetchable = options.allow_downloads and (name in NAMED_MODELS or store.REPO_ID.match(name) is not None)
+    fetchable = options.allow_downloads and (name in store.NAMED or store.REPO_ID.match(name) is not None)
     if options.auto_load and len(name) <= MAX_NAME and (known or fetchable):
         try:
             await pool.aload(name)
@@ -287,37 +262,24 @@ async def resolve_model(request: web.Request, name: str) -> str:
                    "not_found", "model")
 
 
-def audit_meta(request: web.Request, protocol: str, stream: bool) -> dict:
-    """What the pool records about an HTTP request; ``error_status`` gives the status a failure answers with."""
-    return {
-        "id": request[REQUEST_ID],
-        "client_request_id": request.get(CLIENT_ID),
-        "source": "http",
-        "endpoint": request.path,
-        "protocol": protocol,
-        "stream": stream,
-        "client": request.remote,
-        "user_agent": request.headers.get("user-agent"),
-        "http_status": 200,
-        "error_status": lambda error: api_error(protocol, error).status,
-        "audit": request.app[OPTIONS].audit,
-    }
+def http_context(request: web.Request, protocol: str, stream: bool, http_status: int = 200) -> RequestContext:
+    """What the pool records about an HTTP request (a failure records the status it answers with)."""
+    return RequestContext(source="http", endpoint=request.path, protocol=protocol, stream=stream,
+                          id=request[REQUEST_ID], client_request_id=request.get(CLIENT_ID), client=request.remote,
+                          user_agent=request.headers.get("user-agent"), http_status=http_status,
+                          audit=request.app[OPTIONS].audit)
 
 
 Handler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 
 
-def endpoint(protocol: str, handler: Handler, body: bool = True) -> Callable[[web.Request], Awaitable]:
-    """Wrap a handler: request ids, API key, JSON body, and every error in the protocol's shape.
-
-    ``protocol`` is ``"openai"``, ``"anthropic"`` or ``"auto"`` (Anthropic's when the request
-    carries ``anthropic-version``, as the Anthropic SDK's requests do).
-    """
+def endpoint(adapter: Adapter, handler: Handler, body: bool = True,
+             alternative: Adapter | None = None) -> Callable[[web.Request], Awaitable]:
+    """Wrap a handler: request ids, API key, JSON body, and every error in the adapter's shape
+    (``alternative``'s when the request carries ``anthropic-version``, as the Anthropic SDK's do)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        proto = protocol
-        if proto == "auto":
-            proto = "anthropic" if "anthropic-version" in request.headers else "openai"
+        chosen = alternative if alternative is not None and "anthropic-version" in request.headers else adapter
         request[REQUEST_ID] = new_request_id()
         client_id = request.headers.get("x-request-id")
         request[CLIENT_ID] = client_id[:MAX_NAME] if client_id else None
@@ -325,9 +287,9 @@ def endpoint(protocol: str, handler: Handler, body: bool = True) -> Callable[[we
             check_api_key(request, request.app[OPTIONS].api_key)
             response = await handler(request, await json_body(request) if body else {})
         except Exception as e:
-            response = _error_response(request, proto, e)
+            response = _error_response(request, chosen, e)
         if not response.prepared:  # a stream has sent its headers already
-            response.headers.update(id_headers(request, proto))
+            response.headers.update(id_headers(request, chosen.name))
         return response
 
     return wrapped
@@ -340,31 +302,9 @@ def id_headers(request: web.Request, protocol: str) -> dict[str, str]:
     return {"x-request-id": echoed, **({"request-id": request[REQUEST_ID]} if protocol == "anthropic" else {})}
 
 
-def api_error(protocol: str, e: Exception) -> ApiError:
-    """The HTTP error a failure is, in protocol-neutral terms."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, ContextLengthError):
-        message = (f"prompt is too long: {e.tokens} tokens > {e.limit} maximum" if protocol == "anthropic"
-                   else str(e))
-        return ApiError(400, message, "context_length", e.param)
-    if isinstance(e, InvalidParameterError):
-        if protocol == "anthropic" and e.param == "stop":  # the pool's name for stop_sequences
-            return ApiError(400, str(e).replace("stop", "stop_sequences", 1), param="stop_sequences")
-        return ApiError(400, str(e), param=e.param)
-    if isinstance(e, ValueError):
-        return ApiError(400, str(e))
-    if isinstance(e, ModelNotFoundError):
-        return ApiError(404, str(e), "not_found", "model")
-    if isinstance(e, PoolFullError):
-        status = 529 if protocol == "anthropic" else 503
-        return ApiError(status, f"{e} Retry later.", "overloaded", headers={"retry-after": "5"})
-    return ApiError(500, f"Internal error: {type(e).__name__}: {e}", "api")
-
-
-def _error_response(request: web.Request, protocol: str, e: Exception) -> web.Response:
-    error = api_error(protocol, e)
+def _error_response(request: web.Request, adapter: Adapter, e: Exception) -> web.Response:
+    error = adapter.error(e)
     if not request.get(AUDITED):
-        meta = dict(audit_meta(request, protocol, False), http_status=error.status)
-        request.app[POOL].record_refused(e, request.get(MODEL), meta)
-    return web.json_response(error_body(protocol, error), status=error.status, headers=error.headers)
+        context = http_context(request, adapter.name, request.get(STREAM, False), http_status=error.status)
+        request.app[POOL].record_refused(e, request.get(MODEL), context, answered=True)
+    return web.json_response(adapter.error_body(error), status=error.status, headers=error.headers)

@@ -8,7 +8,7 @@ import numpy as np
 from aiohttp import web
 
 from .. import embeddings as emb
-from .common import AUDITED, MODEL, POOL, STATS, ApiError, audit_meta, field_of, resolve_model
+from .common import AUDITED, MODEL, POOL, STATS, ApiError, field_of, http_context, resolve_model
 
 FORMATS = ("float", "base64")
 
@@ -37,7 +37,7 @@ async def embeddings(request: web.Request, body: dict) -> web.Response:
     request.app[STATS].requests += 1
     request[AUDITED] = True  # from here on the pool records the request, refused or not
     done = await emb.arun(request.app[POOL], inputs, name, dimensions=dimensions,
-                          meta=audit_meta(request, "openai", False))
+                          meta=http_context(request, "openai", False))
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, fmt)} for i, v in enumerate(done.vectors)]
     usage = {"prompt_tokens": done.prompt_tokens, "total_tokens": done.prompt_tokens}
     return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})

@@ -1,23 +1,56 @@
 """OpenAI-compatible endpoints: ``/chat/completions`` and ``/completions``.
 
-Each handler reads the request into pool parameters, runs it on the pool, and formats the
-result (or the stream of deltas) in OpenAI's shapes. ``tools``, ``tool_choice``,
-``parallel_tool_calls`` and ``response_format`` go to the pool as they are (it validates them and
-names the field); a tool call streams as it is generated: a ``tool_calls`` delta with its id and
-name, then deltas of its arguments' text.
+The adapter (see :mod:`.adapter`) of OpenAI's protocol: its error body and kinds, the parser that
+reads a body into a :class:`~mlx_manager_nb.request.ChatRequest` (``tools``, ``tool_choice``,
+``parallel_tool_calls`` and ``response_format`` in the shapes the Python API takes too, named as
+OpenAI names them), and the final body and stream of chunks. A tool call streams as it is
+generated: a ``tool_calls`` delta with its id and name, then deltas of its arguments' text.
+:data:`FIELDS` is also how attached models send their parameters.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from ..errors import ApiError
+from ..request import ChatRequest, check_prompt, python_messages, python_structure
 from ..streams import Result
 from ..tools import CallPiece
-from .common import MODEL, POOL, REQUEST_ID, ApiError, audit_meta, field_of, refuse_fields, resolve_model
-from .streaming import StreamShape, respond
+from .adapter import Adapter, Answer, chat_handler
+from .common import REQUEST_ID, field_of, refuse_fields, sampling
+from .streaming import StreamShape
+
+# kind of error -> OpenAI's type and code
+KINDS = {
+    "invalid_request": ("invalid_request_error", None),
+    "authentication": ("invalid_request_error", "invalid_api_key"),
+    "not_found": ("invalid_request_error", "model_not_found"),
+    "no_response": ("invalid_request_error", None),  # a stored response id
+    "no_previous_response": ("invalid_request_error", "previous_response_not_found"),
+    "no_route": ("invalid_request_error", "unknown_url"),
+    "context_length": ("invalid_request_error", "context_length_exceeded"),
+    "forbidden": ("invalid_request_error", "forbidden"),
+    "media_type": ("invalid_request_error", "unsupported_media_type"),
+    "too_large": ("invalid_request_error", "request_too_large"),
+    "overloaded": ("server_error", "overloaded"),
+    "api": ("server_error", None),
+}
+
+
+def error_body(error: ApiError) -> dict:
+    kind, code = KINDS[error.kind]
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": code}}
+
+
+ADAPTER = Adapter("openai", error_body, fields={"schema": "response_format.json_schema.schema"})
+# OpenAI's sampling fields -> GenParams' (max_tokens and max_completion_tokens are read apart)
+FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+          "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+          "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "seed": "seed", "stop": "stop"}
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
 # fields that would change the answer and that we cannot honour: refused, never ignored
@@ -49,7 +82,7 @@ def _text_content(content: Any, where: str) -> str:
     raise ApiError(400, f"{where} must be a string or an array of text parts", param=where)
 
 
-def _messages(body: dict) -> list[dict]:
+def _messages(body: dict) -> tuple:
     messages = field_of(body, "messages", list, required=True)
     out = []
     for i, m in enumerate(messages):
@@ -66,16 +99,16 @@ def _messages(body: dict) -> list[dict]:
             content = ""
         message = {"role": role, "content": _text_content(content, f"messages[{i}].content")}
         if role == "assistant" and m.get("tool_calls"):
-            message["tool_calls"] = m["tool_calls"]  # the pool checks their shape
+            message["tool_calls"] = m["tool_calls"]
         if role == "tool":
             message.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
         out.append(message)
     if not out:
         raise ApiError(400, "'messages' must not be empty", param="messages")
-    return out
+    return python_messages(out)  # the Python API's parser: OpenAI's names are its names
 
 
-def _params(body: dict, kind: str) -> dict:
+def _request(body: dict, kind: str) -> ChatRequest:
     refuse_fields(body, REFUSED_CHAT if kind == "chat" else REFUSED_COMPLETIONS, NO_OPS)
     if kind != "chat":
         for name in ("tools", "tool_choice", "response_format"):
@@ -87,22 +120,24 @@ def _params(body: dict, kind: str) -> dict:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if max_tokens is not None and max_tokens <= 0:
         raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
-    return {
-        "temperature": field_of(body, "temperature", (int, float)),
-        "top_p": field_of(body, "top_p", (int, float)),
-        "top_k": field_of(body, "top_k", int),
-        "min_p": field_of(body, "min_p", (int, float)),
-        "repetition_penalty": field_of(body, "repetition_penalty", (int, float)),
-        "presence_penalty": field_of(body, "presence_penalty", (int, float)),
-        "frequency_penalty": field_of(body, "frequency_penalty", (int, float)),
-        "logit_bias": field_of(body, "logit_bias", dict),
-        "seed": field_of(body, "seed", int),
-        "max_tokens": max_tokens,
-        "stop": field_of(body, "stop", (str, list)),
-        **({"tools": field_of(body, "tools", list), "tool_choice": field_of(body, "tool_choice", (str, dict)),
-            "parallel_tool_calls": field_of(body, "parallel_tool_calls", bool),
-            "response_format": field_of(body, "response_format", dict)} if kind == "chat" else {}),
-    }
+    params = sampling(body, FIELDS, max_tokens=max_tokens)
+    if kind != "chat":
+        return ChatRequest(prompt=check_prompt(_prompt(body)), params=params)
+    messages = _messages(body)
+    structure = python_structure(field_of(body, "tools", list), field_of(body, "tool_choice", (str, dict)),
+                                 response_format=field_of(body, "response_format", dict),
+                                 parallel_tool_calls=field_of(body, "parallel_tool_calls", bool))
+    return ChatRequest(messages, params=params, **structure)
+
+
+def _prompt(body: dict) -> str:
+    content = field_of(body, "prompt", (str, list), required=True)
+    if isinstance(content, list):
+        if len(content) != 1 or not isinstance(content[0], str):
+            raise ApiError(400, "'prompt' as a list must hold exactly one string (batches are not supported yet)",
+                           param="prompt")
+        content = content[0]
+    return content
 
 
 def _usage(result: Result) -> dict:
@@ -142,41 +177,24 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
         return chunk([{"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}])
 
     return StreamShape(
-        protocol="openai",
         start=lambda s: chunk([choice(None, None, role=True)]) if kind == "chat" else [],
         delta=lambda text: chunk([choice(text, None)]),
         call_piece=call_piece,
         end=end,
-        error=lambda e: [(None, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})],
+        error=lambda error: [(None, error_body(error))],
     )
 
 
-async def _run(request: web.Request, body: dict, kind: str) -> web.StreamResponse:
-    model = field_of(body, "model", str, required=True)
-    request[MODEL] = model
-    stream = field_of(body, "stream", bool, default=False)
-    options = field_of(body, "stream_options", dict, default={})
-    params = _params(body, kind)
-    if kind == "chat":
-        content: Any = _messages(body)
-    else:
-        content = field_of(body, "prompt", (str, list), required=True)
-        if isinstance(content, list):
-            if len(content) != 1 or not isinstance(content[0], str):
-                raise ApiError(400, "'prompt' as a list must hold exactly one string (batches are not supported yet)",
-                               param="prompt")
-            content = content[0]
-    name = await resolve_model(request, model)
-    pool = request.app[POOL]
-    call = pool.achat if kind == "chat" else pool.acomplete
-    meta = audit_meta(request, "openai", stream)
-    created = int(time.time())
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
-    return await respond(
-        request, lambda: call(content, model=name, stream=True, meta=meta, **params), stream,
-        lambda result: _final(kind, rid, created, model, result),
-        _shape(kind, rid, created, model, bool(options.get("include_usage"))),
-    )
+def _parser(kind: str) -> Callable[[web.Request, dict, str, bool], Awaitable[Answer]]:
+    async def parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
+        options = field_of(body, "stream_options", dict, default={})
+        chat_request = _request(body, kind)
+        created = int(time.time())
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
+        return Answer(chat_request, lambda result: _final(kind, rid, created, model, result),
+                      _shape(kind, rid, created, model, bool(options.get("include_usage"))))
+
+    return parse
 
 
 def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dict:
@@ -194,9 +212,5 @@ def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dic
             "usage": _usage(result), "system_fingerprint": None}
 
 
-async def chat_completions(request: web.Request, body: dict) -> web.StreamResponse:
-    return await _run(request, body, "chat")
-
-
-async def completions(request: web.Request, body: dict) -> web.StreamResponse:
-    return await _run(request, body, "complete")
+chat_completions = chat_handler(ADAPTER, _parser("chat"))
+completions = chat_handler(ADAPTER, _parser("complete"))

@@ -3,8 +3,8 @@
 A request's ``input`` (a string, or message, ``function_call`` and ``function_call_output``
 items), preceded by the stored conversation ``previous_response_id`` names and led by
 ``instructions``, becomes a chat for the pool. A field that would change the answer is honoured
-or refused with a 400 naming it, never ignored. :func:`tool_options` is the one place that hands
-tools and structured output to the pool (see there). The answers' shapes are in
+or refused with a 400 naming it, never ignored. :func:`_structure` is the one place that turns
+tools and structured output into the request's. The answers' shapes are in
 :mod:`.responses_output`; stored responses in :mod:`mlx_manager_nb.response_store`.
 """
 
@@ -16,22 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import InvalidParameterError
-from ..params import GenParams
-from .common import (
-    MODEL,
-    POOL,
-    REQUEST_ID,
-    RESPONSES,
-    ApiError,
-    api_error,
-    audit_meta,
-    field_of,
-    refuse_fields,
-    resolve_model,
-)
+from ..errors import ApiError
+from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure
+from ..structured import ANY_OBJECT, check_schema
+from ..tools import Tool, tool_parameters
+from . import openai_api
+from .adapter import Adapter, Answer, chat_handler
+from .common import REQUEST_ID, RESPONSES, endpoint, field_of, refuse_fields, sampling
 from .responses_output import Draft, final, new_item_id, stream_shape
-from .streaming import respond
 
 BUILT_IN_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
                   "file_search", "computer_use_preview", "computer", "code_interpreter", "image_generation", "mcp",
@@ -43,19 +35,10 @@ NO_OPS = {  # values that ask for nothing: accepted
     "top_logprobs": (0,),
 }
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# the pool's parameter (or its prefix) -> this API's field
-POOL_NAMES = {"max_tokens": "max_output_tokens", "messages": "input", "response_format.json_schema": "text.format",
-              "response_format": "text.format"}
-
-
-def _field(param: str) -> str:
-    """This API's name for a field the pool named in its own (chat) terms."""
-    for pool_name, name in POOL_NAMES.items():
-        if param == pool_name or param.startswith((pool_name + ".", pool_name + "[")):
-            return name if pool_name == "messages" else name + param[len(pool_name):]
-    if param.startswith("tools[") and ".function." in param:  # chat tools nest the function, ours do not
-        return param.replace(".function.", ".", 1)
-    return param
+# the Responses API's sampling fields -> GenParams'
+FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
+ADAPTER = Adapter("openai", openai_api.error_body,
+                  fields={"messages": "input", "max_tokens": "max_output_tokens", "schema": "text.format.schema"})
 MAX_METADATA = 16  # key-value pairs, each key up to 64 characters and value up to 512, as OpenAI's
 
 
@@ -126,22 +109,21 @@ def _input_items(body: dict) -> list[dict]:
     return [_input_item(item, f"input[{i}]") for i, item in enumerate(value)]
 
 
-def _messages(items: list[dict], instructions: str | None) -> list[dict]:
-    """The chat the pool answers: instructions, then the items; a model's calls join its turn."""
-    out: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
+def _messages(items: list[dict], instructions: str | None) -> tuple[Message, ...]:
+    """The chat to answer: instructions, then the items; a model's calls join its turn."""
+    out: list[Message] = [Message("system", (Text(instructions),))] if instructions else []
     for item in items:
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append({"role": role, "content": "".join(part["text"] for part in item["content"])})
+            out.append(Message(role, (Text("".join(part["text"] for part in item["content"])),)))
         elif item["type"] == "function_call":
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
-            if not out or out[-1]["role"] != "assistant":
-                out.append({"role": "assistant", "content": ""})
-            out[-1].setdefault("tool_calls", []).append(call)
+            if not out or out[-1].role != "assistant":
+                out.append(Message("assistant", (Text(""),)))
+            call = ToolUse(item["call_id"], item["name"], item["arguments"])
+            out[-1] = Message("assistant", (*out[-1].parts, call))
         else:
-            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
-    return out
+            out.append(Message("tool", (ToolResult(item["call_id"], item["output"]),)))
+    return tuple(out)
 
 
 def _tools(body: dict) -> list[dict]:
@@ -225,31 +207,24 @@ def _metadata(body: dict) -> dict:
     return metadata
 
 
-def _sampling(body: dict) -> dict:
+def _max_tokens(body: dict) -> int | None:
     max_tokens = field_of(body, "max_output_tokens", int)
     if max_tokens is not None and max_tokens <= 0:
         raise ApiError(400, f"'max_output_tokens' must be at least 1, got {max_tokens}", param="max_output_tokens")
-    return {"temperature": field_of(body, "temperature", (int, float)), "top_p": field_of(body, "top_p", (int, float)),
-            "max_tokens": max_tokens}
+    return max_tokens
 
 
-def tool_options(tools: list[dict], tool_choice: str | dict, parallel_tool_calls: bool, text: dict) -> dict:
-    """The pool's keyword arguments for tools and structured output, in the chat shapes ``pool.chat`` takes:
-    ``{"type": "function", "function": {...}}`` per tool, a named choice, and a ``response_format``."""
-    options: dict = {"parallel_tool_calls": parallel_tool_calls}
-    if tools:
-        options["tools"] = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters",
-                                                                                 "strict") if t[k] is not None}}
-                            for t in tools]
-        options["tool_choice"] = ({"type": "function", "function": {"name": tool_choice["name"]}}
-                                  if isinstance(tool_choice, dict) else tool_choice)
+def _structure(tools: list[dict], tool_choice: str | dict, parallel_tool_calls: bool, text: dict) -> dict:
+    """The request's tools, tool choice and schema from what the response echoes of them."""
+    checked = [Tool(t["name"], t["description"] or "", tool_parameters(
+        t["parameters"] if t["parameters"] is not None else {"type": "object", "properties": {}},
+        f"tools[{i}].parameters"), t["strict"]) for i, t in enumerate(tools)]
+    choice = tool_choice["name"] if isinstance(tool_choice, dict) else tool_choice
     fmt = text["format"]
-    if fmt["type"] == "json_object":
-        options["response_format"] = {"type": "json_object"}
-    elif fmt["type"] == "json_schema":
-        options["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": fmt["name"], "schema": fmt["schema"], "strict": fmt["strict"]}}
-    return options
+    schema = {"json_object": ANY_OBJECT, "json_schema": fmt.get("schema")}.get(fmt["type"])
+    if fmt["type"] == "json_schema":
+        check_schema(schema, "text.format.schema")
+    return structure(checked, choice if checked else None, schema, "text.format", parallel_tool_calls)
 
 
 async def _history(request: web.Request, previous: str | None) -> list[dict]:
@@ -267,32 +242,28 @@ async def _history(request: web.Request, previous: str | None) -> list[dict]:
     return stored.context + stored.response["output"]
 
 
-async def create(request: web.Request, body: dict) -> web.StreamResponse:
+async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
     """Answer ``input`` after the conversation ``previous_response_id`` names; store the response unless
     ``store`` is false or the server keeps none."""
-    model = field_of(body, "model", str, required=True)
-    request[MODEL] = model
-    stream = field_of(body, "stream", bool, default=False)
     _refuse(body)
-    sampling = _sampling(body)
+    params = sampling(body, FIELDS, max_tokens=_max_tokens(body))
     instructions = field_of(body, "instructions", str)
     tools = _tools(body)
     tool_choice = _tool_choice(body, tools)
     parallel = field_of(body, "parallel_tool_calls", bool, default=True)
     text = _text_config(body)
-    temperature, top_p = sampling["temperature"], sampling["top_p"]
     echo = {  # what the response reports of its request, with the defaults this server applies
         "instructions": instructions,
-        "max_output_tokens": sampling["max_tokens"],
+        "max_output_tokens": params.max_tokens,
         "metadata": _metadata(body),
         "parallel_tool_calls": parallel,
         "previous_response_id": field_of(body, "previous_response_id", str),
         "reasoning": _reasoning(body),
-        "temperature": GenParams.temperature if temperature is None else temperature,
+        "temperature": params.temperature,
         "text": text,
         "tool_choice": tool_choice,
         "tools": tools,
-        "top_p": GenParams.top_p if top_p is None else top_p,
+        "top_p": params.top_p,
         "truncation": "disabled",
         "user": field_of(body, "user", str),
     }
@@ -301,9 +272,8 @@ async def create(request: web.Request, body: dict) -> web.StreamResponse:
     context = await _history(request, echo["previous_response_id"]) + items
     if not context:
         raise ApiError(400, "'input' must hold at least one item", param="input")
-    options = tool_options(tools, tool_choice, parallel, text)
-    messages = _messages(context, instructions)
-    name = await resolve_model(request, model)
+    chat_request = ChatRequest(_messages(context, instructions), params=params,
+                               **_structure(tools, tool_choice, parallel, text))
     draft = Draft("resp_" + request[REQUEST_ID].removeprefix("req_"), model, int(time.time()), echo)
 
     def finish(response: dict) -> dict:
@@ -311,17 +281,10 @@ async def create(request: web.Request, body: dict) -> web.StreamResponse:
             store.put(response, context)
         return response
 
-    pool = request.app[POOL]
-    meta = audit_meta(request, "openai", stream)
-    try:
-        return await respond(
-            request, lambda: pool.achat(messages, model=name, stream=True, meta=meta, **sampling, **options), stream,
-            lambda result: finish(final(draft, result)), stream_shape(draft, finish),
-        )
-    except InvalidParameterError as e:  # the pool names its own parameters: name this API's
-        error = api_error("openai", e)
-        error.param = _field(e.param)
-        raise error from None
+    return Answer(chat_request, lambda result: finish(final(draft, result)), stream_shape(draft, finish))
+
+
+create = chat_handler(ADAPTER, _parse)
 
 
 async def _stored(request: web.Request) -> tuple[str, Any]:
@@ -333,13 +296,13 @@ async def _stored(request: web.Request) -> tuple[str, Any]:
     return response_id, stored
 
 
-async def retrieve(request: web.Request, body: dict) -> web.Response:
+async def _retrieve(request: web.Request, body: dict) -> web.Response:
     """A stored response, as it was answered."""
     _, stored = await _stored(request)
     return web.json_response(stored.response)
 
 
-async def delete(request: web.Request, body: dict) -> web.Response:
+async def _delete(request: web.Request, body: dict) -> web.Response:
     """Forget a stored response (the conversations continuing it keep their own copies)."""
     response_id, _ = await _stored(request)
     store = request.app[RESPONSES]
@@ -348,7 +311,7 @@ async def delete(request: web.Request, body: dict) -> web.Response:
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
-async def input_items(request: web.Request, body: dict) -> web.Response:
+async def _input_items_page(request: web.Request, body: dict) -> web.Response:
     """The input items a stored response answered (earlier turns' included), a page at a time."""
     _, stored = await _stored(request)
     order = request.query.get("order", "desc")
@@ -370,3 +333,8 @@ async def input_items(request: web.Request, body: dict) -> web.Response:
     page = items[:limit]
     return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                               "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+
+retrieve = endpoint(ADAPTER, _retrieve, body=False)
+delete = endpoint(ADAPTER, _delete, body=False)
+input_items = endpoint(ADAPTER, _input_items_page, body=False)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ApiError
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece, ToolCall
 from .streaming import SseEvent, StreamShape
@@ -23,6 +24,9 @@ from .streaming import SseEvent, StreamShape
 # the pool's finish_reason -> the response's status
 STATUS = {"stop": "completed", "tool_calls": "completed", "length": "incomplete", "cancelled": "cancelled",
           "timeout": "cancelled"}
+# kind of error -> the code of a failed response (one of those the Responses API defines; else server_error)
+ERROR_CODES = {"overloaded": "rate_limit_exceeded", "invalid_request": "invalid_prompt",
+               "context_length": "invalid_prompt"}
 TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete", "cancelled": "response.incomplete",
             "failed": "response.failed"}
 
@@ -166,10 +170,10 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
         body = finish(response(draft, status, list(output), result))
         return [*events, event(TERMINAL[status], response=body)]
 
-    def error(e: Exception) -> list[SseEvent]:
+    def error(e: ApiError) -> list[SseEvent]:
         partial = [message_item(message["id"], message["content"][0]["text"], "incomplete")] if message else []
-        body = finish(response(draft, "failed", output + partial, error={"code": "server_error", "message": str(e)}))
+        failure = {"code": ERROR_CODES.get(e.kind, "server_error"), "message": e.message}
+        body = finish(response(draft, "failed", output + partial, error=failure))
         return [event("response.failed", response=body)]
 
-    return StreamShape(protocol="openai", start=start, delta=delta, end=end, error=error, call_piece=call_piece,
-                       tool_call=tool_call)
+    return StreamShape(start=start, delta=delta, end=end, error=error, call_piece=call_piece, tool_call=tool_call)

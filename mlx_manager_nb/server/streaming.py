@@ -1,7 +1,8 @@
 """One request's run on the pool, answered as JSON or as server-sent events.
 
 Every protocol shares this loop; each gives only its shapes: the final JSON body, and a
-:class:`StreamShape` saying which events open, carry, close and fail a stream.
+:class:`StreamShape` saying which events open, carry, close and fail a stream. A failure is
+named by the protocol's adapter, before a stream's headers and after them alike.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..errors import ApiError
 from ..streams import AsyncTextStream, Result, StreamItem
 from ..tools import CallPiece, ToolCall
 from .common import AUDITED, STATS, id_headers
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
 
@@ -24,11 +29,10 @@ SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unl
 class StreamShape:
     """How a protocol frames a stream; each function returns the events to send, in order."""
 
-    protocol: str  # "openai" or "anthropic"
     start: Callable[[AsyncTextStream], list[SseEvent]]
     delta: Callable[[str], list[SseEvent]]
     end: Callable[[Result], list[SseEvent]]
-    error: Callable[[Exception], list[SseEvent]]
+    error: Callable[[ApiError], list[SseEvent]]  # a failure after the first event, in the adapter's terms
     call_piece: Callable[[CallPiece], list[SseEvent]] | None = None  # a tool call's name, or arguments text
     tool_call: Callable[[ToolCall], list[SseEvent]] | None = None  # a tool call complete, after its pieces
 
@@ -42,14 +46,14 @@ async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> N
     await response.write("".join(out).encode())
 
 
-async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stream: bool,
+async def respond(request: web.Request, adapter: Adapter, run: Callable[[], AsyncTextStream], stream: bool,
                   final: Callable[[Result], dict], shape: StreamShape) -> web.StreamResponse:
     """Run ``run()`` (a pool call returning a stream) and answer with ``final(result)`` or a shaped stream.
 
     A stream's first delta is read before any byte is sent, so a failure up to then still gets
-    its HTTP status; a failure after it becomes the protocol's error event, then a clean end. A
-    client that goes away cancels its request, streamed or not; either way the request has ended
-    in the engine (and left its audit row) when this returns.
+    its HTTP status; a failure after it becomes the protocol's error event, of the same kind as the
+    adapter names it, then a clean end. A client that goes away cancels its request, streamed or
+    not; either way the request has ended in the engine (and left its audit row) when this returns.
     """
     stats = request.app[STATS]
     stats.requests += 1
@@ -69,7 +73,7 @@ async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stre
         except StopAsyncIteration:
             first = None
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                               **id_headers(request, shape.protocol)})
+                                               **id_headers(request, adapter.name)})
         await response.prepare(request)
 
         def shaped(item: StreamItem) -> list[SseEvent]:
@@ -89,7 +93,7 @@ async def respond(request: web.Request, run: Callable[[], AsyncTextStream], stre
         except ConnectionError:
             raise
         except Exception as e:
-            await send_events(response, shape.error(e))
+            await send_events(response, shape.error(adapter.error(e)))
         return response
     finally:
         await s.aclose()

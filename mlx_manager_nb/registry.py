@@ -1,0 +1,510 @@
+"""The model registry: load, unload, pin and evict models, keep-alive, and models served by other
+processes (sharded over hosts, or attached from another server); and the one name resolver
+(:meth:`Registry.lookup`). :class:`~mlx_manager_nb.model_pool.Pool` adds the requests.
+
+One :class:`~mlx_manager_nb.engine.Engine` thread does all MLX work; the methods can be called from
+any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model
+
+# imported here, not lazily: transformers first imported on a worker thread leaves a C++ thread
+# that aborts the process at exit ("terminate called...")
+from mlx_lm.utils import load as load_model
+
+from . import demo, demo_embed, embeddings, store  # noqa: F401  (the demo modules register "demo", "demo-embed")
+from .engine import Engine, Request, Runner
+from .errors import InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
+from .request import RequestContext
+from .runner import RequestRecord
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A model changed state: ``loading``, ``ready``, ``unloading``, ``unloaded`` or ``failed``."""
+
+    name: str
+    state: str
+    model: ModelInfo
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of a load: ``stage`` (e.g. "loading weights") and ``fraction`` done, 0 to 1."""
+
+    name: str
+    stage: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """A request started (``row`` holds id, model and source) or ended (``row`` is its audit row)."""
+
+    phase: str  # "start" or "end"
+    row: dict
+
+
+PoolEvent = ModelEvent | ProgressEvent | RequestEvent
+Listener = Callable[[PoolEvent], None]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A snapshot of one model in the pool."""
+
+    name: str
+    alias: str | None
+    ref: str
+    path: Path | None
+    state: str  # "loading", "ready", "unloading" or "failed"
+    size_bytes: int
+    last_used: float  # epoch seconds
+    in_flight: int
+    pinned: bool
+    keep_alive: float | None  # seconds of idleness before unloading; None: never
+    expires_at: float | None  # epoch seconds, None when pinned or kept forever
+    context_length: int | None = None
+    error: str | None = None
+    kv_bytes: int = 0  # KV caches of its running sequences
+    cache_bytes: int = 0  # its prompt cache
+    kind: str = "chat"  # or "embedding"
+    placement: str = "local"  # "local", "sharded" (ranks started by mlx.launch) or "attached" (an OpenAI server)
+    hosts: tuple[str, ...] = ()  # a sharded model's hosts, rank by rank, or an attached model's base URL
+    ranks: tuple[dict, ...] = ()  # a sharded model's per-rank state (see ShardedModel.ranks)
+
+
+def _why_held(m: ModelInfo) -> str:
+    return "pinned" if m.pinned else f"{m.in_flight} in flight" if m.in_flight else m.state
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _model_bytes(model: Any) -> int:
+    flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    return sum(v.nbytes for _, v in flat)
+
+
+def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], dequantize: bool) -> Runner:
+    """Load weights and tokenizer (on the engine thread), reporting progress per tensor.
+
+    ``dequantize`` turns quantized layers into float32 ones: on CPUs, MLX's quantized kernels are
+    slow and do not speed up with batching, while float32 matmuls go through an optimized BLAS.
+    """
+    try:
+        model, tokenizer = load_model(str(path), lazy=True)[:2]
+        if dequantize:
+            model = dequantize_model(model)
+            model.set_dtype(mx.float32)
+        params = tree_flatten(model.parameters())
+        for i, (_, v) in enumerate(params):
+            mx.eval(v)
+            if i % 16 == 0:
+                progress("loading weights", 0.1 + 0.85 * i / max(1, len(params)))
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise InvalidModelError(f"cannot load {path}: {e}") from None
+    if getattr(tokenizer, "chat_template", None):
+        try:  # a template that cannot render would fail every chat request: refuse the model now
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+        except Exception as e:
+            raise InvalidModelError(f"model {name!r}: its chat template does not render "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
+    return Runner(name, model, tokenizer, max_token_chars=max(map(len, tokenizer.vocab), default=1) or 1)
+
+
+class Registry:
+    """Models loaded in this process, shared by the notebook, the widgets and the HTTP server.
+
+    ``max_models`` and ``max_memory`` (bytes) bound the pool: loading past them evicts the least
+    recently used idle, unpinned model. ``keep_alive`` (seconds, None for ever) unloads models
+    left idle that long. ``dequantize`` loads quantized models as float32: None (the default) does
+    so on CPU devices when the float weights fit in ``max_memory``. ``audit`` is an
+    :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
+    """
+
+    def __init__(
+        self,
+        max_models: int = 4,
+        max_memory: int | None = None,
+        keep_alive: float | None = 1800.0,
+        audit: Any = None,
+        dequantize: bool | None = None,
+    ):
+        self.max_models = max_models
+        self.max_memory = max_memory if max_memory is not None else int(physical_memory() * 0.5)
+        self.keep_alive = keep_alive
+        self.audit = audit
+        self.dequantize = dequantize
+        self.default: str | None = None
+        self.engine = Engine(on_tick=self._reap_idle)
+        if mx.default_device().type == mx.DeviceType.cpu and os.environ.get("MLX_NB_COMPILE") != "1":
+            # On CPU, mx.compile builds C++ kernels with the system compiler for each new shape: a
+            # second or more per new prompt length or batch size, for no steady-state gain.
+            mx.disable_compile()
+        self._lock = threading.RLock()
+        self._models: dict[str, ModelInfo] = {}
+        self._loading: dict[str, Future] = {}
+        self._in_flight: dict[str, int] = {}
+        self._listeners: list[Listener] = []
+        self._remote: dict[str, Any] = {}  # models served by other processes (see mlx_manager_nb.distributed)
+
+    # -- observers ----------------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event)`` for each :class:`ModelEvent`, :class:`ProgressEvent` and
+        :class:`RequestEvent`; returns the unsubscribe function.
+
+        Listeners run on the thread that caused the event (often the engine thread): keep them short.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _publish(self, event: PoolEvent) -> None:
+        for listener in list(self._listeners):
+            with contextlib.suppress(Exception):
+                listener(event)
+
+    def _set(self, name: str, **changes: Any) -> ModelInfo:
+        with self._lock:
+            info = self._models[name] = replace(self._models[name], **changes)
+        self._publish(ModelEvent(name, info.state, info))
+        return info
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """Every model in the pool, with its live in-flight count."""
+        with self._lock:
+            infos = list(self._models.values())
+        memory = self.engine.model_memory()
+        return [replace(i, in_flight=self._in_flight.get(i.name, 0), kv_bytes=memory.get(i.name, (0, 0))[0],
+                        cache_bytes=memory.get(i.name, (0, 0))[1],
+                        ranks=self._remote[i.name].ranks() if i.name in self._remote else i.ranks) for i in infos]
+
+    def memory_used(self) -> int:
+        """Bytes the pool's models hold: weights, KV caches of running requests and prompt caches."""
+        return sum(m.size_bytes + m.kv_bytes + m.cache_bytes for m in self.models() if m.state in ("ready", "loading"))
+
+    def lookup(self, model: str | None, kind: str | None = None, ready: bool = True) -> ModelInfo | None:
+        """The one name resolver: the model a name, alias, reference or named reference (``demo``, see
+        :func:`mlx_manager_nb.store.register`) stands for, among ready models (``ready=False``: any state);
+        None: the default, else the last used ready model of ``kind``."""
+        with self._lock:
+            models = [m for m in self._models.values() if not ready or m.state == "ready"]
+            if model is None:
+                model = self.default
+                if model is None:
+                    of_kind = [m for m in models if kind is None or m.kind == kind]
+                    return max(of_kind, key=lambda m: m.last_used) if of_kind else None
+            names = {model, store.named_folder(model)} - {None}
+            return next((m for m in models if names & {m.name, m.alias, m.ref}), None)
+
+    def find(self, model: str | None, kind: str | None = None) -> ModelInfo:
+        """The loaded model a name, alias or reference stands for; None: the default, else the last used of ``kind``."""
+        info = self.lookup(model, kind)
+        if info is not None:
+            return info
+        if model is None and self.default is None:
+            raise ModelNotFoundError("No model is loaded. Load one first, e.g. pool.load('demo').")
+        loaded = ", ".join(m.alias or m.name for m in self.models() if m.state == "ready") or "none"
+        local = ", ".join(m.name for m in store.list_local_models()) or "none"
+        raise ModelNotFoundError(f"Model {model or self.default!r} is not loaded. Loaded: {loaded}. "
+                                 f"Available to load: {local}.")
+
+    def is_loaded(self, model: str) -> bool:
+        return self.lookup(model) is not None
+
+    def load(
+        self,
+        ref: str | os.PathLike,
+        alias: str | None = None,
+        pin: bool = False,
+        keep_alive: float | str | None = "default",
+        progress: Callable[[str, float], None] | None = None,
+        hosts: list[str] | None = None,
+        backend: str = "ring",
+        parallel: str = "tensor",
+        hostfile: str | None = None,
+    ) -> ModelInfo:
+        """Load a model (see :func:`mlx_manager_nb.store.resolve` for references); return its info.
+
+        A model already loaded is returned as is; two concurrent loads of the same model load it once.
+        ``hosts`` (or an mlx.launch ``hostfile``) shards it over one rank per host with ``mx.distributed``
+        (``backend``: ring, jaccl, jaccl-ring or mpi; ``parallel``: "tensor" or "pipeline"), served by
+        :mod:`mlx_manager_nb.distributed`; e.g. ``hosts=["127.0.0.1", "127.0.0.1"]``.
+        """
+        ref = str(ref)
+        if hosts or hostfile:
+            return self._load_sharded(ref, alias, pin, keep_alive, progress, list(hosts or []), backend, parallel,
+                                      hostfile)
+        m = self.lookup(ref)
+        if m is not None and m.placement == "local":
+            return self._touch(m.name, alias=alias or m.alias, pinned=m.pinned or pin)
+        report = self._progress_reporter(ref, progress)
+        path = store.resolve(ref, report)
+        name = store.model_name(ref, path)
+        with self._lock:
+            waiting = self._loading.get(name)
+            if waiting is None:
+                fut = self._loading[name] = Future()
+        if waiting is not None:
+            return waiting.result()
+        try:
+            info = self._load_new(name, ref, path, alias, pin, keep_alive, report)
+            fut.set_result(info)
+            return info
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+
+    async def aload(self, ref: str | os.PathLike, **kwargs: Any) -> ModelInfo:
+        """:meth:`load` without blocking the running event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.load(ref, **kwargs))
+
+    def _progress_reporter(self, ref: str, progress: Callable | None) -> Callable[[str, float], None]:
+        def report(stage: str, fraction: float) -> None:
+            if progress:
+                progress(stage, fraction)
+            self._publish(ProgressEvent(ref, stage, fraction))
+
+        return report
+
+    def _load_new(self, name, ref, path, alias, pin, keep_alive, report) -> ModelInfo:
+        if name in self._models and self._models[name].state == "ready":
+            return self._touch(name, alias=alias or self._models[name].alias, pinned=pin or self._models[name].pinned)
+        config = store.describe(path)
+        kind = embeddings.model_kind(path)
+        context = embeddings.max_length(path) if kind == "embedding" else config.context_length
+        disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        dequantize, estimate = self._dequantize_plan(path, disk, name)
+        self._make_room(estimate, exclude=name)
+        ka = self.keep_alive if keep_alive == "default" else keep_alive
+        with self._lock:
+            self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
+                                           None, context, kind=kind)
+        self._publish(ModelEvent(name, "loading", self._models[name]))
+        report("loading weights", 0.0)
+
+        def load_on_engine() -> Runner:
+            runner = (embeddings.load_runner(name, path, report) if kind == "embedding"
+                      else _load_runner(name, path, report, dequantize))
+            runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
+            self.engine.add_runner(runner)
+            return runner
+
+        try:
+            runner = self.engine.run(load_on_engine).result()
+        except BaseException as e:
+            self._set(name, state="failed", error=str(e))
+            with self._lock:
+                self._models.pop(name, None)
+            raise
+        report("ready", 1.0)
+        self._set(name, state="ready", size_bytes=_model_bytes(runner.model))
+        return self._touch(name)
+
+    def _dequantize_plan(self, path: Path, disk: int, name: str) -> tuple[bool, int]:
+        """Whether to load quantized weights as float32, and the bytes the model will take."""
+        quantization = store.read_config(path).get("quantization")
+        if not quantization or self.dequantize is False:
+            return False, disk
+        bits = quantization.get("bits", 4)
+        floats = int(disk * 32 / (bits + 1))  # scales and biases add about one bit per weight
+        if self.dequantize is None:
+            on_cpu = mx.default_device().type == mx.DeviceType.cpu
+            held = [m for m in self.models() if m.name != name and (m.pinned or m.in_flight)]
+            room = self.max_memory - sum(m.size_bytes for m in held)
+            if not on_cpu or floats > room:
+                return False, disk
+        return True, floats
+
+    def _touch(self, name: str, **changes: Any) -> ModelInfo:
+        now = time.time()
+        info = self._models[name]
+        ka = changes.get("keep_alive", info.keep_alive)
+        pinned = changes.get("pinned", info.pinned)
+        expires = None if pinned or ka is None else now + ka
+        return self._set(name, last_used=now, expires_at=expires, **changes)
+
+    def _make_room(self, needed: int, exclude: str) -> None:
+        """Evict least recently used idle, unpinned models until `needed` more bytes and one more model fit."""
+        while True:
+            with self._lock:
+                live = [m for m in self.models() if m.state in ("ready", "loading") and m.name != exclude]
+                too_many = len(live) >= self.max_models
+                too_big = sum(m.size_bytes for m in live) + needed > self.max_memory
+                if not (too_many or too_big):
+                    return
+                idle = [m for m in live if m.state == "ready" and not m.pinned and m.in_flight == 0]
+                if not idle:
+                    holders = ", ".join(f"{m.name} ({_why_held(m)}, {m.size_bytes / 2**20:.0f} MiB)" for m in live)
+                    limit = (f"max_models={self.max_models}" if too_many
+                             else f"max_memory={self.max_memory / 2**20:.0f} MiB, {needed / 2**20:.0f} MiB needed")
+                    raise PoolFullError(f"Pool full ({limit}) and nothing can be evicted: {holders}")
+                victim = min(idle, key=lambda m: m.last_used)
+                self._set(victim.name, state="unloading")
+            self.engine.run(self._unload_on_engine, victim.name).result()
+
+    def _unload_on_engine(self, name: str) -> None:
+        remote = self._remote.pop(name, None)
+        if remote is not None:
+            remote.close(ModelNotFoundError(f"model {name!r} was unloaded"))
+        self.engine.remove_runner(name, ModelNotFoundError(f"model {name!r} was unloaded"))
+        with self._lock:
+            info = self._models.pop(name, None)
+            if self.default in (name, getattr(info, "alias", None)):
+                self.default = None
+        if info is not None:
+            gone = replace(info, state="unloaded")
+            self._publish(ModelEvent(name, "unloaded", gone))
+
+    def unload(self, name: str) -> None:
+        """Unload a model (by name or alias); requests still running on it fail."""
+        info = self._get(name)
+        self._set(info.name, state="unloading")
+        self.engine.run(self._unload_on_engine, info.name).result()
+        if self.audit is not None:
+            self.audit.flush()
+
+    def _get(self, name: str) -> ModelInfo:
+        info = self.lookup(name, ready=False)
+        if info is None:
+            present = ", ".join(self._models) or "none"
+            raise ModelNotFoundError(f"Model {name!r} is not in the pool. In the pool: {present}.")
+        return info
+
+    def pin(self, name: str) -> ModelInfo:
+        """Exempt a model from eviction and idle unloading."""
+        return self._touch(self._get(name).name, pinned=True)
+
+    def unpin(self, name: str) -> ModelInfo:
+        return self._touch(self._get(name).name, pinned=False)
+
+    def _reap_idle(self) -> None:
+        """Unload models idle past their keep-alive (runs on the engine thread)."""
+        now = time.time()
+        for m in self.models():
+            if m.state == "ready" and m.expires_at is not None and m.expires_at < now and m.in_flight == 0:
+                self._set(m.name, state="unloading")
+                self._unload_on_engine(m.name)
+
+    # -- models served by other processes (mlx_manager_nb.distributed) ----------------------------
+
+    def runner(self, name: str) -> Any:
+        """What serves ``name``: its engine Runner, or a remote runner (sharded or attached)."""
+        return self._remote.get(name) or self.engine.runner(name)
+
+    def _load_sharded(self, ref: str, alias: str | None, pin: bool, keep_alive: float | str | None,
+                      progress: Callable | None, hosts: list[str], backend: str, parallel: str,
+                      hostfile: str | None) -> ModelInfo:
+        from .distributed.sharded import ShardedModel, hostfile_hosts
+
+        report = self._progress_reporter(ref, progress)
+        path = store.resolve(ref, report)
+        hosts = hosts or hostfile_hosts(hostfile)
+        name = f"{store.model_name(ref, path)}@{parallel}{len(hosts)}"
+        if self.lookup(name) is not None:
+            return self._touch(name, alias=alias or self._models[name].alias, pinned=self._models[name].pinned or pin)
+        disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        on_this_machine = 1 + sum(h in ("127.0.0.1", "localhost", "::1") for h in hosts[1:])
+        return self._add_remote(
+            name, ref, path, alias, pin, keep_alive, "sharded", tuple(hosts), disk * on_this_machine // len(hosts),
+            lambda failed: ShardedModel(name, path, hosts, backend, parallel, hostfile, on_failure=failed))
+
+    def attach(self, name: str, base_url: str, api_key: str | None = None, model: str | None = None,
+               pin: bool = False, keep_alive: float | str | None = "default") -> ModelInfo:
+        """Serve a model of an OpenAI-compatible server (another machine's ``mlx_manager_nb serve``, or any)
+        as the pool entry ``name``: requests are proxied with streaming, cancellation and audit rows.
+
+        ``base_url`` ends with ``/v1`` as for OpenAI's client; ``model`` is the server's model id
+        (default: its only model, listed under any number of names and aliases, or ``name``).
+        """
+        from .distributed.attached import AttachedModel
+
+        if name in self._models:
+            raise InvalidParameterError("name", f"{name!r} is already in the pool")
+        return self._add_remote(name, base_url, None, None, pin, keep_alive, "attached", (base_url,), 0,
+                                lambda failed: AttachedModel(name, base_url, api_key, model))
+
+    def _add_remote(self, name: str, ref: str, path: Path | None, alias: str | None, pin: bool,
+                    keep_alive: float | str | None, placement: str, hosts: tuple[str, ...], estimate: int,
+                    make: Callable[[Callable[[str], None]], Any]) -> ModelInfo:
+        """Add a pool entry served by another process: ``make(on_failure)`` builds its runner, ``start()`` starts it."""
+        self._make_room(estimate, exclude=name)
+        ka = self.keep_alive if keep_alive == "default" else keep_alive
+        assert not isinstance(ka, str)
+        with self._lock:
+            self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka, None,
+                                           store.describe(path).context_length if path else None,
+                                           placement=placement, hosts=hosts)
+        self._publish(ModelEvent(name, "loading", self._models[name]))
+
+        def failed(message: str) -> None:  # the remote side died: its requests failed, the entry stays to tell why
+            if name in self._models:
+                self._set(name, state="failed", error=message)
+
+        try:
+            remote = make(failed)
+            remote.start()
+        except BaseException as e:
+            self._set(name, state="failed", error=str(e))
+            with self._lock:
+                self._models.pop(name, None)
+            raise
+        self._remote[name] = remote
+        self._set(name, state="ready", size_bytes=getattr(remote, "local_weight_bytes", 0) or estimate,
+                  ranks=remote.ranks())
+        return self._touch(name)
+
+    # -- requests in flight (one lifecycle for chat, completion and embedding requests) -------
+
+    def begin(self, kind: str, name: str, context: RequestContext) -> RequestRecord:
+        """Count a request in flight on model ``name`` and tell subscribers; end it with ``RequestRecord.end``."""
+        record = RequestRecord(self, kind, name, context)
+        with self._lock:
+            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+            self._touch(name)
+        self._publish(RequestEvent("start", {"id": record.id, "model": name, "source": context.source}))
+        return record
+
+    def request_ended(self, row: dict, context: RequestContext, content: dict | None, counted: bool = True) -> None:
+        """A request ended (``counted``: it was in flight): its audit row is published and recorded."""
+        name = row["model"]
+        if counted:
+            with self._lock:
+                self._in_flight[name] = self._in_flight.get(name, 1) - 1
+                if name in self._models:
+                    self._touch(name)
+        self._publish(RequestEvent("end", row))
+        audit = context.audit or self.audit
+        if audit is not None:
+            audit.record(row, content)
+
+    def submit(self, request: Request, content: Any) -> None:
+        """Hand a checked, tokenized request to what serves its model."""
+        remote = self._remote.get(request.model)
+        if remote is not None:
+            remote.submit(request, content)
+        else:
+            self.engine.submit(request)
+

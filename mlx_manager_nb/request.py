@@ -1,0 +1,240 @@
+"""One request as the pool takes it, whatever front end it came from.
+
+A :class:`ChatRequest` is what to answer: typed messages (or a raw prompt), the sampler's
+:class:`~mlx_manager_nb.params.GenParams`, tools, a tool choice and a schema, each already
+validated by the protocol that parsed it (which names a bad field in its own terms). A
+:class:`RequestContext` is who asked and under which limits: the audit row's fields, the audit log
+to write it to, a deadline and a priority. The pool never sees a protocol's field names.
+
+:func:`python_request` is the Python API's parser: ``pool.chat(messages, tools=..., **params)``
+with OpenAI-shaped message dicts, naming bad fields as that call's keywords (``messages[2].role``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import InvalidParameterError
+from .params import GenParams, make_params
+from .tools import Tool, make_tools, tool_choice
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A call an assistant turn made: ``arguments`` is its JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a call returned, answering the call ``call_id``."""
+
+    call_id: str
+    content: str
+    name: str | None = None
+
+
+Part = Text | ToolUse | ToolResult
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn: ``role`` is system, user, assistant or tool; ``parts`` its text, calls or result."""
+
+    role: str
+    parts: tuple[Part, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text if isinstance(p, Text) else p.content if isinstance(p, ToolResult) else ""
+                       for p in self.parts)
+
+    def template(self) -> dict:
+        """The message as chat templates take it (OpenAI's chat shape)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text}
+        calls = [p for p in self.parts if isinstance(p, ToolUse)]
+        if calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        result = next((p for p in self.parts if isinstance(p, ToolResult)), None)
+        if result is not None:
+            out["tool_call_id"] = result.call_id
+            if result.name is not None:
+                out["name"] = result.name
+        return out
+
+
+def text(role: str, content: str) -> Message:
+    return Message(role, (Text(content),))
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What to answer: ``messages`` (a chat) or ``prompt`` (a raw completion), and how.
+
+    ``tool_choice`` is "auto", "none", "required" or a tool's name; ``schema`` a pydantic model class
+    or a JSON schema dict the answer must match.
+    """
+
+    messages: tuple[Message, ...] = ()
+    prompt: str | None = None
+    params: GenParams = field(default_factory=GenParams)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "none"
+    parallel_tool_calls: bool = True
+    schema: Any = None
+
+    @property
+    def kind(self) -> str:
+        return "complete" if self.prompt is not None else "chat"
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.tools) or self.schema is not None
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who asked, for the audit row, and the request's limits.
+
+    ``audit``: the log to record it in (None: the pool's). ``http_status``: set for a request answered
+    over HTTP, whose failure then records the status it answered with. ``deadline``: a
+    ``time.perf_counter()`` value past which generation stops (finish_reason "timeout").
+    ``priority`` orders nothing yet: it is carried for the scheduler.
+    """
+
+    source: str = "api"
+    endpoint: str | None = None  # None: "pool.<kind>"
+    protocol: str = "python"
+    stream: bool = False
+    id: str | None = None
+    client_request_id: str | None = None
+    client: str | None = None
+    user_agent: str | None = None
+    http_status: int | None = None
+    audit: Any = None
+    deadline: float | None = None
+    priority: int = 0
+
+    @classmethod
+    def of(cls, meta: dict | RequestContext | None, stream: bool, timeout: float | None = None) -> RequestContext:
+        """The context of a Python API call: its ``meta`` (a dict of these fields), ``stream`` and ``timeout``."""
+        if isinstance(meta, RequestContext):
+            given = {f.name: getattr(meta, f.name) for f in fields(cls)}
+        else:
+            given = {"stream": stream, **(meta or {})}
+            unknown = set(given) - {f.name for f in fields(cls)}
+            if unknown:
+                raise InvalidParameterError("meta", f"meta: unknown field(s) {', '.join(sorted(unknown))}")
+        if timeout:
+            given["deadline"] = time.perf_counter() + timeout
+        return cls(**given)
+
+
+def _check_text(value: Any, where: str, allow_empty: bool) -> str:
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise InvalidParameterError(where, f"{where} must be a {'' if allow_empty else 'non-empty '}string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameterError(where, f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+def check_prompt(prompt: Any) -> str:
+    return _check_text(prompt, "prompt", allow_empty=False)
+
+
+def _tool_uses(calls: Any, where: str) -> tuple[ToolUse, ...]:
+    if not isinstance(calls, list):
+        raise InvalidParameterError(where, f"{where} must be a list of tool calls")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", "{}"), (str, dict)):
+            raise InvalidParameterError(f"{where}[{j}]", f"{where}[{j}] must be "
+                                        '{"id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}')
+        arguments = fn.get("arguments", "{}")
+        out.append(ToolUse(str(c.get("id") or ""), fn["name"],
+                           arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)))
+    return tuple(out)
+
+
+def python_messages(messages: Any) -> tuple[Message, ...]:
+    """OpenAI-shaped message dicts as typed messages; InvalidParameterError names the bad field."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameterError("messages", "messages must be a non-empty list of {'role', 'content'} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise InvalidParameterError(  # never the content
+                f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(ROLES)}, got "
+                f"{repr(m.get('role'))[:40] if isinstance(m, dict) else 'a ' + type(m).__name__}")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        uses = _tool_uses(calls, f"messages[{i}].tool_calls") if calls is not None else ()
+        content = m.get("content")
+        if not (uses and content is None):
+            _check_text(content, f"messages[{i}].content", allow_empty=True)
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            name = m.get("name")
+            parts: tuple[Part, ...] = (ToolResult(call_id if isinstance(call_id, str) else "", content or "",
+                                                  name if isinstance(name, str) else None),)
+        else:
+            parts = ((Text(content),) if content else ()) + uses
+        out.append(Message(m["role"], parts))
+    return tuple(out)
+
+
+def structure(tools: Any, choice: Any, schema: Any, schema_field: str, parallel: bool = True) -> dict:
+    """The checked tools, tool choice and schema of a request: a schema (named ``schema_field``) needs
+    tool choice "none" when tools are given."""
+    tool_list = tuple(make_tools(tools)) if tools is not None else ()
+    normalized = tool_choice(choice, list(tool_list))
+    if schema is not None and normalized != "none":
+        raise InvalidParameterError(schema_field,
+                                    f"{schema_field} cannot be combined with tools unless tool_choice is 'none'")
+    return {"tools": tool_list, "tool_choice": normalized, "schema": schema, "parallel_tool_calls": parallel}
+
+
+def python_structure(tools: Any = None, tool_choice: Any = None, schema: Any = None, response_format: Any = None,
+                     parallel_tool_calls: bool | None = None) -> dict:
+    """A chat's tools, tool choice and schema (or OpenAI's ``response_format``), named as ``pool.chat``'s
+    keywords and OpenAI's fields are."""
+    from .structured import check_schema, from_response_format
+
+    schema_field = "schema"
+    if response_format is not None:
+        if schema is not None:
+            raise InvalidParameterError("response_format", "give schema or response_format, not both")
+        schema, schema_field = from_response_format(response_format), "response_format"
+    if schema is not None:
+        where = schema_field if schema_field == "schema" or isinstance(schema, type) \
+            else f"{schema_field}.json_schema.schema"
+        schema = check_schema(schema, where)
+    return structure(tools, tool_choice, schema, schema_field, parallel_tool_calls is not False)
+
+
+def python_request(messages: Any = None, prompt: Any = None, *, tools: Any = None, tool_choice: Any = None,
+                   schema: Any = None, response_format: Any = None, parallel_tool_calls: bool | None = None,
+                   **params: Any) -> ChatRequest:
+    """The request of a Python API call (``pool.chat`` / ``pool.complete`` keywords)."""
+    gen = make_params(**params)
+    if prompt is not None or messages is None:
+        return ChatRequest(prompt=check_prompt(prompt), params=gen)
+    return ChatRequest(python_messages(messages), params=gen,
+                       **python_structure(tools, tool_choice, schema, response_format, parallel_tool_calls))

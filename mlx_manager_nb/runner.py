@@ -1,0 +1,203 @@
+"""Running one request on the pool: checks, tokens, context limits, and the engine's events turned
+into results and audit rows.
+
+:func:`start` takes a :class:`~mlx_manager_nb.request.ChatRequest` (already checked by the front end
+that parsed it), finds its model, tokenizes it, fits it to the model's context and submits it; its
+events go to a sink (see :mod:`mlx_manager_nb.streams`). Every request, chat, completion or
+embedding, goes through one :class:`RequestRecord`: begun (in flight on its model, published),
+then ended with its audit row, or refused before it began (:func:`record_refused`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .audit_log import audit_row, error_fields, new_request_id, utc_now
+from .engine import Delta, Done, Event, Failed, Request, Runner
+from .errors import ContextLengthError, InvalidParameterError, ModelNotFoundError
+from .params import DEFAULT_MAX_TOKENS, GenParams, fit_to_model
+from .request import ChatRequest, RequestContext
+from .streams import Final, StreamEvent
+from .structured import Plan, plan
+from .tools import ParsedItem, ToolCall
+
+if TYPE_CHECKING:
+    from .registry import ModelInfo, Registry
+
+
+@dataclass
+class RequestRecord:
+    """One request from :meth:`Registry.begin` to its audit row (chat, completion or embedding)."""
+
+    pool: Registry
+    kind: str  # "chat", "complete" or "embed"
+    model: str
+    context: RequestContext
+    id: str = ""
+    started: float = field(default_factory=time.time)
+    started_at: str = field(default_factory=utc_now)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.context.id or new_request_id()
+
+    def failed(self, error: BaseException, answered: bool = False) -> dict:
+        """The outcome of a request that failed (``answered``: a stream had sent its 200 already)."""
+        return dict(error_fields(error, self.context, answered), duration=time.time() - self.started)
+
+    def end(self, outcome: dict, content: dict | None) -> dict:
+        """Publish and record the request's audit row; return it."""
+        row = audit_row(self.id, self.started_at, self.kind, self.model, self.context, outcome)
+        self.pool.request_ended(row, self.context, content)
+        return row
+
+
+def record_refused(pool: Registry, error: BaseException, model: str | None, context: RequestContext,
+                   kind: str = "chat", answered: bool = False) -> None:
+    """Record a request refused before it reached the engine (bad input, unknown model) in the audit log;
+    ``answered``: the context's ``http_status`` is the status already answered with."""
+    if model is None:  # the model the request would have gone to, so stats group it there
+        with contextlib.suppress(ModelNotFoundError):
+            model = pool.find(None).name
+    row = audit_row(context.id or new_request_id(), utc_now(), kind, model, context,
+                    error_fields(error, context, answered))
+    pool.request_ended(row, context, None, counted=False)
+
+
+def chat_model(pool: Registry, model: str | None) -> ModelInfo:
+    """The loaded chat model ``model`` names (None: the default)."""
+    info = pool.find(model, kind="chat")
+    if info.kind != "chat":
+        raise InvalidParameterError(
+            "model", f"model {info.alias or info.name!r} is an {info.kind} model: it cannot chat or complete; "
+            f"use pool.embed() or /v1/embeddings")
+    return info
+
+
+def _check_fits(info: ModelInfo, runner: Runner, request: ChatRequest) -> None:
+    """Refuse, before tokenizing it, a text too long for the context whatever its tokens."""
+    ctx = info.context_length
+    chars = len(request.prompt) if request.prompt is not None else sum(len(m.text) for m in request.messages)
+    at_least = chars // runner.max_token_chars
+    if ctx is not None and at_least >= ctx:
+        raise ContextLengthError(_prompt_field(request), f"This model's maximum context length is {ctx} tokens, "
+                                 f"and the prompt is too long: at least {at_least} tokens ({info.name}).",
+                                 at_least, ctx)
+
+
+def _prompt_field(request: ChatRequest) -> str:
+    return "prompt" if request.prompt is not None else "messages"
+
+
+def tokens(runner: Runner, request: ChatRequest) -> tuple[list[int], Plan | None]:
+    """The prompt's tokens, and for a chat the plan of its tools and structure (see :mod:`.structured`)."""
+    if request.prompt is not None:
+        return list(runner.tokenizer.encode(request.prompt)), None
+    if not getattr(runner.tokenizer, "chat_template", None):
+        raise InvalidParameterError(
+            "model", f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
+    p = plan(runner.tokenizer, [m.template() for m in request.messages], request.tools, request.tool_choice,
+             request.schema, request.parallel_tool_calls)
+    ids = runner.tokenizer.apply_chat_template(p.messages, tools=p.template_tools, add_generation_prompt=True)
+    return list(ids), p
+
+
+def _fit_context(info: ModelInfo, request: ChatRequest, n: int, p: GenParams) -> GenParams:
+    """``p`` with the tokens to generate fitted to the context left after an ``n``-token prompt."""
+    ctx = info.context_length
+    if ctx is None:
+        return p
+    if n >= ctx:
+        raise ContextLengthError(_prompt_field(request), f"This model's maximum context length is {ctx} tokens, "
+                                 f"and the prompt is too long: {n} tokens ({info.name}).", n, ctx)
+    if p.max_tokens is None:
+        return replace(p, max_tokens=min(DEFAULT_MAX_TOKENS, ctx - n))
+    if n + p.max_tokens > ctx:
+        raise ContextLengthError(
+            "max_tokens", f"This model's maximum context length is {ctx} tokens, and max_tokens="
+            f"{p.max_tokens} plus the {n}-token prompt exceeds it ({info.name}).", n + p.max_tokens, ctx)
+    return p
+
+
+def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: Callable[[StreamEvent], None],
+             cancel: Callable[[], None]) -> Callable[[Event], None]:
+    """What receives the engine's events: text and tool calls to ``sink``; at the end the result (a
+    :class:`Final` for tools or a schema) to ``sink`` and the audit row to the record."""
+    text: list[str] = []
+    parser = chat_plan.parser if chat_plan is not None else None
+    parse = chat_plan.parse if chat_plan is not None and chat_plan.schema is not None else None
+    constrained = chat_plan is not None and chat_plan.constraint is not None
+
+    def send(items: list[ParsedItem]) -> None:
+        for item in items:
+            sink(Delta(item) if isinstance(item, str) else item)
+
+    def finish(event: Done | Failed, calls: list[ToolCall]) -> None:
+        if isinstance(event, Done):
+            status = event.finish_reason if event.finish_reason in ("cancelled", "timeout") else "ok"
+            outcome = dict(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                           ttft=event.ttft, duration=event.duration, tokens_per_second=event.tokens_per_second,
+                           finish_reason=event.finish_reason)
+        else:
+            outcome = record.failed(event.error, answered=record.context.stream and bool(text))
+        outcome.update(tool_calls=len(calls), tool_names=",".join(c.name for c in calls) or None,
+                       constrained=constrained)
+        record.end(outcome, {"prompt": content, "completion": "".join(text)})
+
+    def emit(event: Event) -> None:
+        if isinstance(event, Delta):
+            text.append(event.text)
+            if parser is not None:  # content goes on as deltas, calls as their pieces, then whole
+                send(parser.feed(event.text))
+                if parser.repeated:  # the model repeats a call: its turn is over
+                    cancel()
+                return
+        elif isinstance(event, Done) and (parser is not None or parse is not None):
+            if parser is not None:
+                send(parser.finish())
+            calls = list(parser.calls) if parser is not None else []
+            parsed = parse("".join(text)) if parse is not None else None
+            ended = event.finish_reason == "stop" or (parser is not None and parser.repeated)
+            done = replace(event, finish_reason="tool_calls") if calls and ended else event
+            finish(done, calls)
+            sink(Final(done, calls, parsed, constrained))
+            return
+        elif isinstance(event, (Done, Failed)):
+            finish(event, [])
+        sink(event)
+
+    return emit
+
+
+def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callable[[StreamEvent], None],
+          context: RequestContext) -> tuple[str, str, Request]:
+    """Check, tokenize and submit ``request`` (on any thread but the engine's): returns its id, the
+    name its model answers to, and the engine request. Its events go to ``sink``."""
+    info = chat_model(pool, model)
+    runner = pool.runner(info.name)
+    p = fit_to_model(request.params, runner.vocab_size)
+    _check_fits(info, runner, request)
+    if request.structured and info.placement != "local":  # a grammar matcher cannot cross to another process yet
+        raise InvalidParameterError("tools" if request.tools else "schema", f"model {info.name!r} runs in other "
+                                    "processes: tools and structured output need a model of this process")
+    ids, chat_plan = tokens(runner, request) if runner.tokenizer is not None else ([], None)
+    p = _fit_context(info, request, len(ids), p)  # an attached server templates and tokenizes itself
+    content: Any = request.prompt if request.prompt is not None else [m.template() for m in request.messages]
+    record = pool.begin(request.kind, info.name, context)
+    emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set())
+    engine_request = Request(info.name, ids, p, emit, deadline=context.deadline,
+                             constraint=chat_plan.constraint if chat_plan is not None else None)
+    pool.submit(engine_request, content)
+    return record.id, info.alias or info.name, engine_request
+
+
+def count_tokens(pool: Registry, request: ChatRequest, model: str | None) -> int:
+    """How many tokens ``request``'s prompt takes with its model's template (tools included)."""
+    info = chat_model(pool, model)
+    runner = pool.runner(info.name)
+    if runner.tokenizer is None:
+        raise InvalidParameterError("model", f"model {info.name!r} is attached: its tokenizer is on its server")
+    return len(tokens(runner, request)[0])
