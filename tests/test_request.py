@@ -68,9 +68,9 @@ def test_openai_mid_stream_failure_says_what_failed(own, audit):
 def test_anthropic_mid_stream_failure_says_what_failed(own):
     pool, server = own
     client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
-    with pytest.raises(anthropic.APIStatusError) as failed:
-        with client.messages.stream(model="tiny", messages=HI, max_tokens=400) as stream:
-            _unload_after_first(pool, stream)
+    with pytest.raises(anthropic.APIStatusError) as failed, \
+            client.messages.stream(model="tiny", messages=HI, max_tokens=400) as stream:
+        _unload_after_first(pool, stream)
     assert failed.value.body["error"]["type"] == "not_found_error"  # not a generic api_error
     assert "unloaded" in failed.value.body["error"]["message"]
 
