@@ -20,7 +20,7 @@ from helpers import wait_for
 from mlx_manager_nb import store
 from mlx_manager_nb.errors import ServerError
 from mlx_manager_nb.server import create_app, serve
-from mlx_manager_nb.server.common import KINDS
+from mlx_manager_nb.server.anthropic_api import KINDS as ANTHROPIC_KINDS
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0}  # the anthropic SDK takes sampling settings through extra_body
@@ -97,7 +97,7 @@ def test_models_lists_loaded_and_loadable(server, tiny_model_path):
 
 
 def test_every_error_kind_is_a_type_of_the_anthropic_sdk():
-    assert {anthropic_type for _, _, anthropic_type in KINDS.values()} <= set(get_args(ErrorType))
+    assert set(ANTHROPIC_KINDS.values()) <= set(get_args(ErrorType))
 
 
 def test_anthropic_model_info_has_the_fields_the_sdk_requires(server):
