@@ -8,6 +8,7 @@ Once the grammar is complete only end-of-turn tokens stay allowed, so a finished
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import weakref
@@ -142,10 +143,16 @@ def lark_json(schema: dict) -> str:
 def check_grammar(grammar: str, param: str) -> str:
     """``grammar`` if llguidance accepts it (checked without a model: a request's parser runs this, so
     the field is named in its protocol's terms); else InvalidParameterError naming ``param``."""
-    error = llg.LLMatcher.validate_grammar(grammar)
+    error = _grammar_error(grammar)
     if error and not error.startswith("WARNING"):
         raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {error}")
     return grammar
+
+
+@functools.lru_cache(maxsize=MATCHERS_PER_MODEL)
+def _grammar_error(grammar: str) -> str:
+    """llguidance's verdict on a grammar (a client sends the same tools each turn: checked once)."""
+    return llg.LLMatcher.validate_grammar(grammar)
 
 
 def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:

@@ -17,7 +17,7 @@ from mlx_manager_nb.errors import (
     kind_of,
     status_of,
 )
-from mlx_manager_nb.request import RequestContext
+from mlx_manager_nb.request import RequestContext, python_request
 from mlx_manager_nb.server import serve
 from mlx_manager_nb.server.anthropic_api import ADAPTER as ANTHROPIC
 from mlx_manager_nb.server.openai_api import ADAPTER as OPENAI
@@ -170,3 +170,13 @@ def test_the_server_resolves_a_named_reference_to_a_model_loaded_by_path(make_po
         assert reply.model == "favourite" and reply.usage.completion_tokens == 3
     finally:
         server.stop(drain=0)
+
+
+def test_a_parsed_request_runs_as_it_is(pool, audit):
+    s = pool.stream(python_request(HI, max_tokens=3, temperature=0), "tiny",
+                    RequestContext(source="script", endpoint="mine"))
+    text = "".join(s)
+    assert s.result is not None and s.result.usage.completion_tokens == 3 and text == s.result.text
+    audit.flush()
+    row = audit.query(limit=1)[0]
+    assert (row["source"], row["endpoint"], row["protocol"]) == ("script", "mine", "python")
