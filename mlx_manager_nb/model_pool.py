@@ -47,7 +47,7 @@ class Pool(Registry):
     :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
     """
 
-    def start(self, make: Callable[[], ChatRequest], kind: str, model: str | None, sink: Callable,
+    def _start(self, make: Callable[[], ChatRequest], kind: str, model: str | None, sink: Callable,
               context: RequestContext) -> tuple[str, str, Any]:
         """Build the request with ``make()`` and submit it (see :func:`.runner.start`); a refusal is recorded."""
         try:
@@ -59,7 +59,7 @@ class Pool(Registry):
     def stream(self, request: ChatRequest, model: str | None, context: RequestContext) -> TextStream:
         """Run a parsed request, as a stream."""
         events, sink = queue_sink()
-        return TextStream(*self.start(lambda: request, request.kind, model, sink, context), events)
+        return TextStream(*self._start(lambda: request, request.kind, model, sink, context), events)
 
     def astream(self, request: ChatRequest, model: str | None, context: RequestContext) -> AsyncTextStream:
         """Run a parsed request from a running event loop (which tokenizing never blocks), as an async stream."""
@@ -70,7 +70,7 @@ class Pool(Registry):
         loop = asyncio.get_running_loop()
         events, sink = async_sink(loop)
         # templating and tokenizing take time proportional to the input: never on the event loop
-        started = loop.run_in_executor(None, self.start, make, kind, model, sink, context)
+        started = loop.run_in_executor(None, self._start, make, kind, model, sink, context)
         return AsyncTextStream(started, events)
 
     def record_refused(self, error: BaseException, model: str | None, context: RequestContext,
@@ -82,7 +82,7 @@ class Pool(Registry):
              meta: Meta, timeout: float | None) -> Result | TextStream:
         context = self._context(meta, stream, timeout, model, kind)
         events, sink = queue_sink()
-        s = TextStream(*self.start(make, kind, model, sink, context), events)
+        s = TextStream(*self._start(make, kind, model, sink, context), events)
         if stream:
             return s
         with s:
@@ -224,8 +224,14 @@ class Pool(Registry):
         request = python_request(messages, prompt, **{k: v for k, v in structure.items() if v is not None})
         return runner.count_tokens(self, request, model)
 
-    async def acount_tokens(self, request: ChatRequest, model: str | None = None) -> int:
-        """:func:`.runner.count_tokens` of a parsed request on a worker thread, never blocking the running loop."""
+    async def acount_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None,
+                            **structure: Any) -> int:
+        """:meth:`count_tokens` on a worker thread, never blocking the running event loop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.count_tokens, messages, model, prompt, **structure))
+
+    async def acount_request_tokens(self, request: ChatRequest, model: str | None = None) -> int:
+        """The tokens of a parsed request's prompt (see :func:`.runner.count_tokens`), off the running loop."""
         return await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(runner.count_tokens, self, request, model))
 

@@ -131,9 +131,10 @@ class RequestContext:
 
     @classmethod
     def of(cls, meta: dict | RequestContext | None, stream: bool, timeout: float | None = None) -> RequestContext:
-        """The context of a Python API call: its ``meta`` (a dict of these fields), ``stream`` and ``timeout``."""
+        """The context of a Python API call: its ``meta`` (a context, or a dict of its fields, which may
+        say ``stream`` otherwise), ``stream`` and ``timeout``."""
         if isinstance(meta, RequestContext):
-            given = {f.name: getattr(meta, f.name) for f in fields(cls)}
+            given = {f.name: getattr(meta, f.name) for f in fields(cls)} | {"stream": stream}
         else:
             given = {"stream": stream, **(meta or {})}
             unknown = set(given) - {f.name for f in fields(cls)}

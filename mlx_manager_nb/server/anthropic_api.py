@@ -330,7 +330,7 @@ async def _count_tokens(request: web.Request, body: dict) -> web.Response:
     request[MODEL] = model
     chat_request = ChatRequest(tuple(_conversation(body)), **_tools(body))
     name = await resolve_model(request, model)
-    return web.json_response({"input_tokens": await request.app[POOL].acount_tokens(chat_request, name)})
+    return web.json_response({"input_tokens": await request.app[POOL].acount_request_tokens(chat_request, name)})
 
 
 count_tokens = endpoint(ADAPTER, _count_tokens)
