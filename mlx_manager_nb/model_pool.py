@@ -48,7 +48,7 @@ class Pool(Registry):
     """
 
     def _start(self, make: Callable[[], ChatRequest], kind: str, model: str | None, sink: Callable,
-              context: RequestContext) -> tuple[str, str, Any]:
+               context: RequestContext) -> tuple[str, str, Any]:
         """Build the request with ``make()`` and submit it (see :func:`.runner.start`); a refusal is recorded."""
         try:
             return runner.start(self, make(), model, sink, context)
