@@ -470,9 +470,15 @@ def test_cors_is_off_by_default_and_follows_the_allow_list(pool, server):
 def test_health(server):
     import urllib.request
 
-    with urllib.request.urlopen(server.url + "/health") as r:
-        health = json.loads(r.read())
-    assert health["status"] == "ok" and health["models"] == ["tiny"]
+    def health():
+        with urllib.request.urlopen(server.url + "/health") as r:
+            return json.loads(r.read())
+
+    before = health()
+    assert before["status"] == "ok" and before["models"] == ["tiny"]
+    assert post(server.url + "/v1/chat/completions", {"model": "tiny", "messages": HI, "max_tokens": 1})[0] == 200
+    after = health()["server"]
+    assert after["requests"] == before["server"]["requests"] + 1 and after["in_flight"] == 0
 
 
 def test_the_app_mounts_inside_a_parent_app(pool):

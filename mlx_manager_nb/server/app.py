@@ -143,7 +143,7 @@ def _cors(origins: tuple[str, ...]) -> tuple[Any, Any]:
 
 
 async def _health(request: web.Request) -> web.Response:
-    health = request.app[V1][POOL].health()
+    health = dict(request.app[V1][POOL].health(), server=request.app[V1][STATS].as_dict())
     return web.json_response(dict(health, status="ok" if health["engine"] != "dead" else "error"),
                              status=200 if health["engine"] != "dead" else 503)
 
