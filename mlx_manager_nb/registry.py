@@ -27,7 +27,7 @@ from mlx_lm.utils import dequantize_model
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import load as load_model
 
-from . import demo, demo_embed, embeddings, store  # noqa: F401  (the demo modules register "demo", "demo-embed")
+from . import embeddings, store
 from .engine import Engine, Request, Runner
 from .errors import InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext

@@ -17,6 +17,7 @@ PosixPath('/home/me/.cache/mlx_manager_nb/models/smollm2-135m-instruct')
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -262,27 +263,34 @@ class Named:
     fetch: Callable[[Progress | None], Path]
 
 
-#: named references, registered by the modules that provide them (see mlx_manager_nb.demo)
-NAMED: dict[str, Named] = {}
+_NAMED: dict[str, Named] = {}  # registered by the modules that provide them (see mlx_manager_nb.demo)
+BUILT_IN = ("demo", "demo_embed")  # this package's modules that register one; imported on first use
 
 
 def register(ref: str, folder: str, fetch: Callable[[Progress | None], Path]) -> None:
     """Make ``ref`` a named reference: :func:`resolve` fetches it, and a model loaded from the store
     folder ``folder`` answers to it."""
-    NAMED[ref] = Named(folder, fetch)
+    _NAMED[ref] = Named(folder, fetch)
+
+
+def named() -> dict[str, Named]:
+    """Every named reference: this package's own (``demo``, ``demo-embed``) and any registered since."""
+    for module in BUILT_IN:  # by name, at first use: they import this module, not the other way round
+        importlib.import_module(f"{__package__}.{module}")
+    return _NAMED
 
 
 def named_folder(ref: str | None) -> str | None:
     """The store folder a named reference installs, or None if ``ref`` is not one."""
-    named = NAMED.get(ref) if ref is not None else None
-    return named.folder if named is not None else None
+    entry = named().get(ref) if ref is not None else None
+    return entry.folder if entry is not None else None
 
 
 def resolve(ref: str | os.PathLike, progress: Progress | None = None) -> Path:
     """Return the local mlx-lm folder for a model reference, importing or fetching it if needed."""
     text = str(ref)
-    if text in NAMED:
-        return NAMED[text].fetch(progress)
+    if text in named():
+        return named()[text].fetch(progress)
     path = Path(text).expanduser()
     if path.is_dir():
         return validate_model_dir(path)

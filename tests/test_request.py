@@ -135,7 +135,7 @@ def test_a_python_caller_gets_no_http_status_in_its_audit_row(pool, audit):
 
 def test_one_resolver_answers_to_name_alias_reference_and_named_reference(make_pool, tiny_model_path, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setitem(store.NAMED, "favourite", store.Named(tiny_model_path.name, lambda progress: tiny_model_path))
+    monkeypatch.setitem(store.named(), "favourite", store.Named(tiny_model_path.name, lambda progress: tiny_model_path))
     pool = make_pool(keep_alive=None)
     info = pool.load(tiny_model_path, alias="t")
     for name in (info.name, "t", str(tiny_model_path), "favourite"):
@@ -155,11 +155,23 @@ def test_named_references_come_from_the_demo_modules():
 
     assert store.named_folder("demo") == demo.DEMO_NAME
     assert store.named_folder("demo-embed") == demo_embed.DEMO_EMBED_NAME
-    assert store.NAMED["demo"].fetch is demo.ensure_demo and store.named_folder("tiny") is None
+    assert store.named()["demo"].fetch is demo.ensure_demo and store.named_folder("tiny") is None
+
+
+def test_a_fresh_process_resolves_demo_through_the_store_alone():
+    """``store.resolve("demo")`` is the store's documented use: it must not depend on who imported what first
+    (the scratch homes' import step runs just that in a new process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mlx_manager_nb import store\nassert 'mlx_manager_nb.demo' not in sys.modules\n"
+            "print(store.named_folder('demo'), store.named_folder('demo-embed'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["smollm2-135m-instruct", "all-minilm-l6-v2"], done.stderr
 
 
 def test_the_server_resolves_a_named_reference_to_a_model_loaded_by_path(make_pool, tiny_model_path, monkeypatch):
-    monkeypatch.setitem(store.NAMED, "favourite", store.Named(tiny_model_path.name, lambda progress: tiny_model_path))
+    monkeypatch.setitem(store.named(), "favourite", store.Named(tiny_model_path.name, lambda progress: tiny_model_path))
     pool = make_pool(keep_alive=None)
     pool.load(tiny_model_path)
     server = serve(pool, port=0, mode="thread", auto_load=False)

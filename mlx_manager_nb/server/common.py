@@ -226,7 +226,7 @@ async def servable_models(request: web.Request) -> list[dict]:
             root = out[target]["root"] if target in out else target
             add(alias, root=root, created=0, loaded=target in out, state="alias", size_bytes=None)
 
-    for reference, named in store.NAMED.items():  # "demo": the name of the demo model's folder
+    for reference, named in store.named().items():  # "demo": the name of the demo model's folder
         add_alias(reference, named.folder)
     for alias, target in options.aliases.items():
         add_alias(alias, target)
@@ -245,7 +245,7 @@ async def resolve_model(request: web.Request, name: str) -> str:
         return name
     servable = await servable_models(request)
     known = any(m["id"] == name for m in servable)
-    fetchable = options.allow_downloads and (name in store.NAMED or store.REPO_ID.match(name) is not None)
+    fetchable = options.allow_downloads and (name in store.named() or store.REPO_ID.match(name) is not None)
     if options.auto_load and len(name) <= MAX_NAME and (known or fetchable):
         try:
             await pool.aload(name)
