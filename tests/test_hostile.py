@@ -11,9 +11,10 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from helpers import call
+from helpers import call, raw_http
 
 from mlx_manager_nb.errors import InvalidModelError
+from mlx_manager_nb.server import serve
 
 HI = [{"role": "user", "content": "Hi"}]
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
@@ -354,3 +355,127 @@ def test_hostile_anthropic_tools_and_formats_are_400s_beside_bystanders(server, 
                                                                             ANTHROPIC))
     assert status == 400 and answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
     assert says in answer["error"]["message"], answer
+
+
+# -- connections: slow, idle, oversized and too many ----------------------------------------------
+
+
+SLOW_POST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+             b"content-length: 100000\r\n\r\n")
+
+
+@pytest.fixture
+def guarded(pool):
+    """A server with short connection deadlines and a small cap, to attack in seconds."""
+    s = serve(pool, port=0, mode="thread", idle_timeout=1.0, body_timeout=1.5, max_connections=12)
+    yield s
+    s.stop(drain=0)
+
+
+async def _open(server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", server.port)
+
+
+async def _seconds_until_closed(reader, writer, drip: bytes = b"") -> tuple[float, bytes]:
+    """Send ``drip`` a byte every 0.1 s (its last byte forever) until the server closes; (seconds, what it sent)."""
+    start, got = time.monotonic(), b""
+    while time.monotonic() - start < 20:
+        if drip:
+            writer.write(drip[:1])
+            drip = drip[1:] or drip
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), 0.1)
+        except asyncio.TimeoutError:
+            continue
+        except ConnectionError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    writer.close()
+    return time.monotonic() - start, got
+
+
+def test_slowloris_headers_and_silent_and_idle_connections_are_cut_beside_bystanders(guarded, pool):
+    async def attack(http):
+        slow = _seconds_until_closed(*await _open(guarded), b"POST /v1/chat/completions HTTP/1.1\r\nx-a: aaaa")
+        silent = _seconds_until_closed(*await _open(guarded))
+        reader, writer = await _open(guarded)
+        writer.write(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        idle = _seconds_until_closed(reader, writer)  # keep-alive: answered, then says nothing
+        return await asyncio.gather(slow, silent, idle)
+
+    (slow, _), (silent, _), (idle, answer) = with_bystanders(guarded, pool, attack)
+    assert all(0.9 < t < 3.0 for t in (slow, silent, idle)), (slow, silent, idle)
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_a_body_sent_byte_by_byte_is_a_408_after_the_body_timeout(guarded, pool):
+    async def attack(http):
+        reader, writer = await _open(guarded)
+        writer.write(SLOW_POST)
+        return await _seconds_until_closed(reader, writer, b'{"model": "tiny", "messages": "' + b"x" * 1000)
+
+    seconds, answer = with_bystanders(guarded, pool, attack)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"application/json" in head
+    assert "did not arrive within 1.5 s" in json.loads(body)["error"]["message"]
+    assert 1.4 < seconds < 6.0  # the deadline, then at most 2 s draining what it still sends
+
+
+def test_an_oversized_header_is_a_json_error(server):
+    status, body = raw_http(server.port, b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: " + b"a" * 9000 + b"\r\n")
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "request_too_large" and "8190" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_past_the_connection_cap_the_oldest_idle_ones_close_and_health_and_streams_go_on(pool):
+    s = serve(pool, port=0, mode="thread", max_connections=12)  # idle ones would wait 15 s for their timeout
+
+    async def attack(http):
+        half_open = [await _open(s) for _ in range(40)]
+        for _, writer in half_open:
+            writer.write(b"GET /health HTTP/1.1\r\n")  # headers never finished
+        async with http.get(s.url + "/health") as r:
+            health = r.status
+        closed = []
+        for reader, _ in half_open:
+            try:
+                closed.append(await asyncio.wait_for(reader.read(), 0.5) == b"")
+            except ConnectionResetError:
+                closed.append(True)
+            except asyncio.TimeoutError:
+                closed.append(False)
+        for _, writer in half_open:
+            writer.close()
+        return health, closed
+
+    try:
+        health, closed = with_bystanders(s, pool, attack)
+    finally:
+        s.stop(drain=0)
+    assert health == 200 and all(closed[:28]) and not any(closed[-6:]), closed
+
+
+def test_past_the_connection_cap_with_every_one_busy_a_new_one_gets_a_json_503(pool):
+    s = serve(pool, port=0, mode="thread", max_connections=2)
+
+    async def attack():
+        busy = [await _open(s) for _ in range(2)]
+        for _, writer in busy:
+            writer.write(SLOW_POST + b"{")  # requests in progress, their bodies still coming
+        await asyncio.sleep(0.5)
+        reader, writer = await _open(s)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        for _, w in [*busy, (reader, writer)]:
+            w.close()
+        return answer
+
+    try:
+        answer = asyncio.run(attack())
+    finally:
+        s.stop(drain=0)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+    assert json.loads(body)["error"]["code"] == "overloaded"

@@ -18,6 +18,7 @@ from ..errors import ServerError
 from ..hosted import ProxiedURL, proxied_url, service_prefix
 from .app import MAX_BODY, create_app, root_app
 from .common import OPTIONS, POOL, STATS, is_loopback
+from .connections import BODY_TIMEOUT, IDLE_TIMEOUT, Connections
 
 CANCEL_WAIT = 10.0  # seconds for cancelled requests to end in the engine
 _servers: list[Server] = []  # the running servers of this process, in start order
@@ -61,8 +62,9 @@ class Server:
     """A running server: ``url``, ``base_urls()``, ``proxied`` (on a hub), ``stats()`` and ``stop(drain=...)``."""
 
     def __init__(self, root: web.Application, v1: web.Application, sock: socket.socket, mode: str,
-                 api_key: str | None):
+                 api_key: str | None, connections: Connections):
         self.mode, self._root, self._v1, self._sock = mode, root, v1, sock
+        self._connections = connections
         self.pool = v1[POOL]
         self.api_key = api_key
         host, port = sock.getsockname()[:2]
@@ -73,6 +75,7 @@ class Server:
         self.started = time.time()
         self.running = True
         self._runner: web.AppRunner
+        self._listener: asyncio.AbstractServer
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor
         self._loop: asyncio.AbstractEventLoop
@@ -106,9 +109,12 @@ class Server:
 
     async def _astart(self) -> None:
         # handler_cancellation: a client that disconnects cancels its request, streamed or not
-        self._runner = web.AppRunner(self._root, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
+        self._root.middlewares.insert(0, self._connections.middleware)
+        self._runner = web.AppRunner(self._root, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        assert self._runner.server is not None
+        factory = self._connections.protocol_factory(self._runner.server, access_log=None)
+        self._listener = await asyncio.get_running_loop().create_server(factory, sock=self._sock)
 
     async def _astop(self, drain: float) -> None:
         """Stop accepting; let in-flight requests finish for ``drain`` seconds, then cancel the rest.
@@ -117,8 +123,7 @@ class Server:
         """
         if self._ready is not None and not self._ready.done():
             await self._ready
-        for site in list(self._runner.sites):
-            await site.stop()  # no new connections from here on
+        self._listener.close()  # no new connections from here on
         stats = self._v1[STATS]
         await _wait(lambda: not stats.in_flight, drain)
         for stream in list(stats.streams):
@@ -195,6 +200,7 @@ class Server:
 def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors_origins: tuple[str, ...] | list[str] = (), mode: str | None = None, allow_remote: bool = False,
           allowed_hosts: tuple[str, ...] | list[str] = (), allow_downloads: bool = False, max_body: int = MAX_BODY,
+          idle_timeout: float = IDLE_TIMEOUT, body_timeout: float = BODY_TIMEOUT, max_connections: int | None = None,
           **app_options: Any) -> Server:
     """Start the server: ``/v1/...`` endpoints and ``/health`` over ``pool`` (default: the kernel's).
 
@@ -208,6 +214,12 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     On JupyterHub or Binder (``JUPYTERHUB_SERVICE_PREFIX`` set), requests jupyter-server-proxy
     forwards from ``{prefix}proxy/{port}/`` are accepted too, whatever Host their client used;
     ``server.proxied`` tells that address.
+
+    Connections: a client must send a request's headers within ``idle_timeout`` seconds of
+    connecting or of its previous answer (idle keep-alive connections close then too) and its body
+    within ``body_timeout`` seconds (else a 408); at most ``max_connections`` are open (default
+    1,000, or half the open-file limit where lower): past it a new connection closes the oldest
+    idle one, or gets a 503 if every one is busy. See :mod:`.connections`.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ServerError("api_key is empty: pass a non-blank key, or None for no key "
@@ -228,6 +240,7 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
             asyncio.get_running_loop()
         except RuntimeError:
             raise ServerError("mode='kernel' needs a running event loop in this thread; use mode='thread'") from None
+    connections = Connections(idle_timeout, body_timeout, max_connections)
     if pool is None:
         from ..defaults import default_pool
 
@@ -236,7 +249,7 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
         h.lower() for h in (host, *allowed_hosts))
     v1 = create_app(pool, audit, api_key=api_key, allow_downloads=allow_downloads, max_body=max_body, **app_options)
     app = root_app(v1, tuple(cors_origins), max_body, hosts, service_prefix())
-    server = Server(app, v1, _bind(host, port), mode, api_key)
+    server = Server(app, v1, _bind(host, port), mode, api_key, connections)
     server._start()
     return server
 
