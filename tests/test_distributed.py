@@ -2,9 +2,12 @@
 
 import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -205,3 +208,70 @@ def test_attach_picks_the_only_model_of_a_server_that_lists_it_under_an_alias_to
     pool = make_pool(keep_alive=None)
     pool.attach("far", base_url=server.url + "/v1")
     assert pool.chat([{"role": "user", "content": "Hi"}], model="far", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_model_whose_heads_do_not_split_over_the_ranks_is_refused_at_load(make_pool, tmp_path):
+    from tiny_model import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "tiny-3-heads", hidden_size=48, num_attention_heads=3, num_key_value_heads=3)
+    pool = make_pool(keep_alive=None)
+    with pytest.raises(UnsupportedModelError, match=r"3 attention heads do not divide by 2 ranks"):
+        pool.load(path, hosts=HOSTS, parallel="tensor")
+    assert pool.models() == []
+    assert pool.load(path).name  # the model itself is fine in one process
+
+
+def _channel_ports() -> set[int]:
+    """The ports of this process's sharded-load sockets, read from ``ps`` as any local process can."""
+    listing = subprocess.run(["ps", "-ww", "-eo", "ppid=,args="], capture_output=True, text=True).stdout
+    ports = set()
+    for line in listing.splitlines():
+        ppid, _, args = line.strip().partition(" ")
+        port = re.search(r"mlx_manager_nb\.distributed\.worker .*--port (\d+)", args)
+        if int(ppid) == os.getpid() and port:
+            ports.add(int(port.group(1)))
+    return ports
+
+
+def _seconds_until_closed(sock: socket.socket) -> float:
+    start = time.monotonic()
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:  # reset
+        pass
+    sock.close()
+    return time.monotonic() - start
+
+
+def test_local_processes_on_the_channel_are_cut_and_the_load_goes_on(make_pool, tiny_model_path):
+    from mlx_manager_nb.distributed.sharded import HELLO_WAIT
+
+    closed: dict[str, float] = {}
+    earlier = _channel_ports()  # jobs of other tests
+
+    def attack():
+        end = time.monotonic() + 60
+        while not (_channel_ports() - earlier) and time.monotonic() < end:
+            time.sleep(0.01)
+        port, = _channel_ports() - earlier
+        sends = {"silent": b"", "not json": b"GET / HTTP/1.1\r\n\r\n", "a wrong token": b'{"event": "hello", '
+                 b'"token": "\xc3\xa9t\xc3\xa9"}\n', "no line end": b"x" * 10_000, "a list": b"[1]\n"}
+        socks = {}
+        for what, data in sends.items():
+            socks[what] = socket.create_connection(("127.0.0.1", port), timeout=60)
+            socks[what].sendall(data)
+        for what, sock in socks.items():
+            closed[what] = _seconds_until_closed(sock)
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    pool = make_pool(keep_alive=None)
+    start = time.monotonic()
+    name = pool.load(tiny_model_path, hosts=HOSTS).name
+    loaded = time.monotonic() - start
+    attacker.join(60)
+    assert set(closed) == {"silent", "not json", "a wrong token", "no line end", "a list"}
+    assert all(seconds < HELLO_WAIT + 2 for seconds in closed.values()), closed
+    assert loaded < 120
+    assert pool.complete("Hello", model=name, temperature=0, max_tokens=4).usage.completion_tokens == 4

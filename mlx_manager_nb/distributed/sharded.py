@@ -14,10 +14,12 @@ import collections
 import contextlib
 import importlib.util
 import ipaddress
+import math
 import os
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
 import subprocess
@@ -41,6 +43,8 @@ LAUNCH = "from mlx._distributed_utils.launch import main; main()"  # the `mlx.la
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STOP_WAIT = 10.0  # seconds the job gets to end after "stop" before its processes are killed
 REPORT_WAIT = 3.0  # seconds to wait for mlx.launch to say which rank died
+HELLO_WAIT = 5.0  # seconds a connection to the kernel's socket has to prove it is rank 0
+MAX_HELLO = 4096  # bytes of a hello line at most
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -53,11 +57,13 @@ def _families(marker: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.py") if p.stem != "pipeline" and marker in p.read_text())
 
 
-def check_supported(path: Path, parallel: str) -> None:
-    """Raise UnsupportedModelError, naming the families that are, when mlx-lm cannot shard this model so."""
+def check_supported(path: Path, parallel: str, ranks: int) -> None:
+    """Raise UnsupportedModelError, naming the families that are, when mlx-lm cannot shard this model so
+    (and, for tensor parallelism, naming the head counts when its attention heads do not split over ``ranks``)."""
     if parallel not in ("tensor", "pipeline"):
         raise InvalidParameterError("parallel", f"parallel must be 'tensor' or 'pipeline', got {parallel!r}")
-    model_type = store.read_config(path).get("model_type", "")
+    config = store.read_config(path)
+    model_type = config.get("model_type", "")
     family = MODEL_REMAPPING.get(model_type, model_type)
     marker = "def shard(" if parallel == "tensor" else "PipelineMixin"
     families = _families(marker)
@@ -67,6 +73,20 @@ def check_supported(path: Path, parallel: str) -> None:
     if parallel == "pipeline" and not (path / "model.safetensors.index.json").exists():
         raise UnsupportedModelError(f"pipeline loading (mlx_lm.utils.sharded_load) needs the weight index "
                                     f"model.safetensors.index.json, which {path} lacks")
+    if parallel == "tensor":
+        _check_heads(config, ranks)
+
+
+def _check_heads(config: dict, ranks: int) -> None:
+    """Tensor parallelism gives each rank an equal share of the attention heads (query and key-value)."""
+    text = config.get("text_config", config)
+    heads = next((text[k] for k in ("num_attention_heads", "n_heads", "num_heads") if k in text), None)
+    kv_heads = next((text[k] for k in ("num_key_value_heads", "n_kv_heads") if text.get(k)), heads)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (heads % ranks or kv_heads % ranks):
+        kv = f" and {kv_heads} key-value heads" if kv_heads != heads else ""
+        raise UnsupportedModelError(f"tensor parallelism splits the attention heads over the ranks: this model's "
+                                    f"{heads} attention heads{kv} do not divide by {ranks} ranks; use a number of "
+                                    f"ranks that divides {math.gcd(heads, kv_heads)}")
 
 
 def _free_ports(n: int) -> int:
@@ -100,7 +120,7 @@ class ShardedModel:
                  on_failure: Callable[[str], None] | None = None):
         if backend not in BACKENDS:
             raise InvalidParameterError("backend", f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        check_supported(path, parallel)
+        check_supported(path, parallel, len(hosts))
         self.name, self.path, self.hosts, self.backend, self.parallel = name, path, list(hosts), backend, parallel
         self.hostfile, self.python = hostfile, python or sys.executable
         self.on_failure = on_failure
@@ -193,6 +213,8 @@ class ShardedModel:
     def _run(self, listener: socket.socket, token: str, deadline: float) -> None:
         try:
             sock = self._accept(listener, token, deadline)
+        except Exception as e:  # rank 0 itself sent what is not a message: the load fails, never hangs
+            self.error, sock = f"rank 0 broke the channel: {type(e).__name__}: {e}", None
         finally:
             listener.close()
         if sock is None:
@@ -216,44 +238,76 @@ class ShardedModel:
 
     def _accept(self, listener: socket.socket, token: str, deadline: float) -> socket.socket | None:
         """Rank 0's connection once it proved itself and the model loaded; None (with ``error`` set) if not."""
-        sock = None
-        lines: list[dict] | None
-        while time.monotonic() < deadline and self._job.poll() is None and not self._closing:
-            if sock is None:
-                try:
-                    sock, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                sock.settimeout(POLL_SECONDS)
-                reader = LineReader(sock)
-                hello = reader.read()
-                while hello == [] and time.monotonic() < deadline:
-                    hello = reader.read()
-                if not hello or hello[0].get("event") != "hello" or not secrets.compare_digest(
-                        str(hello[0].get("token")), token):
-                    sock.close()  # not our rank 0
-                    sock = None
-                    continue
-                lines = hello[1:]
-            else:
-                lines = reader.read()
-                if lines is None:
+        found = self._rank0(listener, token, deadline)
+        if found is not None:
+            sock, reader, first = found
+            sock.settimeout(POLL_SECONDS)
+            lines: list | None = first
+            while lines is not None:
+                for message in lines:
+                    if message.get("event") == "ready":
+                        self.rank_state = message["ranks"]
+                        self._sock = sock
+                        self._ready.set()
+                        return sock
+                    if message.get("event") == "fatal":
+                        self.error = message["error"]
+                        sock.close()
+                        return None
+                if time.monotonic() > deadline or self._job.poll() is not None or self._closing:
                     break
-            for message in lines:
-                if message.get("event") == "ready":
-                    self.rank_state = message["ranks"]
-                    self._sock = sock
-                    self._ready.set()
-                    return sock
-                if message.get("event") == "fatal":
-                    self.error = message["error"]
-                    return None
+                lines = reader.read()
+            sock.close()
         if self._closing:
             self.error = "unloaded while starting"
         elif self._job.poll() is None:
             self.error = "the ranks did not report the model loaded in time"
         else:
             self.error = self._why_ended()
+        return None
+
+    def _rank0(self, listener: socket.socket, token: str,
+               deadline: float) -> tuple[socket.socket, LineReader, list] | None:
+        """The connection that says hello with this load's token first, with its reader and its next lines.
+
+        Connections are read side by side: one that says nothing for :data:`HELLO_WAIT` seconds, sends a
+        line that is not the hello or a line over :data:`MAX_HELLO` bytes is closed, and accepting goes on.
+        """
+        pending: dict[socket.socket, tuple[LineReader, float]] = {}
+        listener.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+
+            def drop(conn: socket.socket) -> None:
+                selector.unregister(conn)
+                conn.close()
+                del pending[conn]
+
+            try:
+                while time.monotonic() < deadline and self._job.poll() is None and not self._closing:
+                    for key, _ in selector.select(POLL_SECONDS):
+                        if key.fileobj is listener:
+                            with contextlib.suppress(BlockingIOError, ConnectionAbortedError):
+                                conn, _ = listener.accept()
+                                conn.setblocking(False)
+                                pending[conn] = (LineReader(conn), time.monotonic() + HELLO_WAIT)
+                                selector.register(conn, selectors.EVENT_READ)
+                            continue
+                        conn = key.fileobj  # type: ignore[assignment]
+                        reader = pending[conn][0]
+                        lines = _hello_lines(reader)
+                        if lines is not None and lines and _is_hello(lines[0], token):
+                            selector.unregister(conn)
+                            del pending[conn]
+                            return conn, reader, lines[1:]
+                        if lines != []:  # not a hello, or ended
+                            drop(conn)
+                    now = time.monotonic()
+                    for conn in [c for c, (_, late) in pending.items() if now > late]:
+                        drop(conn)
+            finally:
+                for conn in pending:
+                    conn.close()
         return None
 
     def _on_message(self, m: dict) -> None:
@@ -324,6 +378,20 @@ class ShardedModel:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+
+
+def _hello_lines(reader: LineReader) -> list | None:
+    """The lines a connection not yet proven has sent: [] while its first line is incomplete, None to close it."""
+    try:
+        lines = reader.read()
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return None if lines == [] and len(reader.buffer) > MAX_HELLO else lines
+
+
+def _is_hello(message: object, token: str) -> bool:
+    return (isinstance(message, dict) and message.get("event") == "hello"
+            and secrets.compare_digest(str(message.get("token")).encode(), token.encode()))
 
 
 def hostfile_hosts(hostfile: str | None) -> list[str]:
