@@ -212,6 +212,17 @@ def test_instructor_modes(instructor_python, base_url, mode):
     assert json.loads(done.stdout) == {"name": "Paris", "country": "France", "continent": "Europe"}
 
 
+def test_instructor_create_partial_sees_the_object_grow(instructor_python, base_url):
+    """The tool call's arguments stream as they are generated, so instructor's partial objects fill in
+    field by field instead of arriving whole at the end."""
+    done = subprocess.run([str(instructor_python), str(INSTRUCTOR), base_url, "TOOLS", "partial"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["last"] == {"name": "Paris", "country": "France", "continent": "Europe"}
+    assert seen["partials"] >= 4  # at least: empty, then each of the three fields as it arrives
+
+
 # -- openai-agents, on Chat Completions -----------------------------------------------------------
 
 
