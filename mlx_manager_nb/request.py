@@ -236,6 +236,11 @@ def python_request(messages: Any = None, prompt: Any = None, *, tools: Any = Non
     """The request of a Python API call (``pool.chat`` / ``pool.complete`` keywords)."""
     gen = make_params(**params)
     if prompt is not None or messages is None:
+        chat_only = {"tools": tools, "tool_choice": tool_choice, "schema": schema, "response_format": response_format,
+                     "parallel_tool_calls": parallel_tool_calls}
+        given = next((name for name, value in chat_only.items() if value is not None), None)
+        if given is not None:  # refused, not ignored: a completion has no tools or schema
+            raise InvalidParameterError(given, f"{given} is a parameter of pool.chat, not of a completion")
         return ChatRequest(prompt=check_prompt(prompt), params=gen)
     return ChatRequest(python_messages(messages), params=gen,
                        **python_structure(tools, tool_choice, schema, response_format, parallel_tool_calls))

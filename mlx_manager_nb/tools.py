@@ -138,13 +138,18 @@ def tool_parameters(schema: Any, where: str) -> dict:
     return schema
 
 
+def check_count(tools: list | tuple, param: str = "tools") -> None:
+    """Refuse more than :data:`MAX_TOOLS` tools, before any is looked at."""
+    if len(tools) > MAX_TOOLS:
+        raise InvalidParameterError(param, f"{param} holds {len(tools)} tools; at most {MAX_TOOLS} (as OpenAI allows)")
+
+
 def make_tools(tools: Any, param: str = "tools", index: str = "[{}]") -> list[Tool]:
     """Validate tools given as Python functions, :class:`Tool`s or OpenAI function-tool dicts; the
     ``i``-th is named ``param + index.format(i)`` in errors."""
     if not isinstance(tools, (list, tuple)):
         raise InvalidParameterError(param, f"{param} must be a list of functions or function-tool objects")
-    if len(tools) > MAX_TOOLS:
-        raise InvalidParameterError(param, f"{param} holds {len(tools)} tools; at most {MAX_TOOLS} (as OpenAI allows)")
+    check_count(tools, param)
     out: list[Tool] = []
     for i, t in enumerate(tools):
         where = param + index.format(i)

@@ -214,26 +214,62 @@ def test_anthropic_streams_report_input_tokens_and_a_request_id(server):
 # -- work proportional to input size never stalls the loop -----------------------------------------
 
 
-def test_health_answers_while_a_7mb_prompt_is_refused(server, pool):
-    huge = json.dumps({**chat(), "messages": [{"role": "user", "content": "x" * 7_000_000}]}).encode()
-
+def health_while(server, pool, path, data, headers=None):
+    """Post ``data`` to ``path`` beside bystander streams, calling /health meanwhile: its answer, and
+    whether /health kept answering. Work on the event loop would hold every /health behind it for most
+    of the request; the floor is what a machine shared with other jobs adds to one small request."""
     async def hostile(http):
         started = time.perf_counter()
-        refused = asyncio.create_task(post_raw(http, server.url + "/v1/chat/completions", huge))
+        posted = asyncio.create_task(post_raw(http, server.url + path, data, headers))
         latencies = []
-        while not refused.done():
+        while not posted.done():
             start = time.perf_counter()
             async with http.get(server.url + "/health") as r:
                 assert r.status == 200
             latencies.append(time.perf_counter() - start)
             await asyncio.sleep(0.01)
-        return await refused, latencies, time.perf_counter() - started
+        return await posted, latencies, time.perf_counter() - started
 
-    (status, body), latencies, refusal = with_bystanders(server, pool, hostile)
+    answer, latencies, took = with_bystanders(server, pool, hostile)
+    assert latencies and max(latencies) < max(0.5, took / 2), (latencies, took)
+    return answer
+
+
+def test_health_answers_while_a_7mb_prompt_is_refused(server, pool):
+    huge = json.dumps({**chat(), "messages": [{"role": "user", "content": "x" * 7_000_000}]}).encode()
+    status, body = health_while(server, pool, "/v1/chat/completions", huge)
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-    # work on the loop would hold every /health behind it for most of the refusal; the floor is
-    # what a machine shared with other jobs adds to one small request
-    assert latencies and max(latencies) < max(0.5, refusal / 2), (latencies, refusal)
+
+
+def _schema(i):
+    return {"type": "object", "properties": {f"p{j}": {"type": "string", "enum": [f"v{i}-{j}-{k}" for k in range(30)]}
+                                             for j in range(24)}, "required": ["p0"]}
+
+
+TOOLS_BODIES = {  # n tools, the i-th with schema(i), in each protocol's shape
+    "/v1/chat/completions": lambda n, schema: {**chat(), "tools": [
+        {"type": "function", "function": {"name": f"t{i}", "parameters": schema(i)}} for i in range(n)]},
+    "/v1/messages": lambda n, schema: {**chat(), "tools": [{"name": f"t{i}", "input_schema": schema(i)}
+                                                           for i in range(n)]},
+    "/v1/responses": lambda n, schema: {"model": "tiny", "input": "Hi", "max_output_tokens": 3, "tools": [
+        {"type": "function", "name": f"t{i}", "parameters": schema(i)} for i in range(n)]},
+}
+
+
+@pytest.mark.parametrize("path", TOOLS_BODIES)
+def test_health_answers_while_128_tools_are_checked(server, pool, path):
+    body = TOOLS_BODIES[path](128, _schema)  # the most allowed, each a distinct schema to check
+    status, _ = health_while(server, pool, path, json.dumps(body).encode(), ANTHROPIC)
+    assert status in (200, 400)  # answered, or the listing is longer than the tiny model's context
+
+
+@pytest.mark.parametrize("path", TOOLS_BODIES)
+def test_more_than_128_tools_are_refused_before_any_is_checked(server, path):
+    def schema(i):  # the first is invalid: checking tools one by one would answer about it instead
+        return {"type": "object", "properties": 5} if i == 0 else {"type": "object", "title": f"t{i}"}
+
+    status, _, answer = call(server.url + path, TOOLS_BODIES[path](20_000, schema), ANTHROPIC)
+    assert status == 400 and "20000 tools; at most 128" in json.dumps(answer)
 
 
 def test_count_tokens_of_a_large_body_does_not_block(server):

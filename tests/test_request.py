@@ -184,6 +184,14 @@ def test_the_server_resolves_a_named_reference_to_a_model_loaded_by_path(make_po
         server.stop(drain=0)
 
 
+def test_a_completion_refuses_tools_and_schemas_instead_of_ignoring_them(pool):
+    with pytest.raises(InvalidParameterError, match=r"schema is a parameter of pool\.chat"):
+        pool.complete("Once", schema={"type": "object"}, max_tokens=2)
+    with pytest.raises(InvalidParameterError, match=r"tools is a parameter of pool\.chat"):
+        python_request(prompt="Once", tools=[])
+    assert pool.complete("Once", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_a_parsed_request_runs_as_it_is(pool, audit):
     s = pool.stream(python_request(HI, max_tokens=3, temperature=0), "tiny",
                     RequestContext(source="script", endpoint="mine"))

@@ -12,9 +12,9 @@ from ..errors import ApiError
 from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure, text
 from ..streams import AsyncTextStream, Result
 from ..structured import check_schema
-from ..tools import CallPiece, Tool, ToolCall, make_tools, tool_parameters
+from ..tools import CallPiece, Tool, ToolCall, check_count, make_tools, tool_parameters
 from .adapter import Adapter, Answer, chat_handler
-from .common import MODEL, POOL, REQUEST_ID, endpoint, field_of, refuse_fields, resolve_model, sampling
+from .common import MODEL, POOL, REQUEST_ID, endpoint, field_of, off_loop, refuse_fields, resolve_model, sampling
 from .streaming import StreamShape
 
 REFUSED = ("mcp_servers", "container")  # would change the answer and cannot be honoured: never ignored
@@ -134,6 +134,7 @@ def _conversation(body: dict) -> list[Message]:
 def _tools(body: dict) -> dict:
     """The request's tools, tool choice and schema (``output_config.format``)."""
     tools = field_of(body, "tools", list, default=[])
+    check_count(tools, "tools")  # before any is checked: each costs a schema check
     out: list[Tool] = []
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
@@ -317,7 +318,7 @@ def _shape(rid: str, model: str) -> StreamShape:
 
 
 async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
-    chat_request = _request(body)
+    chat_request = await off_loop(_request, body)  # tools and schemas are checked there
     rid = "msg_" + request[REQUEST_ID]
     return Answer(chat_request, lambda result: _message(rid, model, result.text, result), _shape(rid, model))
 
@@ -328,7 +329,7 @@ messages = chat_handler(ADAPTER, _parse)
 async def _count_tokens(request: web.Request, body: dict) -> web.Response:
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
-    chat_request = ChatRequest(tuple(_conversation(body)), **_tools(body))
+    chat_request = await off_loop(lambda: ChatRequest(tuple(_conversation(body)), **_tools(body)))
     name = await resolve_model(request, model)
     return web.json_response({"input_tokens": await request.app[POOL].acount_request_tokens(chat_request, name)})
 

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -44,6 +44,8 @@ STREAM = web.RequestKey("stream", bool)  # the request asked for a stream, for i
 MAX_NAME = 256  # characters of a model name or client request id
 PARSE_OFF_LOOP = 64 * 1024  # bodies larger than this are parsed on a worker thread
 PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -148,6 +150,12 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a worker thread: work that grows with the request (parsing, schema checks)
+    never holds the event loop, and so every other request, while it runs."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
 async def json_body(request: web.Request) -> dict:
     """The request's JSON object; a large body is parsed off the event loop."""
     if request.content_type != "application/json":
@@ -158,7 +166,7 @@ async def json_body(request: web.Request) -> dict:
     except web.HTTPRequestEntityTooLarge as e:
         raise ApiError(413, f"Request body too large: {e.text}", "too_large") from None
     if len(raw) > PARSE_OFF_LOOP:
-        return await asyncio.get_running_loop().run_in_executor(None, parse_json, raw)
+        return await off_loop(parse_json, raw)
     return parse_json(raw)
 
 
@@ -216,7 +224,7 @@ async def servable_models(request: web.Request) -> list[dict]:
     for m in pool.models():
         for name in filter(None, (m.alias, m.name)):
             add(name, root=m.name, created=int(m.last_used), loaded=True, state=m.state, size_bytes=m.size_bytes)
-    local = await asyncio.get_running_loop().run_in_executor(None, store.list_local_models)
+    local = await off_loop(store.list_local_models)
 
     def servable(target: str) -> bool:  # without auto-load, only what is loaded
         return target in out or (options.auto_load and any(m.name == target for m in local))

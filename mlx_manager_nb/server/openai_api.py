@@ -21,7 +21,7 @@ from ..request import ChatRequest, check_prompt, python_messages, python_structu
 from ..streams import Result
 from ..tools import CallPiece
 from .adapter import Adapter, Answer, chat_handler
-from .common import REQUEST_ID, field_of, refuse_fields, sampling
+from .common import REQUEST_ID, field_of, off_loop, refuse_fields, sampling
 from .streaming import StreamShape
 
 # kind of error -> OpenAI's type and code
@@ -188,7 +188,7 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
 def _parser(kind: str) -> Callable[[web.Request, dict, str, bool], Awaitable[Answer]]:
     async def parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
         options = field_of(body, "stream_options", dict, default={})
-        chat_request = _request(body, kind)
+        chat_request = await off_loop(_request, body, kind)  # tools and schemas are checked there
         created = int(time.time())
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
         return Answer(chat_request, lambda result: _final(kind, rid, created, model, result),

@@ -19,10 +19,10 @@ from aiohttp import web
 from ..errors import ApiError
 from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure
 from ..structured import ANY_OBJECT, check_schema
-from ..tools import Tool, tool_parameters
+from ..tools import Tool, check_count, tool_parameters
 from . import openai_api
 from .adapter import Adapter, Answer, chat_handler
-from .common import REQUEST_ID, RESPONSES, endpoint, field_of, refuse_fields, sampling
+from .common import REQUEST_ID, RESPONSES, endpoint, field_of, off_loop, refuse_fields, sampling
 from .responses_output import Draft, final, new_item_id, stream_shape
 
 BUILT_IN_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
@@ -128,6 +128,7 @@ def _messages(items: list[dict], instructions: str | None) -> tuple[Message, ...
 
 def _tools(body: dict) -> list[dict]:
     tools = field_of(body, "tools", list, default=[])
+    check_count(tools, "tools")
     out = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
@@ -272,8 +273,8 @@ async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> 
     context = await _history(request, echo["previous_response_id"]) + items
     if not context:
         raise ApiError(400, "'input' must hold at least one item", param="input")
-    chat_request = ChatRequest(_messages(context, instructions), params=params,
-                               **_structure(tools, tool_choice, parallel, text))
+    structure = await off_loop(_structure, tools, tool_choice, parallel, text)  # checks tools and schema
+    chat_request = ChatRequest(_messages(context, instructions), params=params, **structure)
     draft = Draft("resp_" + request[REQUEST_ID].removeprefix("req_"), model, int(time.time()), echo)
 
     def finish(response: dict) -> dict:
