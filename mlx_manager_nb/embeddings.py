@@ -205,7 +205,7 @@ def _flush(engine: Engine, runner: Runner) -> None:
 def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimensions: int | None,
             meta: dict | RequestContext | None) -> _Job:
     """Check and tokenize a request, then queue it on its model (any thread but the engine's)."""
-    context = RequestContext.of(meta, stream=False)
+    context = pool.request_context(meta, False, None, model, "embed")  # a bad meta is refused with its row
     try:
         info = pool.find(model, kind="embedding")
         if info.kind != "embedding":

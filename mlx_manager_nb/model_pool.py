@@ -80,7 +80,7 @@ class Pool(Registry):
 
     def _run(self, make: Callable[[], ChatRequest], kind: str, model: str | None, stream: bool,
              meta: Meta, timeout: float | None) -> Result | TextStream:
-        context = self._context(meta, stream, timeout, model, kind)
+        context = self.request_context(meta, stream, timeout, model, kind)
         events, sink = queue_sink()
         s = TextStream(*self._start(make, kind, model, sink, context), events)
         if stream:
@@ -93,11 +93,12 @@ class Pool(Registry):
 
     def _arun(self, make: Callable[[], ChatRequest], kind: str, model: str | None, stream: bool,
               meta: Meta, timeout: float | None) -> Awaitable[Result] | AsyncTextStream:
-        s = self._astream(make, kind, model, self._context(meta, stream, timeout, model, kind))
+        s = self._astream(make, kind, model, self.request_context(meta, stream, timeout, model, kind))
         return s if stream else s.collect()
 
-    def _context(self, meta: Meta, stream: bool, timeout: float | None, model: str | None,
+    def request_context(self, meta: Meta, stream: bool, timeout: float | None, model: str | None,
                  kind: str) -> RequestContext:
+        """The context of a Python API call from its ``meta``; a bad one is refused with its audit row."""
         try:
             return RequestContext.of(meta, stream, timeout)
         except Exception as e:

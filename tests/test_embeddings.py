@@ -187,6 +187,10 @@ def test_audit_rows_and_in_flight(pool, audit):
     assert ok["duration"] > 0 and ok["model"] == pool.find("bert").name
     assert bad["status"] == "error" and bad["error_type"] == "InvalidParameterError"
     assert all(m.in_flight == 0 for m in pool.models())
+    with pytest.raises(ValueError, match="meta"):  # a bad meta is refused with its row too, as for chats
+        pool.embed("cats", model="bert", meta={"no_such_field": 1})
+    audit.flush()
+    assert len(audit.query(limit=10)) == 3 and audit.query(limit=1)[0]["error_type"] == "InvalidParameterError"
 
 
 def test_embedding_models_share_lru_and_pins(make_pool, tiny_bert_path, tiny_model_path):

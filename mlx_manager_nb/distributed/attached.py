@@ -19,6 +19,7 @@ import aiohttp
 from ..engine import Failed, Request
 from ..errors import EngineError, ModelNotFoundError
 from ..params import GenParams, json_fields
+from ..server.openai_api import FIELDS  # imported with this module, not on its loop thread at the first request
 from .remote import POLL_SECONDS, Flights
 
 CONNECT_TIMEOUT = 10.0
@@ -28,8 +29,6 @@ FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", "tool_ca
 def openai_body(p: GenParams) -> dict:
     """The OpenAI fields for ``p`` (named as the OpenAI adapter reads them); the extensions (top_k,
     min_p, repetition_penalty) only when set."""
-    from ..server.openai_api import FIELDS
-
     names = {param: name for name, param in FIELDS.items()}
     return {"temperature": p.temperature, "max_tokens": p.limit,
             **{names[param]: value for param, value in json_fields(p).items() if param in names}}
