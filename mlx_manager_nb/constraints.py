@@ -151,7 +151,7 @@ def check_grammar(grammar: str, param: str) -> str:
 
 @functools.lru_cache(maxsize=MATCHERS_PER_MODEL)
 def _grammar_error(grammar: str) -> str:
-    """llguidance's verdict on a grammar (a client sends the same tools each turn: checked once)."""
+    """llguidance's verdict on a grammar, cached: a client sends the same few tools each turn."""
     return llg.LLMatcher.validate_grammar(grammar)
 
 

@@ -66,8 +66,9 @@ class InvalidParameterError(MLXManagerError, ValueError):
 class ContextLengthError(InvalidParameterError):
     """The prompt (with ``max_tokens``) does not fit the model's context: ``tokens`` > ``limit``.
 
-    ``param`` is ``"prompt"`` (the messages or the prompt alone are too long) or ``"max_tokens"``
-    (they fit, but not with the tokens asked for): each protocol names that field in its own terms.
+    ``param`` is ``"messages"`` or ``"prompt"`` (a chat's messages or a completion's prompt alone are
+    too long) or ``"max_tokens"`` (they fit, but not with the tokens asked for): each protocol names
+    that field in its own terms.
     """
 
     kind = "context_length"

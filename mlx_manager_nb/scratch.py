@@ -20,12 +20,10 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
-from .demo import DEMO_NAME
-from .demo_embed import DEMO_EMBED_NAME
+from . import store
 from .errors import DemoModelUnavailableError
 
 CACHE_VARIABLE = "MLX_NB_DEMO_CACHE"
-FOLDERS = {"demo": DEMO_NAME, "demo-embed": DEMO_EMBED_NAME}
 _IMPORT = """\
 import sys
 from mlx_manager_nb.store import resolve
@@ -47,7 +45,7 @@ def link_demo_models(home: Path, cache: Path, names: Sequence[str] = ("demo",), 
     concurrent runs import it once, and link it into ``home``'s store. ``show_progress`` lets the
     import print its progress on this process's stdout."""
     cache.mkdir(parents=True, exist_ok=True)
-    stored = [cache / "models" / FOLDERS[name] for name in names]
+    stored = [cache / "models" / store.named()[name].folder for name in names]
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         missing = [name for name, path in zip(names, stored, strict=True) if not path.is_dir()]

@@ -79,7 +79,8 @@ def check_schema(schema: Any, param: str) -> Any:
 def plan(tokenizer: Any, messages: list[dict], tools: Sequence[T.Tool] = (), choice: str = "none",
          schema: Any = None, parallel_tool_calls: bool = True) -> Plan:
     """Plan a checked chat request (see :class:`~mlx_manager_nb.request.ChatRequest`) on the model of
-    ``tokenizer``; a grammar this model's tokenizer refuses names the request's own field."""
+    ``tokenizer``; a grammar this model's tokenizer refuses is an error naming the pool's field
+    (``schema``, ``tools[i].parameters``), which an adapter renames where its table knows the name."""
     tool_list = list(tools) if choice != "none" else []
     native = T.is_native(tokenizer)
     native_json = native and T.native_is_json(tokenizer)

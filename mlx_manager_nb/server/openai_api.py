@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
-from ..request import ChatRequest, check_prompt, python_messages, python_structure
+from ..request import ROLES, ChatRequest, check_prompt, python_messages, python_structure
 from ..streams import Result
 from ..tools import CallPiece
 from .adapter import Adapter, Answer, chat_handler
@@ -91,7 +91,7 @@ def _messages(body: dict) -> tuple:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant", "tool"):
+        if role not in ROLES:
             raise ApiError(400, f"messages[{i}].role {str(role)[:40]!r} is not supported "
                            "(system, user, assistant, tool)", param=f"messages[{i}].role")
         content = m.get("content")
