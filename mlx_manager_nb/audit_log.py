@@ -17,6 +17,20 @@ client sent (``x-request-id``) is kept in ``client_request_id``, which
 whose id is already stored is kept under a fresh id, and a batch that fails
 to insert is written row by row, so that only a bad row is dropped (and logged).
 
+One exception: HTTP requests refused with a 401 (no or a wrong API key) are
+counted, not stored one by one. A client's first 401 of each hour (UTC) makes a
+row, and its later ones in that hour add to that row's ``count`` (the row keeps
+the first one's fields), so that whoever can reach the port cannot grow the
+database by a row per request. Every other row has ``count`` 1, and ``stats()``
+adds the counts.
+
+The database is bounded by default: after each batch, the oldest rows (and
+their contents) are deleted beyond the newest ``max_rows`` (1,000,000, a few
+hundred MB of typical rows) or ``max_bytes`` of database pages (1 GiB, which
+bounds stored contents too); ``max_age_days`` (off by default) deletes rows
+older than that. None lifts a limit. SQLite reuses the freed pages, so the
+file stops growing at about the cap.
+
 Every text is made storable before it is queued: characters that cannot be
 encoded as UTF-8 (lone surrogates from undecodable header bytes) are
 backslash-escaped, NULs removed, and text columns capped at 256 characters
@@ -39,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -65,7 +80,7 @@ from .store import home, make_private_dir
 if TYPE_CHECKING:
     from .request import RequestContext
 
-__all__ = ["AuditLog", "audit_row", "error_fields", "new_request_id", "open_database", "utc_now"]
+__all__ = ["AuditLog", "audit_row", "error_fields", "new_request_id", "open_database", "status_text", "utc_now"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +92,9 @@ BUSY_TIMEOUT = 5.0
 BATCH_SIZE = 1000
 #: Statuses that count as errors in ``stats()``; "cancelled" does not.
 FAILED = ("error", "timeout")
+#: Default bounds: rows kept at most (the newest), and bytes of database pages in use.
+MAX_ROWS = 1_000_000
+MAX_BYTES = 2**30
 
 #: What inserting one bad row can raise; any other error is the database's and fails the batch.
 ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, TypeError, OverflowError)
@@ -94,6 +112,7 @@ def close_all() -> None:
 _INSERT_REQUEST = "INSERT INTO requests ({}) VALUES ({})".format(
     ", ".join(f'"{name}"' for name in COLUMNS), ", ".join(f":{name}" for name in COLUMNS)
 )
+_COUNT_REFUSED = _INSERT_REQUEST + ' ON CONFLICT (id) DO UPDATE SET "count" = coalesce("count", 1) + 1'
 _INSERT_CONTENT = "INSERT INTO contents (request_id, prompt, completion) VALUES (:request_id, :prompt, :completion)"
 
 
@@ -204,7 +223,29 @@ def _normalize(row: dict) -> dict:
         out[name] = value
     out["id"] = out["id"] or new_request_id()
     out["started_at"] = _iso(row["started_at"]) if row.get("started_at") else utc_now()
+    out["count"] = out["count"] or 1
     return out
+
+
+def status_text(row: dict) -> str:
+    """A row's status as shown, with the requests it counts where more than one (``error (20 requests)``)."""
+    count = row.get("count") or 1
+    return (row.get("status") or "") + (f" ({count} requests)" if count > 1 else "")
+
+
+def _counted(row: dict) -> bool:
+    """Whether a row is an HTTP request refused for its API key, counted in its client's row of the hour."""
+    return row["source"] == "http" and row["http_status"] == 401
+
+
+def _count_refused(conn: sqlite3.Connection, row: dict) -> dict:
+    """Add a refused 401 to its client's row of the hour, the first one's; return that row as stored."""
+    hour = row["started_at"][:13]  # "2026-05-01T14": started_at is UTC
+    key = hashlib.sha256(f"{row['client']}\0{hour}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    row = {**row, "id": "req_" + key}
+    conn.execute(_COUNT_REFUSED, row)
+    (count,) = conn.execute('SELECT "count" FROM requests WHERE id = ?', [row["id"]]).fetchone()
+    return {**row, "count": count}
 
 
 def _describe(e: BaseException, path: Path | str) -> str:
@@ -262,8 +303,9 @@ class AuditLog:
 
     ``path`` defaults to ``$MLX_NB_HOME/audit.db`` (``MLX_NB_HOME`` defaults to
     the user cache directory); ``":memory:"`` keeps it in memory. After each
-    batch, rows beyond the newest ``max_rows`` and rows older than
-    ``max_age_days`` are deleted.
+    batch, the oldest rows are deleted beyond the newest ``max_rows`` (default
+    1,000,000) or ``max_bytes`` of database (default 1 GiB), and rows older
+    than ``max_age_days`` (default: kept); None lifts a limit.
     """
 
     def __init__(
@@ -271,7 +313,8 @@ class AuditLog:
         path: str | Path | None = None,
         *,
         log_content: bool = False,
-        max_rows: int | None = None,
+        max_rows: int | None = MAX_ROWS,
+        max_bytes: int | None = MAX_BYTES,
         max_age_days: float | None = None,
     ) -> None:
         self.path: Path | str = (
@@ -279,6 +322,7 @@ class AuditLog:
         )
         self.log_content = log_content
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self.max_age_days = max_age_days
         #: What is wrong with the database, or None while writes succeed.
         self.error: str | None = None
@@ -302,10 +346,9 @@ class AuditLog:
         return self._pending
 
     def __repr__(self) -> str:
+        defaults = {"log_content": False, "max_rows": MAX_ROWS, "max_bytes": MAX_BYTES, "max_age_days": None}
         options = "".join(
-            f", {name}={getattr(self, name)!r}"
-            for name in ("log_content", "max_rows", "max_age_days")
-            if getattr(self, name)
+            f", {name}={getattr(self, name)!r}" for name, default in defaults.items() if getattr(self, name) != default
         )
         state = "closed" if self._closed else f"pending={self._pending}"
         return f"AuditLog({str(self.path)!r}{options}) <{state}, error={self.error!r}>"
@@ -387,7 +430,8 @@ class AuditLog:
     ) -> list[dict]:
         """Rows matching every given filter, newest first (``limit=None``: all).
 
-        Pending rows are written first. ``since`` is a datetime or ISO-8601 text
+        A row's ``count`` is the number of requests it stands for: 1, or a client's
+        refused 401s of one hour. Pending rows are written first. ``since`` is a datetime or ISO-8601 text
         (naive means local time); other filters match exactly.
         """
         self.flush()
@@ -401,6 +445,7 @@ class AuditLog:
         for row in rows:
             if row["stream"] is not None:
                 row["stream"] = bool(row["stream"])
+            row["count"] = row["count"] or 1  # rows written before the column existed
         return rows
 
     def stats(
@@ -408,7 +453,7 @@ class AuditLog:
     ) -> list[dict]:
         """Per-model summary, busiest model first.
 
-        Keys: ``model``, ``requests``, ``errors`` (status error or timeout),
+        Keys: ``model``, ``requests`` (a row's ``count`` each), ``errors`` (status error or timeout),
         ``error_rate``, ``p50_duration``, ``p95_duration``, ``p50_ttft``,
         ``p95_ttft`` and ``mean_tokens_per_second``; the timings are over
         successful (``ok``) requests and None where there are none.
@@ -417,7 +462,8 @@ class AuditLog:
         where, params = _where(since=since, model=model, source=source)
         groups: dict[str | None, list[dict]] = defaultdict(list)
         for row in self._read(
-            f"SELECT model, status, duration, ttft, tokens_per_second FROM requests{where}", params
+            f'SELECT model, status, duration, ttft, tokens_per_second, coalesce("count", 1) AS n FROM requests{where}',
+            params,
         ):
             groups[row["model"]].append(row)
         result = []
@@ -426,13 +472,14 @@ class AuditLog:
             duration, ttft, tps = (
                 [r[c] for r in ok if r[c] is not None] for c in ("duration", "ttft", "tokens_per_second")
             )
-            errors = sum(r["status"] in FAILED for r in rows)
+            requests = sum(r["n"] for r in rows)
+            errors = sum(r["n"] for r in rows if r["status"] in FAILED)
             result.append(
                 {
                     "model": name,
-                    "requests": len(rows),
+                    "requests": requests,
                     "errors": errors,
-                    "error_rate": errors / len(rows),
+                    "error_rate": errors / requests,
                     "p50_duration": _percentile(duration, 50),
                     "p95_duration": _percentile(duration, 95),
                     "p50_ttft": _percentile(ttft, 50),
@@ -502,6 +549,8 @@ class AuditLog:
                 return
 
     def _write(self, items: list[tuple[dict, dict | None]]) -> None:
+        refused = [row for row, _ in items if _counted(row)]
+        items = [item for item in items if not _counted(item[0])]
         with self._db_lock:
             db = self._connect()
             if db is None:
@@ -520,6 +569,7 @@ class AuditLog:
                                 len(items), type(e).__name__, e)
                     items = _insert_each(conn, items)
                 conn.execute("RELEASE batch")
+                refused = [_count_refused(conn, row) for row in refused]
                 self._prune(db)
                 conn.commit()
             except Exception as e:
@@ -527,7 +577,7 @@ class AuditLog:
                 self._fail(e)
                 return
             self.error = None
-        rows = [row for row, _ in items]
+        rows = [row for row, _ in items] + refused
         for callback in list(self._subscribers):
             for row in rows:
                 try:
@@ -536,18 +586,36 @@ class AuditLog:
                     log.exception("audit subscriber %r failed", callback)
 
     def _prune(self, db: Database) -> None:
-        if self.max_age_days is None and self.max_rows is None:
-            return
+        """Delete rows (and their contents) older than ``max_age_days``, beyond the newest ``max_rows``,
+        then the oldest while the database holds over ``max_bytes``.
+
+        Each delete goes through an index, so a prune costs about what it deletes: the rows kept
+        are those written last (rowids grow as rows are written).
+        """
         if self.max_age_days is not None:
             cutoff = datetime.now(timezone.utc) - timedelta(days=self.max_age_days)
-            db.execute("DELETE FROM requests WHERE started_at < ?", [_iso(cutoff)])
+            _delete(db, "started_at < ?", [_iso(cutoff)])
         if self.max_rows is not None:
-            db.execute(
-                "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests"
-                " ORDER BY started_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
-                [self.max_rows],
-            )
-        db.execute("DELETE FROM contents WHERE request_id NOT IN (SELECT id FROM requests)")
+            _delete(db, "rowid <= (SELECT max(rowid) FROM requests) - ?", [self.max_rows])
+        while self.max_bytes is not None and (used := _used_bytes(db)) > self.max_bytes:
+            first, last = db.execute("SELECT min(rowid), max(rowid) FROM requests").fetchone()
+            if first is None:
+                return
+            share = (used - self.max_bytes) / used  # of the rows, about: delete that many of the oldest
+            _delete(db, "rowid < ?", [first + max(1, math.ceil((last - first + 1) * share))])
+
+
+def _delete(db: Database, where: str, params: list) -> None:
+    """Delete the ``requests`` rows matching ``where``, and their contents."""
+    db.execute(f"DELETE FROM contents WHERE request_id IN (SELECT id FROM requests WHERE {where})", params)
+    db.execute(f"DELETE FROM requests WHERE {where}", params)
+
+
+def _used_bytes(db: Database) -> int:
+    """Bytes of the database's pages in use (freed pages are reused, not counted)."""
+    pages, free, size = (db.execute(f"PRAGMA {name}").fetchone()[0]
+                         for name in ("page_count", "freelist_count", "page_size"))
+    return (pages - free) * size
 
 
 def _insert(conn: sqlite3.Connection, items: list[tuple[dict, dict | None]]) -> None:

@@ -261,7 +261,7 @@ def cmd_status(magics: MLXMagics, args: argparse.Namespace) -> None:
 
 
 def cmd_audit(magics: MLXMagics, args: argparse.Namespace) -> None:
-    from .audit_log import FAILED
+    from .audit_log import FAILED, status_text
 
     audit = _audit()
     if args.what == "stats":
@@ -279,7 +279,7 @@ def cmd_audit(magics: MLXMagics, args: argparse.Namespace) -> None:
             found = sorted(found, key=lambda r: r["started_at"], reverse=True)[: args.last]
         else:
             found = audit.query(model=args.model, limit=args.last)
-        rows = [[out.local_time(r["started_at"]), r["source"], r["endpoint"], r["model"], r["status"],
+        rows = [[out.local_time(r["started_at"]), r["source"], r["endpoint"], r["model"], status_text(r),
                  f"{r['prompt_tokens'] or 0}→{r['completion_tokens'] or 0}",
                  None if r["ttft"] is None else out.seconds(r["ttft"]),
                  None if r["duration"] is None else out.seconds(r["duration"]),

@@ -134,3 +134,6 @@ add_column("client_request_id", str, index=True)
 add_column("tool_calls", int)
 add_column("tool_names", str)
 add_column("constrained", bool)
+
+# Requests one row stands for: 1, or how many refused 401s of one client in one hour (see audit_log).
+add_column("count", int)

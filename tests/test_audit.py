@@ -164,6 +164,41 @@ def test_retention_by_max_age_days(tmp_path):
     log.close()
 
 
+def test_retention_is_on_by_default_and_bounds_the_file_by_bytes(tmp_path):
+    assert (AuditLog.__init__.__kwdefaults__["max_rows"], AuditLog.__init__.__kwdefaults__["max_bytes"]) == (
+        1_000_000, 2**30)
+    log = AuditLog(tmp_path / "audit.db", log_content=True, max_bytes=512 * 1024)
+    for i in range(120):  # 12 MB of prompts, each row in its own batch
+        log.record({"id": f"r{i:03}"}, {"prompt": "x" * 100_000, "completion": "c"})
+        log.flush()
+    kept = [r["id"] for r in log.query(limit=None)]
+    log.close()
+    assert 0 < len(kept) < 10 and kept[0] == "r119"  # the newest rows are those kept
+    assert os.path.getsize(log.path) < 2 * 512 * 1024  # freed pages are reused: the file stops growing
+    with sqlite3.connect(log.path) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT request_id FROM contents")) == sorted(kept)
+
+
+def test_refused_401s_are_counted_per_client_and_hour_in_one_row(audit):
+    refused = {"source": "http", "status": "error", "http_status": 401, "model": "m", "endpoint": "/v1/messages"}
+    hour = datetime.now(timezone.utc).replace(minute=30)
+    for i in range(20):
+        audit.record({**refused, "client": "10.0.0.1", "started_at": hour, "client_request_id": f"c{i}"})
+    for when in (hour, hour, hour - timedelta(hours=1)):
+        audit.record({**refused, "client": "10.0.0.2", "started_at": when})
+    audit.record({"source": "api", "model": "m", "status": "ok"})
+    audit.record({**refused, "http_status": 400, "client": "10.0.0.1"})  # other refusals keep a row each
+    rows = audit.query(limit=None)
+    counts = sorted(((r["client"], r["http_status"], r["count"]) for r in rows), key=str)
+    assert counts == [("10.0.0.1", 400, 1), ("10.0.0.1", 401, 20), ("10.0.0.2", 401, 1), ("10.0.0.2", 401, 2),
+                      (None, None, 1)]
+    first = next(r for r in rows if r["count"] == 20)
+    assert first["client_request_id"] == "c0" and first["started_at"] == hour.isoformat(timespec="microseconds")
+    [stats] = audit.stats()
+    assert (stats["requests"], stats["errors"]) == (25, 24)
+    assert audit_module.status_text(first) == "error (20 requests)"
+
+
 def test_locked_database_reports_error_then_recovers(tmp_path, monkeypatch):
     monkeypatch.setattr(audit_module, "BUSY_TIMEOUT", 0.2)
     log = AuditLog(tmp_path / "audit.db")

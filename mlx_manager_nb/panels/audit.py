@@ -23,13 +23,15 @@ def _local(r: dict) -> datetime | None:
 
 def _audit_rows(rows: list[dict]) -> list[list[Any]]:
     """Table rows; times carry their date when the rows span more than one day."""
+    from ..audit_log import status_text  # the panel's module imports no database layer
+
     times = [_local(r) for r in rows]
     dated = len({t.date() for t in times if t is not None}) > 1
     table = []
     for r, t in zip(rows, times, strict=True):
         tps = r.get("tokens_per_second")
         table.append([t.strftime("%Y-%m-%d %H:%M:%S" if dated else "%H:%M:%S") if t else "",
-                      r.get("source") or "", r.get("endpoint") or "", r.get("model") or "", r.get("status") or "",
+                      r.get("source") or "", r.get("endpoint") or "", r.get("model") or "", status_text(r),
                       r.get("completion_tokens") if r.get("completion_tokens") is not None else "",
                       seconds(r.get("duration")), f"{tps:.1f}" if tps is not None else "",
                       (r.get("error_message") or "")[:80]])
