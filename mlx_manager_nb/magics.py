@@ -196,10 +196,10 @@ def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
     rows = [[x.name + (" (default)" if pool.default is not None and pool.default in (x.name, x.alias) else ""),
              x.alias, x.kind, x.state,
              "this kernel" if x.placement == "local" else f"{x.placement}: {', '.join(x.hosts)}",
-             out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "yes" if x.pinned else "no",
-             out.seconds(x.keep_alive)] for x in models]
+             out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "client" if x.auto_loaded else "user",
+             "yes" if x.pinned else "no", out.seconds(x.keep_alive)] for x in models]
     out.show(out.table(rows, ["name", "alias", "kind", "state", "runs on", "size", "in flight", "last used",
-                              "pinned", "keep-alive"]))
+                              "loaded by", "pinned", "keep-alive"]))
 
 
 def cmd_default(magics: MLXMagics, args: argparse.Namespace) -> None:

@@ -87,10 +87,15 @@ class ModelInfo:
     placement: str = "local"  # "local", "sharded" (ranks started by mlx.launch) or "attached" (an OpenAI server)
     hosts: tuple[str, ...] = ()  # a sharded model's hosts, rank by rank, or an attached model's base URL
     ranks: tuple[dict, ...] = ()  # a sharded model's per-rank state (see ShardedModel.ranks)
+    auto_loaded: bool = False  # loaded by a client's request (the server's auto-load), not by the user
 
 
-def _why_held(m: ModelInfo) -> str:
-    return "pinned" if m.pinned else f"{m.in_flight} in flight" if m.in_flight else m.state
+def _why_held(m: ModelInfo, auto: bool) -> str:
+    if m.pinned:
+        return "pinned"
+    if m.in_flight:
+        return f"{m.in_flight} in flight"
+    return "loaded by the user: a client's request never evicts it" if auto and not m.auto_loaded else m.state
 
 
 def physical_memory() -> int:
@@ -242,10 +247,14 @@ class Registry:
         backend: str = "ring",
         parallel: str = "tensor",
         hostfile: str | None = None,
+        auto_loaded: bool = False,
     ) -> ModelInfo:
         """Load a model (see :func:`mlx_manager_nb.store.resolve` for references); return its info.
 
         A model already loaded is returned as is; two concurrent loads of the same model load it once.
+        ``auto_loaded``: a client's request loads it (the server's auto-load); making room for it
+        evicts only other auto-loaded models, never one the user loaded, and a load by the user
+        makes it the user's.
         ``hosts`` (or an mlx.launch ``hostfile``) shards it over one rank per host with ``mx.distributed``
         (``backend``: ring, jaccl, jaccl-ring or mpi; ``parallel``: "tensor" or "pipeline"), served by
         :mod:`mlx_manager_nb.distributed`; e.g. ``hosts=["127.0.0.1", "127.0.0.1"]``.
@@ -256,7 +265,8 @@ class Registry:
                                       hostfile)
         m = self.lookup(ref)
         if m is not None and m.placement == "local":
-            return self._touch(m.name, alias=alias or m.alias, pinned=m.pinned or pin)
+            return self._touch(m.name, alias=alias or m.alias, pinned=m.pinned or pin,
+                               auto_loaded=m.auto_loaded and auto_loaded)
         report = self._progress_reporter(ref, progress)
         path = store.resolve(ref, report)
         name = store.model_name(ref, path)
@@ -265,9 +275,10 @@ class Registry:
             if waiting is None:
                 fut = self._loading[name] = Future()
         if waiting is not None:
-            return waiting.result()
+            info = waiting.result()
+            return info if auto_loaded or not info.auto_loaded else self._touch(info.name, auto_loaded=False)
         try:
-            info = self._load_new(name, ref, path, alias, pin, keep_alive, report)
+            info = self._load_new(name, ref, path, alias, pin, keep_alive, report, auto_loaded)
             fut.set_result(info)
             return info
         except BaseException as e:
@@ -289,19 +300,21 @@ class Registry:
 
         return report
 
-    def _load_new(self, name, ref, path, alias, pin, keep_alive, report) -> ModelInfo:
+    def _load_new(self, name, ref, path, alias, pin, keep_alive, report, auto_loaded) -> ModelInfo:
         if name in self._models and self._models[name].state == "ready":
-            return self._touch(name, alias=alias or self._models[name].alias, pinned=pin or self._models[name].pinned)
+            held = self._models[name]
+            return self._touch(name, alias=alias or held.alias, pinned=pin or held.pinned,
+                               auto_loaded=held.auto_loaded and auto_loaded)
         config = store.describe(path)
         kind = embeddings.model_kind(path)
         context = embeddings.max_length(path) if kind == "embedding" else config.context_length
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
-        self._make_room(estimate, exclude=name)
+        self._make_room(estimate, exclude=name, auto=auto_loaded)
         ka = self.keep_alive if keep_alive == "default" else keep_alive
         with self._lock:
             self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
-                                           None, context, kind=kind)
+                                           None, context, kind=kind, auto_loaded=auto_loaded)
         self._publish(ModelEvent(name, "loading", self._models[name]))
         report("loading weights", 0.0)
 
@@ -346,8 +359,10 @@ class Registry:
         expires = None if pinned or ka is None else now + ka
         return self._set(name, last_used=now, expires_at=expires, **changes)
 
-    def _make_room(self, needed: int, exclude: str) -> None:
-        """Evict least recently used idle, unpinned models until `needed` more bytes and one more model fit."""
+    def _make_room(self, needed: int, exclude: str, auto: bool = False) -> None:
+        """Evict idle, unpinned models until `needed` more bytes and one more model fit: auto-loaded ones
+        first, least recently used first. ``auto``: room for a client's auto-load, which evicts only
+        auto-loaded models (the user's stay)."""
         while True:
             with self._lock:
                 live = [m for m in self.models() if m.state in ("ready", "loading") and m.name != exclude]
@@ -355,13 +370,15 @@ class Registry:
                 too_big = sum(m.size_bytes for m in live) + needed > self.max_memory
                 if not (too_many or too_big):
                     return
-                idle = [m for m in live if m.state == "ready" and not m.pinned and m.in_flight == 0]
+                idle = [m for m in live if m.state == "ready" and not m.pinned and m.in_flight == 0
+                        and (m.auto_loaded or not auto)]
                 if not idle:
-                    holders = ", ".join(f"{m.name} ({_why_held(m)}, {m.size_bytes / 2**20:.0f} MiB)" for m in live)
+                    holders = ", ".join(f"{m.name} ({_why_held(m, auto)}, {m.size_bytes / 2**20:.0f} MiB)"
+                                        for m in live)
                     limit = (f"max_models={self.max_models}" if too_many
                              else f"max_memory={self.max_memory / 2**20:.0f} MiB, {needed / 2**20:.0f} MiB needed")
                     raise PoolFullError(f"Pool full ({limit}) and nothing can be evicted: {holders}")
-                victim = min(idle, key=lambda m: m.last_used)
+                victim = min(idle, key=lambda m: (not m.auto_loaded, m.last_used))
                 self._set(victim.name, state="unloading")
             self.engine.run(self._unload_on_engine, victim.name).result()
 

@@ -125,6 +125,7 @@ def test_load_shows_progress_then_one_line_and_ps_pin_default_unload(ip, tiny_mo
     assert "<td>tiny-llama</td><td>tiny</td><td>chat</td><td>ready</td>" in ps["text/html"]
     row = ps["text/plain"].splitlines()[2].split()
     assert row[:4] == ["tiny-llama", "tiny", "chat", "ready"] and row[-3:] == ["no", "60", "s"]
+    assert row[-4] == "user"  # loaded by the user, not by a client's request
     assert "(default)" not in ps["text/plain"]  # no default set: the most recent model serves, none is marked
 
     assert "Pinned tiny" in mlx(ip, "pin tiny").stdout

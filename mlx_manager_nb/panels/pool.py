@@ -39,7 +39,8 @@ def _runs_on(m: ModelInfo) -> str:
 def _model_row(m: ModelInfo) -> list[Any]:
     keep = "forever" if m.keep_alive is None else seconds(m.keep_alive)
     return [m.alias or m.name, m.kind, m.state, _runs_on(m), size(m.size_bytes), m.in_flight,
-            time.strftime("%H:%M:%S", time.localtime(m.last_used)), "yes" if m.pinned else "", keep]
+            time.strftime("%H:%M:%S", time.localtime(m.last_used)), "client" if m.auto_loaded else "user",
+            "yes" if m.pinned else "", keep]
 
 
 def _local_options() -> list[str]:
@@ -74,8 +75,8 @@ def _layout(ui: SimpleNamespace) -> list[widgets.Widget]:
 def _refresh(pool: Pool, ui: SimpleNamespace) -> None:
     """Show the models and the memory they use."""
     models = pool.models()
-    ui.table.value = html_table(["model", "kind", "state", "runs on", "size", "in flight", "last used", "pinned",
-                                 "keep-alive"],
+    ui.table.value = html_table(["model", "kind", "state", "runs on", "size", "in flight", "last used", "loaded by",
+                                 "pinned", "keep-alive"],
                                 [_model_row(m) for m in models], "No model loaded.")
     set_options(ui.target, [(m.alias or m.name, m.name) for m in models])
     used, budget = pool.memory_used(), pool.max_memory

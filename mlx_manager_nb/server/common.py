@@ -256,7 +256,7 @@ async def resolve_model(request: web.Request, name: str) -> str:
     fetchable = options.allow_downloads and (name in store.named() or store.REPO_ID.match(name) is not None)
     if options.auto_load and len(name) <= MAX_NAME and (known or fetchable):
         try:
-            await pool.aload(name)
+            await pool.aload(name, auto_loaded=True)  # evicts only models loaded this way
             return name
         except ModelNotFoundError:
             pass
