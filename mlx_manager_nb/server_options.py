@@ -11,6 +11,11 @@ API_KEY_VARIABLE = "MLX_NB_API_KEY"
 IDLE_TIMEOUT = 15.0  # seconds to send a request's headers, after connecting or after the previous answer
 BODY_TIMEOUT = 60.0  # seconds to send a request's body, once its headers are in
 MAX_CONNECTIONS = 1000  # open connections at most, or half the open-file limit where that is lower
+# request limits (mlx_manager_nb.server.limits): a person, a notebook's thread pool or an agent's parallel
+# tool calls run a few requests at once; 16 is well above that and half a batch (32 sequences), so one
+# client never fills the batch. 64 waiting is two more batches: a request past them would wait minutes.
+MAX_CLIENT_REQUESTS = 16  # requests running at once per client (address)
+MAX_MODEL_QUEUE = 64  # requests waiting for a batch slot of one model
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +44,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=int, default=None, metavar="N",
                         help=f"open connections at most (default {MAX_CONNECTIONS:,}, or half the open-file "
                              f"limit where lower)")
+    parser.add_argument("--max-client-requests", type=int, default=MAX_CLIENT_REQUESTS, metavar="N",
+                        help=f"requests one client (address) may have running at once; past it a 429 "
+                             f"(default {MAX_CLIENT_REQUESTS})")
+    parser.add_argument("--max-model-queue", type=int, default=MAX_MODEL_QUEUE, metavar="N",
+                        help=f"requests that may wait for a batch slot of one model; past it a 429 "
+                             f"(default {MAX_MODEL_QUEUE})")
     parser.add_argument("--responses-max-count", type=int, default=MAX_COUNT, metavar="N",
                         help=f"responses kept in responses.db, the oldest dropped first (default {MAX_COUNT:,})")
     parser.add_argument("--responses-max-mb", type=float, default=MAX_BYTES / 2**20, metavar="MB",
@@ -53,5 +64,6 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
             "cors_origins": args.cors, "allow_remote": args.allow_remote, "allowed_hosts": args.allowed_host,
             "allow_downloads": args.allow_downloads, "store_responses": not args.no_store_responses,
             "idle_timeout": args.idle_timeout, "body_timeout": args.body_timeout,
-            "max_connections": args.max_connections, "responses_max_count": args.responses_max_count,
+            "max_connections": args.max_connections, "max_client_requests": args.max_client_requests,
+            "max_model_queue": args.max_model_queue, "responses_max_count": args.responses_max_count,
             "responses_max_bytes": int(args.responses_max_mb * 2**20)}

@@ -88,3 +88,24 @@ def make_lab(work: Path, config: Path, token: str, env: dict[str, str] | None = 
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def slow_upload(port: int, model: str = "tiny"):
+    """A chat request from 127.0.0.1 whose body has not all arrived: it runs (holding its client's slot)
+    until the block ends, when the rest is sent; yields a list that then holds the status it got."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                       "temperature": 0}).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body[:10])
+    status = []
+    try:
+        yield status
+    finally:
+        s.sendall(body[10:])
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        s.close()
+        status.append(int(reply.split(b" ", 2)[1]))

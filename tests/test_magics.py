@@ -9,7 +9,7 @@ import sys
 import urllib.request
 
 import pytest
-from helpers import call, raw_http, wait_for
+from helpers import call, raw_http, slow_upload, wait_for
 from IPython.utils.capture import capture_output
 
 import mlx_manager_nb
@@ -326,6 +326,17 @@ def test_serve_takes_the_command_lines_security_and_storage_switches(ip, tiny):
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 3}
     status, _, answer = call(server.url + "/v1/responses", body)
     assert status == 200 and call(server.url + f"/v1/responses/{answer['id']}", method="GET")[0] == 404  # not kept
+    mlx(ip, "stop")
+
+
+def test_serve_takes_the_request_limit_switches(ip, tiny):
+    assert "max_model_queue must be" in one_line_error(mlx(ip, "serve --thread --port 0 --max-model-queue 0"))
+    mlx(ip, "serve --thread --port 0 --max-client-requests 1 --max-model-queue 8")
+    (server,) = running_servers()
+    with slow_upload(server.port) as held:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert wait_for(lambda: call(server.url + "/v1/chat/completions", body)[0] == 429)
+    assert held == [200] and call(server.url + "/v1/chat/completions", body)[0] == 200
     mlx(ip, "stop")
 
 

@@ -237,7 +237,8 @@ def test_a_client_cannot_forge_or_overwrite_a_row(pool, audit):
     assert sorted(r["status"] for r in rows) == ["error", "ok", "ok"] and len({r["id"] for r in rows}) == 3
 
 
-def test_a_bad_header_value_drops_no_row_under_concurrent_requests(server, audit):
+def test_a_bad_header_value_drops_no_row_under_concurrent_requests(pool, audit):
+    server = serve(pool, port=0, mode="thread", max_client_requests=31)  # one client, 31 at once
     results = []
 
     def good():
@@ -251,6 +252,7 @@ def test_a_bad_header_value_drops_no_row_under_concurrent_requests(server, audit
                          json.dumps(chat()).encode())
     for t in threads:
         t.join()
+    server.stop(drain=0)
     assert status == 200 and results == [200] * 30
     rows = audit.query(limit=None)
     assert len(rows) == 31 and all(r["status"] == "ok" for r in rows)
@@ -300,7 +302,7 @@ def flood(url, n, max_tokens):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stopping_the_cli_under_load_leaves_one_row_per_request(tiny_model_path, tmp_path, sig):
     home = tmp_path / "home"
-    proc, url = cli(tiny_model_path, home, "--drain", "1")
+    proc, url = cli(tiny_model_path, home, "--drain", "1", "--max-client-requests", "60")  # one client, 60 at once
     flood(url, 60, max_tokens=400)
     # all 60 reached the server (on a busy machine the last ones may take a while to connect)
     assert wait_for(lambda: json.load(urllib.request.urlopen(url + "/health"))["server"]["requests"] == 60,

@@ -509,7 +509,7 @@ def test_the_app_mounts_inside_a_parent_app(pool):
 
 
 def test_500_concurrent_requests_leave_500_audit_rows(pool, audit):
-    s = serve(pool, port=0, mode="thread")
+    s = serve(pool, port=0, mode="thread", max_client_requests=50)  # one client, 50 at once: a load test
 
     async def main():
         limit = asyncio.Semaphore(50)

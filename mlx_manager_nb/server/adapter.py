@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ..errors import ApiError, ContextLengthError, PoolFullError, kind_of, status_of
 from ..request import ChatRequest
-from .common import MODEL, POOL, STREAM, endpoint, field_of, http_context, resolve_model
+from .common import LIMITS, MODEL, POOL, STREAM, endpoint, field_of, http_context, resolve_model
 from .streaming import StreamShape, respond
 
 if TYPE_CHECKING:
@@ -76,8 +76,9 @@ def chat_handler(adapter: Adapter, parse: Parse) -> Callable[[web.Request], Awai
         stream = request[STREAM] = field_of(body, "stream", bool, default=False)
         answer = await parse(request, body, model, stream)
         name = await resolve_model(request, model)
-        context = http_context(request, adapter.name, stream)
         pool = request.app[POOL]
+        request.app[LIMITS].check_queue(pool, name)
+        context = http_context(request, adapter.name, stream)
         return await respond(request, adapter, lambda: pool.astream(answer.request, name, context), stream,
                              answer.final, answer.shape)
 

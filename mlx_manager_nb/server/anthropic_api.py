@@ -27,7 +27,7 @@ KINDS = {"invalid_request": "invalid_request_error", "authentication": "authenti
          "not_found": "not_found_error", "no_response": "not_found_error", "no_previous_response": "not_found_error",
          "no_route": "not_found_error", "context_length": "invalid_request_error", "forbidden": "permission_error",
          "media_type": "invalid_request_error", "too_large": "invalid_request_error", "overloaded": "overloaded_error",
-         "api": "api_error"}
+         "rate_limit": "rate_limit_error", "api": "api_error"}
 # Anthropic's sampling fields -> GenParams'
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop_sequences": "stop",
           "max_tokens": "max_tokens"}

@@ -14,7 +14,8 @@ from ..hosted import proxy_context
 from ..response_store import MAX_BYTES, MAX_COUNT, ResponseStore
 from . import anthropic_api, embeddings_api, models_api, openai_api, responses_api
 from .adapter import Adapter
-from .common import OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, is_loopback
+from .common import LIMITS, OPTIONS, POOL, RESPONSES, STATS, ApiError, Options, Stats, endpoint, is_loopback
+from .limits import MAX_CLIENT_REQUESTS, MAX_MODEL_QUEUE, Limits
 
 V1 = web.AppKey("v1", web.Application)
 MAX_BODY = 8 * 2**20
@@ -24,7 +25,8 @@ CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthr
 def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto_load: bool = True,
                aliases: dict[str, str] | None = None, allow_downloads: bool = False,
                max_body: int = MAX_BODY, store_responses: bool = True, responses_max_count: int | None = MAX_COUNT,
-               responses_max_bytes: int | None = MAX_BYTES) -> web.Application:
+               responses_max_bytes: int | None = MAX_BYTES, max_client_requests: int = MAX_CLIENT_REQUESTS,
+               max_model_queue: int = MAX_MODEL_QUEUE) -> web.Application:
     """The /v1 endpoints as an app with no prefix of its own, over ``pool`` (shared with the notebook).
 
     ``audit`` overrides where this app's requests are recorded (default: the pool's audit log).
@@ -35,12 +37,16 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     ``store_responses`` keeps Responses API responses (those not sent with ``store: false``) in
     ``$MLX_NB_HOME/responses.db``, for ``previous_response_id`` and ``GET /responses/{id}``; beyond
     ``responses_max_count`` of them or ``responses_max_bytes`` of their JSON, the oldest are dropped.
+    A client (address) with ``max_client_requests`` requests running, or any client while
+    ``max_model_queue`` requests wait for a batch slot of the model it names, gets a 429 with
+    ``retry-after`` (see :mod:`.limits`).
     """
     app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     app[POOL] = pool
     app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit,
                            allow_downloads=allow_downloads)
     app[STATS] = Stats()
+    app[LIMITS] = Limits(max_client_requests, max_model_queue)
     app[RESPONSES] = (ResponseStore(max_count=responses_max_count, max_bytes=responses_max_bytes)
                       if store_responses else None)
     app.on_cleanup.append(_close_responses)

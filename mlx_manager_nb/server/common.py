@@ -32,9 +32,11 @@ if TYPE_CHECKING:
     from ..response_store import ResponseStore
     from ..streams import AsyncTextStream
     from .adapter import Adapter
+    from .limits import Limits
 
 POOL: web.AppKey[Pool] = web.AppKey("pool")
 RESPONSES: web.AppKey[ResponseStore | None] = web.AppKey("responses")  # None: responses are not stored
+LIMITS: web.AppKey[Limits] = web.AppKey("limits")
 REQUEST_ID = web.RequestKey("request_id", str)  # generated here: the audit row's id
 CLIENT_ID = web.RequestKey("client_id", object)  # the client's x-request-id, if usable
 MODEL = web.RequestKey("model", str)  # the model a request named, for its audit row
@@ -283,8 +285,9 @@ Handler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 
 def endpoint(adapter: Adapter, handler: Handler, body: bool = True,
              alternative: Adapter | None = None) -> Callable[[web.Request], Awaitable]:
-    """Wrap a handler: request ids, API key, JSON body, and every error in the adapter's shape
-    (``alternative``'s when the request carries ``anthropic-version``, as the Anthropic SDK's do)."""
+    """Wrap a handler: request ids, API key, the client's request limit, JSON body, and every error in
+    the adapter's shape (``alternative``'s when the request carries ``anthropic-version``, as the
+    Anthropic SDK's do)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         chosen = alternative if alternative is not None and "anthropic-version" in request.headers else adapter
@@ -293,7 +296,8 @@ def endpoint(adapter: Adapter, handler: Handler, body: bool = True,
         request[CLIENT_ID] = client_id[:MAX_NAME] if client_id else None
         try:
             check_api_key(request, request.app[OPTIONS].api_key)
-            response = await handler(request, await json_body(request) if body else {})
+            with request.app[LIMITS].client_slot(request):
+                response = await handler(request, await json_body(request) if body else {})
         except Exception as e:
             response = _error_response(request, chosen, e)
         if not response.prepared:  # a stream has sent its headers already

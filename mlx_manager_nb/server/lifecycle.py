@@ -19,6 +19,7 @@ from ..hosted import ProxiedURL, proxied_url, service_prefix
 from .app import MAX_BODY, create_app, root_app
 from .common import OPTIONS, POOL, STATS, is_loopback
 from .connections import BODY_TIMEOUT, IDLE_TIMEOUT, Connections
+from .limits import MAX_CLIENT_REQUESTS, MAX_MODEL_QUEUE
 
 CANCEL_WAIT = 10.0  # seconds for cancelled requests to end in the engine
 _servers: list[Server] = []  # the running servers of this process, in start order
@@ -201,6 +202,7 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
           cors_origins: tuple[str, ...] | list[str] = (), mode: str | None = None, allow_remote: bool = False,
           allowed_hosts: tuple[str, ...] | list[str] = (), allow_downloads: bool = False, max_body: int = MAX_BODY,
           idle_timeout: float = IDLE_TIMEOUT, body_timeout: float = BODY_TIMEOUT, max_connections: int | None = None,
+          max_client_requests: int = MAX_CLIENT_REQUESTS, max_model_queue: int = MAX_MODEL_QUEUE,
           **app_options: Any) -> Server:
     """Start the server: ``/v1/...`` endpoints and ``/health`` over ``pool`` (default: the kernel's).
 
@@ -220,6 +222,10 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     within ``body_timeout`` seconds (else a 408); at most ``max_connections`` are open (default
     1,000, or half the open-file limit where lower): past it a new connection closes the oldest
     idle one, or gets a 503 if every one is busy. See :mod:`.connections`.
+
+    Requests: a client (address) with ``max_client_requests`` running (default 16), or any client
+    while ``max_model_queue`` requests (default 64) wait for a batch slot of the model it names,
+    gets a 429 with ``retry-after``; the notebook's own requests never do. See :mod:`.limits`.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ServerError("api_key is empty: pass a non-blank key, or None for no key "
@@ -247,7 +253,8 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
         pool = default_pool()
     hosts = None if not is_loopback(host) and not allowed_hosts else frozenset(
         h.lower() for h in (host, *allowed_hosts))
-    v1 = create_app(pool, audit, api_key=api_key, allow_downloads=allow_downloads, max_body=max_body, **app_options)
+    v1 = create_app(pool, audit, api_key=api_key, allow_downloads=allow_downloads, max_body=max_body,
+                    max_client_requests=max_client_requests, max_model_queue=max_model_queue, **app_options)
     app = root_app(v1, tuple(cors_origins), max_body, hosts, service_prefix())
     server = Server(app, v1, _bind(host, port), mode, api_key, connections)
     server._start()

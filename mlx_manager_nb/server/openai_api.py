@@ -37,6 +37,7 @@ KINDS = {
     "media_type": ("invalid_request_error", "unsupported_media_type"),
     "too_large": ("invalid_request_error", "request_too_large"),
     "overloaded": ("server_error", "overloaded"),
+    "rate_limit": ("rate_limit_error", "rate_limit_exceeded"),
     "api": ("server_error", None),
 }
 
