@@ -377,7 +377,8 @@ class Registry:
                                         for m in live)
                     limit = (f"max_models={self.max_models}" if too_many
                              else f"max_memory={self.max_memory / 2**20:.0f} MiB, {needed / 2**20:.0f} MiB needed")
-                    raise PoolFullError(f"Pool full ({limit}) and nothing can be evicted: {holders}")
+                    hint = " (a request may name one of them instead)" if auto else ""
+                    raise PoolFullError(f"Pool full ({limit}) and nothing can be evicted: {holders}{hint}")
                 victim = min(idle, key=lambda m: (not m.auto_loaded, m.last_used))
                 self._set(victim.name, state="unloading")
             self.engine.run(self._unload_on_engine, victim.name).result()
