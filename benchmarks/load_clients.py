@@ -7,7 +7,8 @@
     python load_clients.py halfopen URL N                   # N connections that never finish their headers
 
 Each load client prepares, prints ``ready``, sends its load once it reads a line on stdin, then runs
-until it is killed.
+until it is killed. The bystander connects from 127.0.0.2 where that is a loopback address (Linux):
+the server counts requests per client address, and the loads, from 127.0.0.1, are another client.
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ from urllib.parse import urlsplit
 import aiohttp
 
 
+def _other_address() -> tuple[str, int] | None:
+    """127.0.0.2 to connect from, where this machine has it (Linux routes all of 127/8 to loopback)."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+        return ("127.0.0.2", 0)
+    except OSError:
+        return None
+
+
 async def bystander(url: str, model: str, max_tokens: int) -> None:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]}
     arrivals = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=_other_address())) as session:
         start = time.perf_counter()
         async with session.post(url + "/v1/chat/completions", json=body) as r:
             async for line in r.content:
