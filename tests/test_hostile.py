@@ -3,6 +3,7 @@
 import asyncio
 import json
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -515,3 +516,32 @@ def test_past_the_connection_cap_with_every_one_busy_a_new_one_gets_a_json_503(p
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
     assert json.loads(body)["error"]["code"] == "overloaded"
+
+
+def test_a_connection_whose_answer_is_still_being_written_stays_busy_for_the_cap(pool, tmp_path):
+    """A non-streamed answer larger than the socket buffers, to a client that has not read it yet, keeps
+    its connection busy until written: past the cap a new connection gets the 503, not that one's cut."""
+    from tiny_bert import build_tiny_bert
+
+    pool.load(build_tiny_bert(tmp_path / "tiny-bert"), alias="bert")
+    s = serve(pool, port=0, mode="thread", max_connections=1)
+    body = json.dumps({"model": "bert", "input": ["a b c"] * 2048}).encode()  # a 1.5 MB answer
+
+    def request(last: bool) -> bytes:
+        return (b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"%scontent-length: %d\r\n\r\n%s" % (b"connection: close\r\n" if last else b"", len(body), body))
+
+    try:
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.connect(("127.0.0.1", s.port))
+            slow.sendall(request(False) * 2 + request(True))  # three answers, not read for now
+            time.sleep(3)  # the first answer fills the socket buffers; the second is being written
+            status, _ = raw_http(s.port, b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+            answers = b""
+            while chunk := slow.recv(1 << 20):
+                answers += chunk
+    finally:
+        s.stop(drain=0)
+    assert status == 503
+    assert answers.count(b"HTTP/1.1 200 OK") == 3 and len(answers) > 3 * len(body)

@@ -53,7 +53,8 @@ class Connections:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-        """Mark the connection busy while its request runs; fail a body not in within ``body_timeout``."""
+        """Mark the connection busy until its answer is written (see :meth:`_Handler.finish_response`);
+        fail a body not in within ``body_timeout``."""
         protocol = request.protocol
         self.busy.add(protocol)
         self.served.add(protocol)
@@ -62,7 +63,6 @@ class Connections:
             return await handler(request)
         finally:
             late.cancel()
-            self.busy.discard(protocol)
 
     def protocol_factory(self, server: web.Server, **handler_args: Any) -> Callable[[], asyncio.BaseProtocol]:
         """What ``loop.create_server`` calls for each new connection: a request handler, within the cap."""
@@ -117,10 +117,18 @@ class _Handler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._connections.open.pop(self, None)
+        self._connections.busy.discard(self)
         if self._first_deadline is not None:
             self._first_deadline.cancel()
         if not self._shed:
             super().connection_lost(exc)
+
+    async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None) -> Any:
+        """Write the answer; the connection stays busy (never shed by the cap) until it is written."""
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._connections.busy.discard(self)
 
     def _first_request_late(self) -> None:
         if self not in self._connections.served:
