@@ -60,6 +60,7 @@ class Done:
     cached_tokens: int
     ttft: float | None
     duration: float
+    cause: str | None = None  # who cut a "cancelled" one: None its consumer, else its request's cause
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -88,6 +89,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which it ends as "timeout"
     constraint: Callable[[mx.array, mx.array], mx.array] | None = None  # a grammar's logits processor
+    cause: str | None = None  # set before ``cancelled`` when the server cuts it: "shutdown" or "unread"
 
 
 @dataclass
@@ -458,6 +460,13 @@ class Engine:
         return _done(seq.request, reason, stop, seq.tokens, seq.cached, ttft)
 
 
+def cut(request: Request, cause: str | None = None) -> None:
+    """Cancel ``request``; ``cause`` ("shutdown" or "unread") when the server cuts it, not its consumer."""
+    if not request.cancelled.is_set():
+        request.cause = cause
+    request.cancelled.set()
+
+
 def _kv_slots(tokens: int) -> int:
     """KV positions to reserve for a sequence of ``tokens``: caches grow in steps of 256 positions,
     and merging sequences into a running batch pads them, which can take one step more."""
@@ -508,7 +517,8 @@ def _guard_processor(processor: Processor, faults: list) -> Processor:
 
 
 def _done(request: Request, reason: str, stop: str | None, tokens: int, cached: int, ttft: float | None) -> Done:
-    return Done(reason, stop, len(request.prompt), tokens, cached, ttft, time.perf_counter() - request.submitted)
+    return Done(reason, stop, len(request.prompt), tokens, cached, ttft, time.perf_counter() - request.submitted,
+                request.cause if reason == "cancelled" else None)
 
 
 def _emit(request: Request, event: Event) -> None:

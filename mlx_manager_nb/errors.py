@@ -7,6 +7,8 @@ Each class says what kind of failure it is (``kind``, protocol-neutral: ``invali
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class MLXManagerError(Exception):
     """Base class for every error this library raises on purpose."""
@@ -42,6 +44,20 @@ class PoolFullError(MLXManagerError):
 
     kind = "overloaded"
     status = 503
+
+
+class AnswerCutError(MLXManagerError):
+    """An answer the server cut before its end (``cause``: ``"shutdown"``, a server's stop or drain;
+    ``"unread"``, a stream left unread past its idle time): what arrived is not the whole answer."""
+
+    kind = "api"
+    status = 503
+    CAUSES: ClassVar[dict[str, str]] = {"shutdown": "The server stopped before this answer was finished.",
+                                         "unread": "This stream was left unread too long and was cancelled."}
+
+    def __init__(self, cause: str):
+        super().__init__(self.CAUSES[cause])
+        self.cause = cause
 
 
 class EngineError(MLXManagerError):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .audit_log import audit_row, error_fields, new_request_id, utc_now
 from .engine import Delta, Done, Event, Failed, Request, Runner
-from .errors import ContextLengthError, InvalidParameterError, ModelNotFoundError
+from .errors import AnswerCutError, ContextLengthError, InvalidParameterError, ModelNotFoundError
 from .params import DEFAULT_MAX_TOKENS, GenParams, fit_to_model
 from .request import ChatRequest, RequestContext
 from .streams import Final, StreamEvent
@@ -141,6 +141,10 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
             outcome = dict(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                            ttft=event.ttft, duration=event.duration, tokens_per_second=event.tokens_per_second,
                            finish_reason=event.finish_reason)
+            if event.cause is not None:  # the server cut it: the row says why, and the status a non-stream got
+                outcome["error_message"] = AnswerCutError.CAUSES[event.cause]
+                if record.context.http_status is not None and not record.context.stream:
+                    outcome["http_status"] = AnswerCutError.status
         else:
             outcome = record.failed(event.error, answered=record.context.stream and bool(text))
         outcome.update(tool_calls=len(calls), tool_names=",".join(c.name for c in calls) or None,

@@ -19,7 +19,8 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .engine import Delta, Done, Event, Request
+from .engine import Delta, Done, Event, Request, cut
+from .errors import AnswerCutError
 from .tools import CallPiece, ToolCall
 
 
@@ -88,6 +89,9 @@ def _consume(stream: TextStream | AsyncTextStream, event: StreamEvent) -> Stream
     if isinstance(event, CallPiece):
         return event
     if isinstance(event, (Done, Final)):
+        cause = (event.done if isinstance(event, Final) else event).cause
+        if cause is not None:  # the server cut it: an answer that is not whole must not look finished
+            raise AnswerCutError(cause)
         stream.result = make_result(stream.id, stream.model, stream.text, event)
         return None
     raise event.error
@@ -207,13 +211,15 @@ class AsyncTextStream:
         assert self.result is not None
         return self.result
 
-    def cancel(self) -> None:
-        """Cancel the request (from the event loop's thread); the stream then ends as ``cancelled``."""
+    def cancel(self, cause: str | None = None) -> None:
+        """Cancel the request (from the event loop's thread); the stream then ends as ``cancelled``, or
+        raises :class:`~mlx_manager_nb.errors.AnswerCutError` where the server cuts it (``cause``
+        ``"shutdown"``: a server's stop)."""
         if self._request is not None:
-            self._request.cancelled.set()
+            cut(self._request, cause)
         elif not self._started.done():  # still being prepared: cancel it as soon as it is submitted
             self._started.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else f.result()[2].cancelled.set())
+                lambda f: None if f.cancelled() or f.exception() else cut(f.result()[2], cause))
 
     async def _drain(self) -> None:
         while not self._ended:

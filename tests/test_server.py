@@ -404,6 +404,48 @@ def test_stop_drains_open_streams(pool):
         openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0).models.list()
 
 
+def test_a_stop_that_cuts_answers_ends_each_as_its_protocol_ends_an_interrupted_one(pool, audit):
+    s = serve(pool, port=0, mode="thread")
+    oai = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    claude = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0)
+    long = {"max_tokens": 480, "temperature": 0}
+    streams = [oai.chat.completions.create(model="tiny", messages=HI, stream=True, **long),
+               claude.messages.create(model="tiny", messages=HI, stream=True, max_tokens=480, extra_body=GREEDY),
+               oai.responses.create(model="tiny", input="Hi", stream=True, max_output_tokens=480, temperature=0)]
+    firsts = [next(iter(stream)) for stream in streams]
+    outcomes: list = []
+
+    def plain(call):
+        try:
+            outcomes.append(call())
+        except Exception as e:
+            outcomes.append(e)
+
+    calls = [lambda: oai.chat.completions.create(model="tiny", messages=HI, **long),
+             lambda: claude.messages.create(model="tiny", messages=HI, max_tokens=480, extra_body=GREEDY)]
+    threads = [threading.Thread(target=plain, args=(call,)) for call in calls]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: pool.models()[0].in_flight == 5)
+    s.stop(drain=0.2)
+    for t in threads:
+        t.join()
+    assert firsts[0].choices[0].delta.role == "assistant"
+    with pytest.raises(openai.APIError, match="server stopped"):  # an error chunk: no finish_reason, no [DONE]
+        list(streams[0])
+    with pytest.raises(anthropic.APIStatusError, match="server stopped"):  # event: error
+        list(streams[1])
+    events = list(streams[2])
+    assert events[-1].type == "response.failed" and "server stopped" in events[-1].response.error.message
+    assert {type(o) for o in outcomes} == {openai.InternalServerError, anthropic.ServiceUnavailableError}
+    assert {(o.status_code, o.response.headers["retry-after"]) for o in outcomes} == {(503, "5")}
+    assert [o.body["error"]["type"] for o in outcomes if isinstance(o, anthropic.APIError)] == ["api_error"]
+    rows = audit.query()
+    assert [r["status"] for r in rows] == ["cancelled"] * 5
+    assert all("server stopped" in r["error_message"] for r in rows)
+    assert sorted(r["http_status"] for r in rows) == [200, 200, 200, 503, 503]
+
+
 def server_threads() -> set[threading.Thread]:
     """The threads a thread-mode server owns: its loop, its executor's workers, its Responses store."""
     return {t for t in threading.enumerate() if t.name.startswith(("mlx-nb-server", "mlx-nb-responses"))}

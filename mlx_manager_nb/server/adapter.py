@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..errors import ApiError, ContextLengthError, PoolFullError, kind_of, status_of
+from ..errors import AnswerCutError, ApiError, ContextLengthError, PoolFullError, kind_of, status_of
 from ..request import ChatRequest
 from .common import LIMITS, MODEL, POOL, STREAM, endpoint, field_of, http_context, resolve_model
 from .streaming import StreamShape, respond
@@ -44,7 +44,7 @@ class Adapter:
             return e
         kind = kind_of(e)
         status = self.statuses.get(kind, status_of(e))
-        if isinstance(e, PoolFullError):
+        if isinstance(e, (PoolFullError, AnswerCutError)):
             return ApiError(status, f"{e} Retry later.", kind, headers={"retry-after": "5"})
         message = str(e) if status < 500 else f"Internal error: {type(e).__name__}: {e}"
         if isinstance(e, ContextLengthError) and self.context_message is not None:

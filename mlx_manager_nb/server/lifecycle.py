@@ -127,8 +127,8 @@ class Server:
         self._listener.close()  # no new connections from here on
         stats = self._v1[STATS]
         await _wait(lambda: not stats.in_flight, drain)
-        for stream in list(stats.streams):
-            stream.cancel()
+        for stream in list(stats.streams):  # each ends as its protocol ends an interrupted answer
+            stream.cancel("shutdown")
         await _wait(lambda: not stats.in_flight, CANCEL_WAIT)
         await self._runner.cleanup()
         self._sock.close()
