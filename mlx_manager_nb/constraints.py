@@ -183,16 +183,17 @@ def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
 class Constraint:
     """One request's grammar as a logits processor ``(tokens, logits) -> logits``.
 
-    The first call sees the prompt's last token; every later call first consumes the token
-    sampled at the previous step. It never raises inside the batch: should the matcher fail,
-    ``error`` is set and only end-of-turn tokens stay allowed, ending the turn.
+    The first call sees the prompt's last token; every later call whose history is longer first
+    consumes the token sampled at the previous step (a call with the same history, as after the
+    engine parks and resumes the sequence, consumes nothing). It never raises inside the batch:
+    should the matcher fail, ``error`` is set and only end-of-turn tokens stay allowed, ending the turn.
     """
 
     def __init__(self, matcher: llg.LLMatcher, eos_ids: list[int]):
         self.matcher = matcher
         self.eos = np.array(sorted(eos_ids), dtype=np.int64)
         self.error: str | None = None
-        self._started = False
+        self._seen: int | None = None  # the length of the history at the previous call
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # Queue the token history, then this step's forward pass, and read the last token through
@@ -201,11 +202,12 @@ class Constraint:
         # mlx-lm's async_eval pipelining is kept (measured: 0.85 of free decoding without it).
         mx.async_eval(tokens)
         mx.async_eval(logits)
-        if self._started and self.error is None and not self.matcher.is_stopped():
+        grown = self._seen is not None and tokens.size > self._seen
+        if grown and self.error is None and not self.matcher.is_stopped():
             token = int(memoryview(tokens)[-1])  # type: ignore[arg-type]  # mlx arrays are buffers
             if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
-        self._started = True
+        self._seen = tokens.size
         size = logits.shape[-1]
         if self.error is not None or self.matcher.is_stopped():
             allowed = np.zeros(size, dtype=bool)

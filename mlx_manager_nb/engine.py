@@ -11,6 +11,14 @@ decodes plus its prompt cache. A request joins the batch only when the batch's e
 otherwise it waits in the runner's queue until sequences finish. A request is always admitted when
 its model decodes nothing else, so one larger than the budget still runs, alone. The prompt cache
 gets what the running sequences leave. When the engine goes idle it hands MLX's buffer cache back.
+
+Backpressure: a request whose consumer leaves :data:`UNREAD_EVENTS` of its events untaken (a
+stream nobody iterates, an HTTP client that stops reading) leaves the batch, its KV kept in the
+prompt cache (within the budget, or dropped), and is parked (see :meth:`Engine._park`). It rejoins
+the batch once its consumer has taken most of them, as a prompt of its tokens so far with what is
+left of ``max_tokens``, its text, stop strings, sampler and grammar state kept; greedy decoding
+gives the same text as without the pause. Parked longer than ``unread_timeout`` seconds, it is
+cancelled (its ``Done.cause`` is ``"unread"``).
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from .params import GenParams, Processor, make_processors, make_sampler
 from .stops import StopMatcher
 
 PROMPT_CACHE_ENTRIES = 16
+UNREAD_EVENTS = 16  # events a consumer may leave untaken before its request stops being decoded
+UNREAD_TIMEOUT = 60.0  # seconds a request may stay parked unread before it is cancelled
+PARKED_POLL = 0.02  # seconds between looks at parked requests' consumers while nothing else runs
 MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -89,6 +100,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which it ends as "timeout"
     constraint: Callable[[mx.array, mx.array], mx.array] | None = None  # a grammar's logits processor
+    backlog: Callable[[], int] | None = None  # its events not yet taken by its consumer (None: never parked)
     cause: str | None = None  # set before ``cancelled`` when the server cuts it: "shutdown" or "unread"
 
 
@@ -100,8 +112,19 @@ class _Seq:
     cached: int
     faults: list[BaseException]  # what its sampler or logits processors raised, if anything
     slots: int  # KV positions reserved for it (see _kv_slots)
+    sampler: Callable[[mx.array], mx.array] = greedy_sampler
+    processors: list[Processor] = field(default_factory=list)
     tokens: int = 0
     first: float | None = None
+
+
+@dataclass
+class _Parked:
+    """A sequence out of the batch while its consumer catches up (see :meth:`Engine._park`)."""
+
+    seq: _Seq
+    tokens: list[int]  # its prompt and the tokens generated so far (their KV went to the prompt cache)
+    since: float  # time.monotonic() when it was parked
 
 
 @dataclass
@@ -116,6 +139,7 @@ class Runner:
     active: dict[int, _Seq] = field(default_factory=dict)
     max_token_chars: int = 1  # the longest token's text: a prompt of N characters is at least N / this tokens
     waiting: deque[Request] = field(default_factory=deque)  # submitted, not yet admitted into the batch
+    parked: list[_Parked] = field(default_factory=list)  # out of the batch until their consumers read
     kv_budget: int | None = None  # bytes for KV caches (running sequences and prompt cache); None: unbounded
     kv_bytes: int = 0  # KV cache bytes of the running sequences, as of the last step
     cache_bytes: int = 0  # bytes held by the prompt cache, as of the last step
@@ -149,9 +173,10 @@ class Runner:
     def drop(self, error: BaseException) -> None:
         """Fail every request on this runner, running or waiting, and free its batch (engine thread)."""
         self.fail_active(error)
-        for request in self.waiting:
+        for request in [*self.waiting, *(p.seq.request for p in self.parked)]:
             _emit(request, Failed(error))
         self.waiting.clear()
+        self.parked.clear()
 
 
 class Engine:
@@ -159,6 +184,8 @@ class Engine:
 
     def __init__(self, on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0):
         self._runners: dict[str, Runner] = {}
+        self.unread_events = UNREAD_EVENTS  # see the module's docstring: backpressure
+        self.unread_timeout = UNREAD_TIMEOUT
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._on_tick = on_tick
@@ -244,6 +271,8 @@ class Engine:
                     _return_freed_memory()
                 was_busy = busy
                 wait = 0 if busy else max(0.0, next_tick - time.monotonic())
+                if not busy and any(r.parked for r in self._runners.values()):
+                    wait = min(wait, PARKED_POLL)
                 self._drain(wait)
                 for runner in list(self._runners.values()):
                     self.advance(runner)
@@ -256,8 +285,11 @@ class Engine:
                     _emit(seq.request, self._seq_done(seq, "cancelled"))
                 for request in runner.waiting:
                     _emit(request, _done(request, "cancelled", None, 0, 0, None))
+                for parked in runner.parked:
+                    _emit(parked.seq.request, self._seq_done(parked.seq, "cancelled"))
                 runner.active.clear()
                 runner.waiting.clear()
+                runner.parked.clear()
                 runner.gen = None
                 runner.kv_bytes = 0
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
@@ -281,6 +313,8 @@ class Engine:
         """One scheduling step of ``runner``: admit the waiting requests that fit, then decode one token
         for its batch. The engine thread calls it for each runner; a distributed worker calls it on each
         rank in lockstep (see :mod:`mlx_manager_nb.distributed.worker`), from the thread that owns its MLX work."""
+        if runner.parked:
+            self._unpark(runner)
         if runner.waiting:
             self._admit(runner)
         if runner.active:
@@ -351,30 +385,31 @@ class Engine:
 
     def _insert(self, runner: Runner, request: Request, slots: int) -> None:
         try:
-            prompt = request.prompt
-            cache, rest = runner.prompt_cache.fetch_nearest_cache(runner.name, prompt)
-            if cache is not None and not rest:
-                trim_prompt_cache(cache, 1)
-                rest = prompt[-1:]
-            cached = len(prompt) - len(rest) if cache is not None else 0
             p = request.params
-            eos = [[t] for t in runner.tokenizer.eos_token_ids]
             faults: list[BaseException] = []
             sampler = make_sampler(p)
-            (uid,) = runner.batch().insert(
-                [rest if cache is not None else prompt],
-                max_tokens=[p.limit],
-                caches=[cache],
-                all_tokens=[prompt[:cached]],
-                samplers=[sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults)],
-                logits_processors=[[_guard_processor(f, faults) for f in
-                                    [*make_processors(p, len(prompt)), *filter(None, [request.constraint])]]],
-                stop_sequences=[StopSequences(eos)],
-            )
+            seq = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), 0, faults, slots,
+                       sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults),
+                       [_guard_processor(f, faults) for f in
+                        [*make_processors(p, len(request.prompt)), *filter(None, [request.constraint])]])
+            seq.cached = self._join(runner, seq, request.prompt, p.limit)
         except Exception as e:
             _emit(request, Failed(e))
-            return
-        runner.active[uid] = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), cached, faults, slots)
+
+    def _join(self, runner: Runner, seq: _Seq, prompt: list[int], max_tokens: int) -> int:
+        """Put ``seq`` into the batch to go on from ``prompt``; returns how many of its tokens the prompt
+        cache supplied."""
+        cache, rest = runner.prompt_cache.fetch_nearest_cache(runner.name, prompt)
+        if cache is not None and not rest:
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        cached = len(prompt) - len(rest) if cache is not None else 0
+        eos = [[t] for t in runner.tokenizer.eos_token_ids]
+        (uid,) = runner.batch().insert([rest if cache is not None else prompt], max_tokens=[max_tokens],
+                                       caches=[cache], all_tokens=[prompt[:cached]], samplers=[seq.sampler],
+                                       logits_processors=[seq.processors], stop_sequences=[StopSequences(eos)])
+        runner.active[uid] = seq
+        return cached
 
     def _step(self, runner: Runner) -> None:
         gen = runner.batch()
@@ -385,6 +420,9 @@ class Engine:
         expired = [uid for uid, s in runner.active.items() if s.request.deadline and now > s.request.deadline]
         if expired:
             self._finish_removed(runner, expired, "timeout")
+        unread = [uid for uid, s in runner.active.items() if _unread(s.request) >= self.unread_events]
+        if unread:
+            self._park(runner, unread)
         if not runner.active:
             self._account(runner)
             return
@@ -437,13 +475,49 @@ class Engine:
             _emit(seq.request, self._seq_done(seq, r.finish_reason))
 
     def _finish_removed(self, runner: Runner, uids: list[int], reason: str, stop: str | None = None) -> None:
+        for seq in self._remove(runner, uids):
+            _emit(seq.request, self._seq_done(seq, reason, stop))
+
+    def _remove(self, runner: Runner, uids: list[int]) -> list[_Seq]:
+        """Take sequences out of the batch, their KV into the prompt cache; returns them."""
         caches = runner.batch().remove(uids, return_prompt_caches=True)
+        removed = [runner.active.pop(uid) for uid in uids]
         for uid in uids:
-            seq = runner.active.pop(uid)
             if uid in caches and caches[uid][1]:
                 cache, tokens = caches[uid]
                 self._remember(runner, list(tokens), cache)
-            _emit(seq.request, self._seq_done(seq, reason, stop))
+        return removed
+
+    def _park(self, runner: Runner, uids: list[int]) -> None:
+        """Take sequences whose consumers stopped reading out of the batch until they read (see _unpark)."""
+        for seq in self._remove(runner, uids):
+            runner.parked.append(_Parked(seq, [*seq.request.prompt, *seq.detok.tokens], time.monotonic()))
+
+    def _unpark(self, runner: Runner) -> None:
+        """End the parked sequences cancelled, timed out or unread too long; put back into the batch
+        those whose consumers have taken most of their events, as their KV budget allows."""
+        now = time.perf_counter()
+        for parked in list(runner.parked):
+            seq, request = parked.seq, parked.seq.request
+            if time.monotonic() - parked.since > self.unread_timeout:
+                cut(request, "unread")
+            late = request.deadline is not None and now > request.deadline
+            if request.cancelled.is_set() or late:
+                runner.parked.remove(parked)
+                _emit(request, self._seq_done(seq, "cancelled" if request.cancelled.is_set() else "timeout"))
+            elif _unread(request) <= self.unread_events // 2 and self._fits(runner, seq.slots):
+                runner.parked.remove(parked)
+                try:
+                    self._join(runner, seq, parked.tokens, request.params.limit - seq.tokens)
+                except Exception as e:
+                    _emit(request, Failed(e))
+
+    def _fits(self, runner: Runner, slots: int) -> bool:
+        """Whether one more sequence of ``slots`` keeps the batch's estimated KV within the budget."""
+        if not runner.active or runner.kv_budget is None or runner.token_bytes is None:
+            return True
+        longest = max(slots, *(s.slots for s in runner.active.values()))
+        return (len(runner.active) + 1) * longest * runner.token_bytes <= runner.kv_budget
 
     def _remember(self, runner: Runner, tokens: list[int], cache: list[Any]) -> None:
         """Keep a finished sequence's KV in the prompt cache, within what the running ones leave.
@@ -458,6 +532,10 @@ class Engine:
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:
         ttft = seq.first - seq.request.submitted if seq.first is not None else None
         return _done(seq.request, reason, stop, seq.tokens, seq.cached, ttft)
+
+
+def _unread(request: Request) -> int:
+    return request.backlog() if request.backlog is not None else 0
 
 
 def cut(request: Request, cause: str | None = None) -> None:

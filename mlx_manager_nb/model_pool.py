@@ -48,10 +48,10 @@ class Pool(Registry):
     """
 
     def _start(self, make: Callable[[], ChatRequest], kind: str, model: str | None, sink: Callable,
-               context: RequestContext) -> tuple[str, str, Any]:
+               context: RequestContext, backlog: Callable[[], int]) -> tuple[str, str, Any]:
         """Build the request with ``make()`` and submit it (see :func:`.runner.start`); a refusal is recorded."""
         try:
-            return runner.start(self, make(), model, sink, context)
+            return runner.start(self, make(), model, sink, context, backlog)
         except Exception as e:
             runner.record_refused(self, e, model, context, kind)
             raise
@@ -59,7 +59,7 @@ class Pool(Registry):
     def stream(self, request: ChatRequest, model: str | None, context: RequestContext) -> TextStream:
         """Run a parsed request, as a stream."""
         events, sink = queue_sink()
-        return TextStream(*self._start(lambda: request, request.kind, model, sink, context), events)
+        return TextStream(*self._start(lambda: request, request.kind, model, sink, context, events.qsize), events)
 
     def astream(self, request: ChatRequest, model: str | None, context: RequestContext) -> AsyncTextStream:
         """Run a parsed request from a running event loop (which tokenizing never blocks), as an async stream."""
@@ -70,7 +70,7 @@ class Pool(Registry):
         loop = asyncio.get_running_loop()
         events, sink = async_sink(loop)
         # templating and tokenizing take time proportional to the input: never on the event loop
-        started = loop.run_in_executor(None, self._start, make, kind, model, sink, context)
+        started = loop.run_in_executor(None, self._start, make, kind, model, sink, context, events.backlog)
         return AsyncTextStream(started, events)
 
     def record_refused(self, error: BaseException, model: str | None, context: RequestContext,
@@ -82,7 +82,7 @@ class Pool(Registry):
              meta: Meta, timeout: float | None) -> Result | TextStream:
         context = self.request_context(meta, stream, timeout, model, kind)
         events, sink = queue_sink()
-        s = TextStream(*self._start(make, kind, model, sink, context), events)
+        s = TextStream(*self._start(make, kind, model, sink, context, events.qsize), events)
         if stream:
             return s
         with s:

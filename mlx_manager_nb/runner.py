@@ -177,9 +177,10 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
 
 
 def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callable[[StreamEvent], None],
-          context: RequestContext) -> tuple[str, str, Request]:
+          context: RequestContext, backlog: Callable[[], int] | None = None) -> tuple[str, str, Request]:
     """Check, tokenize and submit ``request`` (on any thread but the engine's): returns its id, the
-    name its model answers to, and the engine request. Its events go to ``sink``."""
+    name its model answers to, and the engine request. Its events go to ``sink``; ``backlog()`` says
+    how many of them its consumer has not taken yet (the engine parks a request left unread)."""
     info = chat_model(pool, model)
     runner = pool.runner(info.name)
     p = fit_to_model(request.params, runner.vocab_size)
@@ -193,7 +194,7 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     record = pool.begin(request.kind, info.name, context)
     emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set())
     engine_request = Request(info.name, ids, p, emit, deadline=context.deadline,
-                             constraint=chat_plan.constraint if chat_plan is not None else None)
+                             constraint=chat_plan.constraint if chat_plan is not None else None, backlog=backlog)
     pool.submit(engine_request, content)
     return record.id, info.alias or info.name, engine_request
 

@@ -8,6 +8,8 @@ and a :class:`Final` event in place of the engine's ``Done``. Iterating a stream
 Events arrive on the engine thread; a sync stream reads them from a ``queue.Queue``, an async
 stream from an ``asyncio.Queue`` fed through ``loop.call_soon_threadsafe``. Leaving a stream early
 (``close()``, ``break``, KeyboardInterrupt, a cancelled task) cancels the request in the engine.
+A stream left unread is parked by the engine once its queue holds a few events, and resumes when
+read again (see :mod:`mlx_manager_nb.engine`, backpressure): each sink gives the engine its backlog.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class TextStream:
 
 
 def queue_sink() -> tuple[queue.Queue, Callable[[StreamEvent], None]]:
+    """A sync stream's queue and what puts events in it; ``queue.qsize`` is its backlog."""
     q: queue.Queue = queue.Queue()
     return q, q.put
 
@@ -240,10 +243,29 @@ class AsyncTextStream:
                 self.cancel()
 
 
-def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, Callable[[StreamEvent], None]]:
-    q: asyncio.Queue = asyncio.Queue()
+class _Counted(asyncio.Queue):
+    """An async stream's queue, counting the events the engine sent and those its consumer took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = self.taken = 0
+
+    async def get(self) -> Any:
+        event = await super().get()
+        self.taken += 1
+        return event
+
+    def backlog(self) -> int:
+        """Events sent and not taken yet, those still on their way to the loop included."""
+        return self.sent - self.taken
+
+
+def async_sink(loop: asyncio.AbstractEventLoop) -> tuple[_Counted, Callable[[StreamEvent], None]]:
+    """An async stream's queue and what puts events in it (from the engine's thread); ``queue.backlog``."""
+    q = _Counted()
 
     def put(event: StreamEvent) -> None:
+        q.sent += 1
         loop.call_soon_threadsafe(q.put_nowait, event)
 
     return q, put

@@ -140,6 +140,7 @@ def test_requests_over_the_kv_budget_wait_and_memory_is_given_back(pool, monkeyp
 def test_a_waiting_request_can_be_cancelled_or_time_out(pool):
     runner = pool.engine.runner("tiny-llama")
     runner.kv_budget = 1  # one sequence at a time
+    pool.engine.unread_events = 10**6  # the first stream, read no further, keeps decoding (not parked)
     first = pool.chat(HELLO, temperature=0, max_tokens=400, stream=True)
     next(first)
     waiting = pool.chat(question(1), temperature=0, max_tokens=5, stream=True)

@@ -3,11 +3,18 @@
 Every protocol shares this loop; each gives only its shapes: the final JSON body, and a
 :class:`StreamShape` saying which events open, carry, close and fail a stream. A failure is
 named by the protocol's adapter, before a stream's headers and after them alike.
+
+A stream's connection buffers at most about :data:`SEND_BUFFER` bytes (in the kernel, and as much
+again in the loop) for a client that stops reading: its writes then wait, the handler stops taking
+events, and the engine parks the request (see :mod:`mlx_manager_nb.engine`, backpressure). A
+client that reads nothing for the engine's ``unread_timeout`` loses its stream and its connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,12 +24,13 @@ from aiohttp import web
 from ..errors import ApiError
 from ..streams import AsyncTextStream, Result, StreamItem
 from ..tools import CallPiece, ToolCall
-from .common import AUDITED, STATS, id_headers
+from .common import AUDITED, POOL, STATS, id_headers
 
 if TYPE_CHECKING:
     from .adapter import Adapter
 
 SseEvent = tuple[str | None, Any]  # (event name or None, data: JSON-encoded unless a string)
+SEND_BUFFER = 4 * 1024  # bytes: a stream's kernel send buffer (which Linux doubles) and loop buffer
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,29 @@ async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> N
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
         out.append((f"event: {name}\n" if name else "") + f"data: {text}\n\n")
     await response.write("".join(out).encode())
+
+
+def _bound_buffers(request: web.Request) -> None:
+    """Keep a stream's unread bytes few, so that a client that stops reading is noticed soon."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    transport.set_write_buffer_limits(high=SEND_BUFFER)
+
+
+async def _sent(request: web.Request, s: AsyncTextStream, unread_timeout: float) -> None:
+    """Wait until the client has taken what was written; one that reads nothing for ``unread_timeout``
+    seconds has its stream cut (cause ``"unread"``) and its connection closed."""
+    try:
+        await asyncio.wait_for(request.writer.drain(), unread_timeout)
+    except asyncio.TimeoutError:
+        s.cancel("unread")
+        if request.transport is not None:
+            request.transport.abort()  # what it did not read is dropped: close() would wait for it
+        raise ConnectionResetError(f"the client read nothing for {unread_timeout:g} s") from None
 
 
 async def respond(request: web.Request, adapter: Adapter, run: Callable[[], AsyncTextStream], stream: bool,
@@ -75,6 +106,8 @@ async def respond(request: web.Request, adapter: Adapter, run: Callable[[], Asyn
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                                **id_headers(request, adapter.name)})
         await response.prepare(request)
+        _bound_buffers(request)
+        unread_timeout = request.app[POOL].engine.unread_timeout
 
         def shaped(item: StreamItem) -> list[SseEvent]:
             if isinstance(item, str):
@@ -86,6 +119,7 @@ async def respond(request: web.Request, adapter: Adapter, run: Callable[[], Asyn
         try:
             await send_events(response, shape.start(s) + (shaped(first) if first is not None else []))
             async for item in events:
+                await _sent(request, s, unread_timeout)
                 await send_events(response, shaped(item))
             assert s.result is not None
             await send_events(response, shape.end(s.result))
