@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.request
 
+import openai
 import pytest
 from helpers import free_port, wait_for
 
@@ -35,6 +36,38 @@ def test_serve_from_a_terminal_then_ctrl_c(tiny_model_path, isolated_home, ctrl_
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert f"base_url=http://127.0.0.1:{port}/v1" in out and "Stopping" in out
+
+
+def test_sigterm_with_a_short_drain_ends_a_cut_stream_with_an_error_the_sdk_raises(wide_tiny_model_path,
+                                                                                  isolated_home):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_manager_nb", "serve", "--model", str(wide_tiny_model_path), "--port", str(port),
+         "--drain", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert wait_for(lambda: _healthy(port), timeout=60)
+        stream = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4000, temperature=0, stream=True)
+        next(iter(stream))  # read no further for now: it runs, then waits parked, when the signal comes
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="server stopped"):
+            list(stream)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed before the stop ended
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2))["status"] == "ok"
+    except OSError:
+        return False
 
 
 def test_a_bad_model_is_one_line_and_a_non_zero_exit(isolated_home):
