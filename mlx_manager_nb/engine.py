@@ -499,13 +499,14 @@ class Engine:
         now = time.perf_counter()
         for parked in list(runner.parked):
             seq, request = parked.seq, parked.seq.request
-            if time.monotonic() - parked.since > self.unread_timeout:
+            read = _unread(request) <= self.unread_events // 2
+            if not read and time.monotonic() - parked.since > self.unread_timeout:
                 cut(request, "unread")
             late = request.deadline is not None and now > request.deadline
             if request.cancelled.is_set() or late:
                 runner.parked.remove(parked)
                 _emit(request, self._seq_done(seq, "cancelled" if request.cancelled.is_set() else "timeout"))
-            elif _unread(request) <= self.unread_events // 2 and self._fits(runner, seq.slots):
+            elif read and self._fits(runner, seq.slots):  # else it waits for room, as a new request would
                 runner.parked.remove(parked)
                 try:
                     self._join(runner, seq, parked.tokens, request.params.limit - seq.tokens)
