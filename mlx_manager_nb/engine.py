@@ -71,7 +71,7 @@ class Done:
     cached_tokens: int
     ttft: float | None
     duration: float
-    cause: str | None = None  # who cut a "cancelled" one: None its consumer, else its request's cause
+    cause: str | None = None  # why a "cancelled" one was cut: None, by its consumer; else Request.cause
 
     @property
     def tokens_per_second(self) -> float | None:

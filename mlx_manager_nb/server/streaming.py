@@ -54,15 +54,26 @@ async def send_events(response: web.StreamResponse, events: list[SseEvent]) -> N
     await response.write("".join(out).encode())
 
 
-def _bound_buffers(request: web.Request) -> None:
-    """Keep a stream's unread bytes few, so that a client that stops reading is noticed soon."""
+def _bound_buffers(request: web.Request) -> Callable[[], None]:
+    """Keep a stream's unread bytes few, so that a client that stops reading is noticed soon; returns
+    what gives the connection large buffers back for the answers that follow on it."""
     transport = request.transport
     if transport is None:
-        return
+        return lambda: None
     sock = transport.get_extra_info("socket")
+    low, high = transport.get_write_buffer_limits()
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     transport.set_write_buffer_limits(high=SEND_BUFFER)
+
+    def restore() -> None:
+        if transport.is_closing():
+            return
+        if sock is not None:  # the system's maximum (net.core.wmem_max) caps it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+        transport.set_write_buffer_limits(high, low)
+
+    return restore
 
 
 async def _sent(request: web.Request, s: AsyncTextStream, unread_timeout: float) -> None:
@@ -106,7 +117,7 @@ async def respond(request: web.Request, adapter: Adapter, run: Callable[[], Asyn
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                                **id_headers(request, adapter.name)})
         await response.prepare(request)
-        _bound_buffers(request)
+        restore_buffers = _bound_buffers(request)
         unread_timeout = request.app[POOL].engine.unread_timeout
 
         def shaped(item: StreamItem) -> list[SseEvent]:
@@ -128,6 +139,7 @@ async def respond(request: web.Request, adapter: Adapter, run: Callable[[], Asyn
             raise
         except Exception as e:
             await send_events(response, shape.error(adapter.error(e)))
+        restore_buffers()
         return response
     finally:
         await s.aclose()
