@@ -70,11 +70,13 @@ def test_a_stream_closed_while_parked_ends_cancelled_as_before(pool, audit):
     assert wait_for(lambda: [(r["status"], r["error_message"]) for r in audit.query()] == [("cancelled", None)])
 
 
-def unread_stream(port: int) -> socket.socket:
-    """A streamed chat from a client that never reads its answer (and keeps its receive buffer small)."""
+def unread_stream(port: int, client: str = "127.0.0.1") -> socket.socket:
+    """A streamed chat from a client (an address) that never reads its answer (and keeps its receive
+    buffer small)."""
     body = json.dumps({"model": "tiny", "messages": HI, "max_tokens": 400, "temperature": 0, "stream": True}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.bind((client, 0))
     sock.connect(("127.0.0.1", port))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
@@ -134,7 +136,7 @@ def test_unread_http_streams_are_parked_beside_a_bystander_then_cancelled(pool, 
     try:
         bystander()  # warm
         quiet = min(bystander() for _ in range(3))
-        unread = [unread_stream(s.port) for _ in range(40)]  # more than a batch holds (32)
+        unread = [unread_stream(s.port, f"127.0.0.{10 + i}") for i in range(40)]  # more than a batch holds (32)
         assert wait_for(lambda: pool.models()[0].in_flight == 40)
         loaded = bystander()
         assert wait_for(lambda: len(runner(pool).parked) == 40, 30)
