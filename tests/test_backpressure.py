@@ -1,5 +1,6 @@
 """Backpressure: a stream nobody reads leaves the batch, resumes with the same answer when read, and is
-cancelled after its idle time; unread HTTP streams never hold a bystander back. On the tiny model."""
+cancelled after its idle time; unread HTTP streams give their batch slots back to a bystander. On the
+tiny model."""
 
 import json
 import socket
