@@ -14,7 +14,8 @@ from ..streams import AsyncTextStream, Result
 from ..structured import check_schema
 from ..tools import CallPiece, Tool, ToolCall, check_count, make_tools, tool_parameters
 from .adapter import Adapter, Answer, chat_handler
-from .common import MODEL, POOL, REQUEST_ID, endpoint, field_of, off_loop, refuse_fields, resolve_model, sampling
+from .checks import checked, has_schemas
+from .common import MODEL, POOL, REQUEST_ID, endpoint, field_of, refuse_fields, resolve_model, sampling
 from .streaming import StreamShape
 
 REFUSED = ("mcp_servers", "container")  # would change the answer and cannot be honoured: never ignored
@@ -318,7 +319,8 @@ def _shape(rid: str, model: str) -> StreamShape:
 
 
 async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
-    chat_request = await off_loop(_request, body)  # tools and schemas are checked there
+    untrusted = has_schemas(body, "tools", "output_config", "output_format")
+    chat_request = await checked(request, untrusted, _request, body)  # tools and schemas are checked there
     rid = "msg_" + request[REQUEST_ID]
     return Answer(chat_request, lambda result: _message(rid, model, result.text, result), _shape(rid, model))
 
@@ -329,7 +331,8 @@ messages = chat_handler(ADAPTER, _parse)
 async def _count_tokens(request: web.Request, body: dict) -> web.Response:
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
-    chat_request = await off_loop(lambda: ChatRequest(tuple(_conversation(body)), **_tools(body)))
+    chat_request = await checked(request, has_schemas(body, "tools"),
+                                 lambda: ChatRequest(tuple(_conversation(body)), **_tools(body)))
     name = await resolve_model(request, model)
     return web.json_response({"input_tokens": await request.app[POOL].acount_request_tokens(chat_request, name)})
 

@@ -21,7 +21,8 @@ from ..request import ROLES, ChatRequest, check_prompt, python_messages, python_
 from ..streams import Result
 from ..tools import CallPiece
 from .adapter import Adapter, Answer, chat_handler
-from .common import REQUEST_ID, field_of, off_loop, refuse_fields, sampling
+from .checks import checked, has_schemas
+from .common import REQUEST_ID, field_of, refuse_fields, sampling
 from .streaming import StreamShape
 
 # kind of error -> OpenAI's type and code
@@ -189,7 +190,8 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
 def _parser(kind: str) -> Callable[[web.Request, dict, str, bool], Awaitable[Answer]]:
     async def parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
         options = field_of(body, "stream_options", dict, default={})
-        chat_request = await off_loop(_request, body, kind)  # tools and schemas are checked there
+        untrusted = has_schemas(body, "tools", "functions", "response_format")
+        chat_request = await checked(request, untrusted, _request, body, kind)  # tools and schemas are checked there
         created = int(time.time())
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]
         return Answer(chat_request, lambda result: _final(kind, rid, created, model, result),

@@ -22,7 +22,8 @@ from ..structured import ANY_OBJECT, check_schema
 from ..tools import Tool, check_count, tool_parameters
 from . import openai_api
 from .adapter import Adapter, Answer, chat_handler
-from .common import REQUEST_ID, RESPONSES, endpoint, field_of, off_loop, refuse_fields, sampling
+from .checks import checked
+from .common import REQUEST_ID, RESPONSES, endpoint, field_of, refuse_fields, sampling
 from .responses_output import Draft, final, new_item_id, stream_shape
 
 BUILT_IN_TOOLS = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11",
@@ -273,7 +274,8 @@ async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> 
     context = await _history(request, echo["previous_response_id"]) + items
     if not context:
         raise ApiError(400, "'input' must hold at least one item", param="input")
-    structure = await off_loop(_structure, tools, tool_choice, parallel, text)  # checks tools and schema
+    untrusted = bool(tools) or text["format"]["type"] == "json_schema"
+    structure = await checked(request, untrusted, _structure, tools, tool_choice, parallel, text)  # checks them
     chat_request = ChatRequest(_messages(context, instructions), params=params, **structure)
     draft = Draft("resp_" + request[REQUEST_ID].removeprefix("req_"), model, int(time.time()), echo)
 
