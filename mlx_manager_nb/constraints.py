@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import llguidance as llg
 import mlx.core as mx
 import numpy as np
 
+from . import schema_limits
 from .errors import InvalidParameterError
+from .schema_limits import quote
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -29,6 +34,13 @@ if TYPE_CHECKING:
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 MAX_SCHEMA_DEPTH = 64  # JSON objects and arrays; pydantic's schemas (with $defs) nest about 10
 MATCHERS_PER_MODEL = 64
+#: llguidance's own bounds on a grammar's size and on the work of each step (its defaults), with
+#: short errors: verbose ones quote the grammar and the parser's state
+LIMITS = llg.LLParserLimits(verbose_errors=False)
+MASK_GRACE = 0.5  # seconds of CPU a request's masks may take at first (the lexer builds its states)...
+MASK_PER_TOKEN = 0.02  # ...and then per token, on average
+_mask_threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlx-masks")
+_steps = threading.local()  # per engine thread: the constraints of the batch step under way
 
 
 class _ModelGrammars:
@@ -64,17 +76,16 @@ def ll_tokenizer(tokenizer: Any) -> llg.LLTokenizer:
 def check_schema(schema: Any, param: str) -> dict:
     """A JSON schema, checked against the JSON Schema meta-schema; raise naming ``param`` if invalid.
 
-    Schemas nested deeper than :data:`MAX_SCHEMA_DEPTH` are refused first: the checks and the
-    grammar recurse through them.
+    Schemas nested deeper than :data:`MAX_SCHEMA_DEPTH`, or over the caps of
+    :data:`~mlx_manager_nb.schema_limits.LIMITS`, are refused first: the checks and the grammar
+    recurse through them.
     """
     if not isinstance(schema, dict):
         raise InvalidParameterError(param, f"{param} must be a JSON schema object, got {type(schema).__name__}")
     if _nested_deeper(schema, MAX_SCHEMA_DEPTH):
         raise InvalidParameterError(param, f"{param} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise InvalidParameterError(param, f"{param} is not a valid JSON schema: {e.message}") from None
+    schema_limits.check_size(schema, param)
+    schema_limits.check_meta(schema, param)
     return schema
 
 
@@ -132,7 +143,10 @@ def closed_schema(schema: Any) -> Any:
 def json_grammar(schema: dict, param: str) -> str:
     """The grammar of JSON text matching ``schema`` (compact, closed)."""
     check_schema(schema, param)
-    return llg.LLMatcher.grammar_from_json_schema(closed_schema(schema), defaults=JSON_OPTIONS)
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(closed_schema(schema), defaults=JSON_OPTIONS)
+    except ValueError as e:  # a value llguidance cannot represent
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {quote(e)}") from None
 
 
 def lark_json(schema: dict) -> str:
@@ -143,16 +157,17 @@ def lark_json(schema: dict) -> str:
 def check_grammar(grammar: str, param: str) -> str:
     """``grammar`` if llguidance accepts it (checked without a model: a request's parser runs this, so
     the field is named in its protocol's terms); else InvalidParameterError naming ``param``."""
+    schema_limits.tick(param)
     error = _grammar_error(grammar)
     if error and not error.startswith("WARNING"):
-        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {error}")
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {quote(error)}")
     return grammar
 
 
 @functools.lru_cache(maxsize=MATCHERS_PER_MODEL)
 def _grammar_error(grammar: str) -> str:
     """llguidance's verdict on a grammar, cached: a client sends the same few tools each turn."""
-    return llg.LLMatcher.validate_grammar(grammar)
+    return llg.LLMatcher.validate_grammar(grammar, limits=LIMITS)
 
 
 def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
@@ -161,18 +176,20 @@ def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
     Raises :class:`InvalidParameterError` naming ``param`` when llguidance refuses the grammar
     (an unsupported schema keyword, a grammar too large): never a silent fallback to free text.
     """
+    schema_limits.tick(param)
     g = _grammars(tokenizer)
     with g.lock:
         base = g.matchers.get(grammar)
         if base is not None:
             g.matchers.move_to_end(grammar)
             return base.deep_copy()
-    error = llg.LLMatcher.validate_grammar(grammar, g.ll)
+    error = llg.LLMatcher.validate_grammar(grammar, g.ll, limits=LIMITS)
     if error and not error.startswith("WARNING"):
-        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {error}")
-    base = llg.LLMatcher(g.ll, grammar, log_level=0)
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {quote(error)}")
+    base = llg.LLMatcher(g.ll, grammar, log_level=0, limits=LIMITS)
     if base.is_error():
-        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {base.get_error()}")
+        raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: "
+                                           f"{quote(base.get_error())}")
     with g.lock:
         g.matchers[grammar] = base
         while len(g.matchers) > MATCHERS_PER_MODEL:
@@ -180,25 +197,42 @@ def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
     return base.deep_copy()
 
 
+class MaskBudgetError(InvalidParameterError):
+    """A request's grammar took more time computing its masks than its budget allows (or llguidance's
+    step limits stopped it); ``param`` names the field that gave the grammar."""
+
+
 class Constraint:
-    """One request's grammar as a logits processor ``(tokens, logits) -> logits``.
+    """One request's grammar: a logits processor ``(tokens, logits) -> logits`` that feeds the matcher
+    the token sampled last, and :meth:`sampler`, which masks every token the grammar forbids.
+
+    The masks of a batch step are computed together, in parallel threads (llguidance releases the
+    GIL), when the first constrained sequence samples: mlx-lm calls every sequence's processors,
+    then every sampler (see :func:`_fill_masks`). Each mask's CPU time counts against the request's
+    budget (:data:`MASK_GRACE` plus :data:`MASK_PER_TOKEN` per token); past it, or when llguidance's
+    own step limits stop the matcher, its sampler raises and the engine fails that request alone.
 
     The first call sees the prompt's last token; every later call whose history is longer first
     consumes the token sampled at the previous step (a call with the same history, as after the
-    engine parks and resumes the sequence, consumes nothing). It never raises inside the batch:
-    should the matcher fail, ``error`` is set and only end-of-turn tokens stay allowed, ending the turn.
+    engine parks and resumes the sequence, consumes nothing). A token the grammar refuses sets
+    ``error`` instead: only end-of-turn tokens stay allowed, ending the turn.
     """
 
-    def __init__(self, matcher: llg.LLMatcher, eos_ids: list[int]):
+    def __init__(self, matcher: llg.LLMatcher, eos_ids: list[int], param: str = "schema"):
         self.matcher = matcher
+        self.param = param
         self.eos = np.array(sorted(eos_ids), dtype=np.int64)
         self.error: str | None = None
         self._seen: int | None = None  # the length of the history at the previous call
+        self.mask_seconds = 0.0  # CPU time spent computing this request's masks
+        self.masks = 0
+        self._allowed: np.ndarray | None = None  # this step's mask, once computed
+        self._failure: str | None = None
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # Queue the token history, then this step's forward pass, and read the last token through
         # the buffer protocol: it waits for that token only, not the forward pass (``tokens[-1]``
-        # would be a new op queued behind it), so the mask is computed while the model runs and
+        # would be a new op queued behind it), so the masks are computed while the model runs and
         # mlx-lm's async_eval pipelining is kept (measured: 0.85 of free decoding without it).
         mx.async_eval(tokens)
         mx.async_eval(logits)
@@ -208,18 +242,71 @@ class Constraint:
             if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
         self._seen = tokens.size
-        size = logits.shape[-1]
+        self._allowed = None
+        _pending().append(self)
+        return logits
+
+    def sampler(self, sample: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
+        """``sample`` applied to this request's log-probabilities masked by its grammar (renormalized,
+        as if the logits had been masked)."""
+
+        def masked(logprobs: mx.array) -> mx.array:
+            _fill_masks()
+            if self._failure is not None:
+                raise MaskBudgetError(self.param, f"{self.param}: {self._failure}")
+            allowed = self._allowed if self._allowed is not None else self._only_eos()
+            size = logprobs.shape[-1]
+            row = np.zeros(size, dtype=bool)  # the model's vocab may exceed the tokenizer's: those stay masked
+            n = min(size, allowed.size)
+            row[:n] = allowed[:n]
+            kept = mx.where(mx.array(row), logprobs, -mx.inf)
+            return sample(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+
+        return masked
+
+    def _only_eos(self) -> np.ndarray:
+        allowed = np.zeros(int(self.eos.max(initial=0)) + 1, dtype=bool)
+        allowed[self.eos] = True
+        return allowed
+
+    def _compute_mask(self) -> None:
+        """This step's mask (on a mask thread), its CPU time counted against the budget."""
         if self.error is not None or self.matcher.is_stopped():
-            allowed = np.zeros(size, dtype=bool)
-            allowed[self.eos[self.eos < size]] = True
+            return
+        started = time.thread_time()
+        bits = self.matcher.compute_bitmask()
+        self.mask_seconds += time.thread_time() - started
+        self.masks += 1
+        if self.matcher.is_error():
+            self._failure = f"the grammar stopped: {quote(self.matcher.get_error())}"
+        elif self.mask_seconds > MASK_GRACE + MASK_PER_TOKEN * self.masks:
+            self._failure = (f"the grammar took {self.mask_seconds:.2f} s of CPU to compute masks for "
+                             f"{self.masks} tokens, more than its budget ({MASK_GRACE:g} s + {MASK_PER_TOKEN:g} s "
+                             "per token): simplify the schema or grammar")
         else:
-            bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            allowed = np.zeros(size, dtype=bool)  # the model's vocab may exceed the tokenizer's: those stay masked
-            n = min(size, bits.size)
-            allowed[:n] = bits[:n]
-        return mx.where(mx.array(allowed), logits, -mx.inf)
+            self._allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little").astype(bool)
+
+
+def _pending() -> list[Constraint]:
+    """The constraints of this thread's current batch step whose masks are not computed yet."""
+    pending = getattr(_steps, "pending", None)
+    if pending is None:
+        pending = _steps.pending = []
+    return pending
+
+
+def _fill_masks() -> None:
+    """Compute the masks of every constraint whose processor ran this step, in parallel."""
+    pending = _pending()
+    if not pending:
+        return
+    batch, pending[:] = list(dict.fromkeys(pending)), []  # once each, should a step have been cut short
+    if len(batch) == 1:
+        batch[0]._compute_mask()
+    else:
+        list(_mask_threads.map(Constraint._compute_mask, batch))
 
 
 def make_constraint(tokenizer: Any, grammar: str, param: str) -> Constraint:
     """A :class:`Constraint` for one request on the model of ``tokenizer``."""
-    return Constraint(compile_grammar(tokenizer, grammar, param), list(tokenizer.eos_token_ids))
+    return Constraint(compile_grammar(tokenizer, grammar, param), list(tokenizer.eos_token_ids), param)

@@ -34,16 +34,19 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from .errors import EngineError, ModelNotFoundError
+from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .params import GenParams, Processor, make_processors, make_sampler
 from .stops import StopMatcher
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
 
 PROMPT_CACHE_ENTRIES = 16
 UNREAD_EVENTS = 16  # events a consumer may leave untaken before its request stops being decoded
@@ -99,7 +102,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time after which it ends as "timeout"
-    constraint: Callable[[mx.array, mx.array], mx.array] | None = None  # a grammar's logits processor
+    constraint: Constraint | None = None  # a grammar: a logits processor, and the sampler's mask
     backlog: Callable[[], int] | None = None  # its events not yet taken by its consumer (None: never parked)
     cause: str | None = None  # set before ``cancelled`` when the server cuts it: "shutdown" or "unread"
 
@@ -388,10 +391,13 @@ class Engine:
             p = request.params
             faults: list[BaseException] = []
             sampler = make_sampler(p)
+            processors: list[Processor] = make_processors(p, len(request.prompt))
+            if request.constraint is not None:  # the grammar reads each token, and masks what is sampled
+                processors.append(request.constraint)
+                sampler = request.constraint.sampler(sampler)
             seq = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), 0, faults, slots,
                        sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults),
-                       [_guard_processor(f, faults) for f in
-                        [*make_processors(p, len(request.prompt)), *filter(None, [request.constraint])]])
+                       [_guard_processor(f, faults) for f in processors])
             seq.cached = self._join(runner, seq, request.prompt, p.limit)
         except Exception as e:
             _emit(request, Failed(e))
@@ -435,7 +441,7 @@ class Engine:
         for uid in [uid for uid, s in runner.active.items() if s.faults]:
             faulty = runner.active.pop(uid)
             gen.remove([uid])
-            _emit(faulty.request, Failed(EngineError(f"sampling failed for this request: {faulty.faults[0]!r}")))
+            _emit(faulty.request, Failed(_fault_error(faulty.faults[0])))
         for r in responses:
             seq = runner.active.get(r.uid)
             if seq is None:
@@ -593,6 +599,14 @@ def _guard_processor(processor: Processor, faults: list) -> Processor:
             return logits
 
     return process
+
+
+def _fault_error(fault: BaseException) -> BaseException:
+    """What a request whose sampler or processor raised fails with: the request's own fault as it is
+    (a grammar over its budget), anything else as the engine's."""
+    if isinstance(fault, InvalidParameterError):
+        return fault
+    return EngineError(f"sampling failed for this request: {fault!r}")
 
 
 def _done(request: Request, reason: str, stop: str | None, tokens: int, cached: int, ttft: float | None) -> Done:
