@@ -1,5 +1,6 @@
 """Small helpers the test modules share."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,7 +13,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
+
 ROOT = Path(__file__).parent.parent
+HI = [{"role": "user", "content": "Hi"}]
+BYSTANDER = {"model": "tiny", "messages": HI, "max_tokens": 24, "temperature": 0, "stream": True}
 
 
 def free_port() -> int:
@@ -109,3 +114,36 @@ def slow_upload(port: int, model: str = "tiny"):
             reply += chunk
         s.close()
         status.append(int(reply.split(b" ", 2)[1]))
+
+
+async def _bystander(http: aiohttp.ClientSession, url: str) -> tuple[str, str]:
+    """One streamed chat; returns its text and finish reason, failing on any error event."""
+    text, finish = "", None
+    async with http.post(url + "/v1/chat/completions", json=BYSTANDER) as r:
+        assert r.status == 200
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk["choices"]:
+                    text += chunk["choices"][0]["delta"].get("content") or ""
+                    finish = chunk["choices"][0]["finish_reason"] or finish
+    return text, finish
+
+
+def with_bystanders(server, pool, hostile, n=3):
+    """Run ``hostile(http)`` while n greedy streams run on the tiny model; check they all finish whole;
+    return its result."""
+    expected = pool.chat(HI, max_tokens=24, temperature=0).text
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            tasks = [asyncio.create_task(_bystander(http, server.url)) for _ in range(n)]
+            await asyncio.sleep(0.05)
+            result = await hostile(http)
+            outcomes = await asyncio.gather(*tasks)
+        return result, outcomes
+
+    result, outcomes = asyncio.run(main())
+    assert outcomes == [(expected, "length")] * n
+    return result

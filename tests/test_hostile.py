@@ -8,56 +8,19 @@ import time
 import urllib.error
 import urllib.request
 
-import aiohttp
 import anthropic
 import openai
 import pytest
-from helpers import call, raw_http
+from helpers import HI, call, raw_http, with_bystanders
 
 from mlx_manager_nb.errors import InvalidModelError
 from mlx_manager_nb.server import serve
 
-HI = [{"role": "user", "content": "Hi"}]
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 
 
 def chat(**extra):
     return {"model": "tiny", "messages": HI, "max_tokens": 3, **extra}
-
-
-BYSTANDER = {"model": "tiny", "messages": HI, "max_tokens": 24, "temperature": 0, "stream": True}
-
-
-async def _bystander(http: aiohttp.ClientSession, url: str) -> tuple[str, str]:
-    """One streamed chat; returns its text and finish reason, failing on any error event."""
-    text, finish = "", None
-    async with http.post(url + "/v1/chat/completions", json=BYSTANDER) as r:
-        assert r.status == 200
-        async for line in r.content:
-            if line.startswith(b"data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"]:
-                    text += chunk["choices"][0]["delta"].get("content") or ""
-                    finish = chunk["choices"][0]["finish_reason"] or finish
-    return text, finish
-
-
-def with_bystanders(server, pool, hostile, n=3):
-    """Run ``hostile(http)`` while n greedy streams run; check they all finish whole; return its result."""
-    expected = pool.chat(HI, max_tokens=24, temperature=0).text
-
-    async def main():
-        async with aiohttp.ClientSession() as http:
-            tasks = [asyncio.create_task(_bystander(http, server.url)) for _ in range(n)]
-            await asyncio.sleep(0.05)
-            result = await hostile(http)
-            outcomes = await asyncio.gather(*tasks)
-        return result, outcomes
-
-    result, outcomes = asyncio.run(main())
-    assert outcomes == [(expected, "length")] * n
-    return result
 
 
 async def post_raw(http, url, data, headers=None):

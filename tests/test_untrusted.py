@@ -10,9 +10,8 @@ import time
 import aiohttp
 import openai
 import pytest
+from helpers import HI, with_bystanders
 
-HI = [{"role": "user", "content": "Hi"}]
-BYSTANDER = {"model": "tiny", "messages": HI, "max_tokens": 24, "temperature": 0, "stream": True}
 DRAFT4 = "http://json-schema.org/draft-04/schema#"
 
 
@@ -26,37 +25,6 @@ def _format(schema: dict) -> dict:
 
 def _object(properties: dict, **extra) -> dict:
     return {"type": "object", "properties": properties, **extra}
-
-
-async def _bystander(http: aiohttp.ClientSession, url: str) -> tuple[str, str]:
-    text, finish = "", None
-    async with http.post(url + "/v1/chat/completions", json=BYSTANDER) as r:
-        assert r.status == 200
-        async for line in r.content:
-            if line.startswith(b"data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"]:
-                    text += chunk["choices"][0]["delta"].get("content") or ""
-                    finish = chunk["choices"][0]["finish_reason"] or finish
-    return text, finish
-
-
-def with_bystanders(server, pool, hostile, n=2):
-    """Run ``hostile(http)`` while n greedy streams run; check they all finish whole; return its result."""
-    expected = pool.chat(HI, max_tokens=24, temperature=0).text
-
-    async def main():
-        async with aiohttp.ClientSession() as http:
-            tasks = [asyncio.create_task(_bystander(http, server.url)) for _ in range(n)]
-            await asyncio.sleep(0.05)
-            result = await hostile(http)
-            outcomes = await asyncio.gather(*tasks)
-        return result, outcomes
-
-    result, outcomes = asyncio.run(main())
-    assert outcomes == [(expected, "length")] * n
-    return result
 
 
 async def post(url, body, local="127.0.0.1"):
@@ -88,7 +56,8 @@ CAPS = {
 @pytest.mark.parametrize("extra,param,says", CAPS.values(), ids=CAPS.keys())
 def test_schemas_over_a_cap_are_short_400s_naming_the_field_beside_bystanders(server, pool, extra, param, says):
     body = {"model": "tiny", "messages": HI, "max_tokens": 3, **extra}
-    status, answer, took = with_bystanders(server, pool, lambda http: post(server.url + "/v1/chat/completions", body))
+    url = server.url + "/v1/chat/completions"
+    status, answer, took = with_bystanders(server, pool, lambda http: post(url, body), n=2)
     assert status == 400 and len(answer) < 1_000, answer[:2_000]  # never the schema echoed back
     error = json.loads(answer)["error"]
     assert error["param"] == param and says in error["message"], error
@@ -209,7 +178,7 @@ def test_a_grammar_whose_masks_cost_too_much_fails_alone(server, pool, audit, pa
     async def hostile(http):
         return await asyncio.to_thread(_fail, client, costly)
 
-    message = with_bystanders(server, pool, hostile)
+    message = with_bystanders(server, pool, hostile, n=2)
     assert "budget" in message or "grammar stopped" in message, message
     rows = [r for r in audit.query() if r["constrained"]]
     assert [r["status"] for r in rows] == ["error"], rows
