@@ -107,7 +107,10 @@ def check_size(schema: dict, param: str) -> None:
     """Refuse a schema over :data:`LIMITS`, or holding a number llguidance cannot take, naming ``param``
     (and where inside it); counted against the current request's totals. Walks without recursing."""
     tick(param)
-    size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode())
+    except (TypeError, ValueError) as e:  # a Python caller's dict holding what JSON cannot
+        raise InvalidParameterError(param, f"{param} is not JSON: {quote(str(e))}") from None
     if size > LIMITS.max_bytes:
         raise InvalidParameterError(param, f"{param} is {size:,} bytes as JSON; at most {LIMITS.max_bytes:,}")
     properties = enums = 0
