@@ -37,8 +37,8 @@ MATCHERS_PER_MODEL = 64
 #: llguidance's own bounds on a grammar's size and on the work of each step (its defaults), with
 #: short errors: verbose ones quote the grammar and the parser's state
 LIMITS = llg.LLParserLimits(verbose_errors=False)
-MASK_GRACE = 0.5  # seconds of CPU a request's masks may take at first (the lexer builds its states)...
-MASK_PER_TOKEN = 0.02  # ...and then per token, on average
+MASK_GRACE = 0.1  # seconds of CPU a request's masks may take beyond...
+MASK_PER_TOKEN = 0.01  # ...this per token (llguidance's are usually well under a millisecond)
 _mask_threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlx-masks")
 _steps = threading.local()  # per engine thread: the constraints of the batch step under way
 
@@ -53,6 +53,7 @@ class _ModelGrammars:
         self.lock = threading.Lock()
         self.ll = llg.LLTokenizer(backend.to_str(), n_vocab=len(hf), eos_token=eos)
         self.matchers: OrderedDict[str, llg.LLMatcher] = OrderedDict()
+        self.compiling: dict[str, threading.Event] = {}  # grammars being compiled, set once done
 
 
 _models: weakref.WeakKeyDictionary[Any, _ModelGrammars] = weakref.WeakKeyDictionary()
@@ -171,30 +172,47 @@ def _grammar_error(grammar: str) -> str:
 
 
 def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
-    """A fresh matcher for ``grammar``; compiled once per model, then copied.
+    """A fresh matcher for ``grammar``; compiled once per model (requests asking for one being
+    compiled wait for it), then copied.
 
     Raises :class:`InvalidParameterError` naming ``param`` when llguidance refuses the grammar
     (an unsupported schema keyword, a grammar too large): never a silent fallback to free text.
     """
     schema_limits.tick(param)
     g = _grammars(tokenizer)
-    with g.lock:
-        base = g.matchers.get(grammar)
-        if base is not None:
-            g.matchers.move_to_end(grammar)
-            return base.deep_copy()
+    while True:
+        with g.lock:
+            base = g.matchers.get(grammar)
+            if base is not None:
+                g.matchers.move_to_end(grammar)
+                return base.deep_copy()
+            compiling = g.compiling.get(grammar)
+            if compiling is None:
+                g.compiling[grammar] = threading.Event()
+                break
+        compiling.wait()  # then take its matcher, or compile again to name this request's field
+    try:
+        base = _compile(g, grammar, param)
+        with g.lock:
+            g.matchers[grammar] = base
+            while len(g.matchers) > MATCHERS_PER_MODEL:
+                g.matchers.popitem(last=False)
+    finally:
+        with g.lock:
+            g.compiling.pop(grammar).set()
+    return base.deep_copy()
+
+
+def _compile(g: _ModelGrammars, grammar: str, param: str) -> llg.LLMatcher:
     error = llg.LLMatcher.validate_grammar(grammar, g.ll, limits=LIMITS)
     if error and not error.startswith("WARNING"):
         raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: {quote(error)}")
     base = llg.LLMatcher(g.ll, grammar, log_level=0, limits=LIMITS)
+    base.compute_bitmask()  # the lexer builds its first states here, off the engine thread; copies share them
     if base.is_error():
         raise InvalidParameterError(param, f"{param} cannot be used for constrained decoding: "
                                            f"{quote(base.get_error())}")
-    with g.lock:
-        g.matchers[grammar] = base
-        while len(g.matchers) > MATCHERS_PER_MODEL:
-            g.matchers.popitem(last=False)
-    return base.deep_copy()
+    return base
 
 
 class MaskBudgetError(InvalidParameterError):
