@@ -1,9 +1,10 @@
 """Grammar-constrained decoding with llguidance: grammars, per-model tokenizers, per-request matchers.
 
-A :class:`Constraint` is one request's logits processor: before each sampling step it feeds the
-matcher the token sampled last and masks every token the grammar forbids, so the text is
-guaranteed to match. It runs inside mlx-lm's ``BatchGenerator`` beside unconstrained requests.
-Once the grammar is complete only end-of-turn tokens stay allowed, so a finished grammar ends the turn.
+A :class:`Constraint` is one request's logits processor and sampler: before each sampling step it
+feeds the matcher the token sampled last, and its sampler masks every token the grammar forbids
+(the masks of a step computed together), so the text is guaranteed to match. It runs inside
+mlx-lm's ``BatchGenerator`` beside unconstrained requests. Once the grammar is complete only
+end-of-turn tokens stay allowed, so a finished grammar ends the turn.
 """
 
 from __future__ import annotations
