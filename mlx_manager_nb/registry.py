@@ -27,7 +27,7 @@ from mlx_lm.utils import dequantize_model
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import load as load_model
 
-from . import embeddings, store
+from . import attention, embeddings, store
 from .engine import Engine, Request, Runner
 from .errors import InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext
@@ -115,6 +115,7 @@ def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], 
     """
     try:
         model, tokenizer = load_model(str(path), lazy=True)[:2]
+        attention.install()  # tiled attention for long prompts on CPUs, once its model module is imported
         if dequantize:
             model = dequantize_model(model)
             model.set_dtype(mx.float32)
