@@ -28,8 +28,10 @@ TILE = 128
 #: Below this many query rows the reference is used (decoding steps, short drafts): at 3,000 keys
 #: the two are even up to 16 rows, and tiling wins from 32 (34 ms against 39 per layer).
 MIN_QUERIES = 32
-#: Prompt tokens per prefill forward pass (mlx-lm's default is 2,048): measured best with tiled
-#: attention in benchmarks/prefill.py --chunks.
+#: Prompt tokens per prefill forward pass (mlx-lm's default). With tiled attention a chunk's
+#: attention work no longer grows with its size, and 768 to 2,048 measured within noise of each
+#: other at 3,000 tokens (best single figure 2,048); 512 and 3,072 were slower once
+#: (benchmarks/prefill.py --chunks).
 PREFILL_CHUNK = 2048
 
 _reference = base.scaled_dot_product_attention

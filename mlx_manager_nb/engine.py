@@ -41,6 +41,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .params import GenParams, Processor, make_processors, make_sampler
 from .stops import StopMatcher
@@ -161,7 +162,8 @@ class Runner:
 
     def batch(self) -> BatchGenerator:
         if self.gen is None:
-            self.gen = BatchGenerator(self.model, completion_batch_size=32, prefill_batch_size=8)
+            self.gen = BatchGenerator(self.model, completion_batch_size=32, prefill_batch_size=8,
+                                      prefill_step_size=PREFILL_CHUNK)
         return self.gen
 
     def fail_active(self, error: BaseException) -> None:
