@@ -3,13 +3,17 @@
 Requests go in with :meth:`Engine.submit`; each one's events (``Delta``, then ``Done`` or
 ``Failed``) come out through the request's ``emit`` callable, called on the engine thread.
 Consumers hop to their own thread or loop (see :mod:`mlx_manager_nb.streams`).
-Other MLX work (loading, unloading) runs on the same thread through :meth:`Engine.run`.
+Other MLX work (loading, unloading) runs on the same thread through :meth:`Engine.run`, and longer
+work in slices between decode steps through :meth:`Engine.add_job` (see :mod:`mlx_manager_nb.slices`):
+a prompt longer than :data:`PREFILL_THRESHOLD` uncached tokens is prefilled that way, in chunks sized to
+a slice, then joins the batch with its KV cache, so running streams keep their pace meanwhile.
+Requests of a higher ``priority`` (the notebook's) wait ahead of others and prefill first.
 
 Memory: a runner's ``kv_budget`` bounds the bytes of its KV caches, those of the sequences it
 decodes plus its prompt cache. A request joins the batch only when the batch's estimated KV
 (sequences x the longest one's prompt + max_tokens, see :func:`_kv_slots`) still fits;
 otherwise it waits in the runner's queue until sequences finish. A request is always admitted when
-its model decodes nothing else, so one larger than the budget still runs, alone. The prompt cache
+its model decodes (or prefills) nothing else, so one larger than the budget still runs, alone. The prompt cache
 gets what the running sequences leave. When the engine goes idle it hands MLX's buffer cache back.
 
 Backpressure: a request whose consumer leaves :data:`UNREAD_EVENTS` of its events untaken (a
@@ -44,6 +48,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .params import GenParams, Processor, make_processors, make_sampler
+from .slices import Job, Slices
 from .stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -54,6 +59,8 @@ UNREAD_EVENTS = 16  # events a consumer may leave untaken before its request sto
 UNREAD_TIMEOUT = 60.0  # seconds a request may stay parked unread before it is cancelled
 PARKED_POLL = 0.02  # seconds between looks at parked requests' consumers while nothing else runs
 MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
+PREFILL_THRESHOLD = 64  # uncached prompt tokens beyond which a prompt is prefilled in slices
+FIRST_CHUNK = 16  # prompt tokens in a sliced prefill's first piece, and the least in any; later ones fit the slice
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -106,6 +113,7 @@ class Request:
     constraint: Constraint | None = None  # a grammar: a logits processor, and the sampler's mask
     backlog: Callable[[], int] | None = None  # its events not yet taken by its consumer (None: never parked)
     cause: str | None = None  # set before ``cancelled`` when the server cuts it: "shutdown" or "unread"
+    priority: int = 0  # higher waits ahead and prefills first (see request.NOTEBOOK_PRIORITY)
 
 
 @dataclass
@@ -120,6 +128,17 @@ class _Seq:
     processors: list[Processor] = field(default_factory=list)
     tokens: int = 0
     first: float | None = None
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A request whose prompt is being prefilled in slices: its KV cache so far covers ``prompt[:done]``."""
+
+    request: Request
+    slots: int
+    cache: list[Any]
+    done: int
+    cached: int  # of those, the tokens the prompt cache gave
 
 
 @dataclass
@@ -149,6 +168,7 @@ class Runner:
     cache_bytes: int = 0  # bytes held by the prompt cache, as of the last step
     token_bytes: int | None = None  # KV bytes per token position, measured on first use
     embed_queue: Any = None  # an embedding model's jobs waiting for a forward pass (see embeddings)
+    prefilling: list[_Prefill] = field(default_factory=list)  # admitted, prompt still being prefilled
 
     @property
     def vocab_size(self) -> int:
@@ -168,10 +188,12 @@ class Runner:
 
     def fail_active(self, error: BaseException) -> None:
         """Fail the running requests and free the batch; waiting ones stay queued (engine thread)."""
-        for seq in self.active.values():
+        seqs: list[_Seq | _Prefill] = [*self.active.values(), *self.prefilling]
+        for seq in seqs:
             seq.request.cancelled.set()
             _emit(seq.request, Failed(error))
         self.active.clear()
+        self.prefilling.clear()
         self.gen = None
         self.kv_bytes = 0
 
@@ -197,6 +219,8 @@ class Engine:
         self._tick_seconds = tick_seconds
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._slices = Slices()
+        self._sliced = False  # prefill in slices: only when this engine runs its own loop (not in lockstep)
         _engines.add(self)
 
     @property
@@ -215,6 +239,11 @@ class Engine:
         self._ensure_thread()
         self._inbox.put(("call", fn, args, fut))
         return fut
+
+    def add_job(self, job: Job, priority: int = 0) -> None:
+        """Run ``job`` in slices between decode steps (see :mod:`mlx_manager_nb.slices`)."""
+        self._ensure_thread()
+        self._inbox.put(("job", job, priority))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the engine thread after the work queued before this call; requests still running end as
@@ -267,10 +296,11 @@ class Engine:
         self.error = None
         next_tick = time.monotonic() + self._tick_seconds
         mx.set_cache_limit(MLX_CACHE_LIMIT)
+        self._sliced = True
         was_busy = False
         try:
             while True:
-                busy = any(r.active or r.waiting for r in self._runners.values())
+                busy = bool(self._slices) or any(r.active or r.waiting or r.prefilling for r in self._runners.values())
                 if was_busy and not busy:  # the last sequence finished: give MLX's spare buffers back
                     mx.clear_cache()
                     _return_freed_memory()
@@ -279,8 +309,7 @@ class Engine:
                 if not busy and any(r.parked for r in self._runners.values()):
                     wait = min(wait, PARKED_POLL)
                 self._drain(wait)
-                for runner in list(self._runners.values()):
-                    self.advance(runner)
+                self._advance_all()
                 if self._on_tick and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick_seconds
                     self._on_tick()
@@ -288,13 +317,14 @@ class Engine:
             for runner in self._runners.values():
                 for seq in runner.active.values():
                     _emit(seq.request, self._seq_done(seq, "cancelled"))
-                for request in runner.waiting:
+                for request in [*runner.waiting, *(p.request for p in runner.prefilling)]:
                     _emit(request, _done(request, "cancelled", None, 0, 0, None))
                 for parked in runner.parked:
                     _emit(parked.seq.request, self._seq_done(parked.seq, "cancelled"))
                 runner.active.clear()
                 runner.waiting.clear()
                 runner.parked.clear()
+                runner.prefilling.clear()
                 runner.gen = None
                 runner.kv_bytes = 0
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
@@ -311,7 +341,10 @@ class Engine:
                     item[3].set_exception(dead)
                 elif item[0] == "submit":
                     _emit(item[1], Failed(dead))
+                elif item[0] == "job":
+                    item[1].close()
         finally:
+            self._slices.close()
             mx.clear_streams()  # MLX requires each thread to release its streams before it ends
 
     def advance(self, runner: Runner) -> None:
@@ -320,10 +353,24 @@ class Engine:
         rank in lockstep (see :mod:`mlx_manager_nb.distributed.worker`), from the thread that owns its MLX work."""
         if runner.parked:
             self._unpark(runner)
+        if runner.prefilling:
+            self._end_prefills(runner)
         if runner.waiting:
             self._admit(runner)
         if runner.active:
             self._step(runner)
+
+    def _advance_all(self) -> None:
+        """Step every runner, timing the decode steps, then give background work one slice."""
+        start = time.perf_counter()
+        decoding = False
+        for runner in list(self._runners.values()):
+            decoding = decoding or bool(runner.active)
+            self.advance(runner)
+        if decoding:
+            self._slices.step_took(time.perf_counter() - start)
+        if self._slices:
+            self._slices.run(self._slices.budget(decoding))
 
     def _drain(self, wait: float) -> None:
         try:
@@ -340,6 +387,8 @@ class Engine:
                         fut.set_exception(e)
             elif item[0] == "submit":
                 self._enqueue(item[1])
+            elif item[0] == "job":
+                self._slices.add(item[1], item[2])
             else:
                 raise _Stop
             try:
@@ -351,8 +400,9 @@ class Engine:
         runner = self._runners.get(request.model)
         if runner is None:
             _emit(request, Failed(EngineError(f"model {request.model!r} is not loaded")))
-        else:
-            runner.waiting.append(request)
+        else:  # behind those of its priority or higher
+            at = next((i for i, q in enumerate(runner.waiting) if q.priority < request.priority), len(runner.waiting))
+            runner.waiting.insert(at, request)
 
     def _admit(self, runner: Runner) -> None:
         """Move waiting requests into the batch while its estimated KV bytes fit the runner's budget."""
@@ -363,18 +413,18 @@ class Engine:
         while runner.waiting:
             request = runner.waiting[0]
             slots = _kv_slots(len(request.prompt) + request.params.limit)
-            if runner.active and runner.kv_budget is not None:
+            if (runner.active or runner.prefilling) and runner.kv_budget is not None:
                 if runner.token_bytes is None:
                     try:
                         runner.token_bytes = _kv_bytes_per_token(runner.model)
                     except Exception as e:  # the model itself fails: so would its batch step
                         runner.drop(EngineError(f"generation failed on {runner.name}: {e}"))
                         return
-                longest = max(slots, *(s.slots for s in runner.active.values()))
-                if (len(runner.active) + 1) * longest * runner.token_bytes > runner.kv_budget:
+                count, longest = _reserved(runner)
+                if (count + 1) * max(slots, longest) * runner.token_bytes > runner.kv_budget:
                     return
             runner.waiting.popleft()
-            self._insert(runner, request, slots)
+            self._start(runner, request, slots)
             self._bound_prompt_cache(runner)
 
     def _bound_prompt_cache(self, runner: Runner, used: int = 0) -> None:
@@ -382,13 +432,78 @@ class Engine:
         or ``used`` (the bytes their caches hold) where that is more."""
         if runner.kv_budget is None:
             return
-        longest = max((s.slots for s in runner.active.values()), default=0)
-        reserved = len(runner.active) * longest * (runner.token_bytes or 0)
+        count, longest = _reserved(runner)
+        reserved = count * longest * (runner.token_bytes or 0)
         room = max(0, runner.kv_budget - max(used, reserved))
         runner.prompt_cache.max_bytes = room
         runner.prompt_cache.trim_to(n_bytes=room)
 
-    def _insert(self, runner: Runner, request: Request, slots: int) -> None:
+    def _start(self, runner: Runner, request: Request, slots: int) -> None:
+        """Admit ``request``: into the batch, or first into a sliced prefill when its uncached prompt is long."""
+        try:
+            cache, rest = runner.prompt_cache.fetch_nearest_cache(runner.name, request.prompt)
+        except Exception as e:
+            _emit(request, Failed(e))
+            return
+        cached = len(request.prompt) - len(rest) if cache is not None else 0
+        if not self._sliced or len(rest) <= PREFILL_THRESHOLD:
+            self._insert(runner, request, slots, cache, rest)
+            return
+        try:
+            cache = cache if cache is not None else make_prompt_cache(runner.model)
+        except Exception as e:
+            _emit(request, Failed(e))
+            return
+        if not all(hasattr(c, "merge") for c in cache):  # a cache the batch cannot take whole: prefill inside it
+            self._insert(runner, request, slots, cache if cached else None, rest)
+            return
+        entry = _Prefill(request, slots, cache, cached, cached)
+        runner.prefilling.append(entry)
+        self._slices.add(self._prefill(runner, entry), request.priority)
+
+    def _prefill(self, runner: Runner, entry: _Prefill) -> Job:
+        """Run ``entry``'s prompt but its last token through the model, a chunk per slice, then insert it
+        into the batch with that KV cache. It stops when the entry leaves ``runner.prefilling`` (ended)."""
+        prompt = entry.request.prompt
+        budget = yield
+        chunk = FIRST_CHUNK
+        while entry in runner.prefilling and entry.done < len(prompt) - 1:
+            n = min(chunk, len(prompt) - 1 - entry.done)
+            start = time.perf_counter()
+            try:
+                with mx.stream(runner.batch().stream):
+                    runner.model(mx.array([prompt[entry.done: entry.done + n]]), cache=entry.cache)
+                    mx.eval([c.state for c in entry.cache])
+            except Exception as e:
+                runner.prefilling.remove(entry)
+                _emit(entry.request, Failed(EngineError(f"generation failed on {runner.name}: {e}")))
+                mx.clear_cache()
+                return
+            took = time.perf_counter() - start
+            entry.done += n
+            self._account(runner)
+            budget = yield
+            chunk = max(FIRST_CHUNK, min(2 * n, int(n * budget / max(took, 1e-6))))  # sized to this slice
+        if entry in runner.prefilling:
+            runner.prefilling.remove(entry)
+            self._insert(runner, entry.request, entry.slots, entry.cache, prompt[-1:], entry.cached)
+
+    def _end_prefills(self, runner: Runner) -> None:
+        """End the prefilling requests that were cancelled or ran past their deadline (their KV is dropped)."""
+        now = time.perf_counter()
+        ended = [e for e in runner.prefilling if e.request.cancelled.is_set()
+                 or (e.request.deadline and now > e.request.deadline)]
+        for entry in ended:
+            runner.prefilling.remove(entry)
+            reason = "cancelled" if entry.request.cancelled.is_set() else "timeout"
+            _emit(entry.request, _done(entry.request, reason, None, 0, entry.cached, None))
+        if ended:
+            self._account(runner)
+
+    def _insert(self, runner: Runner, request: Request, slots: int, cache: list[Any] | None, rest: list[int],
+                cached: int | None = None) -> None:
+        """Put ``request`` into the batch: ``cache`` (None: none) holds its prompt but ``rest``; ``cached``
+        (default: all the cache holds) is how much of that the prompt cache gave."""
         try:
             p = request.params
             faults: list[BaseException] = []
@@ -400,14 +515,17 @@ class Engine:
             seq = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), 0, faults, slots,
                        sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults),
                        [_guard_processor(f, faults) for f in processors])
-            seq.cached = self._join(runner, seq, request.prompt, p.limit)
+            held = self._join(runner, seq, request.prompt, p.limit, (cache, rest))
+            seq.cached = held if cached is None else cached
         except Exception as e:
             _emit(request, Failed(e))
 
-    def _join(self, runner: Runner, seq: _Seq, prompt: list[int], max_tokens: int) -> int:
-        """Put ``seq`` into the batch to go on from ``prompt``; returns how many of its tokens the prompt
-        cache supplied."""
-        cache, rest = runner.prompt_cache.fetch_nearest_cache(runner.name, prompt)
+    def _join(self, runner: Runner, seq: _Seq, prompt: list[int], max_tokens: int,
+              found: tuple[Any, list[int]] | None = None) -> int:
+        """Put ``seq`` into the batch to go on from ``prompt``; returns how many of its tokens the KV cache
+        held. ``found``: a KV cache holding all of ``prompt`` but the tokens given with it (None: none), else
+        the prompt cache is asked."""
+        cache, rest = found if found is not None else runner.prompt_cache.fetch_nearest_cache(runner.name, prompt)
         if cache is not None and not rest:
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
@@ -458,7 +576,7 @@ class Engine:
 
     def _account(self, runner: Runner) -> None:
         """Trim the prompt cache to its share of the budget and record the runner's KV figures."""
-        runner.kv_bytes = runner.batch().prompt_cache_nbytes
+        runner.kv_bytes = runner.batch().prompt_cache_nbytes + sum(c.nbytes for p in runner.prefilling for c in p.cache)
         self._bound_prompt_cache(runner, runner.kv_bytes)
         runner.cache_bytes = runner.prompt_cache.nbytes
 
@@ -558,6 +676,12 @@ def _kv_slots(tokens: int) -> int:
     """KV positions to reserve for a sequence of ``tokens``: caches grow in steps of 256 positions,
     and merging sequences into a running batch pads them, which can take one step more."""
     return (-(-tokens // KVCache.step) + 1) * KVCache.step
+
+
+def _reserved(runner: Runner) -> tuple[int, int]:
+    """How many sequences hold KV reservations on ``runner`` (decoding or prefilling) and the largest one."""
+    seqs: list[_Seq | _Prefill] = [*runner.active.values(), *runner.prefilling]
+    return len(seqs), max((s.slots for s in seqs), default=0)
 
 
 def _kv_bytes_per_token(model: Any) -> int:

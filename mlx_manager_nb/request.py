@@ -22,6 +22,8 @@ from .params import GenParams, make_params
 from .tools import Tool, make_tools, tool_choice
 
 ROLES = ("system", "user", "assistant", "tool")
+NOTEBOOK_PRIORITY = 1  # the user at the keyboard: ahead of any queued HTTP request
+HTTP_PRIORITY = 0
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class RequestContext:
     ``audit``: the log to record it in (None: the pool's). ``http_status``: set for a request answered
     over HTTP, whose failure then records the status it answered with. ``deadline``: a
     ``time.perf_counter()`` value past which generation stops (finish_reason "timeout").
-    ``priority`` orders nothing yet: it is carried for the scheduler.
+    ``priority``: requests of a higher one wait ahead of others for their model and prefill first; the
+    notebook's (the Python API, magics, widgets) are :data:`NOTEBOOK_PRIORITY`, HTTP ones :data:`HTTP_PRIORITY`.
     """
 
     source: str = "api"
@@ -127,7 +130,7 @@ class RequestContext:
     http_status: int | None = None
     audit: Any = None
     deadline: float | None = None
-    priority: int = 0
+    priority: int = NOTEBOOK_PRIORITY
 
     @classmethod
     def of(cls, meta: dict | RequestContext | None, stream: bool, timeout: float | None = None) -> RequestContext:

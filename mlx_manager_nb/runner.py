@@ -193,7 +193,7 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     content: Any = request.prompt if request.prompt is not None else [m.template() for m in request.messages]
     record = pool.begin(request.kind, info.name, context)
     emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set())
-    engine_request = Request(info.name, ids, p, emit, deadline=context.deadline,
+    engine_request = Request(info.name, ids, p, emit, deadline=context.deadline, priority=context.priority,
                              constraint=chat_plan.constraint if chat_plan is not None else None, backlog=backlog)
     pool.submit(engine_request, content)
     return record.id, info.alias or info.name, engine_request

@@ -25,7 +25,7 @@ from .. import store
 from ..audit_log import new_request_id
 from ..errors import ApiError, InvalidModelError, ModelNotFoundError
 from ..params import JSON_TYPES, GenParams, make_params
-from ..request import RequestContext
+from ..request import HTTP_PRIORITY, RequestContext
 
 if TYPE_CHECKING:
     from ..model_pool import Pool
@@ -277,7 +277,7 @@ def http_context(request: web.Request, protocol: str, stream: bool, http_status:
     return RequestContext(source="http", endpoint=request.path, protocol=protocol, stream=stream,
                           id=request[REQUEST_ID], client_request_id=request.get(CLIENT_ID), client=request.remote,
                           user_agent=request.headers.get("user-agent"), http_status=http_status,
-                          audit=request.app[OPTIONS].audit)
+                          audit=request.app[OPTIONS].audit, priority=HTTP_PRIORITY)
 
 
 Handler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]

@@ -1,0 +1,137 @@
+"""The time-sliced engine: long prefills, embedding batches and loads run in slices between decode
+steps, so a running stream keeps its pace; notebook requests go ahead of queued HTTP ones."""
+
+import json
+import threading
+import time
+
+import pytest
+from helpers import call, wait_for
+from tiny_model import build_tiny_model
+
+from mlx_manager_nb import engine
+from mlx_manager_nb.server import serve
+
+STORY = "Once upon a time there was a tiny model that could talk. "
+
+
+@pytest.fixture(scope="module")
+def slow_model_path(tmp_path_factory):
+    """A tiny model wide and deep enough that a few thousand prompt tokens take many slices to prefill."""
+    path = build_tiny_model(tmp_path_factory.mktemp("slow") / "slow-llama", hidden_size=256, num_hidden_layers=4,
+                            intermediate_size=512, max_position_embeddings=8192)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 8192}))
+    return path
+
+
+@pytest.fixture
+def slow(make_pool, slow_model_path, audit):
+    pool = make_pool(keep_alive=None, audit=audit)
+    pool.load(slow_model_path, alias="slow")
+    return pool
+
+
+def read_in_thread(stream) -> tuple[list[float], threading.Thread]:
+    """Read ``stream`` on a thread; the list gets each delta's arrival time."""
+    stamps: list[float] = []
+
+    def read():
+        for _ in stream:
+            stamps.append(time.perf_counter())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return stamps, reader
+
+
+def test_a_stream_keeps_decoding_while_a_long_prompt_prefills(slow):
+    bystander = slow.complete("Hello", temperature=0, max_tokens=4000, stream=True)
+    stamps, reader = read_in_thread(bystander)
+    assert wait_for(lambda: len(stamps) > 5)
+    start = time.perf_counter()
+    long = slow.complete(STORY * 60, temperature=0, max_tokens=1)  # about 2,100 tokens
+    end = time.perf_counter()
+    during = sum(start <= t <= end for t in stamps)
+    bystander.close()
+    reader.join()
+    assert long.usage.prompt_tokens > 2000 and long.usage.completion_tokens == 1
+    # In one batch step, the prompt took two steps (2,048-token chunks); in slices the bystander
+    # gets a token between each slice.
+    assert during >= 20, during
+
+
+def test_a_sliced_prefill_gives_the_tokens_the_batch_gives(slow, monkeypatch):
+    prompt = STORY * 20
+    sliced = slow.complete(prompt, temperature=0, max_tokens=24)
+    follow = slow.complete(prompt + "And then", temperature=0, max_tokens=24)  # its prefix from the prompt cache
+    monkeypatch.setattr(engine, "PREFILL_THRESHOLD", 10**9)
+    slow.engine.runner("slow-llama").prompt_cache.trim_to(n_sequences=0)
+    whole = slow.complete(prompt, temperature=0, max_tokens=24)
+    assert sliced.text == whole.text and len(set(whole.text)) > 3
+    assert sliced.usage == whole.usage and sliced.usage.cached_tokens == 0 and sliced.ttft > 0
+    assert follow.usage.cached_tokens >= sliced.usage.prompt_tokens - 1
+    monkeypatch.setattr(engine, "PREFILL_THRESHOLD", 0)
+    slow.engine.runner("slow-llama").prompt_cache.trim_to(n_sequences=0)
+    assert slow.complete(prompt + "And then", temperature=0, max_tokens=24).text == follow.text
+
+
+def test_cancelling_during_prefill_ends_the_request_and_frees_its_kv(slow, audit):
+    runner = slow.engine.runner("slow-llama")
+    s = slow.complete(STORY * 100, temperature=0, max_tokens=8, stream=True)
+    assert wait_for(lambda: runner.prefilling and runner.kv_bytes > 0)
+    s.close()
+    assert wait_for(lambda: not runner.prefilling and runner.kv_bytes == 0)
+    assert wait_for(lambda: slow.models()[0].in_flight == 0)
+    assert wait_for(lambda: len(audit.query()) == 1)
+    assert audit.query()[0]["status"] == "cancelled" and audit.query()[0]["completion_tokens"] == 0
+    late = slow.complete(STORY * 100, temperature=0, max_tokens=8, timeout=0.3)
+    assert late.finish_reason == "timeout"
+    assert slow.complete("Hello", temperature=0, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_prefilling_requests_count_in_the_kv_budget(slow):
+    runner = slow.engine.runner("slow-llama")
+    runner.kv_budget = 1  # one sequence at a time
+    first = slow.complete(STORY * 100, temperature=0, max_tokens=2, stream=True)
+    assert wait_for(lambda: runner.prefilling)
+    second = slow.complete("Hello", temperature=0, max_tokens=2, stream=True)
+    assert wait_for(lambda: len(runner.waiting) == 1)
+    assert runner.prefilling  # the short one waits for the prefilling one
+    assert "".join(first) is not None and first.result.finish_reason == "length"
+    assert "".join(second) is not None and second.result.usage.completion_tokens == 2
+
+
+def test_notebook_requests_go_ahead_of_queued_http_ones(pool):
+    runner = pool.engine.runner("tiny-llama")
+    runner.kv_budget = 1  # one sequence at a time: the others queue
+    server = serve(pool, port=0, mode="thread")
+    finished: list[str] = []
+    try:
+        running = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=400, stream=True)
+        next(running)
+
+        def http(tag):
+            status, _, _ = call(f"{server.url}/v1/chat/completions", {
+                "model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": tag}]})
+            assert status == 200
+            finished.append(tag)
+
+        clients = [threading.Thread(target=http, args=(f"http {i}",)) for i in range(2)]
+        for c in clients:
+            c.start()
+        assert wait_for(lambda: len(runner.waiting) == 2)
+
+        def notebook():
+            pool.chat([{"role": "user", "content": "me"}], temperature=0, max_tokens=4)
+            finished.append("notebook")
+
+        mine = threading.Thread(target=notebook)
+        mine.start()
+        assert wait_for(lambda: len(runner.waiting) == 3)
+        running.close()
+        for t in [*clients, mine]:
+            t.join(30)
+        assert finished[0] == "notebook" and sorted(finished[1:]) == ["http 0", "http 1"]
+    finally:
+        server.stop(drain=0)
