@@ -4,7 +4,9 @@ The model itself (a BERT encoder and its loading) is :mod:`mlx_manager_nb.bert`.
 on their own thread, then append their token ids to the model's pending list; the first one to
 find the list empty schedules one flush job on the engine thread, which embeds everything pending
 by then, sorted by length, in as few padded forward passes as the token budget allows. Concurrent
-callers thus share forward passes; chat batching is untouched.
+callers thus share forward passes; chat batching is untouched. The flush runs as a sliced engine job
+(see :mod:`mlx_manager_nb.slices`): one forward pass per slice, cut to the rows the slice's time
+allows at the model's measured speed, so running chat streams keep their pace beside a large batch.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import numpy as np
 from . import bert
 from .bert import ENCODER_TYPES, Bert, Spec, read_spec
 from .engine import Engine, Runner
-from .errors import InvalidParameterError, ModelNotFoundError
+from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .request import RequestContext
+from .slices import Job
 from .store import read_config
 
 MAX_INPUTS = 2048  # as OpenAI's /v1/embeddings
 BATCH_TOKENS = 8192  # padded tokens per forward pass
 MIN_FILL = 0.5  # a pass takes no sequence shorter than this fraction of its longest one
+FIRST_PASS_TOKENS = 512  # padded tokens of a model's first pass, before its speed is known
 
 Inputs = str | list[str] | list[int] | list[list[int]]
 
@@ -84,6 +88,7 @@ class _Queue:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: list[_Job] = field(default_factory=list)
     scheduled: bool = False
+    speed: float | None = None  # padded tokens per second of the last forward pass (engine thread)
 
 
 @dataclass
@@ -176,19 +181,33 @@ def _normalized(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def _flush(engine: Engine, runner: Runner) -> None:
-    """Embed every job pending on a model (engine thread)."""
+def _flush(engine: Engine, runner: Runner) -> Job:
+    """Embed every job pending on a model, one forward pass per slice (an engine job)."""
     model: Bert = runner.model
     queue: _Queue = runner.embed_queue
     with queue.lock:
         jobs, queue.pending, queue.scheduled = queue.pending, [], False
     try:
-        if engine.runner(runner.name) is not runner:
-            raise ModelNotFoundError(f"model {runner.name!r} was unloaded")
+        budget = yield
         seqs = [(job, row, ids) for job in jobs for row, ids in enumerate(job.tokens)]
         vectors = np.empty((len(seqs), model.spec.dimensions), dtype=np.float32)
-        for group in _buckets([len(s[2]) for s in seqs]):
-            vectors[group] = _forward(model, [seqs[i][2] for i in group])
+        groups = _buckets([len(s[2]) for s in seqs])
+        while groups:
+            if engine.runner(runner.name) is not runner:
+                raise ModelNotFoundError(f"model {runner.name!r} was unloaded")
+            width = len(seqs[groups[0][0]][2])  # the group's longest
+            fits = max(1, int((FIRST_PASS_TOKENS if queue.speed is None else queue.speed * budget) // width))
+            rows, groups[0] = groups[0][:fits], groups[0][fits:]
+            start = time.perf_counter()
+            vectors[rows] = _forward(model, [seqs[i][2] for i in rows])
+            queue.speed = len(rows) * width / max(time.perf_counter() - start, 1e-6)
+            groups = [g for g in groups if g]
+            if groups:
+                budget = yield
+    except GeneratorExit:  # the engine stopped
+        for job in jobs:
+            job.finish(job, EngineError("the engine stopped"))
+        raise
     except Exception as e:
         mx.clear_cache()
         for job in jobs:
@@ -236,7 +255,7 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
         queue.pending.append(job)
         schedule, queue.scheduled = not queue.scheduled, True
     if schedule:
-        pool.engine.run(_flush, pool.engine, runner)
+        pool.engine.add_job(_flush(pool.engine, runner), context.priority)
     return job
 
 

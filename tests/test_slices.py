@@ -135,3 +135,32 @@ def test_notebook_requests_go_ahead_of_queued_http_ones(pool):
         assert finished[0] == "notebook" and sorted(finished[1:]) == ["http 0", "http 1"]
     finally:
         server.stop(drain=0)
+
+
+def test_an_embedding_batch_runs_in_passes_between_decode_steps(pool, tmp_path, monkeypatch):
+    from tiny_bert import build_tiny_bert
+
+    from mlx_manager_nb import embeddings
+
+    pool.load(build_tiny_bert(tmp_path / "tiny-bert"), alias="bert")
+    passes: list[tuple[float, float]] = []
+    forward = embeddings._forward
+
+    def timed(model, seqs):
+        start = time.perf_counter()
+        out = forward(model, seqs)
+        passes.append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(embeddings, "_forward", timed)
+    bystander = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=480, stream=True)
+    stamps, reader = read_in_thread(bystander)
+    assert wait_for(lambda: len(stamps) > 5)
+    start = time.perf_counter()
+    vectors = pool.embed([[5] * 30] * 2048, model="bert")
+    end = time.perf_counter()
+    bystander.close()
+    reader.join()
+    assert vectors.shape[0] == 2048 and len(passes) >= 4, len(passes)
+    during = sum(start <= t <= end for t in stamps)
+    assert during >= 10, during  # in one piece, the whole batch ran between two decode steps
