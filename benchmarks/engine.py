@@ -15,7 +15,8 @@ import mlx.core as mx
 from mlx_lm import batch_generate, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_manager_nb.model_pool import Pool, _load_runner
+from mlx_manager_nb.model_pool import Pool
+from mlx_manager_nb.registry import _prepare_chat
 
 
 def raw_single(model, tokenizer, prompt) -> tuple[float, float]:
@@ -29,7 +30,8 @@ def raw_single(model, tokenizer, prompt) -> tuple[float, float]:
 
 def main() -> None:
     path = demo_path()
-    runner = _load_runner("raw", path, lambda *a: None, dequantize=mx.default_device().type == mx.DeviceType.cpu)
+    runner = _prepare_chat("raw", path, dequantize=mx.default_device().type == mx.DeviceType.cpu)()
+    mx.eval(runner.model.parameters())
     model, tokenizer = runner.model, runner.tokenizer
     prompts = [tokenizer.apply_chat_template(messages(i), add_generation_prompt=True) for i in range(8)]
     print(f"demo model, {len(prompts[0])}-token prompt, {MAX_TOKENS} tokens out, device {mx.default_device()}")

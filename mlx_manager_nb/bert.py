@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,17 +180,30 @@ def read_spec(path: Path, config: dict | None = None) -> Spec:
     )
 
 
-def load(path: Path, progress: Callable[[str, float], None]) -> tuple[Bert, Tokenizer]:
-    """Load an encoder and its tokenizer, reporting progress per tensor."""
+def read(path: Path) -> tuple[dict, Spec, Tokenizer]:
+    """An encoder folder's config, spec and tokenizer (no MLX work: any thread)."""
     path = Path(path)
     try:
         config = read_config(path)
         if config.get("model_type") not in ENCODER_TYPES:
             raise InvalidModelError(f"{path}: embedding models of type {config.get('model_type')!r} are not "
                                     f"supported (supported: {', '.join(ENCODER_TYPES)})")
-        model = Bert(config, read_spec(path, config))
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer.no_truncation()  # sentence-transformers' tokenizer.json often pads and truncates to 128
+        tokenizer.no_padding()
+        return config, read_spec(path, config), tokenizer
+    except InvalidModelError:
+        raise
+    except Exception as e:  # JSON and tokenizers errors mean a bad folder
+        raise InvalidModelError(f"cannot load {path}: {e}") from None
+
+
+def build(path: Path, config: dict, spec: Spec) -> Bert:
+    """The encoder with its weights read lazily (on the thread that will evaluate them)."""
+    try:
+        model = Bert(config, spec)
         weights: dict[str, mx.array] = {}
-        for f in sorted(path.glob("*.safetensors")):
+        for f in sorted(Path(path).glob("*.safetensors")):
             loaded: Any = mx.load(str(f))
             weights.update({k.removeprefix("bert."): v for k, v in loaded.items()})
         flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
@@ -200,17 +212,8 @@ def load(path: Path, progress: Callable[[str, float], None]) -> tuple[Bert, Toke
         if missing:
             raise InvalidModelError(f"{path} lacks {len(missing)} weights of a BERT encoder, e.g. {missing[0]}")
         model.load_weights([(k, weights[k].astype(mx.float32)) for k in wanted])
-        for i, (_, v) in enumerate(tree_flatten(model.parameters())):
-            mx.eval(v)
-            if i % 16 == 0:
-                progress("loading weights", 0.1 + 0.85 * i / len(wanted))
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        tokenizer.no_truncation()  # sentence-transformers' tokenizer.json often pads and truncates to 128
-        tokenizer.no_padding()
     except InvalidModelError:
         raise
-    except Exception as e:  # shapes, JSON, safetensors and tokenizers errors all mean a bad folder
+    except Exception as e:  # shapes and safetensors errors mean a bad folder
         raise InvalidModelError(f"cannot load {path}: {e}") from None
-    return model, tokenizer
-
-
+    return model

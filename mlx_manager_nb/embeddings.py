@@ -61,10 +61,11 @@ def max_length(path: Path) -> int | None:
         return None
 
 
-def load_runner(name: str, path: Path, progress: Callable[[str, float], None]) -> Runner:
-    """Load an encoder and its tokenizer (on the engine thread), with an empty queue for its jobs."""
-    model, tokenizer = bert.load(path, progress)
-    return Runner(name, model, tokenizer, embed_queue=_Queue())
+def prepare(name: str, path: Path) -> Callable[[], Runner]:
+    """Read an encoder's config and tokenizer (any thread); the function returned makes its runner, the
+    weights read lazily, with an empty queue for its jobs (on the engine thread)."""
+    config, spec, tokenizer = bert.read(path)
+    return lambda: Runner(name, bert.build(path, config, spec), tokenizer, embed_queue=_Queue())
 
 
 # -- requests ---------------------------------------------------------------------------------

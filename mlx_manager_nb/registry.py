@@ -3,7 +3,9 @@ processes (sharded over hosts, or attached from another server); and the one nam
 (:meth:`Registry.lookup`). :class:`~mlx_manager_nb.model_pool.Pool` adds the requests.
 
 One :class:`~mlx_manager_nb.engine.Engine` thread does all MLX work; the methods can be called from
-any thread.
+any thread. A load reads the tokenizer and config on the caller's thread, then makes the model on the
+engine thread as a sliced job (see :mod:`mlx_manager_nb.slices`): its weights are evaluated a few
+tensors per slice, between the decode steps of running streams.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.utils import dequantize_model
 
 # imported here, not lazily: transformers first imported on a worker thread leaves a C++ thread
 # that aborts the process at exit ("terminate called...")
-from mlx_lm.utils import load as load_model
+from mlx_lm.utils import dequantize_model, load_config, load_model, load_tokenizer
 
 from . import attention, embeddings, store
 from .engine import Engine, Request, Runner
-from .errors import InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
+from .errors import EngineError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext
 from .runner import RequestRecord
+from .slices import Job
 
 
 @dataclass(frozen=True)
@@ -107,23 +109,15 @@ def _model_bytes(model: Any) -> int:
     return sum(v.nbytes for _, v in flat)
 
 
-def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], dequantize: bool) -> Runner:
-    """Load weights and tokenizer (on the engine thread), reporting progress per tensor.
+def _prepare_chat(name: str, path: Path, dequantize: bool) -> Callable[[], Runner]:
+    """Read a chat model's tokenizer and check its template (any thread); the function returned makes its
+    runner with the weights read lazily (on the engine thread).
 
     ``dequantize`` turns quantized layers into float32 ones: on CPUs, MLX's quantized kernels are
     slow and do not speed up with batching, while float32 matmuls go through an optimized BLAS.
     """
     try:
-        model, tokenizer = load_model(str(path), lazy=True)[:2]
-        attention.install()  # tiled attention for long prompts on CPUs, once its model module is imported
-        if dequantize:
-            model = dequantize_model(model)
-            model.set_dtype(mx.float32)
-        params = tree_flatten(model.parameters())
-        for i, (_, v) in enumerate(params):
-            mx.eval(v)
-            if i % 16 == 0:
-                progress("loading weights", 0.1 + 0.85 * i / max(1, len(params)))
+        tokenizer = load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise InvalidModelError(f"cannot load {path}: {e}") from None
     if getattr(tokenizer, "chat_template", None):
@@ -132,7 +126,43 @@ def _load_runner(name: str, path: Path, progress: Callable[[str, float], None], 
         except Exception as e:
             raise InvalidModelError(f"model {name!r}: its chat template does not render "
                                     f"({type(e).__name__}: {str(e)[:200]})") from None
-    return Runner(name, model, tokenizer, max_token_chars=max(map(len, tokenizer.vocab), default=1) or 1)
+    max_token_chars = max(map(len, tokenizer.vocab), default=1) or 1
+
+    def build() -> Runner:
+        model = load_model(path, lazy=True)[0]
+        attention.install()  # tiled attention for long prompts on CPUs, once its model module is imported
+        if dequantize:
+            model = dequantize_model(model)
+            model.set_dtype(mx.float32)
+        return Runner(name, model, tokenizer, max_token_chars=max_token_chars)
+
+    return build
+
+
+def _load_job(build: Callable[[], Runner], path: Path, progress: Callable[[str, float], None],
+              done: Future) -> Job:
+    """Make a runner with ``build``, then evaluate its weights as many tensors per slice as the slice's time
+    allows, reporting progress; ``done`` gets the runner (an engine job)."""
+    try:
+        budget = yield
+        runner = build()
+        params = tree_flatten(runner.model.parameters())
+        start = time.perf_counter()
+        for i, (_, v) in enumerate(params):
+            if time.perf_counter() - start >= budget:
+                progress("loading weights", 0.1 + 0.85 * i / len(params))
+                budget = yield
+                start = time.perf_counter()
+            mx.eval(v)
+    except GeneratorExit:
+        done.set_exception(EngineError("the engine stopped during the load"))
+        raise
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        done.set_exception(InvalidModelError(f"cannot load {path}: {e}"))
+    except BaseException as e:
+        done.set_exception(e)
+    else:
+        done.set_result(runner)
 
 
 class Registry:
@@ -318,16 +348,13 @@ class Registry:
                                            None, context, kind=kind, auto_loaded=auto_loaded)
         self._publish(ModelEvent(name, "loading", self._models[name]))
         report("loading weights", 0.0)
-
-        def load_on_engine() -> Runner:
-            runner = (embeddings.load_runner(name, path, report) if kind == "embedding"
-                      else _load_runner(name, path, report, dequantize))
-            runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
-            self.engine.add_runner(runner)
-            return runner
-
         try:
-            runner = self.engine.run(load_on_engine).result()
+            build = embeddings.prepare(name, path) if kind == "embedding" else _prepare_chat(name, path, dequantize)
+            loaded: Future = Future()
+            self.engine.add_job(_load_job(build, path, report, loaded))
+            runner = loaded.result()
+            runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
+            self.engine.run(self.engine.add_runner, runner).result()
         except BaseException as e:
             self._set(name, state="failed", error=str(e))
             with self._lock:

@@ -164,3 +164,24 @@ def test_an_embedding_batch_runs_in_passes_between_decode_steps(pool, tmp_path, 
     assert vectors.shape[0] == 2048 and len(passes) >= 4, len(passes)
     during = sum(start <= t <= end for t in stamps)
     assert during >= 10, during  # in one piece, the whole batch ran between two decode steps
+
+
+def test_a_load_runs_in_slices_beside_a_stream(pool, tmp_path, monkeypatch):
+    from mlx_manager_nb import slices
+
+    monkeypatch.setattr(slices, "SLICE_FLOOR", 0.0)  # slices of one decode step of the tiny model: many of them
+    bigger = build_tiny_model(tmp_path / "bigger", hidden_size=512, num_hidden_layers=8, intermediate_size=1024)
+    bystander = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=480, stream=True)
+    stamps, reader = read_in_thread(bystander)
+    assert wait_for(lambda: len(stamps) > 5)
+    progress: list[float] = []
+    start = time.perf_counter()
+    pool.load(bigger, progress=lambda stage, fraction: progress.append(fraction))
+    end = time.perf_counter()
+    bystander.close()
+    reader.join()
+    assert len([f for f in progress if 0 < f < 1]) >= 2, progress  # its weights took several slices
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    during = sum(start <= t <= end for t in stamps)
+    assert during >= 5, during  # in one piece, the load ran between two decode steps
+    assert pool.chat([{"role": "user", "content": "hi"}], model="bigger", max_tokens=2).usage.completion_tokens == 2
