@@ -60,7 +60,8 @@ UNREAD_TIMEOUT = 60.0  # seconds a request may stay parked unread before it is c
 PARKED_POLL = 0.02  # seconds between looks at parked requests' consumers while nothing else runs
 MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
 PREFILL_THRESHOLD = 64  # uncached prompt tokens beyond which a prompt is prefilled in slices
-FIRST_CHUNK = 16  # prompt tokens in a sliced prefill's first piece, and the least in any; later ones fit the slice
+FIRST_CHUNK = 16  # prompt tokens in a sliced prefill's first piece; later ones are sized to fit their slice
+MIN_CHUNK = 4  # the fewest prompt tokens a piece takes (on a CPU a piece costs about a decode step, however small)
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -187,21 +188,20 @@ class Runner:
         return self.gen
 
     def fail_active(self, error: BaseException) -> None:
-        """Fail the running requests and free the batch; waiting ones stay queued (engine thread)."""
-        seqs: list[_Seq | _Prefill] = [*self.active.values(), *self.prefilling]
-        for seq in seqs:
+        """Fail the running requests and free the batch; prefilling and waiting ones stay (engine thread)."""
+        for seq in self.active.values():
             seq.request.cancelled.set()
             _emit(seq.request, Failed(error))
         self.active.clear()
-        self.prefilling.clear()
         self.gen = None
         self.kv_bytes = 0
 
     def drop(self, error: BaseException) -> None:
-        """Fail every request on this runner, running or waiting, and free its batch (engine thread)."""
+        """Fail every request of this runner (running, prefilling, waiting, parked), free its batch (engine thread)."""
         self.fail_active(error)
-        for request in [*self.waiting, *(p.seq.request for p in self.parked)]:
+        for request in [*(p.request for p in self.prefilling), *self.waiting, *(p.seq.request for p in self.parked)]:
             _emit(request, Failed(error))
+        self.prefilling.clear()
         self.waiting.clear()
         self.parked.clear()
 
@@ -483,7 +483,7 @@ class Engine:
             entry.done += n
             self._account(runner)
             budget = yield
-            chunk = max(FIRST_CHUNK, min(2 * n, int(n * budget / max(took, 1e-6))))  # sized to this slice
+            chunk = max(MIN_CHUNK, min(2 * n, int(n * budget / max(took, 1e-6))))  # sized to this slice
         if entry in runner.prefilling:
             runner.prefilling.remove(entry)
             self._insert(runner, entry.request, entry.slots, entry.cache, prompt[-1:], entry.cached)
