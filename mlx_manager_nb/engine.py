@@ -60,8 +60,7 @@ UNREAD_TIMEOUT = 60.0  # seconds a request may stay parked unread before it is c
 PARKED_POLL = 0.02  # seconds between looks at parked requests' consumers while nothing else runs
 MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
 PREFILL_THRESHOLD = 64  # uncached prompt tokens beyond which a prompt is prefilled in slices
-FIRST_CHUNK = 16  # prompt tokens in a sliced prefill's first piece; later ones are sized to fit their slice
-MIN_CHUNK = 4  # the fewest prompt tokens a piece takes (on a CPU a piece costs about a decode step, however small)
+MIN_CHUNK = 4  # prompt tokens of a sliced prefill's first piece, and the fewest of any; later ones fit their slice
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -361,7 +360,7 @@ class Engine:
             self._step(runner)
 
     def _advance_all(self) -> None:
-        """Step every runner, timing the decode steps, then give background work one slice."""
+        """Step every runner, timing the decode steps, then give background work a slice if one is due."""
         start = time.perf_counter()
         decoding = False
         for runner in list(self._runners.values()):
@@ -370,7 +369,7 @@ class Engine:
         if decoding:
             self._slices.step_took(time.perf_counter() - start)
         if self._slices:
-            self._slices.run(self._slices.budget(decoding))
+            self._slices.run(decoding)
 
     def _drain(self, wait: float) -> None:
         try:
@@ -466,7 +465,7 @@ class Engine:
         into the batch with that KV cache. It stops when the entry leaves ``runner.prefilling`` (ended)."""
         prompt = entry.request.prompt
         budget = yield
-        chunk = FIRST_CHUNK
+        chunk = MIN_CHUNK
         while entry in runner.prefilling and entry.done < len(prompt) - 1:
             n = min(chunk, len(prompt) - 1 - entry.done)
             start = time.perf_counter()

@@ -1,17 +1,20 @@
 """Background work on the engine thread, in bounded slices between decode steps.
 
 A job is a generator: it starts with ``budget = yield`` and, each time it is resumed, gets the seconds
-it may use now, does one piece of work sized to them and yields again; it ends by returning. The
-engine gives background work one slice per loop while any sequence decodes, of about one decode
-step's time (the median of the last steps, at least :data:`SLICE_FLOOR`), so a running stream's
-inter-token gap stays near twice its quiet one whatever else runs; when nothing decodes a slice may
-take :data:`IDLE_SLICE`, and the engine still looks at its inbox between slices. Jobs of the highest
-priority take turns, round-robin; lower ones wait until those are done.
+it may use now, does one piece of work sized to them and yields again; it ends by returning.
+
+While any sequence decodes, a slice gets about one decode step's time (the median of the last steps,
+at least :data:`SLICE_FLOOR`), and background work gets :data:`BACKGROUND_SHARE` of the decode steps'
+time: a slice after every second step. A running stream's inter-token gap thus stays near twice its
+quiet one, and its total time near 1.5 times, whatever else runs. When nothing decodes a slice may
+take :data:`IDLE_SLICE`, one after the other, and the engine still looks at its inbox between them.
+Jobs of the highest priority take turns, round-robin; lower ones wait until those are done.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -19,8 +22,9 @@ from dataclasses import dataclass
 Job = Generator[None, float, None]
 
 SLICE_FLOOR = 0.02  # seconds: the least time a slice gets beside decoding streams
-IDLE_SLICE = 0.25  # seconds a slice may take when nothing decodes
+IDLE_SLICE = 1.0  # seconds a slice may take when nothing decodes (the longest a new request waits to start)
 STEP_WINDOW = 16  # decode steps whose median is a slice's budget
+BACKGROUND_SHARE = 0.5  # seconds of background work per second of decode steps, while anything decodes
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Slices:
     def __init__(self) -> None:
         self._jobs: deque[_Entry] = deque()
         self._steps: deque[float] = deque(maxlen=STEP_WINDOW)
+        self._credit = 0.0  # seconds of background work due to the jobs beside decoding
 
     def __bool__(self) -> bool:
         return bool(self._jobs)
@@ -48,24 +53,30 @@ class Slices:
         self._jobs.append(_Entry(job, priority))
 
     def step_took(self, seconds: float) -> None:
-        """Record how long a decode step took."""
+        """Record how long a decode step took: background work is owed its share of it (at most a slice)."""
         self._steps.append(seconds)
+        self._credit = min(self._credit + BACKGROUND_SHARE * seconds, self._budget(True))
 
-    def budget(self, decoding: bool) -> float:
-        """Seconds the next slice may take."""
+    def _budget(self, decoding: bool) -> float:
         if not decoding:
             return IDLE_SLICE
         return max(SLICE_FLOOR, statistics.median(self._steps) if self._steps else SLICE_FLOOR)
 
-    def run(self, budget: float) -> None:
-        """One slice of the next job in turn among those of the highest priority."""
+    def run(self, decoding: bool) -> None:
+        """One slice of the next job in turn among those of the highest priority, if one is due: always when
+        nothing decodes, else when the decode steps since the last slice owe it."""
+        if decoding and self._credit <= 0:
+            return
         top = max(e.priority for e in self._jobs)
         entry = next(e for e in self._jobs if e.priority == top)
         self._jobs.remove(entry)
+        start = time.perf_counter()
         try:
-            entry.job.send(budget)
+            entry.job.send(self._budget(decoding))
         except StopIteration:
             return
+        finally:
+            self._credit = self._credit - (time.perf_counter() - start) if decoding else 0.0
         self._jobs.append(entry)
 
     def close(self) -> None:
