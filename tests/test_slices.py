@@ -11,6 +11,7 @@ from tiny_model import build_tiny_model
 
 from mlx_manager_nb import engine
 from mlx_manager_nb.server import serve
+from mlx_manager_nb.slices import Slices
 
 STORY = "Once upon a time there was a tiny model that could talk. "
 
@@ -45,6 +46,27 @@ def read_in_thread(stream) -> tuple[list[float], threading.Thread]:
     return stamps, reader
 
 
+def test_background_work_gets_a_slice_after_every_second_decode_step():
+    slices, pieces = Slices(), []
+
+    def job():
+        budget = yield
+        while True:
+            pieces.append(budget)
+            time.sleep(budget)
+            budget = yield
+
+    slices.add(job())
+    for _ in range(20):
+        time.sleep(0.03)  # a decode step
+        slices.step_took(0.03)
+        slices.run(decoding=True)
+    assert 4 <= len(pieces) <= 10, len(pieces)  # half the steps' time, slices of one step: ~every second step
+    assert all(p == pytest.approx(0.03) for p in pieces)
+    slices.run(decoding=False)
+    assert pieces[-1] == 1.0  # nothing decodes: a long slice at once
+
+
 def test_a_stream_keeps_decoding_while_a_long_prompt_prefills(slow):
     bystander = slow.complete("Hello", temperature=0, max_tokens=4000, stream=True)
     stamps, reader = read_in_thread(bystander)
@@ -71,9 +93,13 @@ def test_a_sliced_prefill_gives_the_tokens_the_batch_gives(slow, monkeypatch):
     assert sliced.text == whole.text and len(set(whole.text)) > 3
     assert sliced.usage == whole.usage and sliced.usage.cached_tokens == 0 and sliced.ttft > 0
     assert follow.usage.cached_tokens >= sliced.usage.prompt_tokens - 1
+    longer = slow.complete(prompt + STORY * 4, temperature=0, max_tokens=24)  # in one piece, after the cached part
     monkeypatch.setattr(engine, "PREFILL_THRESHOLD", 0)
+    assert slow.complete(prompt + STORY * 4, temperature=0, max_tokens=24).text == longer.text  # sliced, cached
     slow.engine.runner("slow-llama").prompt_cache.trim_to(n_sequences=0)
     assert slow.complete(prompt + "And then", temperature=0, max_tokens=24).text == follow.text
+    slow.engine.runner("slow-llama").prompt_cache.trim_to(n_sequences=0)
+    assert slow.complete(prompt + STORY * 4, temperature=0, max_tokens=24).text == longer.text
 
 
 def test_cancelling_during_prefill_ends_the_request_and_frees_its_kv(slow, audit):
