@@ -34,7 +34,7 @@ from .store import read_config
 MAX_INPUTS = 2048  # as OpenAI's /v1/embeddings
 BATCH_TOKENS = 8192  # padded tokens per forward pass
 MIN_FILL = 0.5  # a pass takes no sequence shorter than this fraction of its longest one
-FIRST_PASS_TOKENS = 512  # padded tokens of a model's first pass, before its speed is known
+FIRST_PASS_TOKENS = 64  # padded tokens of a model's first pass, before its speed is known (later ones fit their slice)
 
 Inputs = str | list[str] | list[int] | list[list[int]]
 
