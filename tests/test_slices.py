@@ -133,9 +133,9 @@ def test_notebook_requests_go_ahead_of_queued_http_ones(pool):
     runner.kv_budget = 1  # one sequence at a time: the others queue
     server = serve(pool, port=0, mode="thread")
     finished: list[str] = []
+    release = threading.Event()
     try:
-        running = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=400, stream=True)
-        next(running)
+        pool.engine.run(release.wait)  # the engine is busy: the requests below arrive together, HTTP first
 
         def http(tag):
             status, _, _ = call(f"{server.url}/v1/chat/completions", {
@@ -143,23 +143,24 @@ def test_notebook_requests_go_ahead_of_queued_http_ones(pool):
             assert status == 200
             finished.append(tag)
 
-        clients = [threading.Thread(target=http, args=(f"http {i}",)) for i in range(2)]
-        for c in clients:
-            c.start()
-        assert wait_for(lambda: len(runner.waiting) == 2)
-
         def notebook():
             pool.chat([{"role": "user", "content": "me"}], temperature=0, max_tokens=4)
             finished.append("notebook")
 
+        clients = [threading.Thread(target=http, args=(f"http {i}",)) for i in range(2)]
+        for c in clients:
+            c.start()
+        assert wait_for(lambda: pool.models()[0].in_flight == 2)
         mine = threading.Thread(target=notebook)
         mine.start()
-        assert wait_for(lambda: len(runner.waiting) == 3)
-        running.close()
+        assert wait_for(lambda: pool.models()[0].in_flight == 3)
+        time.sleep(0.2)  # from the request's start to the engine's queue
+        release.set()
         for t in [*clients, mine]:
             t.join(30)
         assert finished[0] == "notebook" and sorted(finished[1:]) == ["http 0", "http 1"]
     finally:
+        release.set()
         server.stop(drain=0)
 
 
