@@ -5,8 +5,9 @@ Requests go in with :meth:`Engine.submit`; each one's events (``Delta``, then ``
 Consumers hop to their own thread or loop (see :mod:`mlx_manager_nb.streams`).
 Other MLX work (loading, unloading) runs on the same thread through :meth:`Engine.run`, and longer
 work in slices between decode steps through :meth:`Engine.add_job` (see :mod:`mlx_manager_nb.slices`):
-a prompt longer than :data:`PREFILL_THRESHOLD` uncached tokens is prefilled that way, in chunks sized to
-a slice, then joins the batch with its KV cache, so running streams keep their pace meanwhile.
+a prompt longer than :data:`PREFILL_THRESHOLD` uncached tokens (:data:`BUSY_PREFILL_THRESHOLD` while
+the model decodes others) is prefilled that way, in chunks sized to a slice, then joins the batch
+with its KV cache, so running streams keep their pace meanwhile.
 Requests of a higher ``priority`` (the notebook's) wait ahead of others and prefill first.
 
 Memory: a runner's ``kv_budget`` bounds the bytes of its KV caches, those of the sequences it
@@ -61,6 +62,9 @@ PARKED_POLL = 0.02  # seconds between looks at parked requests' consumers while 
 MLX_CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse while decoding
 PREFILL_THRESHOLD = 64  # uncached prompt tokens beyond which a prompt is prefilled in slices
 MIN_CHUNK = 4  # prompt tokens of a sliced prefill's first piece, and the fewest of any; later ones fit their slice
+# ... and beyond which while the model decodes others: ten 40-token prompts admitted at once made a
+# running stream wait for all of them in one batch step (929 ms, 13x its quiet gap, on the demo model)
+BUSY_PREFILL_THRESHOLD = MIN_CHUNK
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -445,7 +449,7 @@ class Engine:
             _emit(request, Failed(e))
             return
         cached = len(request.prompt) - len(rest) if cache is not None else 0
-        if not self._sliced or len(rest) <= PREFILL_THRESHOLD:
+        if not self._sliced or len(rest) <= (BUSY_PREFILL_THRESHOLD if runner.active else PREFILL_THRESHOLD):
             self._insert(runner, request, slots, cache, rest)
             return
         try:

@@ -83,6 +83,28 @@ def test_a_stream_keeps_decoding_while_a_long_prompt_prefills(slow):
     assert during >= 20, during
 
 
+def test_short_prompts_arriving_together_beside_a_stream_prefill_in_slices(slow):
+    bystander = slow.complete("Hello", temperature=0, max_tokens=4000, stream=True)
+    stamps, reader = read_in_thread(bystander)
+    assert wait_for(lambda: len(stamps) > 5)
+    results = []
+    burst = [threading.Thread(target=lambda i=i: results.append(
+        slow.complete(f"{i} " + STORY, temperature=0, max_tokens=1))) for i in range(8)]
+    start = time.perf_counter()
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join()
+    end = time.perf_counter()
+    during = sum(start <= t <= end for t in stamps)
+    bystander.close()
+    reader.join()
+    assert len(results) == 8 and all(30 < r.usage.prompt_tokens <= engine.PREFILL_THRESHOLD for r in results)
+    # Admitted straight into the batch, the eight prompts were prefilled in one step, with the
+    # bystander waiting for all of them; in slices it gets tokens between their pieces.
+    assert during >= 16, during
+
+
 def test_a_sliced_prefill_gives_the_tokens_the_batch_gives(slow, monkeypatch):
     prompt = STORY * 20
     sliced = slow.complete(prompt, temperature=0, max_tokens=24)
