@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from . import defaults, store
+from . import defaults, hub, store
 from . import display as out
 from .errors import MLXManagerError, ModelNotFoundError, ServerError
 from .server_options import add_serve_arguments
@@ -179,12 +179,75 @@ def cmd_ls(magics: MLXMagics, args: argparse.Namespace) -> None:
     models = store.list_local_models()
     if not models:
         print(f"No local models in {store.models_dir()} or the Hugging Face cache. "
-              f"Try `%mlx load demo` or `%mlx import-gguf PATH`.")
+              f"Try `%mlx load demo`, `%mlx pull ORG/NAME` or `%mlx import-gguf PATH`.")
         return
     rows = [[x.name, x.architecture, out.size(x.size_bytes), x.quantization, x.context_length,
-             "yes" if x.has_chat_template else "no", x.origin] for x in models]
+             "yes" if x.has_chat_template else "no", x.origin, x.path.resolve()] for x in models]
     out.show(out.table(rows, ["name", "architecture", "on disk", "quantization", "context", "chat template",
-                              "origin"]))
+                              "origin", "where"]))
+
+
+def cmd_search(magics: MLXMagics, args: argparse.Namespace) -> None:
+    found = hub.search(args.query, author=args.author, limit=args.limit, max_memory=_pool().max_memory)
+    if not found:
+        print(f"Nothing on the hub matches {args.query!r}" + (f" by {args.author}." if args.author else "."))
+        return
+    rows = [[m.repo, f"{m.parameters / 1e9:.2f} B" if m.parameters else None, m.quantization, out.size(m.size_bytes),
+             m.downloads, m.likes, m.last_modified.date() if m.last_modified else None,
+             None if m.fits is None else "yes" if m.fits else "no"] for m in found]
+    out.show(out.table(rows, ["repo", "parameters", "quantization", "size", "downloads", "likes", "modified",
+                              "fits max_memory"]))
+    out.show(out.note(f"`%mlx pull {found[0].repo}` fetches one into the store."))
+
+
+def transfer(label: str, t: hub.Transfer) -> dict:
+    """A byte progress bar: done of total, rate and time left."""
+    eta = "" if t.eta is None else f", {out.seconds(t.eta)} left"
+    stage = f"{out.size(t.done)} of {out.size(t.total)} at {out.size(int(t.rate))}/s{eta}"
+    return out.progress(label, stage, t.done / t.total if t.total else 1.0)
+
+
+def cmd_pull(magics: MLXMagics, args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    live = out.Live(out.can_update(magics.shell))
+    try:
+        path = hub.pull(args.repo, lambda t: live.update(transfer(args.repo, t)))
+    except BaseException:
+        live.update({}, final=True)
+        raise
+    live.update({"text/plain": f"Pulled {args.repo} ({out.size(store.disk_size(path))}) into {path} in "
+                               f"{out.seconds(time.perf_counter() - started)}. Load it with "
+                               f"`%mlx load {args.repo}`."}, final=True)
+
+
+def cmd_rm(magics: MLXMagics, args: argparse.Namespace) -> None:
+    model = store.find_local(args.name)
+    where = model.path.resolve()
+    users = [m.name for m in _pool().models() if m.path is not None and m.path.resolve() == where]
+    if users:
+        raise UsageError(f"%mlx rm: {args.name} is loaded (as {', '.join(users)}): `%mlx unload` it first.")
+    what = f"{args.name} ({out.size(store.disk_size(model.path))}, {model.origin}: {where})"
+    if not args.yes:
+        print(f"This would remove {what}. Run `%mlx rm {args.name} --yes` to remove it.")
+        return
+    linked = model.path.is_symlink()
+    removed = store.remove(model)
+    print(f"Removed {what}" + (f": only the link {removed}, not the folder it points to." if linked else "."))
+
+
+def cmd_du(magics: MLXMagics, args: argparse.Namespace) -> None:
+    import shutil
+
+    totals: dict[str, int] = {}
+    for m in store.list_local_models():
+        totals[m.origin] = totals.get(m.origin, 0) + store.disk_size(m.path)
+    partial = hub.partials_dir()
+    if partial.is_dir():
+        totals["partial pulls"] = store.disk_size(partial)
+    rows = [[origin, out.size(n)] for origin, n in totals.items()] + [["total", out.size(sum(totals.values()))]]
+    out.show(out.table(rows, ["where", "on disk"]))
+    base = store.models_dir() if store.models_dir().is_dir() else store.home().parent
+    out.show(out.note(f"{out.size(shutil.disk_usage(base).free)} free on the disk holding {store.models_dir()}."))
 
 
 def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
@@ -346,7 +409,17 @@ def mlx_parser() -> argparse.ArgumentParser:
                             ("pin", cmd_pin, "keep a model loaded until unpinned"),
                             ("unpin", cmd_unpin, "let a model be unloaded again when idle or to make room")):
         add(name, run, text).add_argument("name", metavar="NAME", help="model name or alias")
-    add("ls", cmd_ls, "list the models on this machine")
+    add("ls", cmd_ls, "list the models on this machine, with their size on disk and where they live")
+    c = add("search", cmd_search, "search the Hugging Face hub for models")
+    c.add_argument("query", metavar="QUERY")
+    c.add_argument("--author", metavar="A", help="only this author's models, e.g. mlx-community")
+    c.add_argument("--limit", type=int, default=20, metavar="N", help="how many to show (default 20)")
+    c = add("pull", cmd_pull, "download a Hugging Face repo's MLX model into the store (resumes a cut-off pull)")
+    c.add_argument("repo", metavar="REPO", help="org/name")
+    c = add("rm", cmd_rm, "remove a local model from the store or the Hugging Face cache")
+    c.add_argument("name", metavar="NAME", help="its name in `%%mlx ls`")
+    c.add_argument("--yes", action="store_true", help="remove it (without: say what would be removed)")
+    add("du", cmd_du, "total the disk space local models take")
     add("ps", cmd_ps, "list the loaded models")
     add("default", cmd_default, "show or set the model %%chat uses when none is named").add_argument(
         "model", nargs="?", metavar="MODEL", help="a loaded model's name or alias")

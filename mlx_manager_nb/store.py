@@ -36,6 +36,7 @@ Progress = Callable[[str, float], None]
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken")  # what mlx-lm reads
 
 
 def home() -> Path:
@@ -186,6 +187,32 @@ def list_local_models() -> list[LocalModel]:
     return found
 
 
+def find_local(name: str) -> LocalModel:
+    """The local model called ``name`` (as :func:`list_local_models` names it)."""
+    models = list_local_models()
+    for m in models:
+        if m.name == name:
+            return m
+    raise ModelNotFoundError(f"No local model named {name!r}. Local models: "
+                             f"{', '.join(m.name for m in models) or 'none'}.")
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (links followed: a Hugging Face snapshot's blobs count)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def remove(model: LocalModel) -> Path:
+    """Delete a local model; return what was removed: a store folder (only the link, for a linked
+    one) or the repo's whole Hugging Face cache entry (every snapshot)."""
+    target = model.path.parents[1] if model.origin == "hf-cache" else model.path
+    if target.is_symlink():
+        target.unlink()
+    else:
+        shutil.rmtree(target)
+    return target
+
+
 def install(name: str, write: Callable[[Path], None]) -> Path:
     """Build a store entry in a temporary folder and move it into place only when complete."""
     dest = models_dir() / name
@@ -224,35 +251,30 @@ def import_gguf(path: str | Path, name: str | None = None, progress: Progress | 
 
 
 def _hf_repo(repo: str, progress: Progress | None) -> Path:
+    """A repo from the Hugging Face cache, else the store's pulled copy, else pulled now (see :mod:`.hub`)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
+    from . import hub
+
     try:
-        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=patterns))
+        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=list(MODEL_FILES)))
     except LocalEntryNotFoundError:
         pass
+    if hub.pulled_dir(repo).is_dir():
+        return hub.pulled_dir(repo)
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(
             f"{repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set."
         )
-    if progress:
-        progress("downloading", 0.0)
-    try:
-        path = Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise ModelNotFoundError(
-            f"{repo!r} is not in the Hugging Face cache and could not be downloaded: {e}. "
-            f"Download it on a connected machine or use a local path."
-        ) from None
-    if progress:
-        progress("downloading", 1.0)
-    return path
+    report = (lambda t: progress("downloading", t.done / t.total if t.total else 0.0)) if progress else None
+    return hub.pull(repo, report)
 
 
 def model_name(ref: str, path: Path) -> str:
     """The name a resolved model goes by: the repo id for the Hugging Face cache, else the folder name."""
-    return ref if "snapshots" in path.parts and REPO_ID.match(ref) else path.name
+    pulled = path.parent == models_dir() and path.name == ref.replace("/", "--")
+    return ref if REPO_ID.match(ref) and ("snapshots" in path.parts or pulled) else path.name
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,246 @@
+"""The Hugging Face hub: search it, and pull a model's mlx-lm files into the store with byte progress.
+
+The hub is ``$HF_ENDPOINT`` (default https://huggingface.co), with ``$HF_TOKEN`` for gated or private
+repos. A pull fetches only what mlx-lm reads (config, tokenizer files, ``*.safetensors`` and their
+index) into ``$MLX_NB_HOME/models/.partial/ORG--NAME`` and moves the folder into the store when
+complete; an interrupt or a lost connection keeps the partial files, and the next pull continues
+them with ``Range`` requests. Any other failure removes them.
+
+>>> [r.repo for r in search("qwen", author="mlx-community", limit=2)]
+['mlx-community/Qwen3-4B-4bit', 'mlx-community/Qwen2.5-7B-Instruct-4bit']
+>>> pull("mlx-community/SmolLM2-135M-Instruct-4bit")
+PosixPath('/home/me/.cache/mlx_manager_nb/models/mlx-community--SmolLM2-135M-Instruct-4bit')
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import store
+from .errors import InvalidModelError, MLXManagerError, ModelNotFoundError
+
+CHUNK = 1 << 16
+TIMEOUT = 30.0  # seconds without a byte before a request fails
+
+
+class HubError(MLXManagerError):
+    """The hub cannot be reached or refuses a request (gated repo, no network, full disk)."""
+
+    status = 502
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Where a pull stands: bytes on disk (resumed ones included) of ``total``, this pull's rate, time left."""
+
+    done: int
+    total: int
+    rate: float  # bytes per second fetched by this pull
+    eta: float | None  # seconds left at that rate; None before it is known
+
+
+TransferProgress = Callable[[Transfer], None]
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """One search result."""
+
+    repo: str
+    parameters: int | None
+    quantization: str | None
+    size_bytes: int | None  # the repo's storage on the hub, where listed
+    downloads: int | None
+    likes: int | None
+    last_modified: datetime | None
+    fits: bool | None  # whether size_bytes fits the pool's max_memory; None where the size is unknown
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def _quantization(repo: str, tags: list[str]) -> str | None:
+    for text in [repo.lower(), *tags]:
+        if m := re.search(r"(?<![a-z0-9])(\d{1,2})[-_]?bit", text):
+            return f"{m.group(1)}-bit"
+    return None
+
+
+def search(query: str, author: str | None = None, limit: int = 20, max_memory: int | None = None) -> list[HubModel]:
+    """Models on the hub matching ``query`` (most downloaded first); ``fits`` compares their size
+    with ``max_memory`` (bytes; default: the default pool's)."""
+    from huggingface_hub import HfApi
+
+    if max_memory is None:
+        from .defaults import default_pool
+
+        max_memory = default_pool().max_memory
+    api = HfApi(endpoint=endpoint(), token=_token())
+    try:
+        found = list(api.list_models(search=query or None, author=author, limit=limit, sort="downloads",
+                                     expand=["downloads", "likes", "lastModified", "safetensors", "usedStorage",
+                                             "tags"]))
+    except Exception as e:  # httpx's and huggingface_hub's errors alike
+        raise _hub_error(e, f"search {query!r}") from None
+    rows = []
+    for m in found:
+        size = getattr(m, "used_storage", None)
+        params = m.safetensors.total if m.safetensors else None
+        rows.append(HubModel(m.id, params, _quantization(m.id, list(m.tags or [])), size, m.downloads, m.likes,
+                             m.last_modified, None if size is None else size <= max_memory))
+    return rows
+
+
+def _hub_error(e: BaseException, what: str) -> HubError:
+    status = getattr(getattr(e, "response", None), "status_code", None) or getattr(e, "code", None)
+    if status in (401, 403):
+        return HubError(f"Cannot {what}: the hub answered {status}: the repo is gated or private. Accept its "
+                        f"terms on the hub, then set HF_TOKEN to a token with access.")
+    if isinstance(status, int):
+        return HubError(f"Cannot {what}: the hub ({endpoint()}) answered {status}.")
+    return HubError(f"Cannot {what}: the hub ({endpoint()}) is unreachable ({e}). Check the network, or set "
+                    f"HF_HUB_OFFLINE=1 and load from the cache.")
+
+
+def _request(url: str, start: int = 0) -> Any:
+    headers = {"User-Agent": "mlx_manager_nb"}
+    if token := _token():
+        headers["Authorization"] = f"Bearer {token}"
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
+
+
+def _quote(repo: str) -> str:
+    return urllib.parse.quote(repo, safe="/")
+
+
+def files(repo: str, revision: str = "main") -> dict[str, int]:
+    """The files of ``repo`` that mlx-lm needs, with their sizes; raise if it is no mlx-lm model."""
+    url = f"{endpoint()}/api/models/{_quote(repo)}/revision/{urllib.parse.quote(revision)}?blobs=true"
+    try:
+        with _request(url) as r:
+            info = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise ModelNotFoundError(f"{repo!r} is not on the hub ({endpoint()}): check the name.") from None
+        raise _hub_error(e, f"read {repo!r}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise _hub_error(e, f"read {repo!r}") from None
+    siblings = {s["rfilename"]: int(s.get("size") or 0) for s in info.get("siblings", [])}
+    wanted = {f: n for f, n in siblings.items()
+              if "/" not in f and any(fnmatch.fnmatch(f, p) for p in store.MODEL_FILES)}
+    if "config.json" not in wanted or not any(f.endswith(".safetensors") for f in wanted):
+        ggufs = [f for f in siblings if f.endswith(".gguf")]
+        hint = f" It has GGUF files ({ggufs[0]}...): download one and `%mlx import-gguf` it." if ggufs else ""
+        raise InvalidModelError(f"{repo!r} is not an MLX or mlx-lm-convertible model: it has no config.json "
+                                f"and *.safetensors weights at its top level.{hint}")
+    return wanted
+
+
+def pulled_dir(repo: str) -> Path:
+    """Where a pulled repo lives in the store."""
+    return store.models_dir() / repo.replace("/", "--")
+
+
+def partials_dir() -> Path:
+    """Where pulls cut off keep their files until the next pull of the same repo."""
+    return store.models_dir() / ".partial"
+
+
+def partial_dir(repo: str) -> Path:
+    return partials_dir() / repo.replace("/", "--")
+
+
+def pull(repo: str, progress: TransferProgress | None = None, revision: str = "main") -> Path:
+    """Fetch ``repo``'s mlx-lm files into the store (continuing a pull that was cut off); return its folder."""
+    if not store.REPO_ID.match(repo):
+        raise ModelNotFoundError(f"{repo!r} is not a Hugging Face repo id (org/name)")
+    wanted = files(repo, revision)
+    tmp = partial_dir(repo)
+    store.make_private_dir(store.home())
+    tmp.mkdir(parents=True, exist_ok=True)
+    total = sum(wanted.values())
+    have = {f: (tmp / f).stat().st_size if (tmp / f).is_file() else 0 for f in wanted}
+    missing = total - sum(min(have[f], n) for f, n in wanted.items())
+    free = shutil.disk_usage(tmp).free
+    if missing > free:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HubError(f"Cannot pull {repo!r}: it needs {missing / 2**20:.1f} MiB, the disk holding "
+                       f"{store.models_dir()} has {free / 2**20:.1f} MiB free.")
+    meter = _Meter(total, total - missing, progress)
+    try:
+        for name, size in sorted(wanted.items(), key=lambda kv: kv[1]):  # config first: it is the smallest
+            _fetch(repo, revision, name, size, tmp / name, meter)
+        store.validate_model_dir(tmp)
+        dest = pulled_dir(repo)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except (KeyboardInterrupt, urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        if isinstance(e, urllib.error.HTTPError):  # the hub refused: nothing to continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _hub_error(e, f"pull {repo!r}") from None
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise _hub_error(e, f"pull {repo!r} (its partial files are kept: pull again to continue)") from None
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise HubError(f"Cannot pull {repo!r}: the disk is full; its partial files were removed.") from None
+        raise
+    return dest
+
+
+class _Meter:
+    """Counts bytes and reports a :class:`Transfer` after each chunk."""
+
+    def __init__(self, total: int, done: int, report: TransferProgress | None):
+        self.total, self.done, self.start_done = total, done, done
+        self.started = time.monotonic()
+        self.report = report
+        self.add(0)
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.report is None:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        self.report(Transfer(self.done, self.total, rate, eta))
+
+
+def _fetch(repo: str, revision: str, name: str, size: int, path: Path, meter: _Meter) -> None:
+    start = path.stat().st_size if path.is_file() else 0
+    if size and start >= size:
+        return
+    url = f"{endpoint()}/{_quote(repo)}/resolve/{urllib.parse.quote(revision)}/{urllib.parse.quote(name)}"
+    with _request(url, start) as r:
+        if start and r.status != 206:  # the server ignored Range: skip what is on disk already
+            skip = start
+            while skip and (chunk := r.read(min(CHUNK, skip))):
+                skip -= len(chunk)
+        with path.open("ab") as f:
+            while chunk := r.read(CHUNK):
+                f.write(chunk)
+                meter.add(len(chunk))

@@ -1,0 +1,144 @@
+"""Search, pull, ls, rm and du against a local stand-in of the Hugging Face hub (never the real one)."""
+
+import pytest
+from hub_stand_in import HubStandIn
+from IPython.utils.capture import capture_output
+
+from mlx_manager_nb import hub, store
+from mlx_manager_nb.errors import InvalidModelError
+from mlx_manager_nb.model_pool import Pool
+
+EXTRA = {"README.md": b"# tiny\n", "pytorch_model.bin": b"\0" * 5000}  # on the hub, not needed by mlx-lm
+
+
+@pytest.fixture
+def stand_in(monkeypatch, tmp_path, tiny_model_path):
+    s = HubStandIn()
+    s.add("mlx-community/tiny-4bit", tiny_model_path, EXTRA, downloads=50, likes=3, tags=["mlx", "4-bit"])
+    s.add("mlx-community/tiny-chat", tiny_model_path, downloads=900, likes=12)
+    s.add("someone/tiny-gguf", files={"tiny.Q4_0.gguf": b"GGUF", "README.md": b"hi"})
+    s.add("meta/tiny-gated", tiny_model_path, gated=True)
+    monkeypatch.setenv("HF_ENDPOINT", s.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    yield s
+    s.close()
+
+
+def mlx(ip, line):
+    with capture_output() as c:
+        ip.run_line_magic("mlx", line)
+    return c
+
+
+def wanted_bytes(folder):
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_search_lists_the_hub_most_downloaded_first_with_what_fits(stand_in):
+    rows = hub.search("tiny", author="mlx-community", max_memory=10**9)
+    assert [r.repo for r in rows] == ["mlx-community/tiny-chat", "mlx-community/tiny-4bit"]
+    four = rows[1]
+    assert (four.downloads, four.likes, four.quantization, four.parameters) == (50, 3, "4-bit", 1_230_000_000)
+    assert four.size_bytes > 380_000 and four.fits is True and four.last_modified.year == 2026
+    assert hub.search("tiny", author="mlx-community", max_memory=1000)[0].fits is False
+    assert hub.search("nothing-like-this", max_memory=1000) == []
+
+
+def test_search_magic_renders_a_table(shell, stand_in):
+    c = mlx(shell, "search tiny --author mlx-community --limit 1")
+    assert not c.stderr
+    html = c.outputs[0].data["text/html"]
+    assert "mlx-community/tiny-chat" in html and "tiny-4bit" not in html and "fits max_memory" in html
+    assert "`%mlx pull mlx-community/tiny-chat`" in c.outputs[1].data["text/plain"]
+
+
+def test_pull_fetches_only_mlx_files_with_byte_progress_then_loads(stand_in, tiny_model_path):
+    seen = []
+    path = hub.pull("mlx-community/tiny-4bit", seen.append)
+    total = wanted_bytes(tiny_model_path)
+    assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in tiny_model_path.iterdir())
+    assert stand_in.served == total  # README.md and pytorch_model.bin were not fetched
+    done = [t.done for t in seen]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == total and len(set(done)) > 5
+    assert all(t.total == total for t in seen) and seen[-1].eta == 0
+    pool = Pool(max_models=1)
+    try:
+        info = pool.load("mlx-community/tiny-4bit")
+        assert info.name == "mlx-community/tiny-4bit" and info.state == "ready"
+        assert "mlx-community--tiny-4bit" in [m.name for m in store.list_local_models()]
+    finally:
+        pool.close()
+
+
+def test_an_interrupted_pull_keeps_its_part_and_the_next_fetches_only_the_rest(stand_in, tiny_model_path):
+    def interrupt(t):
+        if t.done > 200_000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull("mlx-community/tiny-4bit", interrupt)
+    kept = wanted_bytes(hub.partial_dir("mlx-community/tiny-4bit"))
+    assert kept > 200_000 and not hub.pulled_dir("mlx-community/tiny-4bit").exists()
+    stand_in.served = 0
+    seen = []
+    path = hub.pull("mlx-community/tiny-4bit", seen.append)
+    total = wanted_bytes(tiny_model_path)
+    assert stand_in.served == total - kept  # Range requests: no byte fetched twice
+    assert seen[0].done == kept and [t.done for t in seen] == sorted(t.done for t in seen)
+    assert (path / "model.safetensors").read_bytes() == (tiny_model_path / "model.safetensors").read_bytes()
+    assert not hub.partial_dir("mlx-community/tiny-4bit").exists()
+
+
+def test_a_failed_pull_leaves_nothing_behind(stand_in, tiny_model_path):
+    broken = (tiny_model_path / "model.safetensors").read_bytes()[:-1000]
+    stand_in.add("org/truncated", tiny_model_path, {"model.safetensors": broken})
+    with pytest.raises(InvalidModelError, match="truncated"):
+        hub.pull("org/truncated")
+    assert not hub.partial_dir("org/truncated").exists() and not hub.pulled_dir("org/truncated").exists()
+    with pytest.raises(InvalidModelError, match=r"not an MLX or mlx-lm-convertible model.*import-gguf"):
+        hub.pull("someone/tiny-gguf")
+    assert not hub.partials_dir().exists() or not any(hub.partials_dir().iterdir())
+
+
+def test_gated_repos_ask_for_a_token_and_a_dead_hub_says_so(stand_in, monkeypatch):
+    with pytest.raises(hub.HubError, match=r"answered 401.*set HF_TOKEN"):
+        hub.pull("meta/tiny-gated")
+    stand_in.token = "secret"
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    assert hub.pull("meta/tiny-gated").is_dir()
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(hub.HubError, match="unreachable"):
+        hub.pull("mlx-community/tiny-chat")
+    with pytest.raises(hub.HubError, match="unreachable"):
+        hub.search("tiny", max_memory=1)
+
+
+def test_a_pull_that_cannot_fit_on_the_disk_is_refused_before_it_starts(stand_in, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(hub.HubError, match=r"needs 0\.4 MiB.*has 0\.0 MiB free"):
+        hub.pull("mlx-community/tiny-chat")
+    assert not hub.partial_dir("mlx-community/tiny-chat").exists()
+
+
+def test_pull_ls_du_and_rm_magics(shell, stand_in, tiny_model_path):
+    c = mlx(shell, "pull mlx-community/tiny-chat")
+    assert not c.stderr
+    assert c.outputs[0].data["text/plain"].startswith("mlx-community/tiny-chat: 0 B of 382.2 KiB at")  # the bar
+    assert "Pulled mlx-community/tiny-chat" in c.outputs[-1].data["text/plain"]
+    listing = mlx(shell, "ls").outputs[0].data["text/plain"]
+    assert "mlx-community--tiny-chat" in listing and str(hub.pulled_dir("mlx-community/tiny-chat")) in listing
+    du = mlx(shell, "du").outputs[0].data["text/plain"]
+    assert "store" in du and "total" in du
+    assert not mlx(shell, "load mlx-community/tiny-chat").stderr
+    refused = mlx(shell, "rm mlx-community--tiny-chat --yes")
+    assert "is loaded" in refused.stderr and hub.pulled_dir("mlx-community/tiny-chat").is_dir()
+    mlx(shell, "unload mlx-community/tiny-chat")
+    asked = mlx(shell, "rm mlx-community--tiny-chat")
+    assert "--yes" in asked.stdout and hub.pulled_dir("mlx-community/tiny-chat").is_dir()
+    done = mlx(shell, "rm mlx-community--tiny-chat --yes")
+    assert "Removed mlx-community--tiny-chat" in done.stdout and not hub.pulled_dir("mlx-community/tiny-chat").exists()
