@@ -212,6 +212,10 @@ def cmd_pull(magics: MLXMagics, args: argparse.Namespace) -> None:
     live = out.Live(out.can_update(magics.shell))
     try:
         path = hub.pull(args.repo, lambda t: live.update(transfer(args.repo, t)))
+    except KeyboardInterrupt:
+        live.update({}, final=True)
+        raise Interrupted(f"the pull of {args.repo} stopped; its partial files are kept, and "
+                          f"`%mlx pull {args.repo}` continues it.") from None
     except BaseException:
         live.update({}, final=True)
         raise

@@ -71,6 +71,18 @@ def test_pull_fetches_only_mlx_files_with_byte_progress_then_loads(stand_in, tin
         pool.close()
 
 
+def test_pool_load_of_a_repo_id_pulls_it_with_byte_fractions(stand_in):
+    stages = []
+    pool = Pool(max_models=1)
+    try:
+        info = pool.load("mlx-community/tiny-chat", progress=lambda stage, f: stages.append((stage, f)))
+    finally:
+        pool.close()
+    fractions = [f for stage, f in stages if stage == "downloading"]
+    assert info.path == hub.pulled_dir("mlx-community/tiny-chat") and stand_in.served > 0
+    assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1 and len(set(fractions)) > 5
+
+
 def test_an_interrupted_pull_keeps_its_part_and_the_next_fetches_only_the_rest(stand_in, tiny_model_path):
     def interrupt(t):
         if t.done > 200_000:
@@ -88,6 +100,18 @@ def test_an_interrupted_pull_keeps_its_part_and_the_next_fetches_only_the_rest(s
     assert seen[0].done == kept and [t.done for t in seen] == sorted(t.done for t in seen)
     assert (path / "model.safetensors").read_bytes() == (tiny_model_path / "model.safetensors").read_bytes()
     assert not hub.partial_dir("mlx-community/tiny-4bit").exists()
+
+
+def test_an_interrupted_pull_magic_says_how_to_continue(shell, stand_in, monkeypatch):
+    def interrupt(t):
+        if t.done > 200_000:
+            raise KeyboardInterrupt
+
+    real = hub.pull
+    monkeypatch.setattr(hub, "pull", lambda repo, progress: real(repo, lambda t: (progress(t), interrupt(t))))
+    with pytest.raises(KeyboardInterrupt, match=r"partial files are kept.*`%mlx pull mlx-community/tiny-chat`"):
+        mlx(shell, "pull mlx-community/tiny-chat")
+    assert hub.partial_dir("mlx-community/tiny-chat").is_dir()
 
 
 def test_a_failed_pull_leaves_nothing_behind(stand_in, tiny_model_path):

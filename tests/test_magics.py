@@ -165,8 +165,9 @@ def test_ls_and_import_gguf(ip, tiny_model_path, isolated_home, tmp_path, monkey
     assert texts(c)[-1].startswith(f"Imported {gguf} into the store as tinyq") and not c.stderr
     table = mlx(ip, "ls").outputs[0].data["text/plain"].splitlines()
     assert table[0].split() == ["name", "architecture", "on", "disk", "quantization", "context", "chat", "template",
-                                "origin"]
+                                "origin", "where"]
     assert table[2].split()[:2] == ["copy", "llama"] and "float" in table[2] and "512" in table[2]
+    assert table[2].split()[-2:] == ["store", str((isolated_home / "models" / "copy").resolve())]
     assert table[3].split()[:2] == ["tinyq", "llama"] and "8-bit" in table[3]
     loaded = texts(mlx(ip, "load tinyq"))[-1]  # on a CPU, quantized weights load as float32: both sizes shown
     assert re.match(r"Loaded tinyq \([\d.]+ [KM]iB as float32 on CPU, [\d.]+ [KM]iB on disk as 8-bit, context", loaded)
