@@ -1,4 +1,5 @@
-"""Command line: ``python -m mlx_manager_nb serve --model demo --port 8000``, ``... demo`` and ``... lab``."""
+"""Command line: ``python -m mlx_manager_nb serve --model demo --port 8000``, ``... pull ORG/NAME``, ``... demo``
+and ``... lab``."""
 
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def pull_command(args: argparse.Namespace) -> int:
+    from mlx_manager_nb import display, hub
+
+    shown = [0.0]
+
+    def progress(t: hub.Transfer) -> None:  # ten times a second, and at the end
+        if time.monotonic() - shown[0] >= 0.1 or t.done == t.total:
+            shown[0] = time.monotonic()
+            print(f"\r{display.transfer(args.repo, t)['text/plain']}", end="", flush=True)
+
+    try:
+        path = hub.pull(args.repo, progress)
+    except KeyboardInterrupt:
+        print("\nStopped: the partial files are kept; run the same command again to continue.", file=sys.stderr)
+        return 130
+    print(f"\nPulled {args.repo} into {path}.")
+    return 0
+
+
 def demo_command(args: argparse.Namespace) -> int:
     from mlx_manager_nb.headless_demo import run
 
@@ -60,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
                    help="at Ctrl-C or SIGTERM, how long requests in flight get to finish (default 5)")
     s.set_defaults(run=serve_command)
+    p = commands.add_parser("pull", help="download a Hugging Face repo's MLX model into the store (resumable)")
+    p.add_argument("repo", metavar="ORG/NAME")
+    p.set_defaults(run=pull_command)
     d = commands.add_parser("demo", help="the notebook story, headless: a real kernel serving the demo model")
     d.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
     d.set_defaults(run=demo_command)

@@ -11,10 +11,13 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
+
+if TYPE_CHECKING:
+    from .hub import Transfer
 
 NONE = "–"
 
@@ -51,6 +54,13 @@ def progress(label: str, stage: str, fraction: float) -> dict:
         f"{escape(label)}: {escape(stage)} {pct}%",
         "text/plain": f"{label}: {stage} [{bar:.<20}] {pct}%",
     }
+
+
+def transfer(label: str, t: Transfer) -> dict:
+    """A byte progress bar (a pull's): done of total, rate and time left."""
+    eta = "" if t.eta is None else f", {seconds(t.eta)} left"
+    stage = f"{size(t.done)} of {size(t.total)} at {size(int(t.rate))}/s{eta}"
+    return progress(label, stage, t.done / t.total if t.total else 1.0)
 
 
 def show(bundle: dict) -> None:

@@ -200,18 +200,11 @@ def cmd_search(magics: MLXMagics, args: argparse.Namespace) -> None:
     out.show(out.note(f"`%mlx pull {found[0].repo}` fetches one into the store."))
 
 
-def transfer(label: str, t: hub.Transfer) -> dict:
-    """A byte progress bar: done of total, rate and time left."""
-    eta = "" if t.eta is None else f", {out.seconds(t.eta)} left"
-    stage = f"{out.size(t.done)} of {out.size(t.total)} at {out.size(int(t.rate))}/s{eta}"
-    return out.progress(label, stage, t.done / t.total if t.total else 1.0)
-
-
 def cmd_pull(magics: MLXMagics, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     live = out.Live(out.can_update(magics.shell))
     try:
-        path = hub.pull(args.repo, lambda t: live.update(transfer(args.repo, t)))
+        path = hub.pull(args.repo, lambda t: live.update(out.transfer(args.repo, t)))
     except KeyboardInterrupt:
         live.update({}, final=True)
         raise Interrupted(f"the pull of {args.repo} stopped; its partial files are kept, and "

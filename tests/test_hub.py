@@ -1,5 +1,9 @@
 """Search, pull, ls, rm and du against a local stand-in of the Hugging Face hub (never the real one)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hub_stand_in import HubStandIn
 from IPython.utils.capture import capture_output
@@ -112,6 +116,21 @@ def test_an_interrupted_pull_magic_says_how_to_continue(shell, stand_in, monkeyp
     with pytest.raises(KeyboardInterrupt, match=r"partial files are kept.*`%mlx pull mlx-community/tiny-chat`"):
         mlx(shell, "pull mlx-community/tiny-chat")
     assert hub.partial_dir("mlx-community/tiny-chat").is_dir()
+
+
+def test_pull_from_a_terminal_shows_a_byte_bar_and_names_the_error(stand_in, isolated_home):
+    def run(repo):
+        return subprocess.run([sys.executable, "-m", "mlx_manager_nb", "pull", repo], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    done = run("mlx-community/tiny-chat")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()  # text mode reads each \r as a line end
+    assert lines[1].startswith("mlx-community/tiny-chat: 0 B of 382.2 KiB at") and lines[-2].endswith("100%")
+    assert f"Pulled mlx-community/tiny-chat into {hub.pulled_dir('mlx-community/tiny-chat')}" in done.stdout
+    refused = run("meta/tiny-gated")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: Cannot read 'meta/tiny-gated'")
+    assert "set HF_TOKEN" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_a_failed_pull_leaves_nothing_behind(stand_in, tiny_model_path):
