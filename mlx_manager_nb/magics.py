@@ -277,6 +277,14 @@ def cmd_import_gguf(magics: MLXMagics, args: argparse.Namespace) -> None:
                                f"Load it with `%mlx load {path.name}`."}, final=True)
 
 
+def cmd_convert(magics: MLXMagics, args: argparse.Namespace) -> None:
+    path, live = _with_progress(magics.shell, args.model,
+                                lambda progress: store.convert(args.model, args.q_bits, args.name, progress))
+    model = store.describe(path)
+    live.update({"text/plain": f"Converted {args.model} into the store as {path.name} ({out.size(model.size_bytes)}, "
+                               f"{model.quantization}). Load it with `%mlx load {path.name}`."}, final=True)
+
+
 def cmd_serve(magics: MLXMagics, args: argparse.Namespace) -> None:
     from .server import running_servers, serve
     from .server_options import serve_options
@@ -423,6 +431,11 @@ def mlx_parser() -> argparse.ArgumentParser:
     c = add("import-gguf", cmd_import_gguf, "convert a GGUF file into a model in the store")
     c.add_argument("path", metavar="PATH")
     c.add_argument("--as", dest="name", metavar="NAME", help="the store name (default: from the file name)")
+    c = add("convert", cmd_convert, "convert a Hugging Face safetensors model (a repo is pulled first) to MLX "
+                                    "in the store, optionally quantized")
+    c.add_argument("model", metavar="MODEL", help="org/name, or a local Hugging Face model folder")
+    c.add_argument("--q-bits", type=int, choices=(4, 8), help="quantize to 4 or 8 bits (default: keep the dtype)")
+    c.add_argument("--as", dest="name", metavar="NAME", help="the store name (default: the repo's name, -4bit...)")
     c = add("serve", cmd_serve, "start the HTTP server (OpenAI and Anthropic style APIs) on the loaded models")
     add_serve_arguments(c)
     c.add_argument("--thread", action="store_true", help="serve from a thread instead of the kernel's event loop")

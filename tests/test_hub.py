@@ -185,3 +185,13 @@ def test_pull_ls_du_and_rm_magics(shell, stand_in, tiny_model_path):
     assert "--yes" in asked.stdout and hub.pulled_dir("mlx-community/tiny-chat").is_dir()
     done = mlx(shell, "rm mlx-community--tiny-chat --yes")
     assert "Removed mlx-community--tiny-chat" in done.stdout and not hub.pulled_dir("mlx-community/tiny-chat").exists()
+
+
+def test_convert_a_hub_repo_quantized_into_a_loadable_store_entry(shell, stand_in):
+    c = mlx(shell, "convert mlx-community/tiny-chat --q-bits 4")
+    assert not c.stderr, c.stderr
+    last = c.outputs[-1].data["text/plain"]
+    assert last.startswith("Converted mlx-community/tiny-chat into the store as tiny-chat-4bit (") and "4-bit" in last
+    assert store.describe(store.models_dir() / "tiny-chat-4bit").quantization == "4-bit"
+    assert not mlx(shell, "load tiny-chat-4bit").stderr
+    assert "--q-bits: invalid choice: 3" in mlx(shell, "convert mlx-community/tiny-chat --q-bits 3").stderr

@@ -21,7 +21,7 @@ from mlx_manager_nb.server import running_servers
 from mlx_manager_nb.streams import TextStream
 
 COMMANDS = ["load", "unload", "pin", "unpin", "ls", "search", "pull", "rm", "du", "ps", "default", "import-gguf",
-            "serve", "stop", "status", "audit", "dashboard", "doctor"]
+            "convert", "serve", "stop", "status", "audit", "dashboard", "doctor"]
 
 
 @pytest.fixture
