@@ -56,11 +56,15 @@ def progress(label: str, stage: str, fraction: float) -> dict:
     }
 
 
+def transfer_text(t: Transfer) -> str:
+    """A pull's state: ``12.0 MiB of 40.0 MiB at 5.1 MiB/s, 6 s left``."""
+    eta = "" if t.eta is None else f", {seconds(t.eta)} left"
+    return f"{size(t.done)} of {size(t.total)} at {size(int(t.rate))}/s{eta}"
+
+
 def transfer(label: str, t: Transfer) -> dict:
     """A byte progress bar (a pull's): done of total, rate and time left."""
-    eta = "" if t.eta is None else f", {seconds(t.eta)} left"
-    stage = f"{size(t.done)} of {size(t.total)} at {size(int(t.rate))}/s{eta}"
-    return progress(label, stage, t.done / t.total if t.total else 1.0)
+    return progress(label, transfer_text(t), t.done / t.total if t.total else 1.0)
 
 
 def show(bundle: dict) -> None:

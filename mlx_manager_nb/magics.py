@@ -220,15 +220,14 @@ def cmd_pull(magics: MLXMagics, args: argparse.Namespace) -> None:
 def cmd_rm(magics: MLXMagics, args: argparse.Namespace) -> None:
     model = store.find_local(args.name)
     where = model.path.resolve()
-    users = [m.name for m in _pool().models() if m.path is not None and m.path.resolve() == where]
-    if users:
-        raise UsageError(f"%mlx rm: {args.name} is loaded (as {', '.join(users)}): `%mlx unload` it first.")
+    loaded = {m.name: m.path for m in _pool().models() if m.path is not None}
+    store.check_removable(model, loaded)
     what = f"{args.name} ({out.size(store.disk_size(model.path))}, {model.origin}: {where})"
     if not args.yes:
         print(f"This would remove {what}. Run `%mlx rm {args.name} --yes` to remove it.")
         return
     linked = model.path.is_symlink()
-    removed = store.remove(model)
+    removed = store.remove(model, loaded)
     print(f"Removed {what}" + (f": only the link {removed}, not the folder it points to." if linked else "."))
 
 

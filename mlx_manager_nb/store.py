@@ -202,9 +202,17 @@ def disk_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def remove(model: LocalModel) -> Path:
-    """Delete a local model; return what was removed: a store folder (only the link, for a linked
-    one) or the repo's whole Hugging Face cache entry (every snapshot)."""
+def check_removable(model: LocalModel, loaded: dict[str, Path]) -> None:
+    """Refuse to remove a model while it is in ``loaded`` (name: folder)."""
+    users = [name for name, path in loaded.items() if path.resolve() == model.path.resolve()]
+    if users:
+        raise InvalidModelError(f"{model.name} is loaded (as {', '.join(users)}): unload it first.")
+
+
+def remove(model: LocalModel, loaded: dict[str, Path]) -> Path:
+    """Delete a local model unless it is in ``loaded`` (see :func:`check_removable`); return what was
+    removed: a store folder (only the link, for a linked one) or the repo's whole Hugging Face cache entry."""
+    check_removable(model, loaded)
     target = model.path.parents[1] if model.origin == "hf-cache" else model.path
     if target.is_symlink():
         target.unlink()

@@ -195,3 +195,33 @@ def test_convert_a_hub_repo_quantized_into_a_loadable_store_entry(shell, stand_i
     assert store.describe(store.models_dir() / "tiny-chat-4bit").quantization == "4-bit"
     assert not mlx(shell, "load tiny-chat-4bit").stderr
     assert "--q-bits: invalid choice: 3" in mlx(shell, "convert mlx-community/tiny-chat --q-bits 3").stderr
+
+
+def test_the_pool_panels_find_section_searches_downloads_and_removes(stand_in, make_pool):
+    from helpers import wait_for
+
+    from mlx_manager_nb.widgets import pool_panel
+
+    pool = make_pool(keep_alive=None)
+    parts = pool_panel(pool).parts
+    parts.query.value = "tiny"
+    parts.search.click()
+    assert wait_for(lambda: "mlx-community/tiny-4bit" in parts.results.value), parts.find_error.value
+    assert parts.pick.value == "mlx-community/tiny-chat"  # the most downloaded first
+    seen = []
+    parts.bar.observe(lambda change: seen.append(change["new"]), "value")
+    parts.download.click()
+    assert wait_for(lambda: "Downloaded mlx-community/tiny-chat" in parts.find_error.value), parts.find_error.value
+    assert seen == sorted(seen) and seen[-1] == 1.0 and " of 382.2 KiB at " in parts.bar_text.value
+    assert "mlx-community--tiny-chat" in parts.source.options
+    pool.load("mlx-community/tiny-chat")
+    parts.local.value = "mlx-community--tiny-chat"
+    parts.remove.click()
+    assert "is loaded" in parts.find_error.value and parts.confirm.layout.display == "none"
+    pool.unload("mlx-community/tiny-chat")
+    parts.remove.click()
+    assert parts.confirm.layout.display is None and "Remove mlx-community--tiny-chat (" in parts.confirm.description
+    assert hub.pulled_dir("mlx-community/tiny-chat").is_dir()  # nothing removed before the confirm
+    parts.confirm.click()
+    assert not hub.pulled_dir("mlx-community/tiny-chat").exists() and "Removed" in parts.find_error.value
+    assert "mlx-community--tiny-chat" not in parts.source.options

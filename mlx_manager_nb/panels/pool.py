@@ -1,4 +1,5 @@
-"""The pool panel: loaded models, load / unload / pin / unpin, memory and load progress."""
+"""The pool panel: loaded models, load / unload / pin / unpin, memory and load progress; and its Find
+section (see :mod:`.find`): search the hub, download, remove a local model."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .common import (
     size,
     ui_caller,
 )
+from .find import find_controls, find_layout, wire_find
 
 if TYPE_CHECKING:
     from ..model_pool import ModelInfo, Pool
@@ -157,7 +159,8 @@ def _on_target(call: Callable[..., None], pool: Pool, ui: SimpleNamespace,
 
 
 def pool_panel(pool: Pool | None = None) -> widgets.VBox:
-    """Loaded models (state, size, requests, last use, pin, keep-alive); load, unload, pin, unpin."""
+    """Loaded models (state, size, requests, last use, pin, keep-alive); load, unload, pin, unpin; find,
+    download and remove models."""
     pool = pool_or_default(pool)
     call = ui_caller()
     ui = _controls()
@@ -166,5 +169,8 @@ def pool_panel(pool: Pool | None = None) -> widgets.VBox:
     ui.pin.on_click(_on_target(call, pool, ui, pool.pin))
     ui.unpin.on_click(_on_target(call, pool, ui, pool.unpin))
     ui.source.options = _local_options()
+    find = find_controls()
+    wire_find(call, pool, find, lambda: setattr(ui.source, "options", _local_options()))
     _refresh(pool, ui)
-    return make_panel(_layout(ui), vars(ui), [pool.subscribe(_listener(call, pool, ui))])
+    return make_panel(_layout(ui) + find_layout(find), vars(ui) | vars(find),
+                      [pool.subscribe(_listener(call, pool, ui))])
