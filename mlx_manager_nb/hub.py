@@ -15,6 +15,7 @@ PosixPath('/home/me/.cache/mlx_manager_nb/models/mlx-community--SmolLM2-135M-Ins
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import json
 import os
@@ -35,6 +36,7 @@ from .errors import InvalidModelError, MLXManagerError, ModelNotFoundError
 
 CHUNK = 1 << 16
 TIMEOUT = 30.0  # seconds without a byte before a request fails
+REVISION = ".revision"  # in a pulled folder: the commit its files come from
 
 
 class HubError(MLXManagerError):
@@ -117,8 +119,8 @@ def _hub_error(e: BaseException, what: str) -> HubError:
                         f"terms on the hub, then set HF_TOKEN to a token with access.")
     if isinstance(status, int):
         return HubError(f"Cannot {what}: the hub ({endpoint()}) answered {status}.")
-    return HubError(f"Cannot {what}: the hub ({endpoint()}) is unreachable ({e}). Check the network, or set "
-                    f"HF_HUB_OFFLINE=1 and load from the cache.")
+    return HubError(f"Cannot {what}: the connection to the hub ({endpoint()}) failed ({e}). Check the network, "
+                    f"or set HF_HUB_OFFLINE=1 and load from the cache.")
 
 
 def _request(url: str, start: int = 0) -> Any:
@@ -134,8 +136,9 @@ def _quote(repo: str) -> str:
     return urllib.parse.quote(repo, safe="/")
 
 
-def files(repo: str, revision: str = "main") -> dict[str, int]:
-    """The files of ``repo`` that mlx-lm needs, with their sizes; raise if it is no mlx-lm model."""
+def files(repo: str, revision: str = "main") -> tuple[str, dict[str, int]]:
+    """The commit ``revision`` names in ``repo``, and the files of it that mlx-lm needs with their sizes;
+    raise if it is no mlx-lm model."""
     url = f"{endpoint()}/api/models/{_quote(repo)}/revision/{urllib.parse.quote(revision)}?blobs=true"
     try:
         with _request(url) as r:
@@ -154,7 +157,7 @@ def files(repo: str, revision: str = "main") -> dict[str, int]:
         hint = f" It has GGUF files ({ggufs[0]}...): download one and `%mlx import-gguf` it." if ggufs else ""
         raise InvalidModelError(f"{repo!r} is not an MLX or mlx-lm-convertible model: it has no config.json "
                                 f"and *.safetensors weights at its top level.{hint}")
-    return wanted
+    return str(info.get("sha") or revision), wanted
 
 
 def pulled_dir(repo: str) -> Path:
@@ -172,13 +175,30 @@ def partial_dir(repo: str) -> Path:
 
 
 def pull(repo: str, progress: TransferProgress | None = None, revision: str = "main") -> Path:
-    """Fetch ``repo``'s mlx-lm files into the store (continuing a pull that was cut off); return its folder."""
+    """Fetch ``repo``'s mlx-lm files into the store (continuing a pull that was cut off); return its folder.
+
+    A repo pulled already at the same commit is not fetched again; two pulls of one repo at once (threads
+    or processes) take turns."""
     if not store.REPO_ID.match(repo):
         raise ModelNotFoundError(f"{repo!r} is not a Hugging Face repo id (org/name)")
-    wanted = files(repo, revision)
+    commit, wanted = files(repo, revision)
     tmp = partial_dir(repo)
     store.make_private_dir(store.home())
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with (tmp.parent / f"{tmp.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one pull of a repo at a time, across threads and processes
+        return _pull(repo, revision, commit, wanted, tmp, progress)
+
+
+def _pull(repo: str, revision: str, commit: str, wanted: dict[str, int], tmp: Path,
+          progress: TransferProgress | None) -> Path:
+    dest = pulled_dir(repo)
+    if (dest / REVISION).is_file() and (dest / REVISION).read_text() == commit:
+        return dest  # up to date (another pull may have just finished it)
+    if (tmp / REVISION).is_file() and (tmp / REVISION).read_text() != commit:
+        shutil.rmtree(tmp)  # the repo changed since the cut-off pull: its parts are stale
+    tmp.mkdir(exist_ok=True)
+    (tmp / REVISION).write_text(commit)
     total = sum(wanted.values())
     have = {f: (tmp / f).stat().st_size if (tmp / f).is_file() else 0 for f in wanted}
     missing = total - sum(min(have[f], n) for f, n in wanted.items())
@@ -189,10 +209,9 @@ def pull(repo: str, progress: TransferProgress | None = None, revision: str = "m
                        f"{store.models_dir()} has {free / 2**20:.1f} MiB free.")
     meter = _Meter(total, total - missing, progress)
     try:
-        for name, size in sorted(wanted.items(), key=lambda kv: kv[1]):  # config first: it is the smallest
+        for name, size in sorted(wanted.items(), key=lambda kv: kv[1]):  # the weights last
             _fetch(repo, revision, name, size, tmp / name, meter)
         store.validate_model_dir(tmp)
-        dest = pulled_dir(repo)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -232,8 +251,11 @@ class _Meter:
 
 def _fetch(repo: str, revision: str, name: str, size: int, path: Path, meter: _Meter) -> None:
     start = path.stat().st_size if path.is_file() else 0
-    if size and start >= size:
+    if size and start == size:
         return
+    if size and start > size:  # not a part of this file
+        path.unlink()
+        start = 0
     url = f"{endpoint()}/{_quote(repo)}/resolve/{urllib.parse.quote(revision)}/{urllib.parse.quote(name)}"
     with _request(url, start) as r:
         if start and r.status != 206:  # the server ignored Range: skip what is on disk already
@@ -244,3 +266,5 @@ def _fetch(repo: str, revision: str, name: str, size: int, path: Path, meter: _M
             while chunk := r.read(CHUNK):
                 f.write(chunk)
                 meter.add(len(chunk))
+    if size and path.stat().st_size != size:  # the connection ended early (or the hub sent more)
+        raise ConnectionError(f"{name}: {path.stat().st_size} bytes arrived, the hub lists {size}")

@@ -22,6 +22,7 @@ from aiohttp import web
 class Repo:
     files: dict[str, bytes]
     gated: bool = False
+    sha: str = "first-commit"
     downloads: int = 0
     likes: int = 0
     tags: list[str] = field(default_factory=list)
@@ -81,7 +82,7 @@ class HubStandIn:
         repo = self._repo(request)
         siblings = [{"rfilename": name, "size": len(data)} for name, data in repo.files.items()]
         return web.json_response({"id": f"{request.match_info['org']}/{request.match_info['name']}",
-                                  "siblings": siblings})
+                                  "sha": repo.sha, "siblings": siblings})
 
     async def resolve(self, request: web.Request) -> web.Response:
         data = self._repo(request).files.get(request.match_info["file"])
