@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from hub_stand_in import HubStandIn
+from huggingface_hub import constants
 from IPython.utils.capture import capture_output
 
 from mlx_manager_nb import hub, store
@@ -24,7 +25,7 @@ def stand_in(monkeypatch, tmp_path, tiny_model_path):
     s.add("meta/tiny-gated", tiny_model_path, gated=True)
     monkeypatch.setenv("HF_ENDPOINT", s.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache per test
     yield s
     s.close()
 
@@ -254,3 +255,24 @@ def test_the_pool_panels_find_section_searches_downloads_and_removes(stand_in, m
     parts.confirm.click()
     assert not hub.pulled_dir("mlx-community/tiny-chat").exists() and "Removed" in parts.find_error.value
     assert "mlx-community--tiny-chat" not in parts.source.options
+
+
+def test_rm_of_a_hugging_face_cache_entry_and_of_a_linked_store_entry(shell, stand_in, tiny_model_path, tmp_path):
+    import os
+    import shutil as sh
+
+    repo = tmp_path / "hf-cache" / "models--org--tiny"
+    sh.copytree(tiny_model_path, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    store.models_dir().mkdir(parents=True)
+    os.symlink(tiny_model_path, store.models_dir() / "linked")
+    listing = mlx(shell, "ls").outputs[0].data["text/plain"]
+    assert "org/tiny" in listing and "hf-cache" in listing and str(tiny_model_path) in listing
+    assert "hf-cache" in mlx(shell, "du").outputs[0].data["text/plain"]
+    done = mlx(shell, "rm org/tiny --yes")
+    assert "Removed org/tiny" in done.stdout and not repo.exists()
+    done = mlx(shell, "rm linked --yes")
+    assert "only the link" in done.stdout and not (store.models_dir() / "linked").exists()
+    assert (tiny_model_path / "model.safetensors").is_file()  # what the link pointed to stays
+    assert "No local model named 'linked'" in mlx(shell, "rm linked").stderr
