@@ -77,7 +77,10 @@ def endpoint() -> str:
 
 
 def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
+    """``$HF_TOKEN``, else the token ``hf auth login`` stored."""
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _quantization(repo: str, tags: list[str]) -> str | None:

@@ -25,6 +25,7 @@ def stand_in(monkeypatch, tmp_path, tiny_model_path):
     s.add("meta/tiny-gated", tiny_model_path, gated=True)
     monkeypatch.setenv("HF_ENDPOINT", s.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # never the user's own
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # an empty cache per test
     yield s
     s.close()
@@ -148,10 +149,11 @@ def test_an_interrupted_pull_magic_says_how_to_continue(shell, stand_in, monkeyp
     assert hub.partial_dir("mlx-community/tiny-chat").is_dir()
 
 
-def test_pull_from_a_terminal_shows_a_byte_bar_and_names_the_error(stand_in, isolated_home):
+def test_pull_from_a_terminal_shows_a_byte_bar_and_names_the_error(stand_in, isolated_home, tmp_path):
     def run(repo):
         return subprocess.run([sys.executable, "-m", "mlx_manager_nb", "pull", repo], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                "HF_TOKEN_PATH": str(tmp_path / "no-token")})
 
     done = run("mlx-community/tiny-chat")
     assert done.returncode == 0, done.stderr
