@@ -6,8 +6,8 @@ A reference is, in the order tried:
    demo embedding model (see :mod:`mlx_manager_nb.demo_embed`);
 2. a path to an mlx-lm folder, or to a ``.gguf`` file (imported into the store once);
 3. the name of a model in the store (``$MLX_NB_HOME/models/NAME``);
-4. a Hugging Face repo id (``org/name``) in the local Hugging Face cache, or downloaded
-   where the hub is reachable.
+4. a Hugging Face repo id (``org/name``) in the local Hugging Face cache, or pulled into the
+   store (``ORG--NAME``, see :mod:`mlx_manager_nb.hub`), or pulled now where the hub is reachable.
 
 >>> resolve("demo")
 PosixPath('/home/me/.cache/mlx_manager_nb/models/smollm2-135m-instruct')
