@@ -48,6 +48,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
+from .logprobs import Recorder, TokenLogprob, token_bytes
 from .params import GenParams, Processor, make_processors, make_sampler
 from .slices import Job, Slices
 from .stops import StopMatcher
@@ -75,6 +76,7 @@ class _Stop(Exception):
 @dataclass
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this text came from, when the request asked
 
 
 @dataclass
@@ -132,6 +134,8 @@ class _Seq:
     processors: list[Processor] = field(default_factory=list)
     tokens: int = 0
     first: float | None = None
+    recorder: Recorder | None = None  # when the request asked for log-probabilities
+    pending: list[TokenLogprob] = field(default_factory=list)  # theirs, for tokens whose text is not out yet
 
 
 @dataclass(eq=False)
@@ -512,12 +516,15 @@ class Engine:
             faults: list[BaseException] = []
             sampler = make_sampler(p)
             processors: list[Processor] = make_processors(p, len(request.prompt))
+            recorder = Recorder(p.top_logprobs, token_bytes(runner.tokenizer)) if p.logprobs else None
+            if recorder is not None:  # it sees what the sampler sees: after processors and the grammar's mask
+                sampler = recorder.wrap(sampler)
             if request.constraint is not None:  # the grammar reads each token, and masks what is sampled
                 processors.append(request.constraint)
                 sampler = request.constraint.sampler(sampler)
             seq = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), 0, faults, slots,
                        sampler if sampler is greedy_sampler else _guard_sampler(sampler, faults),
-                       [_guard_processor(f, faults) for f in processors])
+                       [_guard_processor(f, faults) for f in processors], recorder=recorder)
             held = self._join(runner, seq, request.prompt, p.limit, (cache, rest))
             seq.cached = held if cached is None else cached
         except Exception as e:
@@ -533,6 +540,8 @@ class Engine:
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
         cached = len(prompt) - len(rest) if cache is not None else 0
+        if seq.recorder is not None:  # rows sampled before it left the batch will not be reported
+            seq.recorder.clear()
         eos = [[t] for t in runner.tokenizer.eos_token_ids]
         (uid,) = runner.batch().insert([rest if cache is not None else prompt], max_tokens=[max_tokens],
                                        caches=[cache], all_tokens=[prompt[:cached]], samplers=[seq.sampler],
@@ -586,16 +595,20 @@ class Engine:
     def _on_token(self, runner: Runner, r: Any, seq: _Seq) -> None:
         if seq.first is None:
             seq.first = time.perf_counter()
+        entry = seq.recorder.take(r.token) if seq.recorder is not None else None
         if r.finish_reason != "stop":  # an eos token is not part of the text
             seq.tokens += 1
             seq.detok.add_token(r.token)
+            if entry is not None:
+                seq.pending.append(entry)
         if r.finish_reason is not None:
             seq.detok.finalize()
         text, hit = seq.stops.feed(seq.detok.last_segment)
         if hit is None and r.finish_reason is not None:
             text += seq.stops.flush()
         if text:
-            seq.request.emit(Delta(text))
+            seq.request.emit(Delta(text, tuple(seq.pending)))
+            seq.pending.clear()
         if hit is not None:
             self._finish_removed(runner, [r.uid], "stop", hit)
         elif r.finish_reason is not None:

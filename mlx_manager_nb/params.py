@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import (
 )
 
 from .errors import InvalidParameterError
+from .logprobs import MAX_TOP_LOGPROBS
 
 DEFAULT_MAX_TOKENS = 512
 MAX_STOPS = 16  # stop strings per request
@@ -46,6 +47,8 @@ class GenParams:
     ``presence_penalty`` and ``frequency_penalty`` follow OpenAI: a token's logit drops by
     ``frequency_penalty * count + presence_penalty * (count > 0)``, counting the tokens generated so far.
     ``max_tokens`` None: up to :data:`DEFAULT_MAX_TOKENS`, within the model's context.
+    ``logprobs``: report each token's log-probability (see :mod:`mlx_manager_nb.logprobs`), with the
+    ``top_logprobs`` most likely alternatives (0 to :data:`MAX_TOP_LOGPROBS`).
     """
 
     temperature: float = field(default=0.7, metadata=NUMBER)
@@ -59,6 +62,8 @@ class GenParams:
     seed: int | None = field(default=None, metadata=INTEGER)
     max_tokens: int | None = field(default=None, metadata=INTEGER)
     stop: tuple[str, ...] = field(default=(), metadata={"json": (str, list)})
+    logprobs: bool = field(default=False, metadata={"json": bool})
+    top_logprobs: int = field(default=0, metadata=INTEGER)
 
     @property
     def limit(self) -> int:
@@ -144,8 +149,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "frequency_penalty": (lambda v: -MAX_PENALTY <= v <= MAX_PENALTY, f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**64 - 1]"),
     "max_tokens": (lambda v: v > 0, "> 0"),
+    "top_logprobs": (lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]"),
 }
-INTEGERS = ("top_k", "seed", "max_tokens")
+INTEGERS = ("top_k", "seed", "max_tokens", "top_logprobs")
 
 
 def make_params(names: Mapping[str, str] | None = None, /, **given: Any) -> GenParams:
@@ -167,7 +173,18 @@ def make_params(names: Mapping[str, str] | None = None, /, **given: Any) -> GenP
         given["stop"] = _stops(given["stop"], names.get("stop", "stop"))
     if "logit_bias" in given:
         given["logit_bias"] = _logit_bias(given["logit_bias"], names.get("logit_bias", "logit_bias"))
+    _check_logprobs(given, names)
     return GenParams(**given)
+
+
+def _check_logprobs(given: dict[str, Any], names: Mapping[str, str]) -> None:
+    """``logprobs`` must be a bool, and true when ``top_logprobs`` asks for alternatives (as OpenAI has it)."""
+    name = names.get("logprobs", "logprobs")
+    if not isinstance(given.get("logprobs", False), bool):
+        raise InvalidParameterError(name, f"{name} must be true or false, got {_short(given['logprobs'])}")
+    if given.get("top_logprobs") and not given.get("logprobs"):
+        top = names.get("top_logprobs", "top_logprobs")
+        raise InvalidParameterError(top, f"{top} needs {name} to be true")
 
 
 def fit_to_model(p: GenParams, vocab_size: int) -> GenParams:

@@ -188,6 +188,9 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     if request.structured and info.placement != "local":  # a grammar matcher cannot cross to another process yet
         raise InvalidParameterError("tools" if request.tools else "schema", f"model {info.name!r} runs in other "
                                     "processes: tools and structured output need a model of this process")
+    if request.params.logprobs and (request.tools or info.placement != "local"):
+        raise InvalidParameterError("logprobs", "logprobs is not supported yet with tools, nor for a model "
+                                    "that runs in other processes")
     ids, chat_plan = tokens(runner, request) if runner.tokenizer is not None else ([], None)
     p = _fit_context(info, request, len(ids), p)  # an attached server templates and tokenizes itself
     content: Any = request.prompt if request.prompt is not None else [m.template() for m in request.messages]

@@ -23,6 +23,7 @@ from typing import Any
 
 from .engine import Delta, Done, Event, Request, cut
 from .errors import AnswerCutError
+from .logprobs import TokenLogprob
 from .tools import CallPiece, ToolCall
 
 
@@ -53,6 +54,7 @@ class Result:
     tool_calls: list[ToolCall] = field(default_factory=list)  # the text holds what is not a call
     parsed: Any = None  # the structured answer when a schema was given: a pydantic object or a dict
     constrained: bool = False  # whether a grammar constrained the text
+    logprobs: list[TokenLogprob] | None = None  # per token of the text, when asked (see mlx_manager_nb.logprobs)
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,12 @@ class Final:
     constrained: bool
 
 
-def make_result(request_id: str, model: str, text: str, end: Done | Final) -> Result:
+def make_result(request_id: str, model: str, text: str, end: Done | Final,
+                logprobs: list[TokenLogprob] | None = None) -> Result:
     d = end.done if isinstance(end, Final) else end
     usage = Usage(d.prompt_tokens, d.completion_tokens, d.cached_tokens)
-    result = Result(request_id, model, text, d.finish_reason, d.stop, usage, d.ttft, d.tokens_per_second, d.duration)
+    result = Result(request_id, model, text, d.finish_reason, d.stop, usage, d.ttft, d.tokens_per_second, d.duration,
+                    logprobs=logprobs)
     if isinstance(end, Final):
         result = replace(result, tool_calls=end.tool_calls, parsed=end.parsed, constrained=end.constrained)
     return result
@@ -84,6 +88,8 @@ def _consume(stream: TextStream | AsyncTextStream, event: StreamEvent) -> Stream
     """Apply one event to a stream: the delta's text or the call, None at the end, or the failure raised."""
     if isinstance(event, Delta):
         stream.text += event.text
+        if stream.logprobs is not None:
+            stream.logprobs += event.logprobs
         return event.text
     if isinstance(event, ToolCall):
         stream.tool_calls.append(event)
@@ -94,7 +100,7 @@ def _consume(stream: TextStream | AsyncTextStream, event: StreamEvent) -> Stream
         cause = (event.done if isinstance(event, Final) else event).cause
         if cause is not None:  # the server cut it: an answer that is not whole must not look finished
             raise AnswerCutError(cause)
-        stream.result = make_result(stream.id, stream.model, stream.text, event)
+        stream.result = make_result(stream.id, stream.model, stream.text, event, stream.logprobs)
         return None
     raise event.error
 
@@ -111,6 +117,7 @@ class TextStream:
         self.id, self.model, self.text = request_id, model, ""
         self.result: Result | None = None
         self.tool_calls: list[ToolCall] = []  # the calls completed so far
+        self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None  # per token so far
         self._request, self._events = request, events
         self._it = self._iterate()
 
@@ -174,6 +181,7 @@ class AsyncTextStream:
         self.text = ""
         self.result: Result | None = None
         self.tool_calls: list[ToolCall] = []  # the calls completed so far
+        self.logprobs: list[TokenLogprob] | None = None  # per token of the text so far, when the request asked
         self._started, self._events = started, events
         self._request: Request | None = None
         self._ended = False  # the engine's final event arrived
@@ -231,6 +239,8 @@ class AsyncTextStream:
     async def _iterate(self) -> AsyncGenerator[StreamItem, None]:
         try:
             self.id, self.model, self._request = await asyncio.shield(self._started)
+            if self._request.params.logprobs:
+                self.logprobs = []
             while True:
                 event = await self._events.get()
                 self._ended = not isinstance(event, GOING_ON)

@@ -79,8 +79,6 @@ def test_zero_max_tokens_is_a_400(server, field):
 
 
 @pytest.mark.parametrize("path,field,value", [
-    ("/v1/chat/completions", "top_logprobs", 3),
-    ("/v1/chat/completions", "logprobs", True),
     ("/v1/chat/completions", "n", 2),
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "end"),

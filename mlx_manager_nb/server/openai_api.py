@@ -17,8 +17,9 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
+from ..logprobs import TokenLogprob
 from ..request import ROLES, ChatRequest, check_prompt, python_messages, python_structure
-from ..streams import Result
+from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece
 from .adapter import Adapter, Answer, chat_handler
 from .checks import checked, has_schemas
@@ -53,14 +54,14 @@ ADAPTER = Adapter("openai", error_body, fields={"schema": "response_format.json_
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
           "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "seed": "seed", "stop": "stop"}
+CHAT_FIELDS = {**FIELDS, "logprobs": "logprobs", "top_logprobs": "top_logprobs"}  # completions' logprobs is a number
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
 # fields that would change the answer and that we cannot honour: refused, never ignored
-REFUSED_CHAT = ("functions", "function_call", "audio", "top_logprobs", "prediction", "web_search_options")
+REFUSED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options")
 REFUSED_COMPLETIONS = ("suffix", "logprobs")
 NO_OPS = {  # values that ask for nothing: accepted
     "modalities": (["text"],),
-    "logprobs": (False,),
     "echo": (False,),
     "best_of": (1,),
     "n": (1,),
@@ -122,7 +123,7 @@ def _request(body: dict, kind: str) -> ChatRequest:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if max_tokens is not None and max_tokens <= 0:
         raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
-    params = sampling(body, FIELDS, max_tokens=max_tokens)
+    params = sampling(body, CHAT_FIELDS if kind == "chat" else FIELDS, max_tokens=max_tokens)
     if kind != "chat":
         return ChatRequest(prompt=check_prompt(_prompt(body)), params=params)
     messages = _messages(body)
@@ -151,8 +152,31 @@ def _usage(result: Result) -> dict:
     return usage
 
 
+def _logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """A chat choice's ``logprobs`` (the SDK's ``ChoiceLogprobs``); None when not asked."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+                                          for t in e.top_logprobs]} for e in entries], "refusal": None}
+
+
 def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -> StreamShape:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    streams: list[AsyncTextStream] = []  # the stream, once started: its log-probabilities go with its deltas
+    sent = [0]  # of them, how many went out
+
+    def start(s: AsyncTextStream) -> list:
+        streams.append(s)
+        return chunk([choice(None, None, role=True)]) if kind == "chat" else []
+
+    def new_logprobs() -> dict | None:
+        """The log-probabilities of the tokens not sent yet, when the request asked."""
+        entries = streams[0].logprobs
+        if entries is None:
+            return None
+        new, sent[0] = entries[sent[0]:], len(entries)
+        return _logprobs(new)
 
     def chunk(choices: list[dict], usage: dict | None = None) -> list:
         out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
@@ -164,7 +188,8 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
         if kind != "chat":
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        logprobs = new_logprobs() if text else None
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def end(result: Result) -> list:
         events = chunk([choice(None, FINISH[result.finish_reason])])
@@ -179,7 +204,7 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
         return chunk([{"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}])
 
     return StreamShape(
-        start=lambda s: chunk([choice(None, None, role=True)]) if kind == "chat" else [],
+        start=start,
         delta=lambda text: chunk([choice(text, None)]),
         call_piece=call_piece,
         end=end,
@@ -206,7 +231,7 @@ def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dic
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
         if result.tool_calls:
             message.update(content=result.text or None, tool_calls=[c.to_openai() for c in result.tool_calls])
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "message": message, "logprobs": _logprobs(result.logprobs), "finish_reason": finish}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
