@@ -83,7 +83,6 @@ def test_zero_max_tokens_is_a_400(server, field):
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "end"),
     ("/v1/completions", "best_of", 3),
-    ("/v1/completions", "logprobs", 2),
 ])
 def test_parameters_that_change_the_result_are_never_ignored(server, path, field, value):
     body = {**chat(), field: value} if "chat" in path else {"model": "tiny", "prompt": "Hi", "max_tokens": 2,

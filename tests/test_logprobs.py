@@ -148,3 +148,34 @@ def test_openai_top_logprobs_over_20_is_a_400_naming_it(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, logprobs=True, top_logprobs=21)
     assert caught.value.body["param"] == "top_logprobs" and "20" in caught.value.body["message"]
+
+
+def test_openai_completions_logprobs_in_the_legacy_shape(pool, client):
+    words = pool.engine.runner("tiny-llama").tokenizer.encode(" Paris is the capital of France")
+    bias = {str(t): 50 for t in words}  # whole words, so each token's text can be found at its offset
+    ask = dict(model="tiny", prompt="The capital of France", temperature=0, max_tokens=10, logprobs=3,
+               logit_bias=bias)
+    r = client.completions.create(**ask)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    expected = pool.complete("The capital of France", temperature=0, max_tokens=10, logprobs=True,
+                             top_logprobs=3, logit_bias=bias).logprobs
+    assert lp.tokens == [e.token for e in expected]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in expected], abs=1e-5)
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(logprob)  # greedy: the sampled token leads
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert text.startswith(lp.tokens[0].lstrip())  # the detokenizer drops the text's leading space
+    assert [text[o:o + len(t)] for t, o in zip(lp.tokens, lp.text_offset, strict=True)][1:] == lp.tokens[1:]
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**ask, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            for key in streamed:
+                streamed[key] += getattr(chunk.choices[0].logprobs, key)
+    assert streamed == lp.model_dump()
+
+
+@pytest.mark.parametrize("value", [21, -1, True, "3"])
+def test_openai_completions_bad_logprobs_is_a_400_naming_it(client, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"logprobs": value})
+    assert caught.value.body["param"] == "logprobs"

@@ -10,6 +10,7 @@ generated: a ``tool_calls`` delta with its id and name, then deltas of its argum
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
-from ..logprobs import TokenLogprob
+from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from ..request import ROLES, ChatRequest, check_prompt, python_messages, python_structure
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece
@@ -59,7 +60,7 @@ CHAT_FIELDS = {**FIELDS, "logprobs": "logprobs", "top_logprobs": "top_logprobs"}
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
 # fields that would change the answer and that we cannot honour: refused, never ignored
 REFUSED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options")
-REFUSED_COMPLETIONS = ("suffix", "logprobs")
+REFUSED_COMPLETIONS = ("suffix",)
 NO_OPS = {  # values that ask for nothing: accepted
     "modalities": (["text"],),
     "echo": (False,),
@@ -123,14 +124,25 @@ def _request(body: dict, kind: str) -> ChatRequest:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if max_tokens is not None and max_tokens <= 0:
         raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
-    params = sampling(body, CHAT_FIELDS if kind == "chat" else FIELDS, max_tokens=max_tokens)
     if kind != "chat":
+        params = sampling(body, FIELDS, max_tokens=max_tokens, **_completion_logprobs(body))
         return ChatRequest(prompt=check_prompt(_prompt(body)), params=params)
+    params = sampling(body, CHAT_FIELDS, max_tokens=max_tokens)
     messages = _messages(body)
     structure = python_structure(field_of(body, "tools", list), field_of(body, "tool_choice", (str, dict)),
                                  response_format=field_of(body, "response_format", dict),
                                  parallel_tool_calls=field_of(body, "parallel_tool_calls", bool))
     return ChatRequest(messages, params=params, **structure)
+
+
+def _completion_logprobs(body: dict) -> dict:
+    """A completion's ``logprobs: N`` (alternatives per token, 0 to 20) as the sampler's parameters."""
+    if body.get("logprobs") is None or body["logprobs"] is False:
+        return {}
+    n = field_of(body, "logprobs", int)
+    if not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {n}", param="logprobs")
+    return {"logprobs": True, "top_logprobs": n}
 
 
 def _prompt(body: dict) -> str:
@@ -161,6 +173,35 @@ def _logprobs(entries: list[TokenLogprob] | None) -> dict | None:
                                           for t in e.top_logprobs]} for e in entries], "refusal": None}
 
 
+class _Offsets:
+    """Each token's offset in the completion's text, in characters (a token holding part of a
+    character starts after the last whole one), counted on from the tokens given before."""
+
+    def __init__(self) -> None:
+        self.decoder, self.chars, self.started = codecs.getincrementaldecoder("utf-8")("replace"), 0, False
+
+    def __call__(self, entries: list[TokenLogprob], text: str) -> list[int]:
+        """The offsets of ``entries``, the tokens of ``text`` (the next piece of the completion)."""
+        if not self.started and entries:  # the detokenizer drops the first token's leading space
+            self.started = True
+            self.chars = -1 if entries[0].token.startswith(" ") and not text.startswith(" ") else 0
+        out = []
+        for e in entries:
+            out.append(max(self.chars, 0))
+            self.chars += len(self.decoder.decode(bytes(e.bytes)))
+        return out
+
+
+def _legacy_logprobs(entries: list[TokenLogprob] | None, text: str, offsets: _Offsets) -> dict | None:
+    """A completion choice's ``logprobs`` in OpenAI's legacy shape for ``entries``, the tokens of
+    ``text``; each ``top_logprobs`` dict holds the sampled token too, as OpenAI's do. None when not asked."""
+    if entries is None:
+        return None
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{**{t.token: t.logprob for t in e.top_logprobs}, e.token: e.logprob} for e in entries],
+            "text_offset": offsets(entries, text)}
+
+
 def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -> StreamShape:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     streams: list[AsyncTextStream] = []  # the stream, once started: its log-probabilities go with its deltas
@@ -170,13 +211,15 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
         streams.append(s)
         return chunk([choice(None, None, role=True)]) if kind == "chat" else []
 
-    def new_logprobs() -> dict | None:
-        """The log-probabilities of the tokens not sent yet, when the request asked."""
+    offsets = _Offsets()
+
+    def new_logprobs(text: str) -> dict | None:
+        """The log-probabilities of the tokens not sent yet (those of ``text``), when the request asked."""
         entries = streams[0].logprobs
         if entries is None:
             return None
         new, sent[0] = entries[sent[0]:], len(entries)
-        return _logprobs(new)
+        return _logprobs(new) if kind == "chat" else _legacy_logprobs(new, text, offsets)
 
     def chunk(choices: list[dict], usage: dict | None = None) -> list:
         out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
@@ -186,9 +229,10 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -
 
     def choice(text: str | None, finish: str | None, role: bool = False) -> dict:
         if kind != "chat":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": new_logprobs(text) if text else None,
+                    "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
-        logprobs = new_logprobs() if text else None
+        logprobs = new_logprobs(text) if text else None
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def end(result: Result) -> list:
@@ -234,7 +278,8 @@ def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dic
         choice = {"index": 0, "message": message, "logprobs": _logprobs(result.logprobs), "finish_reason": finish}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        logprobs = _legacy_logprobs(result.logprobs, result.text, _Offsets())
+        choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": _usage(result), "system_fingerprint": None}
