@@ -7,11 +7,14 @@ import threading
 import mlx.core as mx
 import openai
 import pytest
+from helpers import wait_for
 
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.server import serve
 
 HI = [{"role": "user", "content": "Hi"}]
+LONG_TEXT = {"type": "object", "properties": {"text": {"type": "string", "minLength": 150, "maxLength": 160}},
+             "required": ["text"], "additionalProperties": False}
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]}},
           "required": ["answer"], "additionalProperties": False}
 
@@ -48,8 +51,14 @@ def text_of(entries):
 
 
 def same(a, b):
-    return [(e.id, round(e.logprob, 4), [(t.id, round(t.logprob, 4)) for t in e.top_logprobs]) for e in a] == \
-        [(e.id, round(e.logprob, 4), [(t.id, round(t.logprob, 4)) for t in e.top_logprobs]) for e in b]
+    """Whether two runs reported the same tokens, alternatives and log-probabilities (to 1e-4: a batch
+    computes in another order)."""
+    def flat(entries):
+        return [(e.id, [t.id for t in e.top_logprobs]) for e in entries], \
+            [v for e in entries for v in (e.logprob, *(t.logprob for t in e.top_logprobs))]
+
+    (ids_a, values_a), (ids_b, values_b) = flat(a), flat(b)
+    return ids_a == ids_b and values_a == pytest.approx(values_b, abs=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [0, 1.5])
@@ -81,6 +90,7 @@ def test_streamed_equals_not_streamed_and_plain_requests_pay_nothing(pool):
 
 def test_a_request_with_logprobs_beside_plain_ones_changes_nothing_for_them(pool):
     alone = pool.chat(HI, temperature=0, max_tokens=24).text
+    reported = pool.chat(HI, temperature=0, max_tokens=24, logprobs=True, top_logprobs=20).logprobs
     results = {}
 
     def run(key, **kw):
@@ -94,7 +104,17 @@ def test_a_request_with_logprobs_beside_plain_ones_changes_nothing_for_them(pool
         t.join()
     assert [results[f"p{i}"].text for i in range(3)] == [alone] * 3
     assert all(results[f"p{i}"].logprobs is None for i in range(3))
-    assert results["lp"].text == alone and len(results["lp"].logprobs[0].top_logprobs) == 20
+    assert results["lp"].text == alone and same(results["lp"].logprobs, reported)  # batched, prefilled in slices
+
+
+@pytest.mark.parametrize("params", [{}, {"schema": LONG_TEXT}], ids=["text", "grammar"])
+def test_a_stream_parked_unread_reports_the_same_logprobs(pool, params):
+    ask = dict(max_tokens=200, temperature=0, logprobs=True, top_logprobs=2, **params)
+    expected = pool.chat(HI, **ask)
+    s = pool.chat(HI, stream=True, **ask)
+    assert wait_for(lambda: len(pool.engine.runner("tiny-llama").parked) == 1)  # left the batch, then rejoins
+    assert "".join(s) == expected.text and same(s.result.logprobs, expected.logprobs)
+    assert len(s.result.logprobs) == expected.usage.completion_tokens > 60
 
 
 def test_a_constrained_request_reports_the_masked_distribution(pool):
