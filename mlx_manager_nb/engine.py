@@ -540,7 +540,7 @@ class Engine:
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
         cached = len(prompt) - len(rest) if cache is not None else 0
-        if seq.recorder is not None:  # rows sampled before it left the batch will not be reported
+        if seq.recorder is not None:  # picks sampled before it left the batch are never reported
             seq.recorder.clear()
         eos = [[t] for t in runner.tokenizer.eos_token_ids]
         (uid,) = runner.batch().insert([rest if cache is not None else prompt], max_tokens=[max_tokens],

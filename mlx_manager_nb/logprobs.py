@@ -7,9 +7,10 @@ log-probability does not change with the temperature it was sampled at. Under a 
 ``response_format``) the distribution is the masked one, renormalized: only tokens the grammar
 allows have a log-probability, alternatives included, and theirs sum to 1.
 
-A :class:`Recorder` wraps one sequence's sampler (inside the grammar's mask), keeps the rows it
-sees, and on the engine thread turns each into a :class:`TokenLogprob` as its token is reported:
-requests that do not ask never pay for it.
+A :class:`Recorder` wraps one sequence's sampler (inside the grammar's mask), picks the sampled
+token's and the top alternatives' log-probabilities from each row it sees, and on the engine
+thread turns each pick into a :class:`TokenLogprob` as its token is reported: requests that do not
+ask never pay for it.
 """
 
 from __future__ import annotations
@@ -57,31 +58,35 @@ def token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
 class Recorder:
     """One sequence's log-probabilities: :meth:`wrap` its sampler, :meth:`take` one per reported token.
 
-    Each sampler call sees one step's log-probabilities (a row, lazily computed); the batch reports
-    that step's token a step later, so rows wait in order until taken.
+    Each sampler call sees one step's log-probabilities; the sampled token's and the top
+    alternatives' are picked from that row in the same step's computation (no extra sync on the
+    engine thread). The batch reports that step's token a step later, so picks wait in order until taken.
     """
 
     def __init__(self, top: int, describe: Callable[[int], bytes]):
         self.top, self.describe = top, describe
-        self.rows: deque[mx.array] = deque()
+        self.picks: deque[tuple[mx.array, mx.array]] = deque()  # (logprobs of the token and the top ids, top ids)
 
     def wrap(self, sample: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
         def recording(logprobs: mx.array) -> mx.array:
-            self.rows.append(logprobs[0])
-            return sample(logprobs)
+            token = sample(logprobs)
+            row = logprobs[0]
+            top_k = min(self.top, row.shape[0])
+            ids = mx.argpartition(-row, kth=top_k - 1)[:top_k] if top_k else mx.array([], dtype=mx.uint32)
+            picked = row[mx.concatenate([token.reshape(-1)[:1].astype(ids.dtype), ids])].astype(mx.float32)
+            mx.async_eval(picked, ids)
+            self.picks.append((picked, ids))
+            return token
 
         return recording
 
     def clear(self) -> None:
-        """Forget rows whose tokens will not be reported (the sequence left the batch)."""
-        self.rows.clear()
+        """Forget picks whose tokens will not be reported (the sequence left the batch)."""
+        self.picks.clear()
 
     def take(self, token: int) -> TokenLogprob:
-        """The oldest row's entry for ``token``, the token sampled from it."""
-        row = self.rows.popleft()
-        top_k = min(self.top, row.shape[0])
-        ids = mx.argpartition(-row, kth=top_k - 1)[:top_k] if top_k else mx.array([], dtype=mx.int32)
-        picked = row[mx.concatenate([mx.array([token], dtype=ids.dtype), ids])].astype(mx.float32)
+        """The oldest pick: ``token``, the token sampled at that step, and its alternatives."""
+        picked, ids = self.picks.popleft()
         logprobs: list[float] = picked.tolist()  # type: ignore[assignment]  # a 1-d array's list
         alternatives: list[int] = ids.tolist()  # type: ignore[assignment]
         pairs = sorted(zip(logprobs[1:], alternatives, strict=True), key=lambda p: -p[0])
