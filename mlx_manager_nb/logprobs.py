@@ -47,6 +47,13 @@ class TokenLogprob:
     top_logprobs: list[TopLogprob] = field(default_factory=list)
 
 
+def openai_logprobs(entries: list[TokenLogprob]) -> list[dict]:
+    """``entries`` as OpenAI's chat ``logprobs.content`` and the Responses API's ``output_text.logprobs`` list them."""
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top_logprobs]}
+            for e in entries]
+
+
 def token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
     """A token id's bytes under ``tokenizer`` (an mlx-lm ``TokenizerWrapper``), as llguidance decodes them."""
     from .constraints import ll_tokenizer

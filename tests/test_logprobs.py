@@ -199,3 +199,24 @@ def test_openai_completions_bad_logprobs_is_a_400_naming_it(client, value):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"logprobs": value})
     assert caught.value.body["param"] == "logprobs"
+
+
+def test_responses_include_output_text_logprobs_streamed_and_not(pool, client):
+    ask = dict(model="tiny", input="Hi", temperature=0, max_output_tokens=12,
+               include=["message.output_text.logprobs"], top_logprobs=3)
+    r = client.responses.create(**ask)
+    part = r.output[0].content[0]
+    expected = pool.chat(HI, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3).logprobs
+    assert [t.token for t in part.logprobs] == [e.token for e in expected] and r.top_logprobs == 3
+    assert [t.logprob for t in part.logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-5)
+    assert all(len(t.top_logprobs) == 3 for t in part.logprobs)
+    deltas, done = [], None
+    for event in client.responses.create(**ask, stream=True):
+        if event.type == "response.output_text.delta":
+            deltas += event.logprobs
+        elif event.type == "response.output_text.done":
+            done = event.logprobs
+    dumped = [t.model_dump() for t in part.logprobs]
+    assert [t.model_dump() for t in deltas] == dumped and [t.model_dump() for t in done] == dumped
+    plain = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, top_logprobs=3)
+    assert plain.output[0].content[0].logprobs is None  # top_logprobs alone asks for nothing shown

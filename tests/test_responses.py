@@ -382,7 +382,6 @@ CALL = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
         ({**TINY, "reasoning": {"summary": "auto"}}, 400, "reasoning.summary"),
         ({**TINY, "background": True}, 400, "background"),
         ({**TINY, "conversation": "conv_1"}, 400, "conversation"),
-        ({**TINY, "include": ["message.output_text.logprobs"]}, 400, "include"),
         ({**TINY, "metadata": {"k": 1}}, 400, "metadata"),
         ({**TINY, "max_output_tokens": 0}, 400, "max_output_tokens"),
         ({**TINY, "top_p": 2}, 400, "top_p"),
@@ -447,7 +446,7 @@ def test_function_calls_are_output_items_streamed_and_not(text):
 
     stored = []
     shape = stream_shape(DRAFT, lambda body: stored.append(body) or body)
-    events = shape.start(SimpleNamespace(prompt_tokens=10))
+    events = shape.start(SimpleNamespace(prompt_tokens=10, logprobs=None))  # a stream that asked for no logprobs
     for piece in ([text[:4], text[4:]] if text else []):
         events += shape.delta(piece)
     for i, c in enumerate(CALLS):  # each call's name, then its arguments in two pieces, then the call

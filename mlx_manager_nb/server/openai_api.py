@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
-from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob
+from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, openai_logprobs
 from ..request import ROLES, ChatRequest, check_prompt, python_messages, python_structure
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece
@@ -168,9 +168,7 @@ def _logprobs(entries: list[TokenLogprob] | None) -> dict | None:
     """A chat choice's ``logprobs`` (the SDK's ``ChoiceLogprobs``); None when not asked."""
     if entries is None:
         return None
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
-                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
-                                          for t in e.top_logprobs]} for e in entries], "refusal": None}
+    return {"content": openai_logprobs(entries), "refusal": None}
 
 
 class _Offsets:

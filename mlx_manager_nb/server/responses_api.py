@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure
 from ..structured import ANY_OBJECT, check_schema
 from ..tools import Tool, check_count, tool_parameters
@@ -33,7 +34,6 @@ REFUSED = ("conversation", "prompt", "max_tool_calls")  # would change the answe
 NO_OPS = {  # values that ask for nothing: accepted
     "background": (False,),
     "truncation": ("disabled",),
-    "top_logprobs": (0,),
 }
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # the Responses API's sampling fields -> GenParams'
@@ -45,9 +45,16 @@ MAX_METADATA = 16  # key-value pairs, each key up to 64 characters and value up 
 
 def _refuse(body: dict) -> None:
     refuse_fields(body, REFUSED, NO_OPS)
+
+
+def _logprobs(body: dict) -> dict:
+    """The sampler's log-probability parameters: asked by ``include``, with ``top_logprobs`` alternatives
+    (which ask for nothing without it, as OpenAI's)."""
     include = field_of(body, "include", list, default=[])
-    if "message.output_text.logprobs" in include:
-        raise ApiError(400, "'include': message.output_text.logprobs is not supported yet", param="include")
+    top = field_of(body, "top_logprobs", int, default=0)
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
+    return {"logprobs": True, "top_logprobs": top} if "message.output_text.logprobs" in include else {}
 
 
 def _text(parts: Any, where: str, kinds: tuple[str, ...]) -> list[str]:
@@ -248,7 +255,7 @@ async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> 
     """Answer ``input`` after the conversation ``previous_response_id`` names; store the response unless
     ``store`` is false or the server keeps none."""
     _refuse(body)
-    params = sampling(body, FIELDS, max_tokens=_max_tokens(body))
+    params = sampling(body, FIELDS, max_tokens=_max_tokens(body), **_logprobs(body))
     instructions = field_of(body, "instructions", str)
     tools = _tools(body)
     tool_choice = _tool_choice(body, tools)
@@ -265,6 +272,7 @@ async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> 
         "text": text,
         "tool_choice": tool_choice,
         "tools": tools,
+        "top_logprobs": params.top_logprobs,
         "top_p": params.top_p,
         "truncation": "disabled",
         "user": field_of(body, "user", str),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ApiError
+from ..logprobs import TokenLogprob, openai_logprobs
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece, ToolCall
 from .streaming import SseEvent, StreamShape
@@ -73,13 +74,15 @@ def response(draft: Draft, status: str, output: list[dict], result: Result | Non
     }
 
 
-def message_item(item_id: str, text: str, status: str) -> dict:
+def message_item(item_id: str, text: str, status: str, logprobs: list[TokenLogprob] | None = None) -> dict:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [text_part(text)]}
+            "content": [text_part(text, logprobs)]}
 
 
-def text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": []}
+def text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+    """An ``output_text`` part, with its tokens' log-probabilities when the request included them."""
+    return {"type": "output_text", "text": text, "annotations": [],
+            **({"logprobs": openai_logprobs(logprobs)} if logprobs is not None else {})}
 
 
 def function_call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict:
@@ -91,7 +94,8 @@ def output_items(result: Result) -> list[dict]:
     """A finished result's output: its text as a message (if any, or if nothing else), then its tool calls."""
     calls = result.tool_calls
     status = "completed" if STATUS[result.finish_reason] == "completed" else "incomplete"
-    message = [message_item(new_item_id("msg"), result.text, status)] if result.text or not calls else []
+    text = result.text or not calls
+    message = [message_item(new_item_id("msg"), result.text, status, result.logprobs)] if text else []
     return message + [function_call_item(new_item_id("fc"), call) for call in calls]
 
 
@@ -106,6 +110,16 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
     output: list[dict] = []  # the items finished so far
     message: dict | None = None  # the message item being streamed, if one is open
     call_item: str | None = None  # the id of the function_call item being streamed, if one is open
+    streams: list[AsyncTextStream] = []  # the stream, once started: its log-probabilities go with its text
+    logprobs: list[TokenLogprob] | None = None  # those of the open message's text, when asked
+
+    def new_logprobs() -> list[TokenLogprob]:
+        """The log-probabilities not yet sent, added to the open message's."""
+        if logprobs is None:
+            return []
+        new = (streams[0].logprobs or [])[len(logprobs):]
+        logprobs.extend(new)
+        return new
 
     def event(kind: str, **data: Any) -> SseEvent:
         return kind, {"type": kind, **data, "sequence_number": next(sequence)}
@@ -123,15 +137,19 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
             return []
         text = message["content"][0]["text"]
         at = {"item_id": message["id"], "output_index": len(output)}
-        done = message_item(message["id"], text, status)
-        events = [event("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
-                  event("response.content_part.done", **at, content_index=0, part=text_part(text)),
+        done = message_item(message["id"], text, status, logprobs)
+        events = [event("response.output_text.done", **at, content_index=0, text=text,
+                        logprobs=openai_logprobs(logprobs or [])),
+                  event("response.content_part.done", **at, content_index=0, part=done["content"][0]),
                   event("response.output_item.done", output_index=len(output), item=done)]
         output.append(done)
         message = None
         return events
 
     def start(s: AsyncTextStream) -> list[SseEvent]:
+        nonlocal logprobs
+        streams.append(s)
+        logprobs = [] if s.logprobs is not None else None
         body = response(draft, "in_progress", [])
         return [event("response.created", response=body), event("response.in_progress", response=body)]
 
@@ -140,7 +158,7 @@ def stream_shape(draft: Draft, finish: Callable[[dict], dict]) -> StreamShape:
         assert message is not None
         message["content"][0]["text"] += text
         return [*events, event("response.output_text.delta", item_id=message["id"], output_index=len(output),
-                               content_index=0, delta=text, logprobs=[])]
+                               content_index=0, delta=text, logprobs=openai_logprobs(new_logprobs()))]
 
     def call_piece(piece: CallPiece) -> list[SseEvent]:
         nonlocal call_item
