@@ -6,6 +6,7 @@ a notebook renders the HTML, a terminal the plain text.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,21 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) ->
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     html = f'<table class="mlx-nb">{head}<tbody>{body}</tbody></table>'
     return {"text/html": html, "text/plain": "\n".join(text)}
+
+
+def token_probabilities(entries: Sequence[Any]) -> dict:
+    """An answer's tokens (:class:`~mlx_manager_nb.logprobs.TokenLogprob`) as a bundle: in HTML each
+    token shaded by its probability (the less likely, the darker the orange), its alternatives on
+    hover; in plain text one line per token."""
+    spans, lines = [], []
+    for e in entries:
+        p = math.exp(e.logprob)
+        alternatives = ", ".join(f"{t.token!r} {math.exp(t.logprob):.1%}" for t in e.top_logprobs)
+        hover = f"{p:.1%}" + (f" | {alternatives}" if alternatives else "")
+        spans.append(f'<span title="{escape(hover)}" style="background: rgba(255, 140, 0, {1 - p:.2f}); '
+                     f'white-space: pre-wrap">{escape(e.token)}</span>')
+        lines.append(f"{e.token!r:20} {p:7.1%}" + (f"   {alternatives}" if alternatives else ""))
+    return {"text/html": f'<div class="mlx-nb-logprobs">{"".join(spans)}</div>', "text/plain": "\n".join(lines)}
 
 
 def note(text: str) -> dict:

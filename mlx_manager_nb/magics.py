@@ -476,6 +476,9 @@ def chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", metavar="NAMES",
                    help="comma-separated notebook variables: Python functions (or lists of them) the model may "
                         f"call; calls run and go back to the model, for at most {TOOL_ROUNDS} rounds")
+    p.add_argument("--logprobs", action="store_true",
+                   help="after the answer, show each token shaded by its probability, the 5 likeliest "
+                        "alternatives on hover (not with --tools)")
     p.add_argument("--tool-choice", metavar="CHOICE",
                    help="auto (default), none, required, or a tool's name, for the first round")
     return p
@@ -600,7 +603,8 @@ def chat_asker(args: argparse.Namespace, schema: Any, tools: list, history: list
         try:
             return _pool().chat(messages, model=args.model, stream=True, meta=dict(META), tools=tools or None,
                                 tool_choice=choice if tools else None, schema=schema,
-                                temperature=args.temperature, max_tokens=args.max_tokens)
+                                temperature=args.temperature, max_tokens=args.max_tokens,
+                                **({"logprobs": True, "top_logprobs": 5} if args.logprobs else {}))
         except ValueError as e:
             if history and "context" in str(e):
                 raise ValueError(f"{e}: `%%chat --new` starts the conversation over") from None
@@ -637,6 +641,8 @@ def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
     if interrupted:
         raise Interrupted(f"generation stopped; the partial answer is kept in conversation {args.name!r}")
     out.show(out.note(footer(stream.result)))
+    if args.logprobs and stream.result is not None and stream.result.logprobs is not None:
+        out.show(out.token_probabilities(stream.result.logprobs))
     if args.schema:
         assert stream.result is not None
         parsed = stream.result.parsed

@@ -408,3 +408,17 @@ def test_chat_with_tools_runs_the_calls_and_shows_them_readably(ip, wide_tiny_mo
     assert [t["role"] for t in turns[:2]] == ["user", "assistant"] and turns[-1]["role"] == "assistant"
     assert turns[1]["tool_calls"][0]["function"]["name"] == "dice"
     assert [t["content"] for t in turns if t["role"] == "tool"] == ["7"] * len(ran)
+
+
+def test_chat_logprobs_shows_each_token_shaded_with_its_alternatives(ip, tiny):
+    import math
+
+    c = chat(ip, "-t 0 --max-tokens 4 --logprobs", "Hi")
+    expected = tiny.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=4, logprobs=True,
+                         top_logprobs=5).logprobs
+    shown = c.outputs[-1].data
+    assert shown["text/html"].count("<span title=") == len(expected) == 4
+    first = expected[0]
+    assert f"{math.exp(first.logprob):.1%} | " in shown["text/html"]  # its probability, then the alternatives
+    assert shown["text/plain"].splitlines()[0].startswith(f"{first.token!r:20} {math.exp(first.logprob):7.1%}")
+    assert shown["text/plain"].count(", ") >= 4 * 4  # five alternatives a token
