@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .audit_log import audit_row, error_fields, new_request_id, utc_now
 from .engine import Delta, Done, Event, Failed, Request, Runner
 from .errors import AnswerCutError, ContextLengthError, InvalidParameterError, ModelNotFoundError
+from .logprobs import token_bytes
 from .params import DEFAULT_MAX_TOKENS, GenParams, fit_to_model
 from .request import ChatRequest, RequestContext
 from .streams import Final, StreamEvent
@@ -191,6 +192,8 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     if request.params.logprobs and (request.tools or info.placement != "local"):
         raise InvalidParameterError("logprobs", "logprobs is not supported yet with tools, nor for a model "
                                     "that runs in other processes")
+    if request.params.logprobs:  # the tokenizer's first conversion (~0.3 s) here, not on the engine thread
+        token_bytes(runner.tokenizer)
     ids, chat_plan = tokens(runner, request) if runner.tokenizer is not None else ([], None)
     p = _fit_context(info, request, len(ids), p)  # an attached server templates and tokenizes itself
     content: Any = request.prompt if request.prompt is not None else [m.template() for m in request.messages]
