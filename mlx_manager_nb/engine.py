@@ -48,6 +48,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
+from .kv_disk import DiskTier, build_cache
 from .logprobs import Recorder, TokenLogprob, token_bytes
 from .params import GenParams, Processor, make_processors, make_sampler
 from .slices import Job, Slices
@@ -177,6 +178,8 @@ class Runner:
     token_bytes: int | None = None  # KV bytes per token position, measured on first use
     embed_queue: Any = None  # an embedding model's jobs waiting for a forward pass (see embeddings)
     prefilling: list[_Prefill] = field(default_factory=list)  # admitted, prompt still being prefilled
+    disk: DiskTier | None = None  # the prompt cache's disk tier (see kv_disk); None: memory only
+    loading: list[Request] = field(default_factory=list)  # waiting for their prefix's KV to be read from disk
 
     @property
     def vocab_size(self) -> int:
@@ -208,9 +211,12 @@ class Runner:
         self.fail_active(error)
         for request in [*(p.request for p in self.prefilling), *self.waiting, *(p.seq.request for p in self.parked)]:
             _emit(request, Failed(error))
+        for request in self.loading:
+            _emit(request, Failed(error))
         self.prefilling.clear()
         self.waiting.clear()
         self.parked.clear()
+        self.loading.clear()
 
 
 class Engine:
@@ -324,7 +330,7 @@ class Engine:
             for runner in self._runners.values():
                 for seq in runner.active.values():
                     _emit(seq.request, self._seq_done(seq, "cancelled"))
-                for request in [*runner.waiting, *(p.request for p in runner.prefilling)]:
+                for request in [*runner.waiting, *(p.request for p in runner.prefilling), *runner.loading]:
                     _emit(request, _done(request, "cancelled", None, 0, 0, None))
                 for parked in runner.parked:
                     _emit(parked.seq.request, self._seq_done(parked.seq, "cancelled"))
@@ -332,6 +338,7 @@ class Engine:
                 runner.waiting.clear()
                 runner.parked.clear()
                 runner.prefilling.clear()
+                runner.loading.clear()
                 runner.gen = None
                 runner.kv_bytes = 0
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
@@ -403,13 +410,44 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _enqueue(self, request: Request) -> None:
+    def _enqueue(self, request: Request, from_disk: bool = True) -> None:
         runner = self._runners.get(request.model)
+        if runner is not None and from_disk and self._read_from_disk(runner, request):
+            return
         if runner is None:
             _emit(request, Failed(EngineError(f"model {request.model!r} is not loaded")))
         else:  # behind those of its priority or higher
             at = next((i for i, q in enumerate(runner.waiting) if q.priority < request.priority), len(runner.waiting))
             runner.waiting.insert(at, request)
+
+    def _read_from_disk(self, runner: Runner, request: Request) -> bool:
+        """Where the disk tier holds a prefix of ``request``'s prompt longer than the memory tier's by more
+        than :data:`PREFILL_THRESHOLD` tokens, read it in the background; the request waits for it."""
+        found = runner.disk.find(request.prompt) if runner.disk is not None else None
+        if found is None or found[1] <= _memory_hit(runner, request.prompt) + PREFILL_THRESHOLD:
+            return False
+        runner.loading.append(request)
+        assert runner.disk is not None
+        runner.disk.read(found[0], lambda fut: self._inbox.put(("call", self._from_disk, (runner, request, fut),
+                                                                       Future())))
+        return True
+
+    def _from_disk(self, runner: Runner, request: Request, read: Future) -> None:
+        """Put a prefix read from disk into the memory tier, then queue the request that waited for it."""
+        if request not in runner.loading:  # its model was unloaded meanwhile, or the engine stopped
+            return
+        runner.loading.remove(request)
+        found = None if read.exception() else read.result()
+        if found is not None:
+            tokens, dtype, arrays = found
+            try:
+                cache = build_cache(dtype, arrays)
+            except Exception:  # a file of another shape: a miss
+                cache = None
+            if cache is not None:
+                self._bound_prompt_cache(runner)
+                runner.prompt_cache.insert_cache(runner.name, tokens, cache)
+        self._enqueue(request, from_disk=False)
 
     def _admit(self, runner: Runner) -> None:
         """Move waiting requests into the batch while its estimated KV bytes fit the runner's budget."""
@@ -670,11 +708,21 @@ class Engine:
         mx.eval([c.state for c in cache])
         self._bound_prompt_cache(runner)
         runner.prompt_cache.insert_cache(runner.name, tokens, cache)
+        if runner.disk is not None:
+            runner.disk.save(tokens, cache)
 
     @staticmethod
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:
         ttft = seq.first - seq.request.submitted if seq.first is not None else None
         return _done(seq.request, reason, stop, seq.tokens, seq.cached, ttft)
+
+
+def _memory_hit(runner: Runner, tokens: list[int]) -> int:
+    """How many of ``tokens`` the memory tier would give (mlx-lm's trie, searched without copying a cache)."""
+    result = runner.prompt_cache._trie.search(runner.name, tokens)
+    if result.exact is not None:
+        return len(tokens)
+    return max(len(result.shorter or ()), result.common_prefix if result.longer is not None else 0)
 
 
 def _unread(request: Request) -> int:

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import dequantize_model, load_config, load_model, load_tokenizer
 
-from . import attention, embeddings, store
+from . import attention, embeddings, kv_disk, store
 from .engine import Engine, Request, Runner
 from .errors import EngineError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext
@@ -85,6 +85,8 @@ class ModelInfo:
     error: str | None = None
     kv_bytes: int = 0  # KV caches of its running sequences
     cache_bytes: int = 0  # its prompt cache
+    disk_cache_bytes: int = 0  # its prompt cache's files on disk (see kv_disk)
+    disk_hits: int = 0  # prompts that read a prefix's KV from those files, since it was loaded
     kind: str = "chat"  # or "embedding"
     placement: str = "local"  # "local", "sharded" (ranks started by mlx.launch) or "attached" (an OpenAI server)
     hosts: tuple[str, ...] = ()  # a sharded model's hosts, rank by rank, or an attached model's base URL
@@ -172,7 +174,8 @@ class Registry:
     recently used idle, unpinned model. ``keep_alive`` (seconds, None for ever) unloads models
     left idle that long. ``dequantize`` loads quantized models as float32: None (the default) does
     so on CPU devices when the float weights fit in ``max_memory``. ``audit`` is an
-    :class:`~mlx_manager_nb.audit_log.AuditLog` or None.
+    :class:`~mlx_manager_nb.audit_log.AuditLog` or None. ``kv_disk_bytes`` bounds the prompt cache's
+    files under ``$MLX_NB_HOME/kv/`` (see :mod:`~mlx_manager_nb.kv_disk`); 0 keeps it in memory only.
     """
 
     def __init__(
@@ -182,12 +185,15 @@ class Registry:
         keep_alive: float | None = 1800.0,
         audit: Any = None,
         dequantize: bool | None = None,
+        kv_disk_bytes: int = kv_disk.KV_DISK_BYTES,
     ):
         self.max_models = max_models
         self.max_memory = max_memory if max_memory is not None else int(physical_memory() * 0.5)
         self.keep_alive = keep_alive
         self.audit = audit
         self.dequantize = dequantize
+        self.kv_disk_bytes = kv_disk_bytes
+        self._disks: dict[str, kv_disk.DiskTier] = {}  # each chat model's disk tier, while it is loaded
         self.default: str | None = None
         self.engine = Engine(on_tick=self._reap_idle)
         if mx.default_device().type == mx.DeviceType.cpu and os.environ.get("MLX_NB_COMPILE") != "1":
@@ -230,8 +236,11 @@ class Registry:
         with self._lock:
             infos = list(self._models.values())
         memory = self.engine.model_memory()
+        disks = dict(self._disks)
         return [replace(i, in_flight=self._in_flight.get(i.name, 0), kv_bytes=memory.get(i.name, (0, 0))[0],
                         cache_bytes=memory.get(i.name, (0, 0))[1],
+                        disk_cache_bytes=disks[i.name].nbytes if i.name in disks else 0,
+                        disk_hits=disks[i.name].hits if i.name in disks else 0,
                         ranks=self._remote[i.name].ranks() if i.name in self._remote else i.ranks) for i in infos]
 
     def memory_used(self) -> int:
@@ -354,6 +363,9 @@ class Registry:
             self.engine.add_job(_load_job(build, path, report, loaded))
             runner = loaded.result()
             runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
+            disk = kv_disk.open_tier(path, self.kv_disk_bytes) if kind == "chat" else None
+            if disk is not None:
+                runner.disk = self._disks[name] = disk
             self.engine.run(self.engine.add_runner, runner).result()
         except BaseException as e:
             self._set(name, state="failed", error=str(e))
@@ -410,6 +422,7 @@ class Registry:
                 victim = min(idle, key=lambda m: (not m.auto_loaded, m.last_used))
                 self._set(victim.name, state="unloading")
             self.engine.run(self._unload_on_engine, victim.name).result()
+            self._close_disk(victim.name)
 
     def _unload_on_engine(self, name: str) -> None:
         remote = self._remote.pop(name, None)
@@ -424,11 +437,18 @@ class Registry:
             gone = replace(info, state="unloaded")
             self._publish(ModelEvent(name, "unloaded", gone))
 
+    def _close_disk(self, name: str) -> None:
+        """Finish an unloaded model's disk writes (off the engine thread)."""
+        disk = self._disks.pop(name, None)
+        if disk is not None:
+            disk.close()
+
     def unload(self, name: str) -> None:
         """Unload a model (by name or alias); requests still running on it fail."""
         info = self._get(name)
         self._set(info.name, state="unloading")
         self.engine.run(self._unload_on_engine, info.name).result()
+        self._close_disk(info.name)
         if self.audit is not None:
             self.audit.flush()
 

@@ -1,0 +1,256 @@
+"""The prompt cache's disk tier: long prefixes' KV caches kept under ``$MLX_NB_HOME/kv/``, across restarts.
+
+A finished sequence of :data:`MIN_TOKENS` tokens or more has its KV written (off the engine thread) to
+``kv/<model fingerprint>/<hash of its tokens>.safetensors``, its tokens in the file's metadata. The
+fingerprint hashes the names, sizes and modification times of the model folder's files: a model
+changed under the same name gets a new folder and never reads a stale cache. A prompt the memory tier
+(mlx-lm's ``LRUPromptCache``) misses is looked up here by longest common prefix; the file is read off
+the engine thread and only its arrays are made on it. The folder is bounded in bytes (least recently
+used files go first, across models); files are written to a temporary name and renamed, so a reader
+(another kernel sharing the home) never sees half a file; a corrupt or truncated file is removed and
+counts as a miss. A disk that is full or read-only stops the writes with one warning; serving goes on.
+Only plain ``KVCache`` layers are stored (rotating, quantized and recurrent caches are not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from .store import home, make_private_dir
+
+MIN_TOKENS = 1024  # a finished sequence this long (prompt and answer) is written to disk
+KV_DISK_BYTES = 2 << 30  # default bound of the kv/ folder, all models together
+_DTYPES = {mx.bfloat16: ("BF16", np.uint16), mx.float16: ("F16", np.float16), mx.float32: ("F32", np.float32)}
+_MX = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _DTYPES.items()}
+
+Arrays = dict[str, np.ndarray]
+
+
+def fingerprint(model_path: Path) -> str:
+    """A model folder's identity: its files' names, sizes and modification times, hashed."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_path.iterdir() if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+class DiskTier:
+    """One model's folder in the disk tier (see the module's docstring); ``max_bytes`` bounds the whole kv/ folder."""
+
+    def __init__(self, model_path: Path, max_bytes: int = KV_DISK_BYTES):
+        self.root = make_private_dir(home() / "kv")
+        self.folder = self.root / fingerprint(model_path)
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self._lock = threading.Lock()
+        self._index: dict[str, tuple[int, ...]] = {}  # file name -> its tokens
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-kv-disk")
+        self._writable = True
+        self._scan()
+
+    def _scan(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for f in self.folder.glob("*.safetensors"):
+            try:
+                self._index[f.name] = tuple(json.loads(_header(f)["__metadata__"]["tokens"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                _remove(f)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this model's files."""
+        return sum(_size(self.folder / name) for name in list(self._index))
+
+    def find(self, tokens: list[int]) -> tuple[str, int] | None:
+        """The file sharing the longest prefix with ``tokens``, and that prefix's length (any thread)."""
+        with self._lock:
+            entries = list(self._index.items())
+        best = max(((name, _common(stored, tokens)) for name, stored in entries), key=lambda e: e[1], default=None)
+        return best if best and best[1] else None
+
+    def save(self, tokens: list[int], cache: list[Any]) -> None:
+        """Write ``cache`` (holding ``tokens``) in the background if long enough and not stored yet (engine thread)."""
+        if not self._writable or self.max_bytes <= 0 or len(tokens) < MIN_TOKENS:
+            return
+        if not all(type(c) is KVCache and c.keys is not None and c.keys.dtype in _DTYPES and c.offset == len(tokens)
+                   for c in cache):
+            return
+        found = self.find(tokens)
+        if found and found[1] == len(tokens):  # this prefix, or a longer one holding it, is stored
+            return
+        arrays = {}
+        for i, c in enumerate(cache):
+            for part, a in (("keys", c.keys), ("values", c.values)):
+                a = a[..., : c.offset, :]  # copied here: MLX arrays stay on the engine thread
+                arrays[f"{i}.{part}"] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+        dtype = _DTYPES[cache[0].keys.dtype][0]
+        self._io.submit(self._write, list(tokens), arrays, dtype)
+
+    def _write(self, tokens: list[int], arrays: Arrays, dtype: str) -> None:
+        name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
+        try:
+            make_private_dir(self.folder)
+            _write_safetensors(self.folder / name, arrays, dtype, {"tokens": json.dumps(tokens)})
+        except OSError as e:
+            self._writable = False
+            warnings.warn(f"the prompt cache on disk stops writing ({self.folder}): {e}", RuntimeWarning, stacklevel=1)
+            return
+        with self._lock:
+            self._index[name] = tuple(tokens)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Remove the least recently used files of the whole kv/ folder until it fits ``max_bytes``."""
+        files = []
+        for f in self.root.glob("*/*.safetensors"):
+            with contextlib.suppress(OSError):
+                st = f.stat()
+                files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            self._forget(f)
+            total -= size
+
+    def _forget(self, f: Path) -> None:
+        _remove(f)
+        if f.parent == self.folder:
+            with self._lock:
+                self._index.pop(f.name, None)
+
+    def read(self, name: str, done: Callable[[Future], None]) -> None:
+        """Read file ``name`` in the background; ``done`` gets a future of (tokens, dtype, arrays), or of
+        None where the file is gone or corrupt (then removed)."""
+        self._io.submit(self._read, name).add_done_callback(done)
+
+    def _read(self, name: str) -> tuple[list[int], str, Arrays] | None:
+        f = self.folder / name
+        try:
+            found = _read_safetensors(f)
+            os.utime(f)  # recently used: trimmed last
+        except FileNotFoundError:
+            found = None
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None
+            _remove(f)
+        if found is None:
+            with self._lock:
+                self._index.pop(name, None)
+            return None
+        self.hits += 1
+        return found
+
+    def close(self) -> None:
+        """Finish the writes under way."""
+        self._io.shutdown(wait=True)
+
+
+def open_tier(model_path: Path, max_bytes: int) -> DiskTier | None:
+    """The disk tier of the model in ``model_path``; None when ``max_bytes`` is 0 or the home cannot hold it
+    (a read-only home: one warning, the prompt cache stays in memory)."""
+    if max_bytes <= 0:
+        return None
+    try:
+        return DiskTier(model_path, max_bytes)
+    except OSError as e:
+        warnings.warn(f"the prompt cache stays in memory: {e}", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def build_cache(dtype: str, arrays: Arrays) -> list[KVCache]:
+    """The KV cache a file held, as MLX arrays (engine thread)."""
+    mx_dtype = _MX[dtype][0]
+    cache = []
+    for i in range(len(arrays) // 2):
+        c = KVCache()
+        keys, values = (mx.array(arrays[f"{i}.{part}"]) for part in ("keys", "values"))
+        if mx_dtype == mx.bfloat16:
+            keys, values = keys.view(mx.bfloat16), values.view(mx.bfloat16)
+        c.state = (keys, values, keys.shape[2])
+        cache.append(c)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def _common(a: tuple[int, ...], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _write_safetensors(path: Path, arrays: Arrays, dtype: str, metadata: dict[str, str]) -> None:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, a in arrays.items():
+        header[key] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(struct.pack("<Q", len(head)) + head)
+            for a in arrays.values():
+                out.write(np.ascontiguousarray(a).tobytes())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _read_safetensors(path: Path) -> tuple[list[int], str, Arrays]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8: 8 + n])
+    tokens = json.loads(header.pop("__metadata__")["tokens"])
+    arrays, dtype = {}, ""
+    for key, spec in header.items():
+        dtype = spec["dtype"]
+        start, end = spec["data_offsets"]
+        if 8 + n + end > len(data):
+            raise ValueError("truncated")
+        np_dtype = _MX[dtype][1]
+        arrays[key] = np.frombuffer(data, np_dtype, (end - start) // np.dtype(np_dtype).itemsize, 8 + n + start)
+        arrays[key] = arrays[key].reshape(spec["shape"])
+    if not arrays or len(arrays) % 2 or not tokens:
+        raise ValueError("no KV cache")
+    return tokens, dtype, arrays
+
+
+def _size(f: Path) -> int:
+    try:
+        return f.stat().st_size
+    except OSError:
+        return 0
+
+
+def _remove(f: Path) -> None:
+    with contextlib.suppress(OSError):
+        f.unlink()

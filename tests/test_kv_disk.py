@@ -1,0 +1,101 @@
+"""The prompt cache's disk tier on the tiny model: a new pool on the same home reuses a long prefix's KV."""
+
+import os
+import shutil
+import stat
+
+import pytest
+
+from mlx_manager_nb import kv_disk
+
+LONG = [{"role": "user", "content": " ".join(f"item {i} is blue." for i in range(80))}]  # over 1,024 tokens
+
+
+@pytest.fixture
+def model(wide_tiny_model_path, tmp_path):
+    """A copy of the tiny model (4,096 tokens of context) this test may change."""
+    return shutil.copytree(wide_tiny_model_path, tmp_path / "tiny-copy")
+
+
+def answer(make_pool, model, messages=LONG, **kwargs):
+    """Load ``model`` in a new pool, answer ``messages`` greedily, close the pool; the result and the model's info."""
+    pool = make_pool(keep_alive=None, **kwargs)
+    pool.load(model, alias="tiny")
+    result = pool.chat(messages, temperature=0, max_tokens=8)
+    (info,) = pool.models()
+    pool.close()
+    return result, info
+
+
+def files(home):
+    return sorted((home / "kv").glob("*/*.safetensors"))
+
+
+def test_a_new_pool_on_the_same_home_reuses_a_long_prefix_from_disk(make_pool, model, isolated_home):
+    first, _ = answer(make_pool, model)
+    assert first.usage.prompt_tokens >= kv_disk.MIN_TOKENS and first.usage.cached_tokens == 0
+    (saved,) = files(isolated_home)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert stat.S_IMODE(saved.parent.stat().st_mode) == stat.S_IMODE((isolated_home / "kv").stat().st_mode) == 0o700
+    second, info = answer(make_pool, model)
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.text == first.text
+    assert info.disk_hits == 1 and info.disk_cache_bytes == saved.stat().st_size
+
+
+def test_a_truncated_or_corrupt_file_is_a_miss_and_is_removed(make_pool, model, isolated_home):
+    first, _ = answer(make_pool, model)
+    (saved,) = files(isolated_home)
+    size = saved.stat().st_size
+    saved.write_bytes(saved.read_bytes()[: size // 2])
+    junk = saved.with_name("junk.safetensors")
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    second, info = answer(make_pool, model)
+    assert second.usage.cached_tokens == 0 and second.text == first.text
+    assert files(isolated_home) == [saved] and saved.stat().st_size == size  # removed, then written whole again
+    assert info.disk_hits == 0
+
+
+def test_the_folder_stays_within_its_byte_budget(make_pool, model, isolated_home):
+    answer(make_pool, model)
+    one = files(isolated_home)[0].stat().st_size
+    questions = [[{"role": "user", "content": f"{n}: " + LONG[0]["content"][::-1]}] for n in range(3)]
+    pool = make_pool(keep_alive=None, kv_disk_bytes=int(one * 1.5))
+    pool.load(model, alias="tiny")
+    for q in questions:
+        pool.chat(q, temperature=0, max_tokens=8)
+    pool.close()
+    assert len(files(isolated_home)) == 1 and sum(f.stat().st_size for f in files(isolated_home)) <= one * 1.5
+    last, _ = answer(make_pool, model, questions[-1])  # the newest stayed
+    assert last.usage.cached_tokens > 0
+
+
+def test_a_model_changed_under_the_same_name_does_not_reuse_the_cache(make_pool, model, isolated_home):
+    answer(make_pool, model)
+    config = model / "config.json"
+    config.write_text(config.read_text())
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    second, info = answer(make_pool, model)
+    assert second.usage.cached_tokens == 0 and info.disk_hits == 0
+    assert len({f.parent for f in files(isolated_home)}) == 2  # one folder per identity
+
+
+def test_kv_disk_bytes_0_writes_nothing(make_pool, model, isolated_home):
+    answer(make_pool, model, kv_disk_bytes=0)
+    second, info = answer(make_pool, model, kv_disk_bytes=0)
+    assert not (isolated_home / "kv").exists()
+    assert second.usage.cached_tokens == 0 and info.disk_cache_bytes == 0
+
+
+def test_a_cache_folder_that_cannot_be_written_stops_the_writes_with_one_warning(make_pool, model, isolated_home):
+    blocked = isolated_home / "kv" / kv_disk.fingerprint(model)
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")  # as a full disk or a read-only home, even for root
+    pool = make_pool(keep_alive=None)
+    pool.load(model, alias="tiny")
+    with pytest.warns(RuntimeWarning, match="stops writing") as warned:
+        first = pool.chat(LONG, temperature=0, max_tokens=8)
+        again = pool.chat([{"role": "user", "content": LONG[0]["content"][::-1]}], temperature=0, max_tokens=8)
+        pool.close()
+    assert first.finish_reason and again.finish_reason and len(warned) == 1
+    assert files(isolated_home) == []
