@@ -121,6 +121,7 @@ class Request:
     backlog: Callable[[], int] | None = None  # its events not yet taken by its consumer (None: never parked)
     cause: str | None = None  # set before ``cancelled`` when the server cuts it: "shutdown" or "unread"
     priority: int = 0  # higher waits ahead and prefills first (see request.NOTEBOOK_PRIORITY)
+    keep: bool = False  # its KV goes to the prompt cache's disk tier whatever its length (a warm-up)
 
 
 @dataclass
@@ -651,7 +652,7 @@ class Engine:
             self._finish_removed(runner, [r.uid], "stop", hit)
         elif r.finish_reason is not None:
             del runner.active[r.uid]
-            self._remember(runner, r.all_tokens, r.prompt_cache)
+            self._remember(runner, r.all_tokens, r.prompt_cache, seq.request.keep)
             _emit(seq.request, self._seq_done(seq, r.finish_reason))
 
     def _finish_removed(self, runner: Runner, uids: list[int], reason: str, stop: str | None = None) -> None:
@@ -700,8 +701,9 @@ class Engine:
         longest = max(slots, *(s.slots for s in runner.active.values()))
         return (len(runner.active) + 1) * longest * runner.token_bytes <= runner.kv_budget
 
-    def _remember(self, runner: Runner, tokens: list[int], cache: list[Any]) -> None:
-        """Keep a finished sequence's KV in the prompt cache, within what the running ones leave.
+    def _remember(self, runner: Runner, tokens: list[int], cache: list[Any], keep: bool = False) -> None:
+        """Keep a finished sequence's KV in the prompt cache, within what the running ones leave, and on
+        disk when long enough (``keep``: whatever its length).
 
         The cache is evaluated now: until then it is a lazy copy that keeps the batch's whole buffer alive.
         """
@@ -709,7 +711,7 @@ class Engine:
         self._bound_prompt_cache(runner)
         runner.prompt_cache.insert_cache(runner.name, tokens, cache)
         if runner.disk is not None:
-            runner.disk.save(tokens, cache)
+            runner.disk.save(tokens, cache, keep)
 
     @staticmethod
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:

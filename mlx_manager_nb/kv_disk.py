@@ -84,9 +84,10 @@ class DiskTier:
         best = max(((name, _common(stored, tokens)) for name, stored in entries), key=lambda e: e[1], default=None)
         return best if best and best[1] else None
 
-    def save(self, tokens: list[int], cache: list[Any]) -> None:
-        """Write ``cache`` (holding ``tokens``) in the background if long enough and not stored yet (engine thread)."""
-        if not self._writable or self.max_bytes <= 0 or len(tokens) < MIN_TOKENS:
+    def save(self, tokens: list[int], cache: list[Any], keep: bool = False) -> None:
+        """Write ``cache`` (holding ``tokens``) in the background if long enough (``keep``: whatever its length)
+        and not stored yet (engine thread)."""
+        if not self._writable or self.max_bytes <= 0 or (len(tokens) < MIN_TOKENS and not keep):
             return
         if not all(type(c) is KVCache and c.keys is not None and c.keys.dtype in _DTYPES and c.offset == len(tokens)
                    for c in cache):

@@ -24,6 +24,7 @@ import shlex
 import string
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -155,6 +156,19 @@ def _memory(info: ModelInfo) -> str:
             f"{stored.quantization}")
 
 
+def cmd_warm(magics: MLXMagics, args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    try:
+        text = Path(args.file).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--file: cannot read {args.file}: {e}") from None
+    prompt = text if args.raw else [{"role": "system", "content": text}]
+    result = _pool().warm(args.model, prompt)
+    print(f"Kept the KV cache of {result.usage.prompt_tokens} tokens of {args.file} on {result.model} "
+          f"(in memory and on disk) in {out.seconds(time.perf_counter() - started)}: a prompt that starts with it "
+          f"skips that prefill{'' if args.raw else ' (`%%chat --system`, a client system prompt)'}.")
+
+
 def cmd_attach(magics: MLXMagics, args: argparse.Namespace) -> None:
     info = _pool().attach(args.name, args.base_url, api_key=args.api_key, model=args.model)
     print(f"Attached {info.name} ({args.base_url}). Chat with `%%chat --model {info.name}`.")
@@ -256,9 +270,10 @@ def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
              x.alias, x.kind, x.state,
              "this kernel" if x.placement == "local" else f"{x.placement}: {', '.join(x.hosts)}",
              out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "client" if x.auto_loaded else "user",
-             "yes" if x.pinned else "no", out.seconds(x.keep_alive)] for x in models]
+             "yes" if x.pinned else "no", out.seconds(x.keep_alive),
+             f"{out.size(x.disk_cache_bytes)}, {x.disk_hits} hits" if x.disk_cache_bytes else ""] for x in models]
     out.show(out.table(rows, ["name", "alias", "kind", "state", "runs on", "size", "in flight", "last used",
-                              "loaded by", "pinned", "keep-alive"]))
+                              "loaded by", "pinned", "keep-alive", "cache on disk"]))
 
 
 def cmd_default(magics: MLXMagics, args: argparse.Namespace) -> None:
@@ -404,6 +419,11 @@ def mlx_parser() -> argparse.ArgumentParser:
                    help="mx.distributed backend of a sharded model (default: ring)")
     c.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
                    help="how a sharded model is split (default: tensor)")
+    c = add("warm", cmd_warm, "compute a document's KV cache and keep it, in memory and on disk, for prompts that "
+                              "start with it (after a kernel restart too)")
+    c.add_argument("model", metavar="MODEL", help="a loaded model's name or alias")
+    c.add_argument("--file", required=True, metavar="PATH", help="the text: a system prompt, unless --raw")
+    c.add_argument("--raw", action="store_true", help="the start of a raw prompt (pool.complete) instead")
     c = add("attach", cmd_attach, "serve a model of an OpenAI-compatible server as a pool entry")
     c.add_argument("name", metavar="NAME", help="its name in the pool")
     c.add_argument("base_url", metavar="URL", help="the server's OpenAI base URL, e.g. http://mac2:8000/v1")

@@ -48,10 +48,10 @@ class Pool(Registry):
     """
 
     def _start(self, make: Callable[[], ChatRequest], kind: str, model: str | None, sink: Callable,
-               context: RequestContext, backlog: Callable[[], int]) -> tuple[str, str, Any]:
+               context: RequestContext, backlog: Callable[[], int], keep: bool = False) -> tuple[str, str, Any]:
         """Build the request with ``make()`` and submit it (see :func:`.runner.start`); a refusal is recorded."""
         try:
-            return runner.start(self, make(), model, sink, context, backlog)
+            return runner.start(self, make(), model, sink, context, backlog, keep)
         except Exception as e:
             runner.record_refused(self, e, model, context, kind)
             raise
@@ -79,10 +79,10 @@ class Pool(Registry):
         runner.record_refused(self, error, model, context, kind, answered)
 
     def _run(self, make: Callable[[], ChatRequest], kind: str, model: str | None, stream: bool,
-             meta: Meta, timeout: float | None) -> Result | TextStream:
+             meta: Meta, timeout: float | None, keep: bool = False) -> Result | TextStream:
         context = self.request_context(meta, stream, timeout, model, kind)
         events, sink = queue_sink()
-        s = TextStream(*self._start(make, kind, model, sink, context, events.qsize), events)
+        s = TextStream(*self._start(make, kind, model, sink, context, events.qsize, keep), events)
         if stream:
             return s
         with s:
@@ -166,6 +166,18 @@ class Pool(Registry):
                  meta: Meta = None, timeout: float | None = None, **params: Any) -> Result | TextStream:
         """Continue a raw prompt (no chat template)."""
         return self._run(lambda: python_request(prompt=prompt, **params), "complete", model, stream, meta, timeout)
+
+    def warm(self, model: str | None, prompt: str | list[dict], meta: Meta = None) -> Result:
+        """Compute and keep the KV cache of ``prompt`` (a raw string, or chat messages with their template),
+        in memory and on disk whatever its length (see :mod:`~mlx_manager_nb.kv_disk`): a later request that
+        starts with it, in this kernel or after a restart, skips that prefill. Returns the one-token answer's
+        result (``usage.prompt_tokens``: the tokens kept)."""
+        kind = "complete" if isinstance(prompt, str) else "chat"
+        given: dict[str, Any] = {"prompt": prompt} if kind == "complete" else {"messages": prompt}
+        result = self._run(lambda: python_request(**given, max_tokens=1, temperature=0), kind, model, False, meta,
+                           None, keep=True)
+        assert isinstance(result, Result)
+        return result
 
     @overload
     def achat(self, messages: list[dict], model: str | None = None, stream: Literal[False] = False, *,

@@ -99,3 +99,14 @@ def test_a_cache_folder_that_cannot_be_written_stops_the_writes_with_one_warning
         pool.close()
     assert first.finish_reason and again.finish_reason and len(warned) == 1
     assert files(isolated_home) == []
+
+
+def test_a_warmed_prefix_is_kept_on_disk_whatever_its_length(make_pool, model, isolated_home):
+    doc = [{"role": "system", "content": "The secret colour is blue. " * 20}]
+    pool = make_pool(keep_alive=None)
+    pool.load(model, alias="tiny")
+    warmed = pool.warm("tiny", doc)
+    pool.close()
+    assert 64 < warmed.usage.prompt_tokens < kv_disk.MIN_TOKENS and len(files(isolated_home)) == 1
+    question, info = answer(make_pool, model, [*doc, {"role": "user", "content": "What is the secret colour?"}])
+    assert question.usage.cached_tokens > 64 and info.disk_hits == 1

@@ -21,7 +21,7 @@ from mlx_manager_nb.server import running_servers
 from mlx_manager_nb.streams import TextStream
 
 COMMANDS = ["load", "unload", "pin", "unpin", "ls", "search", "pull", "rm", "du", "ps", "default", "import-gguf",
-            "convert", "serve", "stop", "status", "audit", "dashboard", "doctor"]
+            "convert", "serve", "stop", "status", "audit", "dashboard", "doctor", "warm"]
 
 
 @pytest.fixture
@@ -422,3 +422,16 @@ def test_chat_logprobs_shows_each_token_shaded_with_its_alternatives(ip, tiny):
     assert f"{math.exp(first.logprob):.1%} | " in shown["text/html"]  # its probability, then the alternatives
     assert shown["text/plain"].splitlines()[0].startswith(f"{first.token!r:20} {math.exp(first.logprob):7.1%}")
     assert shown["text/plain"].count(", ") >= 4 * 4  # five alternatives a token
+
+
+def test_warm_keeps_a_documents_kv_for_chats_that_start_with_it(ip, tiny, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The secret colour is blue. " * 8)
+    said = mlx(ip, f"warm tiny --file {doc}").stdout
+    assert re.match(r"Kept the KV cache of \d+ tokens of .*doc.txt on tiny \(in memory and on disk\)", said)
+    asked = tiny.chat([{"role": "system", "content": doc.read_text()}, {"role": "user", "content": "Colour?"}],
+                      temperature=0, max_tokens=2)
+    assert asked.usage.cached_tokens > 20
+    ps = mlx(ip, "ps").outputs[0].data["text/plain"]
+    assert "cache on disk" in ps and re.search(r"\d+(\.\d+)? [KM]iB, 0 hits", ps)
+    assert "--file: cannot read" in one_line_error(mlx(ip, f"warm tiny --file {tmp_path / 'missing.txt'}"))
