@@ -424,8 +424,11 @@ class Engine:
     def _read_from_disk(self, runner: Runner, request: Request) -> bool:
         """Where the disk tier holds a prefix of ``request``'s prompt longer than the memory tier's by more
         than :data:`PREFILL_THRESHOLD` tokens, read it in the background; the request waits for it."""
-        found = runner.disk.find(request.prompt) if runner.disk is not None else None
-        if found is None or found[1] <= _memory_hit(runner, request.prompt) + PREFILL_THRESHOLD:
+        try:
+            found = runner.disk.find(request.prompt) if runner.disk is not None else None
+            if found is None or found[1] <= _memory_hit(runner, request.prompt) + PREFILL_THRESHOLD:
+                return False
+        except Exception:  # the disk tier is an optimization: never a failed request
             return False
         runner.loading.append(request)
         assert runner.disk is not None

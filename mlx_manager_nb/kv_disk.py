@@ -191,12 +191,16 @@ def build_cache(dtype: str, arrays: Arrays) -> list[KVCache]:
 
 
 def _common(a: tuple[int, ...], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """The length of the common prefix of ``a`` and ``b``, by bisection on slices (compared in C)."""
+    b_ = tuple(b[: len(a)])
+    lo, hi = 0, len(b_)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b_[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _write_safetensors(path: Path, arrays: Arrays, dtype: str, metadata: dict[str, str]) -> None:

@@ -110,3 +110,14 @@ def test_a_warmed_prefix_is_kept_on_disk_whatever_its_length(make_pool, model, i
     assert 64 < warmed.usage.prompt_tokens < kv_disk.MIN_TOKENS and len(files(isolated_home)) == 1
     question, info = answer(make_pool, model, [*doc, {"role": "user", "content": "What is the secret colour?"}])
     assert question.usage.cached_tokens > 64 and info.disk_hits == 1
+
+
+def test_a_cache_folder_deleted_while_serving_is_a_miss_then_written_again(make_pool, model, isolated_home):
+    first, _ = answer(make_pool, model)
+    pool = make_pool(keep_alive=None)
+    pool.load(model, alias="tiny")
+    shutil.rmtree(isolated_home / "kv")
+    again = pool.chat(LONG, temperature=0, max_tokens=8)
+    pool.close()
+    assert again.usage.cached_tokens == 0 and again.text == first.text
+    assert len(files(isolated_home)) == 1
