@@ -53,7 +53,7 @@ class DiskTier:
     """One model's folder in the disk tier (see the module's docstring); ``max_bytes`` bounds the whole kv/ folder."""
 
     def __init__(self, model_path: Path, max_bytes: int = KV_DISK_BYTES):
-        self.root = make_private_dir(home() / "kv")
+        self.root = home() / "kv"  # made on the first write, owner-only like the home
         self.folder = self.root / fingerprint(model_path)
         self.max_bytes = max_bytes
         self.hits = 0
@@ -106,7 +106,8 @@ class DiskTier:
     def _write(self, tokens: list[int], arrays: Arrays, dtype: str) -> None:
         name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
         try:
-            make_private_dir(self.folder)
+            for folder in (home(), self.root, self.folder):
+                make_private_dir(folder)
             _write_safetensors(self.folder / name, arrays, dtype, {"tokens": json.dumps(tokens)})
         except OSError as e:
             self._writable = False
