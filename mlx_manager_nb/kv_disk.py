@@ -61,16 +61,35 @@ class DiskTier:
         self._index: dict[str, tuple[int, ...]] = {}  # file name -> its tokens
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-kv-disk")
         self._writable = True
+        self._seen: int | None = None  # the folder's modification time when last indexed
         self._scan()
 
     def _scan(self) -> None:
-        if not self.folder.is_dir():
+        """Index the files written since the last look (by this kernel or another sharing the home), and
+        forget those removed; nothing to do while the folder is unchanged."""
+        try:
+            seen = os.stat(self.folder).st_mtime_ns
+            if seen == self._seen:
+                return
+            names = {f.name for f in self.folder.glob("*.safetensors")}
+        except OSError:  # no folder yet, or deleted: reads of what the index still names are misses
             return
-        for f in self.folder.glob("*.safetensors"):
+        self._seen = seen
+        with self._lock:
+            known = set(self._index)
+        for name in names - known:
             try:
-                self._index[f.name] = tuple(json.loads(_header(f)["__metadata__"]["tokens"]))
+                tokens = tuple(json.loads(_header(self.folder / name)["__metadata__"]["tokens"]))
+            except FileNotFoundError:
+                continue
             except (OSError, ValueError, KeyError, TypeError):
-                _remove(f)
+                _remove(self.folder / name)
+                continue
+            with self._lock:
+                self._index[name] = tokens
+        with self._lock:
+            for name in known - names:
+                self._index.pop(name, None)
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +98,7 @@ class DiskTier:
 
     def find(self, tokens: list[int]) -> tuple[str, int] | None:
         """The file sharing the longest prefix with ``tokens``, and that prefix's length (any thread)."""
+        self._scan()
         with self._lock:
             entries = list(self._index.items())
         best = max(((name, _common(stored, tokens)) for name, stored in entries), key=lambda e: e[1], default=None)

@@ -1,10 +1,12 @@
 """The prompt cache's disk tier on the tiny model: a new pool on the same home reuses a long prefix's KV."""
 
+import json
 import os
 import shutil
 import stat
 
 import pytest
+from helpers import wait_for
 
 from mlx_manager_nb import kv_disk
 
@@ -121,3 +123,32 @@ def test_a_cache_folder_deleted_while_serving_is_a_miss_then_written_again(make_
     pool.close()
     assert again.usage.cached_tokens == 0 and again.text == first.text
     assert len(files(isolated_home)) == 1
+
+
+def test_a_restarted_kernel_answers_a_long_prompt_from_the_disk_cache(tmp_path, wide_tiny_model_path):
+    from test_magics_kernel import execute, printed, start_kernel
+
+    ask = ("import json, mlx_manager_nb\n"
+           f"r = mlx_manager_nb.pool.chat({LONG!r}, temperature=0, max_tokens=8)\n"
+           "print(json.dumps([r.usage.prompt_tokens, r.usage.cached_tokens, r.text]))")
+    km, kc, _ = start_kernel(tmp_path, wide_tiny_model_path)
+    try:
+        tokens, cached, text = json.loads(printed(kc, ask))
+        km.restart_kernel(now=False)
+        kc.wait_for_ready(timeout=60)
+        reply, _ = execute(kc, f"%load_ext mlx_manager_nb\n%mlx load {wide_tiny_model_path} --as tiny")
+        assert reply["content"]["status"] == "ok"
+        assert json.loads(printed(kc, ask)) == [tokens, tokens - 1, text] and cached == 0
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_two_pools_sharing_a_home_read_each_others_files(make_pool, model, isolated_home):
+    a, b = make_pool(keep_alive=None), make_pool(keep_alive=None)  # as two kernels: each its own engine
+    for pool in (a, b):
+        pool.load(model, alias="tiny")
+    first = a.chat(LONG, temperature=0, max_tokens=8)
+    assert wait_for(lambda: len(files(isolated_home)) == 1)
+    second = b.chat(LONG, temperature=0, max_tokens=8)
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1 and second.text == first.text
