@@ -152,3 +152,30 @@ def test_two_pools_sharing_a_home_read_each_others_files(make_pool, model, isola
     assert wait_for(lambda: len(files(isolated_home)) == 1)
     second = b.chat(LONG, temperature=0, max_tokens=8)
     assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1 and second.text == first.text
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_kv_cache_comes_back_from_disk_as_it_was_written(tmp_path, dtype):
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_manager_nb.engine import Engine
+
+    cache = []
+    for layer in range(2):
+        c = KVCache()
+        c.update_and_fetch(*(mx.random.normal((1, 2, 5, 4)).astype(getattr(mx, dtype)) + layer for _ in "kv"))
+        cache.append(c)
+    (tmp_path / "m").mkdir()
+    tier = kv_disk.DiskTier(tmp_path / "m")
+    tier.save(list(range(5)), cache, keep=True)
+    tier.close()
+    name, common = kv_disk.DiskTier(tmp_path / "m").find([0, 1, 2, 3, 9])
+    tokens, stored, arrays = kv_disk._read_safetensors(tier.folder / name)
+    engine = Engine()  # MLX arrays are made on the engine thread
+    back = engine.run(kv_disk.build_cache, stored, arrays).result()
+    engine.stop()
+    assert common == 4 and tokens == list(range(5))
+    for a, b in zip(cache, back, strict=True):
+        assert b.offset == 5 and b.keys.dtype == getattr(mx, dtype)
+        assert mx.array_equal(a.state[0][..., :5, :], b.keys) and mx.array_equal(a.state[1][..., :5, :], b.values)
