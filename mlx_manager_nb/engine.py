@@ -48,7 +48,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
-from .kv_disk import DiskTier, build_cache
+from .kv_disk import DiskTier, cache_layers
 from .logprobs import Recorder, TokenLogprob, token_bytes
 from .params import GenParams, Processor, make_processors, make_sampler
 from .slices import Job, Slices
@@ -437,20 +437,34 @@ class Engine:
         return True
 
     def _from_disk(self, runner: Runner, request: Request, read: Future) -> None:
-        """Put a prefix read from disk into the memory tier, then queue the request that waited for it."""
-        if request not in runner.loading:  # its model was unloaded meanwhile, or the engine stopped
-            return
-        runner.loading.remove(request)
+        """Make the KV cache of a prefix read from disk in slices; a file gone or corrupt is a miss."""
         found = None if read.exception() else read.result()
         if found is not None:
-            tokens, dtype, arrays = found
-            try:
-                cache = build_cache(dtype, arrays)
-            except Exception:  # a file of another shape: a miss
-                cache = None
-            if cache is not None:
-                self._bound_prompt_cache(runner)
-                runner.prompt_cache.insert_cache(runner.name, tokens, cache)
+            self._slices.add(self._build_from_disk(runner, request, *found), request.priority)
+        elif request in runner.loading:  # else its model was unloaded meanwhile, or the engine stopped
+            runner.loading.remove(request)
+            self._enqueue(request, from_disk=False)
+
+    def _build_from_disk(self, runner: Runner, request: Request, tokens: list[int], dtype: str, arrays: Any) -> Job:
+        """Make a prefix's KV cache from the arrays read from disk, as many layers per slice as its time
+        allows; then the memory tier holds it and ``request`` is queued (a file of another shape is a miss)."""
+        budget = yield
+        cache: list[Any] = []
+        start = time.perf_counter()
+        try:
+            for layer in cache_layers(dtype, arrays):
+                cache.append(layer)
+                if time.perf_counter() - start >= budget:
+                    budget = yield
+                    start = time.perf_counter()
+        except Exception:
+            cache = []
+        if request not in runner.loading:
+            return
+        runner.loading.remove(request)
+        if cache:
+            self._bound_prompt_cache(runner)
+            runner.prompt_cache.insert_cache(runner.name, tokens, cache)
         self._enqueue(request, from_disk=False)
 
     def _admit(self, runner: Runner) -> None:

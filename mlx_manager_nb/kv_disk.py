@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -196,19 +196,17 @@ def open_tier(model_path: Path, max_bytes: int) -> DiskTier | None:
         return None
 
 
-def build_cache(dtype: str, arrays: Arrays) -> list[KVCache]:
-    """The KV cache a file held, as MLX arrays (engine thread)."""
+def cache_layers(dtype: str, arrays: Arrays) -> Iterator[KVCache]:
+    """The KV cache a file held, layer by layer, as evaluated MLX arrays (engine thread)."""
     mx_dtype = _MX[dtype][0]
-    cache = []
     for i in range(len(arrays) // 2):
         c = KVCache()
         keys, values = (mx.array(arrays[f"{i}.{part}"]) for part in ("keys", "values"))
         if mx_dtype == mx.bfloat16:
             keys, values = keys.view(mx.bfloat16), values.view(mx.bfloat16)
         c.state = (keys, values, keys.shape[2])
-        cache.append(c)
-    mx.eval([c.state for c in cache])
-    return cache
+        mx.eval(c.keys, c.values)
+        yield c
 
 
 def _common(a: tuple[int, ...], b: list[int]) -> int:

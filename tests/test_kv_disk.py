@@ -173,7 +173,7 @@ def test_a_kv_cache_comes_back_from_disk_as_it_was_written(tmp_path, dtype):
     name, common = kv_disk.DiskTier(tmp_path / "m").find([0, 1, 2, 3, 9])
     tokens, stored, arrays = kv_disk._read_safetensors(tier.folder / name)
     engine = Engine()  # MLX arrays are made on the engine thread
-    back = engine.run(kv_disk.build_cache, stored, arrays).result()
+    back = engine.run(lambda: list(kv_disk.cache_layers(stored, arrays))).result()
     engine.stop()
     assert common == 4 and tokens == list(range(5))
     for a, b in zip(cache, back, strict=True):
