@@ -121,7 +121,8 @@ class DiskTier:
                 a = a[..., : c.offset, :]  # copied here: MLX arrays stay on the engine thread
                 arrays[f"{i}.{part}"] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
         dtype = _DTYPES[cache[0].keys.dtype][0]
-        self._io.submit(self._write, list(tokens), arrays, dtype)
+        with contextlib.suppress(RuntimeError):  # closed: its model is being unloaded
+            self._io.submit(self._write, list(tokens), arrays, dtype)
 
     def _write(self, tokens: list[int], arrays: Arrays, dtype: str) -> None:
         name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
