@@ -210,9 +210,8 @@ class Runner:
     def drop(self, error: BaseException) -> None:
         """Fail every request of this runner (running, prefilling, waiting, parked), free its batch (engine thread)."""
         self.fail_active(error)
-        for request in [*(p.request for p in self.prefilling), *self.waiting, *(p.seq.request for p in self.parked)]:
-            _emit(request, Failed(error))
-        for request in self.loading:
+        for request in [*(p.request for p in self.prefilling), *self.waiting, *(p.seq.request for p in self.parked),
+                        *self.loading]:
             _emit(request, Failed(error))
         self.prefilling.clear()
         self.waiting.clear()
@@ -438,10 +437,12 @@ class Engine:
 
     def _from_disk(self, runner: Runner, request: Request, read: Future) -> None:
         """Make the KV cache of a prefix read from disk in slices; a file gone or corrupt is a miss."""
+        if request not in runner.loading:  # its model was unloaded meanwhile, or the engine stopped
+            return
         found = None if read.exception() else read.result()
         if found is not None:
             self._slices.add(self._build_from_disk(runner, request, *found), request.priority)
-        elif request in runner.loading:  # else its model was unloaded meanwhile, or the engine stopped
+        else:
             runner.loading.remove(request)
             self._enqueue(request, from_disk=False)
 
