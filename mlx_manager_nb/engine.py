@@ -280,6 +280,8 @@ class Engine:
         """Stop serving ``name``: its requests fail with ``error`` (call on the engine thread)."""
         runner = self._runners.pop(name, None)
         if runner is not None:
+            if runner.disk is not None:
+                runner.disk.finish_copies()
             runner.drop(error)
         mx.clear_cache()
 
@@ -339,6 +341,8 @@ class Engine:
                 runner.parked.clear()
                 runner.prefilling.clear()
                 runner.loading.clear()
+                if runner.disk is not None:  # what finished before the stop still reaches the disk
+                    runner.disk.finish_copies()
                 runner.gen = None
                 runner.kv_bytes = 0
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
@@ -728,8 +732,9 @@ class Engine:
         mx.eval([c.state for c in cache])
         self._bound_prompt_cache(runner)
         runner.prompt_cache.insert_cache(runner.name, tokens, cache)
-        if runner.disk is not None:
-            runner.disk.save(tokens, cache, keep)
+        job = runner.disk.save(tokens, cache, keep) if runner.disk is not None else None
+        if job is not None:
+            self._slices.add(job)
 
     @staticmethod
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:

@@ -1,11 +1,12 @@
 """The prompt cache's disk tier: long prefixes' KV caches kept under ``$MLX_NB_HOME/kv/``, across restarts.
 
-A finished sequence of :data:`MIN_TOKENS` tokens or more has its KV written (off the engine thread) to
+A finished sequence of :data:`MIN_TOKENS` tokens or more has its KV copied to host memory in slices
+between decode steps (MLX arrays stay on the engine thread) and written, off the engine thread, to
 ``kv/<model fingerprint>/<hash of its tokens>.safetensors``, its tokens in the file's metadata. The
 fingerprint hashes the names, sizes and modification times of the model folder's files: a model
 changed under the same name gets a new folder and never reads a stale cache. A prompt the memory tier
 (mlx-lm's ``LRUPromptCache``) misses is looked up here by longest common prefix; the file is read off
-the engine thread and only its arrays are made on it. The folder is bounded in bytes (least recently
+the engine thread and its arrays are made on it, in slices. The folder is bounded in bytes (least recently
 used files go first, across models); files are written to a temporary name and renamed, so a reader
 (another kernel sharing the home) never sees half a file; a corrupt or truncated file is removed and
 counts as a miss. A disk that is full or read-only stops the writes with one warning; serving goes on.
@@ -20,6 +21,7 @@ import json
 import os
 import struct
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from .slices import Job
 from .store import home, make_private_dir
 
 MIN_TOKENS = 1024  # a finished sequence this long (prompt and answer) is written to disk
@@ -61,6 +64,7 @@ class DiskTier:
         self._index: dict[str, tuple[int, ...]] = {}  # file name -> its tokens
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-kv-disk")
         self._writable = True
+        self._copies: dict[object, Job] = {}  # save's jobs still copying a cache to host memory
         self._seen: int | None = None  # the folder's modification time when last indexed
         self._scan()
 
@@ -104,25 +108,44 @@ class DiskTier:
         best = max(((name, _common(stored, tokens)) for name, stored in entries), key=lambda e: e[1], default=None)
         return best if best and best[1] else None
 
-    def save(self, tokens: list[int], cache: list[Any], keep: bool = False) -> None:
-        """Write ``cache`` (holding ``tokens``) in the background if long enough (``keep``: whatever its length)
-        and not stored yet (engine thread)."""
+    def save(self, tokens: list[int], cache: list[Any], keep: bool = False) -> Job | None:
+        """An engine job storing ``cache`` (holding ``tokens``) if long enough (``keep``: whatever its length)
+        and not stored yet, else None (engine thread). It copies the KV to host memory (MLX arrays stay on
+        the engine thread), as many layers per slice as its time allows, then writes it in the background."""
         if not self._writable or self.max_bytes <= 0 or (len(tokens) < MIN_TOKENS and not keep):
-            return
+            return None
         if not all(type(c) is KVCache and c.keys is not None and c.keys.dtype in _DTYPES and c.offset == len(tokens)
                    for c in cache):
-            return
+            return None
         found = self.find(tokens)
         if found and found[1] == len(tokens):  # this prefix, or a longer one holding it, is stored
-            return
-        arrays = {}
-        for i, c in enumerate(cache):
-            for part, a in (("keys", c.keys), ("values", c.values)):
-                a = a[..., : c.offset, :]  # copied here: MLX arrays stay on the engine thread
-                arrays[f"{i}.{part}"] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
-        dtype = _DTYPES[cache[0].keys.dtype][0]
-        with contextlib.suppress(RuntimeError):  # closed: its model is being unloaded
-            self._io.submit(self._write, list(tokens), arrays, dtype)
+            return None
+        key = object()
+        job = self._copies[key] = self._copy(key, list(tokens), cache)
+        return job
+
+    def _copy(self, key: object, tokens: list[int], cache: list[Any]) -> Job:
+        budget = yield
+        try:
+            arrays, start = {}, time.perf_counter()
+            for i, c in enumerate(cache):
+                for part, a in (("keys", c.keys), ("values", c.values)):
+                    a = a[..., : c.offset, :]
+                    arrays[f"{i}.{part}"] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+                if time.perf_counter() - start >= budget:
+                    budget = yield
+                    start = time.perf_counter()
+            with contextlib.suppress(RuntimeError):  # closed: its model was unloaded
+                self._io.submit(self._write, tokens, arrays, _DTYPES[cache[0].keys.dtype][0])
+        finally:
+            self._copies.pop(key, None)
+
+    def finish_copies(self) -> None:
+        """Run the copies under way to their end (engine thread, before its model is unloaded)."""
+        for job in list(self._copies.values()):
+            with contextlib.suppress(StopIteration):
+                while True:
+                    job.send(float("inf"))
 
     def _write(self, tokens: list[int], arrays: Arrays, dtype: str) -> None:
         name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
