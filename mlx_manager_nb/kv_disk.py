@@ -52,11 +52,16 @@ def fingerprint(model_path: Path) -> str:
     return h.hexdigest()[:24]
 
 
+def root() -> Path:
+    """The disk tier's folder, all models together (made on the first write)."""
+    return home() / "kv"
+
+
 class DiskTier:
     """One model's folder in the disk tier (see the module's docstring); ``max_bytes`` bounds the whole kv/ folder."""
 
     def __init__(self, model_path: Path, max_bytes: int = KV_DISK_BYTES):
-        self.root = home() / "kv"  # made on the first write, owner-only like the home
+        self.root = root()  # made on the first write, owner-only like the home
         self.folder = self.root / fingerprint(model_path)
         self.max_bytes = max_bytes
         self.hits = 0

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from . import defaults, hub, store
+from . import defaults, hub, kv_disk, store
 from . import display as out
 from .errors import MLXManagerError, ModelNotFoundError, ServerError
 from .server_options import add_serve_arguments
@@ -254,6 +254,8 @@ def cmd_du(magics: MLXMagics, args: argparse.Namespace) -> None:
     partial = hub.partials_dir()
     if partial.is_dir():
         totals["partial pulls"] = store.disk_size(partial)
+    if kv_disk.root().is_dir():
+        totals["prompt cache"] = store.disk_size(kv_disk.root())
     rows = [[origin, out.size(n)] for origin, n in totals.items()] + [["total", out.size(sum(totals.values()))]]
     out.show(out.table(rows, ["where", "on disk"]))
     base = store.models_dir() if store.models_dir().is_dir() else store.home().parent

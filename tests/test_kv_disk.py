@@ -180,3 +180,16 @@ def test_a_kv_cache_comes_back_from_disk_as_it_was_written(tmp_path, dtype):
     for a, b in zip(cache, back, strict=True):
         assert b.offset == 5 and b.keys.dtype == getattr(mx, dtype)
         assert mx.array_equal(a.state[0][..., :5, :], b.keys) and mx.array_equal(a.state[1][..., :5, :], b.values)
+
+
+def test_du_counts_the_prompt_cache_on_disk(make_pool, model, isolated_home, shell):
+    from IPython.utils.capture import capture_output
+
+    from mlx_manager_nb import display
+
+    answer(make_pool, model)
+    (saved,) = files(isolated_home)
+    with capture_output() as c:
+        shell.run_line_magic("mlx", "du")
+    row = next(line for line in c.outputs[0].data["text/plain"].splitlines() if "prompt cache" in line)
+    assert display.size(saved.stat().st_size) in row
