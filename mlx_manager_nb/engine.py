@@ -481,16 +481,14 @@ class Engine:
         while runner.waiting:
             request = runner.waiting[0]
             slots = _kv_slots(len(request.prompt) + request.params.limit)
-            if (runner.active or runner.prefilling) and runner.kv_budget is not None:
-                if runner.token_bytes is None:
-                    try:
-                        runner.token_bytes = _kv_bytes_per_token(runner.model)
-                    except Exception as e:  # the model itself fails: so would its batch step
-                        runner.drop(EngineError(f"generation failed on {runner.name}: {e}"))
-                        return
-                count, longest = _reserved(runner)
-                if (count + 1) * max(slots, longest) * runner.token_bytes > runner.kv_budget:
+            if (runner.active or runner.prefilling) and runner.kv_budget is not None and runner.token_bytes is None:
+                try:
+                    runner.token_bytes = _kv_bytes_per_token(runner.model)
+                except Exception as e:  # the model itself fails: so would its batch step
+                    runner.drop(EngineError(f"generation failed on {runner.name}: {e}"))
                     return
+            if not _fits(runner, slots):
+                return
             runner.waiting.popleft()
             self._start(runner, request, slots)
             self._bound_prompt_cache(runner)
@@ -709,19 +707,12 @@ class Engine:
             if request.cancelled.is_set() or late:
                 runner.parked.remove(parked)
                 _emit(request, self._seq_done(seq, "cancelled" if request.cancelled.is_set() else "timeout"))
-            elif read and self._fits(runner, seq.slots):  # else it waits for room, as a new request would
+            elif read and _fits(runner, seq.slots):  # else it waits for room, as a new request would
                 runner.parked.remove(parked)
                 try:
                     self._join(runner, seq, parked.tokens, request.params.limit - seq.tokens)
                 except Exception as e:
                     _emit(request, Failed(e))
-
-    def _fits(self, runner: Runner, slots: int) -> bool:
-        """Whether one more sequence of ``slots`` keeps the batch's estimated KV within the budget."""
-        if not runner.active or runner.kv_budget is None or runner.token_bytes is None:
-            return True
-        longest = max(slots, *(s.slots for s in runner.active.values()))
-        return (len(runner.active) + 1) * longest * runner.token_bytes <= runner.kv_budget
 
     def _remember(self, runner: Runner, tokens: list[int], cache: list[Any], keep: bool = False) -> None:
         """Keep a finished sequence's KV in the prompt cache, within what the running ones leave, and on
@@ -765,6 +756,15 @@ def _kv_slots(tokens: int) -> int:
     """KV positions to reserve for a sequence of ``tokens``: caches grow in steps of 256 positions,
     and merging sequences into a running batch pads them, which can take one step more."""
     return (-(-tokens // KVCache.step) + 1) * KVCache.step
+
+
+def _fits(runner: Runner, slots: int) -> bool:
+    """Whether one more sequence of ``slots`` keeps the estimated KV of those decoding or prefilling within
+    the budget (always, while none holds a reservation: a request larger than the budget still runs alone)."""
+    count, longest = _reserved(runner)
+    if not count or runner.kv_budget is None or runner.token_bytes is None:
+        return True
+    return (count + 1) * max(slots, longest) * runner.token_bytes <= runner.kv_budget
 
 
 def _reserved(runner: Runner) -> tuple[int, int]:
