@@ -1,10 +1,12 @@
 """The Hugging Face hub: search it, and pull a model's mlx-lm files into the store with byte progress.
 
 The hub is ``$HF_ENDPOINT`` (default https://huggingface.co), with ``$HF_TOKEN`` for gated or private
-repos. A pull fetches only what mlx-lm reads (config, tokenizer files, ``*.safetensors`` and their
-index) into ``$MLX_NB_HOME/models/.partial/ORG--NAME`` and moves the folder into the store when
-complete; an interrupt or a lost connection keeps the partial files, and the next pull continues
-them with ``Range`` requests. Any other failure removes them.
+repos. A pull reads the repo's ``config.json`` first and refuses a ``model_type`` mlx-lm cannot load
+before any weight is fetched; it fetches only what mlx-lm reads (config, tokenizer files,
+``*.safetensors`` and their index) into ``$MLX_NB_HOME/models/.partial/ORG--NAME`` and moves the
+folder into the store when complete. An interrupt or a lost connection keeps the partial files, and
+the next pull continues them with ``Range`` requests; any other failure (a full disk included)
+removes them.
 
 >>> [r.repo for r in search("qwen", author="mlx-community", limit=2)]
 ['mlx-community/Qwen3-4B-4bit', 'mlx-community/Qwen2.5-7B-Instruct-4bit']
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import http.client
 import json
 import os
 import re
@@ -37,6 +40,9 @@ from .errors import InvalidModelError, MLXManagerError, ModelNotFoundError
 CHUNK = 1 << 16
 TIMEOUT = 30.0  # seconds without a byte before a request fails
 REVISION = ".revision"  # in a pulled folder: the commit its files come from
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room, over quota, over the file size limit
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' dtypes
 
 
 class HubError(MLXManagerError):
@@ -65,7 +71,7 @@ class HubModel:
     repo: str
     parameters: int | None
     quantization: str | None
-    size_bytes: int | None  # the repo's storage on the hub, where listed
+    size_bytes: int | None  # what a pull fetches: its mlx-lm files, else its weights; None where not listed
     downloads: int | None
     likes: int | None
     last_modified: datetime | None
@@ -102,17 +108,34 @@ def search(query: str, author: str | None = None, limit: int = 20, max_memory: i
     api = HfApi(endpoint=endpoint(), token=_token())
     try:
         found = list(api.list_models(search=query or None, author=author, limit=limit, sort="downloads",
-                                     expand=["downloads", "likes", "lastModified", "safetensors", "usedStorage",
+                                     expand=["downloads", "likes", "lastModified", "safetensors", "siblings",
                                              "tags"]))
     except Exception as e:  # httpx's and huggingface_hub's errors alike
         raise _hub_error(e, f"search {query!r}") from None
     rows = []
     for m in found:
-        size = getattr(m, "used_storage", None)
+        size = _download_size(m)
         params = m.safetensors.total if m.safetensors else None
         rows.append(HubModel(m.id, params, _quantization(m.id, list(m.tags or [])), size, m.downloads, m.likes,
                              m.last_modified, None if size is None else size <= max_memory))
     return rows
+
+
+def _mlx_files(names: list[str]) -> list[str]:
+    """The files of a repo that mlx-lm reads (the store's MODEL_FILES, at its top level)."""
+    return [f for f in names if "/" not in f and any(fnmatch.fnmatch(f, p) for p in store.MODEL_FILES)]
+
+
+def _download_size(m: Any) -> int | None:
+    """The bytes a pull of search result ``m`` fetches: its mlx-lm files where the listing gives their
+    sizes, else its safetensors weights (parameters by dtype), else None."""
+    sizes = {s.rfilename: s.size for s in m.siblings or []}
+    wanted = _mlx_files(list(sizes))
+    if wanted and all(sizes[f] is not None for f in wanted):
+        return sum(sizes[f] or 0 for f in wanted)
+    if m.safetensors and all(t in DTYPE_BYTES for t in m.safetensors.parameters):
+        return sum(n * DTYPE_BYTES[t] for t, n in m.safetensors.parameters.items())
+    return None
 
 
 def _hub_error(e: BaseException, what: str) -> HubError:
@@ -153,8 +176,7 @@ def files(repo: str, revision: str = "main") -> tuple[str, dict[str, int]]:
     except (urllib.error.URLError, OSError) as e:
         raise _hub_error(e, f"read {repo!r}") from None
     siblings = {s["rfilename"]: int(s.get("size") or 0) for s in info.get("siblings", [])}
-    wanted = {f: n for f, n in siblings.items()
-              if "/" not in f and any(fnmatch.fnmatch(f, p) for p in store.MODEL_FILES)}
+    wanted = {f: siblings[f] for f in _mlx_files(list(siblings))}
     if "config.json" not in wanted or not any(f.endswith(".safetensors") for f in wanted):
         ggufs = [f for f in siblings if f.endswith(".gguf")]
         hint = f" It has GGUF files ({ggufs[0]}...): download one and `%mlx import-gguf` it." if ggufs else ""
@@ -205,20 +227,21 @@ def _pull(repo: str, revision: str, commit: str, wanted: dict[str, int], tmp: Pa
     total = sum(wanted.values())
     have = {f: (tmp / f).stat().st_size if (tmp / f).is_file() else 0 for f in wanted}
     missing = total - sum(min(have[f], n) for f, n in wanted.items())
-    free = shutil.disk_usage(tmp).free
-    if missing > free:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HubError(f"Cannot pull {repo!r}: it needs {missing / 2**20:.1f} MiB, the disk holding "
-                       f"{store.models_dir()} has {free / 2**20:.1f} MiB free.")
     meter = _Meter(total, total - missing, progress)
     try:
+        _fetch(repo, revision, "config.json", wanted["config.json"], tmp / "config.json", meter)
+        check_architecture(repo, tmp)
+        free = shutil.disk_usage(tmp).free
+        if missing > free:
+            raise HubError(f"Cannot pull {repo!r}: it needs {missing / 2**20:.1f} MiB, the disk holding "
+                           f"{store.models_dir()} has {free / 2**20:.1f} MiB free.")
         for name, size in sorted(wanted.items(), key=lambda kv: kv[1]):  # the weights last
             _fetch(repo, revision, name, size, tmp / name, meter)
         store.validate_model_dir(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except (KeyboardInterrupt, urllib.error.URLError, TimeoutError, ConnectionError) as e:
+    except (KeyboardInterrupt, urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         if isinstance(e, urllib.error.HTTPError):  # the hub refused: nothing to continue
             shutil.rmtree(tmp, ignore_errors=True)
             raise _hub_error(e, f"pull {repo!r}") from None
@@ -227,10 +250,31 @@ def _pull(repo: str, revision: str, commit: str, wanted: dict[str, int], tmp: Pa
         raise _hub_error(e, f"pull {repo!r} (its partial files are kept: pull again to continue)") from None
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise HubError(f"Cannot pull {repo!r}: the disk is full; its partial files were removed.") from None
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise HubError(f"Cannot pull {repo!r}: the disk is full ({e.strerror}); its partial files were "
+                           f"removed, the store is as it was.") from None
         raise
     return dest
+
+
+def check_architecture(repo: str, folder: Path) -> None:
+    """Refuse the model in ``folder`` (its config.json alone) where neither mlx-lm, by its own lookup and
+    remappings, nor this library's encoders can load its ``model_type``."""
+    import mlx_lm
+    from mlx_lm.utils import _get_classes
+
+    from .bert import ENCODER_TYPES
+
+    config = store.read_config(folder)
+    kind = config.get("model_type")
+    if kind in ENCODER_TYPES:
+        return
+    try:
+        _get_classes(config)
+    except (KeyError, ValueError):
+        what = f"a {kind!r} model" if kind else "a model whose config.json names no model_type"
+        raise InvalidModelError(f"{repo!r} is {what}, which mlx-lm {mlx_lm.__version__} cannot load: nothing "
+                                f"past its config.json was downloaded.") from None
 
 
 class _Meter:

@@ -3,7 +3,8 @@
 It answers the search listing (``/api/models``), a repo's info with its files and sizes
 (``/api/models/{org}/{name}/revision/{rev}``) and file downloads with ``Range`` requests
 (``/{org}/{name}/resolve/{rev}/{file}``); a gated repo answers 401 without a token. It counts the
-file bytes it sends, so a test can tell what a resumed pull fetched.
+file bytes it sends, so a test can tell what a resumed pull fetched, and can drop the connection in
+the middle of a file (``drop``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Repo:
     downloads: int = 0
     likes: int = 0
     tags: list[str] = field(default_factory=list)
+    listed_sizes: bool = True  # whether the search listing gives its files' sizes
 
 
 class HubStandIn:
@@ -33,6 +35,7 @@ class HubStandIn:
         self.repos: dict[str, Repo] = {}
         self.served = 0  # file bytes sent
         self.token: str | None = None  # the token a gated repo accepts
+        self.drop: tuple[str, int] | None = None  # (file, offset): the next download of it ends there, cut off
         app = web.Application()
         app.router.add_get("/api/models", self.listing)
         app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self.info)
@@ -73,7 +76,9 @@ class HubStandIn:
                  if q in rid.lower() and (author is None or rid.startswith(author + "/"))]
         found.sort(key=lambda item: -item[1].downloads)
         rows = [{"id": rid, "_id": rid, "downloads": r.downloads, "likes": r.likes, "tags": r.tags,
-                 "lastModified": "2026-11-02T10:00:00.000Z", "usedStorage": sum(map(len, r.files.values())),
+                 "lastModified": "2026-11-02T10:00:00.000Z", "usedStorage": 7 * sum(map(len, r.files.values())),
+                 "siblings": [{"rfilename": f, **({"size": len(d)} if r.listed_sizes else {})}
+                              for f, d in r.files.items()],
                  "safetensors": {"total": 1_230_000_000, "parameters": {"BF16": 1_230_000_000}}}
                 for rid, r in found[: int(request.query.get("limit", 1000))]]
         return web.json_response(rows)
@@ -84,14 +89,23 @@ class HubStandIn:
         return web.json_response({"id": f"{request.match_info['org']}/{request.match_info['name']}",
                                   "sha": repo.sha, "siblings": siblings})
 
-    async def resolve(self, request: web.Request) -> web.Response:
-        data = self._repo(request).files.get(request.match_info["file"])
+    async def resolve(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["file"]
+        data = self._repo(request).files.get(name)
         if data is None:
             raise web.HTTPNotFound()
         m = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
         start = int(m.group(1)) if m else 0
-        self.served += len(data) - start
-        if m:
-            return web.Response(status=206, body=data[start:], headers={
-                "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
-        return web.Response(body=data)
+        headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if m else {}
+        if self.drop is None or self.drop[0] != name:
+            self.served += len(data) - start
+            return web.Response(status=206 if m else 200, body=data[start:], headers=headers)
+        end, self.drop = self.drop[1], None
+        response = web.StreamResponse(status=206 if m else 200, headers=headers)
+        response.content_length = len(data) - start
+        await response.prepare(request)
+        await response.write(data[start:end])
+        self.served += end - start
+        assert request.transport is not None
+        request.transport.close()  # sends what is buffered, then the connection is gone mid-file
+        return response

@@ -41,14 +41,21 @@ def wanted_bytes(folder):
     return sum(p.stat().st_size for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def test_search_lists_the_hub_most_downloaded_first_with_what_fits(stand_in):
+def test_search_lists_the_hub_most_downloaded_first_with_what_fits(stand_in, tiny_model_path):
     rows = hub.search("tiny", author="mlx-community", max_memory=10**9)
     assert [r.repo for r in rows] == ["mlx-community/tiny-chat", "mlx-community/tiny-4bit"]
     four = rows[1]
     assert (four.downloads, four.likes, four.quantization, four.parameters) == (50, 3, "4-bit", 1_230_000_000)
-    assert four.size_bytes > 380_000 and four.fits is True and four.last_modified.year == 2026
+    assert four.size_bytes == wanted_bytes(tiny_model_path)  # what a pull fetches: not README.md nor the .bin
+    assert four.fits is True and four.last_modified.year == 2026
     assert hub.search("tiny", author="mlx-community", max_memory=1000)[0].fits is False
     assert hub.search("nothing-like-this", max_memory=1000) == []
+
+
+def test_search_sizes_a_repo_listed_without_file_sizes_by_its_weights(stand_in, tiny_model_path):
+    stand_in.add("org/unsized", tiny_model_path, listed_sizes=False)
+    [row] = hub.search("unsized", max_memory=10**9)
+    assert row.size_bytes == 2 * 1_230_000_000 and row.fits is False  # BF16 parameters, two bytes each
 
 
 def test_search_magic_renders_a_table(shell, stand_in):
@@ -174,6 +181,57 @@ def test_a_failed_pull_leaves_nothing_behind(stand_in, tiny_model_path):
     with pytest.raises(InvalidModelError, match=r"not an MLX or mlx-lm-convertible model.*import-gguf"):
         hub.pull("someone/tiny-gguf")
     assert not hub.partial_dir("someone/tiny-gguf").exists()
+
+
+def test_an_architecture_mlx_lm_cannot_load_is_refused_before_any_weight_is_fetched(stand_in, tiny_model_path):
+    import json
+
+    config = json.loads((tiny_model_path / "config.json").read_text())
+    stand_in.add("org/alien", tiny_model_path, {"config.json": json.dumps({**config, "model_type": "alien"}).encode()})
+    with pytest.raises(InvalidModelError, match=r"'org/alien' is a 'alien' model, which mlx-lm [\d.]+ cannot load"):
+        hub.pull("org/alien")
+    assert stand_in.served == len(stand_in.repos["org/alien"].files["config.json"])  # the config alone
+    assert not hub.partial_dir("org/alien").exists() and not hub.pulled_dir("org/alien").exists()
+    mistral = json.dumps({**config, "model_type": "mistral"}).encode()
+    stand_in.add("org/remapped", tiny_model_path, {"config.json": mistral})
+    store.validate_model_dir(hub.pull("org/remapped"))  # mlx-lm remaps mistral to llama
+
+
+def test_a_connection_dropped_mid_file_keeps_the_part_and_the_next_pull_fetches_the_rest(stand_in, tiny_model_path):
+    stand_in.drop = ("model.safetensors", 150_000)
+    with pytest.raises(hub.HubError, match=r"partial files are kept: pull again.*connection to the hub .* failed"):
+        hub.pull("mlx-community/tiny-4bit")
+    part = hub.partial_dir("mlx-community/tiny-4bit")
+    assert (part / "model.safetensors").stat().st_size == 150_000
+    assert not hub.pulled_dir("mlx-community/tiny-4bit").exists()
+    kept = wanted_bytes(part)
+    stand_in.served = 0
+    path = hub.pull("mlx-community/tiny-4bit")
+    assert stand_in.served == wanted_bytes(tiny_model_path) - kept  # only the missing bytes, by a Range request
+    assert (path / "model.safetensors").read_bytes() == (tiny_model_path / "model.safetensors").read_bytes()
+
+
+def test_a_disk_full_mid_download_removes_the_partial_files_and_keeps_the_store(stand_in, isolated_home, tmp_path):
+    import resource
+    import signal
+
+    kept = hub.pull("mlx-community/tiny-chat")
+
+    def small_disk():  # a real limit: writing past 200 kB fails with EFBIG, as a full disk fails with ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    run = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "pull", "mlx-community/tiny-4bit"],
+                         capture_output=True, text=True, timeout=120, preexec_fn=small_disk,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+                              "HF_TOKEN_PATH": str(tmp_path / "no-token")})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: Cannot pull 'mlx-community/tiny-4bit': the disk is full (File too large); "
+                                 "its partial files were removed, the store is as it was.")
+    assert not hub.partial_dir("mlx-community/tiny-4bit").exists()
+    assert not hub.pulled_dir("mlx-community/tiny-4bit").exists()
+    assert [m.name for m in store.list_local_models()] == ["mlx-community--tiny-chat"]
+    store.validate_model_dir(kept)
 
 
 def test_gated_repos_ask_for_a_token_and_a_dead_hub_says_so(stand_in, monkeypatch):
