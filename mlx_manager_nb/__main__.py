@@ -1,5 +1,5 @@
-"""Command line: ``python -m mlx_manager_nb serve --model demo --port 8000``, ``... pull ORG/NAME``, ``... demo``
-and ``... lab``."""
+"""Command line: ``python -m mlx_manager_nb serve --model demo --port 8000``, ``... pull ORG/NAME``,
+``... convert MODEL --q-bits 4``, ``... demo`` and ``... lab``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,26 @@ def pull_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_command(args: argparse.Namespace) -> int:
+    from mlx_manager_nb import display
+    from mlx_manager_nb.convert import convert
+
+    shown = [0.0]
+
+    def progress(stage: str, fraction: float) -> None:  # ten times a second, and at the end
+        if time.monotonic() - shown[0] >= 0.1 or fraction == 1.0:
+            shown[0] = time.monotonic()
+            print(f"\r{display.progress(args.model, stage, fraction)['text/plain']}", end="", flush=True)
+
+    try:
+        path = convert(args.model, args.q_bits, args.name, progress)
+    except KeyboardInterrupt:
+        print("\nStopped: nothing was written to the store.", file=sys.stderr)
+        return 130
+    print(f"\nConverted {args.model} into {path}.")
+    return 0
+
+
 def demo_command(args: argparse.Namespace) -> int:
     from mlx_manager_nb.headless_demo import run
 
@@ -83,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("pull", help="download a Hugging Face repo's MLX model into the store (resumable)")
     p.add_argument("repo", metavar="ORG/NAME")
     p.set_defaults(run=pull_command)
+    c = commands.add_parser("convert", help="convert a Hugging Face safetensors model to MLX in the store")
+    c.add_argument("model", metavar="MODEL", help="org/name (pulled first), or a local Hugging Face model folder")
+    c.add_argument("--q-bits", type=int, choices=(4, 8), help="quantize to 4 or 8 bits (default: keep the dtype)")
+    c.add_argument("--as", dest="name", metavar="NAME", help="the store name (default: the repo's name, -4bit...)")
+    c.set_defaults(run=convert_command)
     d = commands.add_parser("demo", help="the notebook story, headless: a real kernel serving the demo model")
     d.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
     d.set_defaults(run=demo_command)

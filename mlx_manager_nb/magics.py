@@ -294,8 +294,10 @@ def cmd_import_gguf(magics: MLXMagics, args: argparse.Namespace) -> None:
 
 
 def cmd_convert(magics: MLXMagics, args: argparse.Namespace) -> None:
+    from .convert import convert
+
     path, live = _with_progress(magics.shell, args.model,
-                                lambda progress: store.convert(args.model, args.q_bits, args.name, progress))
+                                lambda progress: convert(args.model, args.q_bits, args.name, progress, _pool()))
     model = store.describe(path)
     live.update({"text/plain": f"Converted {args.model} into the store as {path.name} ({out.size(model.size_bytes)}, "
                                f"{model.quantization}). Load it with `%mlx load {path.name}`."}, final=True)

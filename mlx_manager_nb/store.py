@@ -258,38 +258,6 @@ def import_gguf(path: str | Path, name: str | None = None, progress: Progress | 
     return install(name or store_name(path), lambda tmp: convert_gguf(path, tmp, progress))
 
 
-def convert(ref: str | os.PathLike, q_bits: int | None = None, name: str | None = None,
-            progress: Progress | None = None) -> Path:
-    """Convert a Hugging Face safetensors model (any reference :func:`resolve` takes: a repo id is
-    pulled first) with mlx-lm, quantized to ``q_bits`` (4 or 8) if given, into the store; return the folder.
-
-    >>> convert("HuggingFaceTB/SmolLM2-135M-Instruct", q_bits=4)
-    PosixPath('/home/me/.cache/mlx_manager_nb/models/smollm2-135m-instruct-4bit')
-    """
-    import contextlib
-    import io
-
-    from mlx_lm import convert as mlx_convert
-
-    if q_bits not in (None, 4, 8):
-        raise InvalidModelError(f"q_bits must be 4 or 8, not {q_bits}")
-    source = resolve(ref, progress)
-    name = name or store_name(Path(str(ref).rstrip("/").split("/")[-1] + (f"-{q_bits}bit" if q_bits else "-mlx")))
-
-    def write(tmp: Path) -> None:
-        if progress:
-            progress("converting", 0.0)
-        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's "[INFO]" lines
-            mlx_convert(str(source), str(tmp / "out"), quantize=q_bits is not None, q_bits=q_bits)
-        for f in (tmp / "out").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "out").rmdir()
-        if progress:
-            progress("converting", 1.0)
-
-    return install(name, write)
-
-
 def _hf_repo(repo: str, progress: Progress | None) -> Path:
     """A repo from the Hugging Face cache, else the store's pulled copy, else pulled now (see :mod:`.hub`)."""
     from huggingface_hub import constants, snapshot_download

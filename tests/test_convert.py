@@ -1,0 +1,68 @@
+"""Conversion to MLX on the engine thread, in slices, with progress in bytes written: what mlx-lm's own
+convert writes, an interrupt leaving nothing, and the terminal's bar."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlx_manager_nb import store
+from mlx_manager_nb.convert import convert
+
+
+def weights(folder):
+    found = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        found.update(mx.load(str(f)))
+    return found
+
+
+def test_convert_writes_what_mlx_lm_writes_reporting_bytes_written(make_pool, tiny_model_path, tmp_path):
+    from mlx_lm import convert as mlx_convert
+
+    mlx_convert(str(tiny_model_path), str(tmp_path / "by-mlx-lm"), quantize=True, q_bits=4)
+    pool = make_pool()
+    seen = []
+    path = convert(tiny_model_path, q_bits=4, name="tiny-q4", progress=lambda s, f: seen.append((s, f)), pool=pool)
+    assert path == store.models_dir() / "tiny-q4"
+    theirs, ours = weights(tmp_path / "by-mlx-lm"), weights(path)
+    assert sorted(ours) == sorted(theirs) and all(mx.array_equal(ours[k], theirs[k]) for k in ours)
+    assert all(ours[k].dtype == theirs[k].dtype for k in ours)
+    config = json.loads((path / "config.json").read_text())
+    assert config == json.loads((tmp_path / "by-mlx-lm" / "config.json").read_text())
+    fractions = [f for stage, f in seen if stage == "converting"]
+    assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1 and len(set(fractions)) > 10
+    assert len(fractions) == len(ours) + 1  # one step per tensor written
+    info = pool.load("tiny-q4")
+    assert info.state == "ready"
+    assert pool.chat([{"role": "user", "content": "Hi"}], model="tiny-q4", max_tokens=3).usage.completion_tokens > 0
+
+
+def test_an_interrupted_conversion_leaves_nothing_and_the_engine_serves_on(make_pool, tiny_model_path):
+    pool = make_pool()
+    pool.load(str(tiny_model_path))
+
+    def interrupt(stage, fraction):
+        if fraction > 0.3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_model_path, q_bits=8, name="cut", progress=interrupt, pool=pool)
+    assert os.listdir(store.models_dir()) == []  # neither the entry nor its temporary folder
+    assert pool.chat([{"role": "user", "content": "Hi"}], max_tokens=3).usage.completion_tokens > 0
+    assert convert(tiny_model_path, q_bits=8, name="cut", pool=pool).is_dir()
+
+
+def test_convert_from_a_terminal_shows_a_bar(tiny_model_path, isolated_home):
+    done = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "convert", str(tiny_model_path), "--as", "t8",
+                           "--q-bits", "8"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any("converting [" in line for line in lines) and "converting [....................] 0%" not in lines[-2]
+    assert lines[-2].endswith("] 100%")
+    assert lines[-1] == f"Converted {tiny_model_path} into {store.models_dir() / 't8'}."
+    store.validate_model_dir(store.models_dir() / "t8")
