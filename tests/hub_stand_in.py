@@ -3,8 +3,8 @@
 It answers the search listing (``/api/models``), a repo's info with its files and sizes
 (``/api/models/{org}/{name}/revision/{rev}``) and file downloads with ``Range`` requests
 (``/{org}/{name}/resolve/{rev}/{file}``); a gated repo answers 401 without a token. It counts the
-file bytes it sends, so a test can tell what a resumed pull fetched, and can drop the connection in
-the middle of a file (``drop``).
+file bytes it sends, so a test can tell what a resumed pull fetched; it can send files slowly
+(``pace``) and drop the connection in the middle of a file (``drop``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class HubStandIn:
         self.served = 0  # file bytes sent
         self.token: str | None = None  # the token a gated repo accepts
         self.drop: tuple[str, int] | None = None  # (file, offset): the next download of it ends there, cut off
+        self.pace = 0.0  # seconds to wait after each 64 KiB of a file sent
         app = web.Application()
         app.router.add_get("/api/models", self.listing)
         app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self.info)
@@ -97,15 +98,23 @@ class HubStandIn:
         m = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
         start = int(m.group(1)) if m else 0
         headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if m else {}
-        if self.drop is None or self.drop[0] != name:
+        end = len(data)
+        if self.drop is not None and self.drop[0] == name:
+            end, self.drop = self.drop[1], None
+        elif not self.pace:
             self.served += len(data) - start
             return web.Response(status=206 if m else 200, body=data[start:], headers=headers)
-        end, self.drop = self.drop[1], None
         response = web.StreamResponse(status=206 if m else 200, headers=headers)
         response.content_length = len(data) - start
         await response.prepare(request)
-        await response.write(data[start:end])
-        self.served += end - start
-        assert request.transport is not None
-        request.transport.close()  # sends what is buffered, then the connection is gone mid-file
+        for at in range(start, end, 1 << 16):
+            piece = data[at: min(at + (1 << 16), end)]
+            await response.write(piece)
+            self.served += len(piece)
+            await asyncio.sleep(self.pace)
+        if end < len(data):
+            assert request.transport is not None
+            request.transport.close()  # sends what is buffered, then the connection is gone mid-file
+        else:
+            await response.write_eof()
         return response

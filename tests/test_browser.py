@@ -1,4 +1,5 @@
-"""The dashboard notebook in JupyterLab in a real Chromium (Debian's, driven by Playwright): what a user sees.
+"""The dashboard notebook, and the pool panel's Find section against a stand-in of the Hugging Face hub, in
+JupyterLab in a real Chromium (Debian's, driven by Playwright): what a user sees.
 
 Skips where no ``chromium`` is installed (``.ci/run`` installs it); Playwright never downloads a
 browser here. A screenshot of the dashboard is saved under the test's tmp folder (path printed).
@@ -11,6 +12,7 @@ import time
 
 import pytest
 from helpers import ROOT, make_lab
+from hub_stand_in import HubStandIn
 
 TOKEN = "browser-test-token"
 SETTINGS = {  # JupyterLab's settings for the test: start the notebook's kernel, ask nothing, fetch nothing
@@ -34,6 +36,41 @@ pytestmark = [
 ]
 
 
+# records every width the Find section's download bar takes, in order (a tiny download is over in a second)
+WATCH_BAR = r"""() => {
+    window.barWidths = [];
+    const bar = [...document.querySelectorAll(".widget-hprogress")]
+        .find(e => e.textContent.includes("Download")).querySelector(".progress-bar");
+    new MutationObserver(records => {
+        for (const r of records) window.barWidths.push(r.oldValue);
+        window.barWidths.push(bar.getAttribute("style"));
+    }).observe(bar, {attributes: true, attributeFilter: ["style"], attributeOldValue: true});
+}"""
+
+
+def write_settings(tmp_path):
+    for name, values in SETTINGS.items():
+        path = tmp_path / "jupyter" / "jupyterlab_settings_dir" / "@jupyterlab" / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+
+
+def button(page, text):
+    """The button reading ``text`` (after its icon, which counts in its accessible name)."""
+    return page.get_by_role("button", name=re.compile(rf"(^|\W){text}$"))
+
+
+def run_all_cells(page, expect):
+    """Run the open notebook's cells once its kernel is idle; return when the last one has run."""
+    expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
+    for menu, item in (("Edit", "Clear Outputs of All Cells"), ("Run", "Run All Cells")):
+        page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{item}$")).click()
+    prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
+    expect(prompts.last).to_have_text(f"[{prompts.count()}]:", timeout=150_000)
+    assert "Traceback" not in page.locator(".jp-Notebook").inner_text()
+
+
 @pytest.fixture
 def lab(tmp_path, demo_home):
     """``make lab`` as users run it: JupyterLab on working copies of the notebooks, with their pictures.
@@ -46,12 +83,36 @@ def lab(tmp_path, demo_home):
     (home / "models").mkdir(parents=True)
     for model in (demo_home / "models").iterdir():
         (home / "models" / model.name).symlink_to(model.resolve(), target_is_directory=True)
-    for name, values in SETTINGS.items():
-        path = tmp_path / "jupyter" / "jupyterlab_settings_dir" / "@jupyterlab" / f"{name}.jupyterlab-settings"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values))
+    write_settings(tmp_path)
     with make_lab(tmp_path / "lab", tmp_path / "jupyter", TOKEN, {"MLX_NB_HOME": str(home)}) as url:
         yield url
+
+
+@pytest.fixture
+def hub_lab(tmp_path, tiny_model_path):
+    """JupyterLab whose kernel's hub is a stand-in serving a tiny model slowly (a bar has time to move),
+    with an empty home and a notebook showing the pool panel; yields (its URL, the stand-in, the home)."""
+    import nbformat
+
+    pytest.importorskip("jupyterlab", reason="JupyterLab is in the demo extra")
+    hub = HubStandIn()
+    hub.add("mlx-community/tiny-chat", tiny_model_path, downloads=900)
+    hub.add("mlx-community/tiny-other", tiny_model_path, downloads=5)
+    hub.pace = 0.2
+    home = tmp_path / "home"
+    (tmp_path / "lab").mkdir()
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from mlx_manager_nb.widgets import pool_panel\npool_panel()")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(notebook, tmp_path / "lab" / "find.ipynb")
+    write_settings(tmp_path)
+    env = {"MLX_NB_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_TOKEN_PATH": str(tmp_path / "no-token"),
+           "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    try:
+        with make_lab(tmp_path / "lab", tmp_path / "jupyter", TOKEN, env) as url:
+            yield url, hub, home
+    finally:
+        hub.close()
 
 
 def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
@@ -73,13 +134,7 @@ def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
         assert picture.evaluate("img => img.complete && img.naturalWidth") > 0, "the picture did not load"
 
         # the new kernel runs every cell: the last code cell's prompt then counts them all
-        expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=60_000)
-        for menu, item in (("Edit", "Clear Outputs of All Cells"), ("Run", "Run All Cells")):
-            page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
-            page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{item}$")).click()
-        prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
-        expect(prompts.last).to_have_text(f"[{prompts.count()}]:", timeout=150_000)
-        assert "Traceback" not in page.locator(".jp-Notebook").inner_text()
+        run_all_cells(page, expect)
 
         # every panel is a rendered widget, not a repr or an error
         dash = page.locator(".widget-tab").first
@@ -145,3 +200,57 @@ def test_the_dashboard_notebook_in_jupyterlab(lab, tmp_path):
     assert {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")} == committed
     ran = tmp_path / "lab" / "02_dashboard.ipynb"
     assert ran.read_bytes() != committed[ROOT / "notebooks" / ran.name]  # the lab saved its own copy
+
+
+def test_the_pool_panels_find_section_searches_downloads_and_removes(hub_lab):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
+    expect = sync_api.expect
+    url, hub, home = hub_lab
+    stored = home / "models" / "mlx-community--tiny-chat"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.goto(f"{url}/lab/tree/find.ipynb?token={TOKEN}")
+        run_all_cells(page, expect)
+
+        # a search shows the stand-in's repos, most downloaded first, with what a pull fetches
+        page.get_by_placeholder("search the Hugging Face hub, e.g. qwen").fill("tiny")
+        button(page, "Search").click()
+        row = page.locator("tr", has_text="mlx-community/tiny-chat")
+        expect(row).to_be_visible(timeout=30_000)
+        expect(row).to_contain_text("382.2 KiB")
+        expect(page.locator("tr", has_text="mlx-community/tiny-other")).to_be_visible()
+        repo = page.locator(".widget-dropdown", has_text="Repo").locator("select")
+        expect(repo).to_have_value("mlx-community/tiny-chat")
+
+        # Download: the bar moves, reaches its end and turns green; the model is in the store
+        page.evaluate(WATCH_BAR)
+        button(page, "Download").click()
+        expect(page.get_by_text("Downloaded mlx-community/tiny-chat: load it as")).to_be_visible(timeout=60_000)
+        bar = page.locator(".widget-hprogress", has_text="Download").locator(".progress-bar")
+        expect(bar).to_have_attribute("style", re.compile(r"width: 100%"))
+        expect(bar).to_have_class(re.compile("progress-bar-success"))
+        expect(page.get_by_text(re.compile(r"382\.2 KiB of 382\.2 KiB at"))).to_be_visible()
+        widths = [float(w) for w in re.findall(r"width: ([\d.]+)%", " ".join(filter(None, page.evaluate(
+            "window.barWidths"))))]
+        assert widths == sorted(widths) and widths[-1] == 100 and any(0 < w < 100 for w in widths), widths
+        assert (stored / "model.safetensors").is_file() and hub.served > 0
+
+        # Remove asks first (its confirm button names the model and its size), then removes it
+        local = page.locator(".widget-dropdown", has_text="Local").locator("select")
+        label = next(o for o in local.locator("option").all_inner_texts() if o.startswith("mlx-community--tiny-chat"))
+        local.select_option(label=label)
+        button(page, "Remove").click()
+        confirm = page.get_by_role("button", name=re.compile(r"^Remove mlx-community--tiny-chat \([\d.]+ KiB\)$"))
+        expect(confirm).to_be_visible()
+        assert stored.is_dir()  # nothing removed before the confirm
+        confirm.click()
+        expect(page.get_by_text("Removed mlx-community--tiny-chat.")).to_be_visible(timeout=15_000)
+        expect(confirm).to_be_hidden()
+        assert not stored.exists()
+        expect(local.locator("option", has_text="mlx-community--tiny-chat")).to_have_count(0)
+        browser.close()
+    assert errors == []

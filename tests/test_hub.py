@@ -303,6 +303,7 @@ def test_the_pool_panels_find_section_searches_downloads_and_removes(stand_in, m
     parts.download.click()
     assert wait_for(lambda: "Downloaded mlx-community/tiny-chat" in parts.find_error.value), parts.find_error.value
     assert seen == sorted(seen) and seen[-1] == 1.0 and " of 382.2 KiB at " in parts.bar_text.value
+    assert parts.bar_row.layout.display is None and parts.bar.bar_style == "success"  # the full bar stays, green
     assert "mlx-community--tiny-chat" in parts.source.options
     pool.load("mlx-community/tiny-chat")
     parts.local.value = "mlx-community--tiny-chat"

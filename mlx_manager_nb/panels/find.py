@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -73,9 +74,19 @@ def wire_find(call: Callable[..., None], pool: Pool, ui: SimpleNamespace, change
         background(call, lambda: hub.search(query, author=author, max_memory=pool.max_memory), done,
                    failed(ui.search))
 
-    def progress(t: hub.Transfer) -> None:
+    def show(t: hub.Transfer) -> None:
         ui.bar.value = t.done / t.total if t.total else 1.0
         ui.bar_text.value = transfer_text(t)
+
+    def progress(shown: list[float]) -> hub.TransferProgress:
+        """Show a pull's progress ten times a second, and its end (the pull's thread)."""
+
+        def report(t: hub.Transfer) -> None:
+            if time.monotonic() - shown[0] >= 0.1 or t.done == t.total:
+                shown[0] = time.monotonic()
+                call(show, t)
+
+        return report
 
     def download(_: Any) -> None:
         repo = ui.pick.value
@@ -83,14 +94,15 @@ def wire_find(call: Callable[..., None], pool: Pool, ui: SimpleNamespace, change
             ui.find_error.value = error_html("Search, then pick a repo to download.")
             return
         ui.find_error.value, ui.download.disabled, ui.bar_row.layout.display = "", True, None
+        ui.bar.value, ui.bar.bar_style = 0.0, ""
 
         def done(path: Any) -> None:
-            ui.download.disabled, ui.bar_row.layout.display = False, "none"
+            ui.download.disabled, ui.bar.bar_style = False, "success"  # the full bar stays, green
             ui.find_error.value = f"<i>Downloaded {repo}: load it as {repo}.</i>"
             refresh_local(ui)
             changed()
 
-        background(call, lambda: hub.pull(repo, lambda t: call(progress, t)), done, failed(ui.download))
+        background(call, lambda: hub.pull(repo, progress([0.0])), done, failed(ui.download))
 
     def loaded() -> dict:
         return {m.name: m.path for m in pool.models() if m.path is not None}
