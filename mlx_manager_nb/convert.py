@@ -31,7 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import store
-from .errors import EngineError, InvalidModelError
+from .errors import EngineError, InvalidModelError, MLXManagerError
+from .hub import DISK_FULL
 from .slices import Job
 
 if TYPE_CHECKING:
@@ -57,7 +58,13 @@ def convert(ref: str | os.PathLike, q_bits: int | None = None, name: str | None 
         pool = default_pool()
     source = store.resolve(ref, progress)
     name = name or store.store_name(Path(str(ref).rstrip("/").split("/")[-1] + (f"-{q_bits}bit" if q_bits else "-mlx")))
-    return store.install(name, lambda tmp: _write(pool, source, q_bits, tmp, progress))
+    try:
+        return store.install(name, lambda tmp: _write(pool, source, q_bits, tmp, progress))
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise MLXManagerError(f"Cannot convert {ref}: the disk is full ({e.strerror}); nothing was written to "
+                              f"the store.") from None
 
 
 def _write(pool: Pool, source: Path, q_bits: int | None, out: Path, progress: store.Progress | None) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import store
-from .errors import InvalidModelError, MLXManagerError, ModelNotFoundError
+from .errors import InvalidModelError, MLXManagerError, ModelNotFoundError, UnsupportedModelError
 
 CHUNK = 1 << 16
 TIMEOUT = 30.0  # seconds without a byte before a request fails
@@ -273,7 +273,7 @@ def check_architecture(repo: str, folder: Path) -> None:
         _get_classes(config)
     except (KeyError, ValueError):
         what = f"a {kind!r} model" if kind else "a model whose config.json names no model_type"
-        raise InvalidModelError(f"{repo!r} is {what}, which mlx-lm {mlx_lm.__version__} cannot load: nothing "
+        raise UnsupportedModelError(f"{repo!r} is {what}, which mlx-lm {mlx_lm.__version__} cannot load: nothing "
                                 f"past its config.json was downloaded.") from None
 
 

@@ -66,3 +66,20 @@ def test_convert_from_a_terminal_shows_a_bar(tiny_model_path, isolated_home):
     assert lines[-2].endswith("] 100%")
     assert lines[-1] == f"Converted {tiny_model_path} into {store.models_dir() / 't8'}."
     store.validate_model_dir(store.models_dir() / "t8")
+
+
+def test_a_conversion_meeting_a_full_disk_leaves_nothing(tiny_model_path, isolated_home):
+    import resource
+    import signal
+
+    def small_disk():  # a real limit: writing past 100 kB fails with EFBIG, as a full disk fails with ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    run = subprocess.run([sys.executable, "-m", "mlx_manager_nb", "convert", str(tiny_model_path), "--as", "big"],
+                         capture_output=True, text=True, timeout=120, preexec_fn=small_disk,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().endswith(f"error: Cannot convert {tiny_model_path}: the disk is full (File too large); "
+                                       "nothing was written to the store.")
+    assert os.listdir(store.models_dir()) == []

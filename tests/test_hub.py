@@ -10,7 +10,7 @@ from huggingface_hub import constants
 from IPython.utils.capture import capture_output
 
 from mlx_manager_nb import hub, store
-from mlx_manager_nb.errors import InvalidModelError
+from mlx_manager_nb.errors import InvalidModelError, UnsupportedModelError
 from mlx_manager_nb.model_pool import Pool
 
 EXTRA = {"README.md": b"# tiny\n", "pytorch_model.bin": b"\0" * 5000}  # on the hub, not needed by mlx-lm
@@ -188,7 +188,7 @@ def test_an_architecture_mlx_lm_cannot_load_is_refused_before_any_weight_is_fetc
 
     config = json.loads((tiny_model_path / "config.json").read_text())
     stand_in.add("org/alien", tiny_model_path, {"config.json": json.dumps({**config, "model_type": "alien"}).encode()})
-    with pytest.raises(InvalidModelError, match=r"'org/alien' is a 'alien' model, which mlx-lm [\d.]+ cannot load"):
+    with pytest.raises(UnsupportedModelError, match=r"'org/alien' is a 'alien' model, which mlx-lm [\d.]+ cannot load"):
         hub.pull("org/alien")
     assert stand_in.served == len(stand_in.repos["org/alien"].files["config.json"])  # the config alone
     assert not hub.partial_dir("org/alien").exists() and not hub.pulled_dir("org/alien").exists()
