@@ -81,6 +81,8 @@ def _write(pool: Pool, source: Path, q_bits: int | None, out: Path, progress: st
             try:
                 item = handover.get(timeout=0.2)  # a short wait: an interrupt is seen at once
             except queue.Empty:
+                if not pool.engine.alive:  # it died without a word: nothing more comes
+                    raise EngineError("the engine stopped during the conversion") from None
                 continue
             if item[0] == "error":
                 raise item[1]
