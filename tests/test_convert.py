@@ -83,3 +83,22 @@ def test_a_conversion_meeting_a_full_disk_leaves_nothing(tiny_model_path, isolat
     assert run.stderr.strip().endswith(f"error: Cannot convert {tiny_model_path}: the disk is full (File too large); "
                                        "nothing was written to the store.")
     assert os.listdir(store.models_dir()) == []
+
+
+def test_a_loaded_model_answers_while_a_conversion_runs(make_pool, tiny_model_path, monkeypatch):
+    from mlx_manager_nb import convert as conversion
+    from mlx_manager_nb import slices
+
+    monkeypatch.setattr(slices, "IDLE_SLICE", 0.0)  # a tensor per slice
+    monkeypatch.setattr(conversion, "QUEUED_BYTES", 1)  # the job waits, alive, until the writer takes each tensor
+    pool = make_pool()
+    pool.load(str(tiny_model_path), alias="tiny")
+    answered = []
+
+    def chat_midway(stage, fraction):  # the writer holds the job back while the model answers
+        if 0.3 < fraction < 1 and not answered:
+            answered.append(pool.chat([{"role": "user", "content": "Hi"}], model="tiny", max_tokens=4))
+
+    path = convert(tiny_model_path, q_bits=4, name="beside", progress=chat_midway, pool=pool)
+    assert answered and answered[0].usage.completion_tokens > 0
+    store.validate_model_dir(path)
