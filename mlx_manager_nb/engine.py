@@ -51,6 +51,7 @@ from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .kv_disk import DiskTier, cache_layers
 from .logprobs import Recorder, TokenLogprob, token_bytes
 from .params import GenParams, Processor, make_processors, make_sampler
+from .shared_prefix import fork, pick_source, shared_length
 from .slices import Job, Slices
 from .stops import StopMatcher
 
@@ -148,7 +149,9 @@ class _Prefill:
     slots: int
     cache: list[Any]
     done: int
-    cached: int  # of those, the tokens the prompt cache gave
+    cached: int  # of those, the tokens the prompt cache (or another request's prefill) gave
+    source: _Prefill | None = None  # the prefill it waits for, to take a copy of its KV at ``until`` tokens
+    until: int = 0
 
 
 @dataclass
@@ -524,8 +527,13 @@ class Engine:
             self._insert(runner, request, slots, cache if cached else None, rest)
             return
         entry = _Prefill(request, slots, cache, cached, cached)
+        shared = pick_source(runner.prefilling, request.prompt, request.priority, cached)
         runner.prefilling.append(entry)
-        self._slices.add(self._prefill(runner, entry), request.priority)
+        if shared is None:
+            self._slices.add(self._prefill(runner, entry), request.priority)
+        else:  # its start is being prefilled for another request: wait for that (see shared_prefix)
+            entry.source, entry.until = shared
+            self._release(runner, shared[0])
 
     def _prefill(self, runner: Runner, entry: _Prefill) -> Job:
         """Run ``entry``'s prompt but its last token through the model, a chunk per slice, then insert it
@@ -534,7 +542,8 @@ class Engine:
         budget = yield
         chunk = MIN_CHUNK
         while entry in runner.prefilling and entry.done < len(prompt) - 1:
-            n = min(chunk, len(prompt) - 1 - entry.done)
+            waited = [f.until for f in runner.prefilling if f.source is entry]  # a piece ends where one forks
+            n = min(chunk, min([*waited, len(prompt) - 1]) - entry.done)
             start = time.perf_counter()
             try:
                 with mx.stream(runner.batch().stream):
@@ -542,17 +551,67 @@ class Engine:
                     mx.eval([c.state for c in entry.cache])
             except Exception as e:
                 runner.prefilling.remove(entry)
+                self._hand_over(runner, entry, failed=True)
                 _emit(entry.request, Failed(EngineError(f"generation failed on {runner.name}: {e}")))
                 mx.clear_cache()
                 return
             took = time.perf_counter() - start
             entry.done += n
+            self._release(runner, entry)
             self._account(runner)
             budget = yield
             chunk = max(MIN_CHUNK, min(2 * n, int(n * budget / max(took, 1e-6))))  # sized to this slice
         if entry in runner.prefilling:
             runner.prefilling.remove(entry)
             self._insert(runner, entry.request, entry.slots, entry.cache, prompt[-1:], entry.cached)
+
+    def _release(self, runner: Runner, source: _Prefill) -> None:
+        """Start the prefills waiting for ``source`` that it has got to, each from a copy of its KV cache;
+        the first copy of a prefix also goes to the prompt cache, for requests that arrive later. Those with
+        short rests join the batch together when the model decoded nothing before (as if admitted together)."""
+        busy = bool(runner.active)
+        for entry in [e for e in runner.prefilling if e.source is source and e.until <= source.done]:
+            entry.source = None
+            if entry.until > entry.done:
+                prefix = entry.request.prompt[:entry.until]
+                if _memory_hit(runner, prefix) < entry.until:
+                    self._remember(runner, prefix, fork(source.cache, source.done, entry.until))
+                entry.cache = fork(source.cache, source.done, entry.until)
+                entry.done = entry.cached = entry.until
+            self._go_on(runner, entry, busy)
+
+    def _go_on(self, runner: Runner, entry: _Prefill, busy: bool) -> None:
+        """Prefill the rest of ``entry``'s prompt: in slices, or in the batch when short (as :meth:`_start`;
+        ``busy``: the model decodes others) and no other prefill waits for it."""
+        rest = entry.request.prompt[entry.done:]
+        waited = any(e.source is entry for e in runner.prefilling)
+        if waited or len(rest) > (BUSY_PREFILL_THRESHOLD if busy else PREFILL_THRESHOLD):
+            self._slices.add(self._prefill(runner, entry), entry.request.priority)
+        else:
+            runner.prefilling.remove(entry)
+            self._insert(runner, entry.request, entry.slots, entry.cache, rest, entry.cached)
+
+    def _hand_over(self, runner: Runner, gone: _Prefill, failed: bool = False) -> None:
+        """``gone`` left before the prefills waiting for it got their prefix: the one waiting for the most
+        takes its place (waits for what it waited for, or goes on from its KV cache; from its own when
+        ``gone`` failed), and the others wait for that one."""
+        waiting = [e for e in runner.prefilling if e.source is gone]
+        if not waiting:
+            return
+        heir = max(waiting, key=lambda e: e.until)
+        for entry in waiting:
+            if entry is not heir:
+                entry.source = heir
+                entry.until = min(entry.until, shared_length(heir.request.prompt, entry.request.prompt))
+        if gone.source is not None:  # it was waiting itself: both share at least the shorter prefix
+            heir.source, heir.until = gone.source, min(heir.until, gone.until)
+            self._release(runner, gone.source)
+            return
+        if not failed and heir.done < gone.done <= heir.until:
+            heir.cache, heir.done, heir.cached = gone.cache, gone.done, gone.done
+        heir.source = None
+        self._release(runner, heir)
+        self._go_on(runner, heir, bool(runner.active))
 
     def _end_prefills(self, runner: Runner) -> None:
         """End the prefilling requests that were cancelled or ran past their deadline (their KV is dropped)."""
@@ -561,6 +620,7 @@ class Engine:
                  or (e.request.deadline and now > e.request.deadline)]
         for entry in ended:
             runner.prefilling.remove(entry)
+            self._hand_over(runner, entry)
             reason = "cancelled" if entry.request.cancelled.is_set() else "timeout"
             _emit(entry.request, _done(entry.request, reason, None, 0, entry.cached, None))
         if ended:

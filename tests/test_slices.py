@@ -11,6 +11,7 @@ from tiny_model import build_tiny_model
 
 from mlx_manager_nb import engine
 from mlx_manager_nb.server import serve
+from mlx_manager_nb.shared_prefix import shared_length
 from mlx_manager_nb.slices import Slices
 
 STORY = "Once upon a time there was a tiny model that could talk. "
@@ -234,3 +235,83 @@ def test_a_load_runs_in_slices_beside_a_stream(pool, tmp_path, monkeypatch):
     during = sum(start <= t <= end for t in stamps)
     assert during >= 5, during  # in one piece, the load ran between two decode steps
     assert pool.chat([{"role": "user", "content": "hi"}], model="bigger", max_tokens=2).usage.completion_tokens == 2
+
+
+def shared_prompts(n: int) -> list[str]:
+    return [STORY * 20 + f"Question {i}: what did the model say first?" for i in range(n)]
+
+
+def one_at_a_time(pool, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy answers of ``prompts`` run alone, each from an empty prompt cache."""
+    texts = []
+    for prompt in prompts:
+        pool.engine.runner("slow-llama").prompt_cache.trim_to(n_sequences=0)
+        texts.append(pool.complete(prompt, temperature=0, max_tokens=max_tokens).text)
+    pool.engine.runner("slow-llama").prompt_cache.trim_to(n_sequences=0)
+    return texts
+
+
+def arriving_together(pool, prompts: list[str], max_tokens: int) -> list:
+    """Streams of ``prompts`` that reach the engine in one batch of its inbox, in this order."""
+    release = threading.Event()
+    pool.engine.run(release.wait)
+    try:
+        return [pool.complete(p, temperature=0, max_tokens=max_tokens, stream=True) for p in prompts]
+    finally:
+        release.set()
+
+
+def test_concurrent_prompts_sharing_a_start_prefill_it_once(slow):
+    prompts = shared_prompts(4)
+    alone = one_at_a_time(slow, [*prompts, "Hello"], 12)
+    bystander = slow.complete("Hello", temperature=0, max_tokens=12, stream=True)
+    streams = arriving_together(slow, prompts, 12)
+    assert [("".join(s), s.result)[0] for s in streams] == alone[:4]
+    assert "".join(bystander) == alone[4]
+    usage = [s.result.usage for s in streams]
+    computed = [u.prompt_tokens - u.cached_tokens for u in usage]
+    assert usage[0].cached_tokens == 0 and usage[0].prompt_tokens > 600
+    # the others took the first one's KV for all they share, and computed only their own question
+    shared = shared_length(*(slow.engine.runner("slow-llama").tokenizer.encode(p) for p in prompts[:2]))
+    assert all(u.cached_tokens == shared for u in usage[1:]), (shared, usage)
+    assert sum(computed) < 1.2 * usage[0].prompt_tokens, computed
+
+
+def test_cancelling_the_request_others_share_a_prefill_with_leaves_them_correct(slow, monkeypatch):
+    from mlx_manager_nb import slices
+
+    monkeypatch.setattr(slices, "IDLE_SLICE", 0.005)  # many slices: the first is cut halfway through
+    runner = slow.engine.runner("slow-llama")
+    prompts = shared_prompts(4)
+    alone = one_at_a_time(slow, prompts[1:], 8)
+    first, *others = arriving_together(slow, prompts, 8)
+    assert wait_for(lambda: runner.prefilling and 100 < runner.prefilling[0].done < 500, timeout=30)
+    first.close()
+    assert ["".join(s) for s in others] == alone
+    usage = [s.result.usage for s in others]
+    assert min(u.cached_tokens for u in usage) > 100  # one went on from the KV the first had computed
+    assert sum(u.prompt_tokens - u.cached_tokens for u in usage) < 1.2 * usage[0].prompt_tokens, usage
+    assert not runner.prefilling and slow.complete("Hello", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_prompt_arriving_later_shares_the_start_being_prefilled_or_decoded(slow, monkeypatch):
+    from mlx_manager_nb import slices
+
+    monkeypatch.setattr(slices, "IDLE_SLICE", 0.005)
+    runner = slow.engine.runner("slow-llama")
+    first, second, third = shared_prompts(3)
+    alone = [*one_at_a_time(slow, [second], 300), *one_at_a_time(slow, [third], 8)]
+    leading = slow.complete(first, temperature=0, max_tokens=300, stream=True)
+    stamps, reader = read_in_thread(leading)
+    assert wait_for(lambda: runner.prefilling and 100 < runner.prefilling[0].done < 500, timeout=30)
+    during_prefill = slow.complete(second, temperature=0, max_tokens=300, stream=True)  # waits for the first
+    texts, reader_2 = [], threading.Thread(target=lambda: texts.append("".join(during_prefill)))
+    reader_2.start()
+    assert wait_for(lambda: len(stamps) > 5) and not runner.prefilling
+    while_decoding = slow.complete(third, temperature=0, max_tokens=8)  # the prefix went to the prompt cache
+    still_decoding = during_prefill.result is None
+    reader.join()
+    reader_2.join()
+    assert still_decoding and texts + [while_decoding.text] == alone
+    shared = shared_length(*(runner.tokenizer.encode(p) for p in (first, second)))
+    assert during_prefill.result.usage.cached_tokens == while_decoding.usage.cached_tokens == shared
