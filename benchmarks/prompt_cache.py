@@ -1,33 +1,96 @@
 """The prompt cache on disk, on the demo model: time to first token of a 4,000-token prompt.
 
-    .venv/bin/python benchmarks/prompt_cache.py
+    .venv/bin/python benchmarks/prompt_cache.py           # all four
+    .venv/bin/python benchmarks/prompt_cache.py d 1000    # (d) alone, with a 1,000-token system prompt
 
 (a) cold; (b) the same document with another question, from the in-memory cache; (c) in a new pool
 on the same home (what a kernel restart finds: the KV read from ``$MLX_NB_HOME/kv/``, the file most
-likely in the OS page cache); and the disk bytes per 1,000 tokens. Target (issue 26): (c) at least
-5x sooner than (a).
+likely in the OS page cache); and the disk bytes per 1,000 tokens; (d) 8 requests sharing a
+3,000-token system prompt, with different questions, sent together: the prompt tokens computed and the
+time until all 8 have their first token, with shared prefixes and without (``SHARED_PREFIX_MIN`` out
+of reach: each prefills the system prompt). Targets (issue 26): (c) at least 5x sooner than (a); (d)
+about one prompt's tokens computed.
 """
+
+import functools
+import sys
+import threading
+import time
 
 from common import demo_path, row  # first: binds the fast BLAS
 
+from mlx_manager_nb import shared_prefix
 from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.store import home
 
 TOKENS = 4000
+SHARED_TOKENS = 3000
+REQUESTS = 8
 WORDS = ["harbor", "lantern", "tide", "ledger", "orchard", "copper", "meadow", "signal", "granite", "voyage"]
 
 
-def ask(pool: Pool, doc: str, question: int) -> tuple[float, int, int]:
+def question(doc: str, i: int) -> str:
+    return f"{doc}\nQuestion {i}: which word comes first?"
+
+
+def ask(pool: Pool, doc: str, i: int) -> tuple[float, int, int]:
     """Time to first token of ``doc`` and a question; the prompt's tokens, and those the prompt cache gave."""
-    r = pool.complete(f"{doc}\nQuestion {question}: which word comes first?", max_tokens=1, temperature=0)
+    r = pool.complete(question(doc, i), max_tokens=1, temperature=0)
     return r.ttft or 0.0, r.usage.prompt_tokens, r.usage.cached_tokens
 
 
+def document(pool: Pool, name: str, tokens: int) -> str:
+    """Text of about ``tokens`` tokens of the model ``name``."""
+    tokenizer = pool.runner(name).tokenizer
+    return tokenizer.decode(tokenizer.encode(" ".join(WORDS[i % 7 * i % 10] for i in range(tokens * 2)))[:tokens])
+
+
+def together(pool: Pool, doc: str) -> tuple[float, int, int]:
+    """:data:`REQUESTS` questions about ``doc`` sent at once: seconds until all have their first token, the
+    prompt tokens computed, and the tokens of one prompt."""
+    results: list = [None] * REQUESTS
+
+    def ask_one(i: int) -> None:
+        results[i] = pool.complete(question(doc, i), max_tokens=1, temperature=0)
+
+    threads = [threading.Thread(target=ask_one, args=(i,)) for i in range(REQUESTS)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - start
+    return took, sum(r.usage.prompt_tokens - r.usage.cached_tokens for r in results), results[0].usage.prompt_tokens
+
+
+def shared(tokens: int) -> None:
+    """(d): with shared prefixes, then without, each from an empty prompt cache (the disk tier off)."""
+    pool = Pool(keep_alive=None, kv_disk_bytes=0)
+    name = pool.load(demo_path()).name
+    doc = document(pool, name, tokens)
+    ask(pool, doc, REQUESTS)  # the first long forward passes of a model are slower
+    cache = pool.runner(name).prompt_cache
+    pool.engine.run(functools.partial(cache.trim_to, n_sequences=0)).result()
+    with_sharing, computed, one = together(pool, doc)
+    pool.engine.run(functools.partial(cache.trim_to, n_sequences=0)).result()
+    shared_prefix.SHARED_PREFIX_MIN = 10**9
+    without, computed_without, _ = together(pool, doc)
+    pool.close()
+    print(f"demo model, {REQUESTS} requests sent together: a {tokens}-token system prompt and a question "
+          f"({one} tokens each)")
+    row("(d) without sharing: all first tokens", without * 1000, "ms")
+    row("(d) shared prefix: all first tokens", with_sharing * 1000, "ms", without / max(with_sharing, 1e-9))
+    row("(d) without sharing: prompt tokens computed", computed_without, "tokens", computed_without / one)
+    row("(d) shared prefix: prompt tokens computed", computed, "tokens", computed / one)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["d"]:
+        shared(int(sys.argv[2]) if len(sys.argv) > 2 else SHARED_TOKENS)
+        return
     pool = Pool(keep_alive=None)
     info = pool.load(demo_path())
-    tokenizer = pool.runner(info.name).tokenizer
-    doc = tokenizer.decode(tokenizer.encode(" ".join(WORDS[i % 7 * i % 10] for i in range(TOKENS * 2)))[:TOKENS])
+    doc = document(pool, info.name, TOKENS)
     cold, tokens, _ = ask(pool, doc, 0)
     memory, _, from_memory = ask(pool, doc, 1)
     pool.close()  # its files are written: one per answer (the two prompts differ at the question)
@@ -44,6 +107,7 @@ def main() -> None:
     row(f"(c) new pool, disk hit ({from_disk} tokens cached, {hits} read)", disk * 1000, "ms",
         cold / max(disk, 1e-9), 5.0)
     row("disk bytes per 1,000 tokens", per_1000 / 2**20, "MiB")
+    shared(SHARED_TOKENS)
 
 
 if __name__ == "__main__":
