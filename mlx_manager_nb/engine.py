@@ -542,7 +542,8 @@ class Engine:
         budget = yield
         chunk = MIN_CHUNK
         while entry in runner.prefilling and entry.done < len(prompt) - 1:
-            waited = [f.until for f in runner.prefilling if f.source is entry]  # a piece ends where one forks
+            waited = [f.until for f in runner.prefilling if f.source is entry and f.until > entry.done]
+            # a piece ends where a waiting prefill forks
             n = min(chunk, min([*waited, len(prompt) - 1]) - entry.done)
             start = time.perf_counter()
             try:
@@ -582,7 +583,9 @@ class Engine:
 
     def _go_on(self, runner: Runner, entry: _Prefill, busy: bool) -> None:
         """Prefill the rest of ``entry``'s prompt: in slices, or in the batch when short (as :meth:`_start`;
-        ``busy``: the model decodes others) and no other prefill waits for it."""
+        ``busy``: the model decodes others) and no other prefill waits for it. First, the prefills waiting
+        for what it holds already go on."""
+        self._release(runner, entry)
         rest = entry.request.prompt[entry.done:]
         waited = any(e.source is entry for e in runner.prefilling)
         if waited or len(rest) > (BUSY_PREFILL_THRESHOLD if busy else PREFILL_THRESHOLD):
@@ -610,7 +613,6 @@ class Engine:
         if not failed and heir.done < gone.done <= heir.until:
             heir.cache, heir.done, heir.cached = gone.cache, gone.done, gone.done
         heir.source = None
-        self._release(runner, heir)
         self._go_on(runner, heir, bool(runner.active))
 
     def _end_prefills(self, runner: Runner) -> None:
