@@ -266,7 +266,7 @@ def test_concurrent_prompts_sharing_a_start_prefill_it_once(slow):
     alone = one_at_a_time(slow, [*prompts, "Hello"], 12)
     bystander = slow.complete("Hello", temperature=0, max_tokens=12, stream=True)
     streams = arriving_together(slow, prompts, 12)
-    assert [("".join(s), s.result)[0] for s in streams] == alone[:4]
+    assert ["".join(s) for s in streams] == alone[:4]
     assert "".join(bystander) == alone[4]
     usage = [s.result.usage for s in streams]
     computed = [u.prompt_tokens - u.cached_tokens for u in usage]
@@ -312,6 +312,6 @@ def test_a_prompt_arriving_later_shares_the_start_being_prefilled_or_decoded(slo
     still_decoding = during_prefill.result is None
     reader.join()
     reader_2.join()
-    assert still_decoding and texts + [while_decoding.text] == alone
+    assert still_decoding and [*texts, while_decoding.text] == alone
     shared = shared_length(*(runner.tokenizer.encode(p) for p in (first, second)))
     assert during_prefill.result.usage.cached_tokens == while_decoding.usage.cached_tokens == shared
