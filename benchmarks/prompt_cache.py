@@ -14,10 +14,8 @@ about one prompt's tokens computed.
 
 import functools
 import sys
-import threading
-import time
 
-from common import demo_path, row  # first: binds the fast BLAS
+from common import concurrently, demo_path, row  # first: binds the fast BLAS
 
 from mlx_manager_nb import shared_prefix
 from mlx_manager_nb.model_pool import Pool
@@ -50,16 +48,11 @@ def together(pool: Pool, doc: str) -> tuple[float, int, int]:
     prompt tokens computed, and the tokens of one prompt."""
     results: list = [None] * REQUESTS
 
-    def ask_one(i: int) -> None:
+    def ask_one(i: int) -> int:
         results[i] = pool.complete(question(doc, i), max_tokens=1, temperature=0)
+        return 1
 
-    threads = [threading.Thread(target=ask_one, args=(i,)) for i in range(REQUESTS)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.perf_counter() - start
+    took = REQUESTS / concurrently(REQUESTS, ask_one)  # requests per second
     return took, sum(r.usage.prompt_tokens - r.usage.cached_tokens for r in results), results[0].usage.prompt_tokens
 
 
