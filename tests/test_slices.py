@@ -315,3 +315,25 @@ def test_a_prompt_arriving_later_shares_the_start_being_prefilled_or_decoded(slo
     assert still_decoding and [*texts, while_decoding.text] == alone
     shared = shared_length(*(runner.tokenizer.encode(p) for p in (first, second)))
     assert during_prefill.result.usage.cached_tokens == while_decoding.usage.cached_tokens == shared
+
+
+@pytest.mark.parametrize("cut", [(), (1,), (0, 1)])
+def test_prompts_sharing_starts_of_different_lengths_wait_in_a_chain(slow, monkeypatch, cut):
+    from mlx_manager_nb import slices
+
+    monkeypatch.setattr(slices, "IDLE_SLICE", 0.005)
+    runner = slow.engine.runner("slow-llama")
+    base, more = STORY * 20, "But" + STORY * 6
+    prompts = [base + "The end.", base + more + "Yes.", base + more + "No.", base + more[:90] + "Maybe.", "Hi" + STORY]
+    keep = [i for i in range(len(prompts)) if i not in cut]
+    alone = one_at_a_time(slow, [prompts[i] for i in keep], 6)
+    streams = arriving_together(slow, prompts, 6)
+    assert wait_for(lambda: runner.prefilling and 100 < runner.prefilling[0].done < 500, timeout=30)
+    for i in cut:  # the first, and the second, that the third waits for
+        streams[i].close()
+    assert ["".join(streams[i]) for i in keep] == alone
+    assert wait_for(lambda: not runner.prefilling)
+    if not cut:  # each took what it shares with the one that shares the most with it
+        ids = [runner.tokenizer.encode(p) for p in prompts]
+        assert [s.result.usage.cached_tokens for s in streams] == [
+            0, shared_length(ids[0], ids[1]), shared_length(ids[1], ids[2]), shared_length(ids[1], ids[3]), 0]
