@@ -137,3 +137,6 @@ add_column("constrained", bool)
 
 # Requests one row stands for: 1, or how many refused 401s of one client in one hour (see audit_log).
 add_column("count", int)
+
+# Prompt tokens taken from the prompt cache (memory, disk or a shared prefix) instead of computed.
+add_column("cached_tokens", int)

@@ -140,8 +140,8 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
         if isinstance(event, Done):
             status = event.finish_reason if event.finish_reason in ("cancelled", "timeout") else "ok"
             outcome = dict(status=status, prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                           ttft=event.ttft, duration=event.duration, tokens_per_second=event.tokens_per_second,
-                           finish_reason=event.finish_reason)
+                           cached_tokens=event.cached_tokens, ttft=event.ttft, duration=event.duration,
+                           tokens_per_second=event.tokens_per_second, finish_reason=event.finish_reason)
             if event.cause is not None:  # the server cut it: the row says why, and the status a non-stream got
                 outcome["error_message"] = AnswerCutError.CAUSES[event.cause]
                 if record.context.http_status is not None and not record.context.stream:

@@ -355,6 +355,16 @@ def test_every_request_leaves_an_audit_row_even_when_refused(make_pool, tiny_mod
     assert "temperature" in rows["error"]["error_message"]
 
 
+def test_audit_rows_count_the_prompt_tokens_taken_from_the_cache(pool, audit):
+    pool.audit = audit
+    chat = [{"role": "user", "content": "tell me about caches " * 20}]
+    first = pool.chat(chat, temperature=0, max_tokens=4)
+    second = pool.chat(chat, temperature=0, max_tokens=4)
+    assert first.usage.cached_tokens == 0 and second.usage.cached_tokens > 0
+    assert wait_for(lambda: len(audit.query()) == 2)
+    assert [r["cached_tokens"] for r in audit.query()] == [second.usage.cached_tokens, 0]  # newest first
+
+
 def test_audit_rows_say_whether_the_answer_was_streamed(pool, audit):
     pool.audit = audit
     list(pool.chat(HELLO, temperature=0, max_tokens=2, stream=True))
