@@ -32,7 +32,9 @@ from .errors import (  # noqa: E402
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first use
     from .audit_log import AuditLog
     from .diagnostics import doctor
+    from .logprobs import TokenLogprob, TopLogprob
     from .model_pool import ModelInfo, Pool
+    from .scoring import Score
     from .scratch import scratch_home
     from .server import Server, create_app, serve
     from .store import import_gguf, list_local_models
@@ -58,7 +60,10 @@ _LAZY = {
     "import_gguf": "store",
     "list_local_models": "store",
     "Result": "streams",
+    "Score": "scoring",
     "TextStream": "streams",
+    "TokenLogprob": "logprobs",
+    "TopLogprob": "logprobs",
     "Tool": "tools",
     "ToolCall": "tools",
     "dashboard": "widgets",
@@ -101,11 +106,14 @@ __all__ = [
     "Pool",
     "PoolFullError",
     "Result",
+    "Score",
     "Server",
     "ServerError",
     "TextStream",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
+    "TopLogprob",
     "UnsupportedModelError",
     "__version__",
     "audit",

@@ -24,11 +24,12 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from . import embeddings, runner
+from . import embeddings, runner, scoring
 from .chain import TOOL_ROUNDS, rounds
 from .errors import ModelNotFoundError
 from .registry import ModelEvent, ModelInfo, PoolEvent, ProgressEvent, Registry, RequestEvent, physical_memory
 from .request import ChatRequest, RequestContext, python_request
+from .scoring import Score
 from .streams import AsyncTextStream, Result, TextStream, async_sink, queue_sink
 from .tools import make_tools
 
@@ -231,6 +232,24 @@ class Pool(Registry):
         """:meth:`embed` without blocking the running event loop."""
         done = await embeddings.arun(self, texts, model, truncate=truncate, dimensions=dimensions, meta=meta)
         return embeddings.single(texts, done.vectors)
+
+    def score(self, text: scoring.Text | list[scoring.Text], continuation: str | list[str] | None = None,
+              model: str | None = None, *, top_logprobs: int = 0, meta: Meta = None) -> Score | list[Score]:
+        """The log-probability of ``continuation`` after ``text``, or of ``text`` itself (its perplexity).
+
+        ``text``: a raw text, chat messages (their template with the assistant's turn opened: the
+        continuation is an answer) or a list of either; ``continuation``: a string, a list of strings or
+        None (the whole text is scored). A single text and continuation give a :class:`Score`; a list of
+        either gives one per item, paired with each of the other's (a context's choices) or item by item,
+        all in one engine job that batches them (see :mod:`mlx_manager_nb.scoring`).
+        ``top_logprobs``: alternatives per scored token (0 to 20).
+        """
+        return scoring.run(self, text, continuation, model, top_logprobs, meta)
+
+    async def ascore(self, text: scoring.Text | list[scoring.Text], continuation: str | list[str] | None = None,
+                     model: str | None = None, *, top_logprobs: int = 0, meta: Meta = None) -> Score | list[Score]:
+        """:meth:`score` without blocking the running event loop."""
+        return await scoring.arun(self, text, continuation, model, top_logprobs, meta)
 
     def count_tokens(self, messages: Any = None, model: str | None = None, prompt: str | None = None,
                      **structure: Any) -> int:

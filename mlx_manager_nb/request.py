@@ -85,14 +85,14 @@ def text(role: str, content: str) -> Message:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What to answer: ``messages`` (a chat) or ``prompt`` (a raw completion), and how.
+    """What to answer: ``messages`` (a chat) or ``prompt`` (a raw completion: a text or token ids), and how.
 
     ``tool_choice`` is "auto", "none", "required" or a tool's name; ``schema`` a pydantic model class
     or a JSON schema dict the answer must match.
     """
 
     messages: tuple[Message, ...] = ()
-    prompt: str | None = None
+    prompt: str | tuple[int, ...] | None = None
     params: GenParams = field(default_factory=GenParams)
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "none"

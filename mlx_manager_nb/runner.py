@@ -95,6 +95,12 @@ def _prompt_field(request: ChatRequest) -> str:
 
 def tokens(runner: Runner, request: ChatRequest) -> tuple[list[int], Plan | None]:
     """The prompt's tokens, and for a chat the plan of its tools and structure (see :mod:`.structured`)."""
+    if isinstance(request.prompt, tuple):  # token ids: the model's own
+        bad = next((t for t in request.prompt if not 0 <= t < runner.vocab_size), None)
+        if bad is not None:
+            raise InvalidParameterError("prompt", f"prompt holds token id {bad}, outside {runner.name}'s vocabulary "
+                                        f"(0..{runner.vocab_size - 1})")
+        return list(request.prompt), None
     if request.prompt is not None:
         return list(runner.tokenizer.encode(request.prompt)), None
     if not getattr(runner.tokenizer, "chat_template", None):
@@ -196,6 +202,9 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
                                     "that runs in other processes")
     if request.params.logprobs:  # the tokenizer's first conversion (~0.3 s) here, not on the engine thread
         token_bytes(runner.tokenizer)
+    if isinstance(request.prompt, tuple) and runner.tokenizer is None:
+        raise InvalidParameterError("prompt", f"model {info.name!r} is attached: its server tokenizes, so the "
+                                    "prompt must be text")
     ids, chat_plan = tokens(runner, request) if runner.tokenizer is not None else ([], None)
     p = _fit_context(info, request, len(ids), p)  # an attached server templates and tokenizes itself
     content: Any = request.prompt if request.prompt is not None else [m.template() for m in request.messages]

@@ -80,7 +80,6 @@ def test_zero_max_tokens_is_a_400(server, field):
 
 @pytest.mark.parametrize("path,field,value", [
     ("/v1/chat/completions", "n", 2),
-    ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "end"),
     ("/v1/completions", "best_of", 3),
 ])

@@ -10,22 +10,41 @@ generated: a ``tool_calls`` delta with its id and name, then deltas of its argum
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
+from .. import scoring
 from ..errors import ApiError
 from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, openai_logprobs
-from ..request import ROLES, ChatRequest, check_prompt, python_messages, python_structure
+from ..request import ROLES, ChatRequest, RequestContext, check_prompt, python_messages, python_structure
+from ..scoring import Echo
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece
 from .adapter import Adapter, Answer, chat_handler
 from .checks import checked, has_schemas
-from .common import REQUEST_ID, field_of, refuse_fields, sampling
-from .streaming import StreamShape
+from .common import (
+    AUDITED,
+    LIMITS,
+    MODEL,
+    POOL,
+    REQUEST_ID,
+    STATS,
+    STREAM,
+    endpoint,
+    field_of,
+    http_context,
+    off_loop,
+    refuse_fields,
+    resolve_model,
+    sampling,
+)
+from .streaming import StreamShape, respond
 
 # kind of error -> OpenAI's type and code
 KINDS = {
@@ -57,13 +76,13 @@ FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min
           "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "seed": "seed", "stop": "stop"}
 CHAT_FIELDS = {**FIELDS, "logprobs": "logprobs", "top_logprobs": "top_logprobs"}  # completions' logprobs is a number
 
+MAX_PROMPTS = 2048  # prompts in one completions request (a batch), as OpenAI's
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
 # fields that would change the answer and that we cannot honour: refused, never ignored
 REFUSED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options")
 REFUSED_COMPLETIONS = ("suffix",)
 NO_OPS = {  # values that ask for nothing: accepted
     "modalities": (["text"],),
-    "echo": (False,),
     "best_of": (1,),
     "n": (1,),
     "verbosity": ("medium",),  # the default; asking for shorter or longer answers would go unheard
@@ -112,22 +131,25 @@ def _messages(body: dict) -> tuple:
     return python_messages(out)  # the Python API's parser: OpenAI's names are its names
 
 
-def _request(body: dict, kind: str) -> ChatRequest:
+def _max_tokens(body: dict, least: int = 1) -> int | None:
+    max_tokens = field_of(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = field_of(body, "max_tokens", int)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < least:
+        raise ApiError(400, f"'{name}' must be at least {least}, got {max_tokens}", param=name)
+    return max_tokens
+
+
+def _request(body: dict, kind: str, prompt: str | tuple[int, ...] | None = None) -> ChatRequest:
     refuse_fields(body, REFUSED_CHAT if kind == "chat" else REFUSED_COMPLETIONS, NO_OPS)
     if kind != "chat":
         for name in ("tools", "tool_choice", "response_format"):
             if body.get(name) is not None:
                 raise ApiError(400, f"'{name}' is only for /chat/completions", param=name)
-    max_tokens = field_of(body, "max_completion_tokens", int)
-    if max_tokens is None:
-        max_tokens = field_of(body, "max_tokens", int)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if max_tokens is not None and max_tokens <= 0:
-        raise ApiError(400, f"'{name}' must be at least 1, got {max_tokens}", param=name)
-    if kind != "chat":
-        params = sampling(body, FIELDS, max_tokens=max_tokens, **_completion_logprobs(body))
-        return ChatRequest(prompt=check_prompt(_prompt(body)), params=params)
-    params = sampling(body, CHAT_FIELDS, max_tokens=max_tokens)
+        params = sampling(body, FIELDS, max_tokens=_max_tokens(body, least=0) or None, **_completion_logprobs(body))
+        return ChatRequest(prompt=prompt, params=params)  # max_tokens 0 (with echo) generates nothing
+    params = sampling(body, CHAT_FIELDS, max_tokens=_max_tokens(body))
     messages = _messages(body)
     structure = python_structure(field_of(body, "tools", list), field_of(body, "tool_choice", (str, dict)),
                                  response_format=field_of(body, "response_format", dict),
@@ -145,14 +167,36 @@ def _completion_logprobs(body: dict) -> dict:
     return {"logprobs": True, "top_logprobs": n}
 
 
-def _prompt(body: dict) -> str:
+def _prompts(body: dict) -> list[str | tuple[int, ...]]:
+    """The prompts of a completion: a string, a list of strings (a batch), token ids, or a list of token-id lists."""
     content = field_of(body, "prompt", (str, list), required=True)
-    if isinstance(content, list):
-        if len(content) != 1 or not isinstance(content[0], str):
-            raise ApiError(400, "'prompt' as a list must hold exactly one string (batches are not supported yet)",
-                           param="prompt")
-        content = content[0]
-    return content
+    if isinstance(content, str):
+        return [check_prompt(content)]
+    if content and all(_token_id(t) for t in content):
+        return [tuple(content)]
+    if content and all(isinstance(p, str) for p in content):
+        prompts: list[str | tuple[int, ...]] = [_checked(check_prompt, p, f"prompt[{i}]") for i, p in
+                                                enumerate(content)]
+    elif content and all(isinstance(p, list) and p and all(_token_id(t) for t in p) for p in content):
+        prompts = [tuple(p) for p in content]
+    else:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                       "non-empty token-id lists", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request",
+                       param="prompt")
+    return prompts
+
+
+def _token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked(check: Callable[[Any], str], value: Any, where: str) -> str:
+    try:
+        return check(value)
+    except ValueError as e:
+        raise ApiError(400, str(e).replace("prompt", where, 1), param=where) from None
 
 
 def _usage(result: Result) -> dict:
@@ -175,8 +219,9 @@ class _Offsets:
     """Each token's offset in the completion's text, in characters (a token holding part of a
     character starts after the last whole one), counted on from the tokens given before."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: int = 0) -> None:
         self.decoder, self.chars, self.started = codecs.getincrementaldecoder("utf-8")("replace"), 0, False
+        self.base = base  # the characters before: an echoed prompt's
 
     def __call__(self, entries: list[TokenLogprob], text: str) -> list[int]:
         """The offsets of ``entries``, the tokens of ``text`` (the next piece of the completion)."""
@@ -185,31 +230,52 @@ class _Offsets:
             self.chars = -1 if entries[0].token.startswith(" ") and not text.startswith(" ") else 0
         out = []
         for e in entries:
-            out.append(max(self.chars, 0))
+            out.append(self.base + max(self.chars, 0))
             self.chars += len(self.decoder.decode(bytes(e.bytes)))
         return out
 
 
-def _legacy_logprobs(entries: list[TokenLogprob] | None, text: str, offsets: _Offsets) -> dict | None:
+def _legacy_logprobs(entries: list[TokenLogprob] | None, text: str, offsets: _Offsets,
+                     echo: Echo | None = None) -> dict | None:
     """A completion choice's ``logprobs`` in OpenAI's legacy shape for ``entries``, the tokens of
-    ``text``; each ``top_logprobs`` dict holds the sampled token too, as OpenAI's do. None when not asked."""
+    ``text``, after those of an ``echo``ed prompt (its first token's are null, as OpenAI's); each
+    ``top_logprobs`` dict holds the token itself too, as OpenAI's do. None when not asked."""
     if entries is None:
         return None
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{**{t.token: t.logprob for t in e.top_logprobs}, e.token: e.logprob} for e in entries],
-            "text_offset": offsets(entries, text)}
+    prompt = [] if echo is None else list(echo.tokens)
+    return {"tokens": ([echo.first.token] if echo and echo.first else []) + [e.token for e in prompt + entries],
+            "token_logprobs": ([None] if echo else []) + [e.logprob for e in prompt + entries],
+            "top_logprobs": ([None] if echo else []) + [{**{t.token: t.logprob for t in e.top_logprobs},
+                                                         e.token: e.logprob} for e in prompt + entries],
+            "text_offset": (_Offsets()([echo.first, *prompt], echo.text) if echo and echo.first else [])
+            + offsets(entries, text)}
 
 
-def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool) -> StreamShape:
+def _completion_choice(index: int, result: Result | None, echo: Echo | None, asked: bool) -> dict:
+    """One prompt's choice: its ``echo`` and what was generated (None: nothing, ``max_tokens: 0``)."""
+    text = result.text if result is not None else ""
+    entries = (result.logprobs if result is not None else []) if asked else None
+    logprobs = _legacy_logprobs(entries, text, _Offsets(len(echo.text) if echo else 0), echo)
+    return {"index": index, "text": (echo.text if echo else "") + text, "logprobs": logprobs,
+            "finish_reason": FINISH[result.finish_reason] if result is not None else "length"}
+
+
+def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool,
+           echo: Echo | None = None) -> StreamShape:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     streams: list[AsyncTextStream] = []  # the stream, once started: its log-probabilities go with its deltas
     sent = [0]  # of them, how many went out
 
     def start(s: AsyncTextStream) -> list:
         streams.append(s)
-        return chunk([choice(None, None, role=True)]) if kind == "chat" else []
+        if kind == "chat":
+            return chunk([choice(None, None, role=True)])
+        if echo is None:
+            return []
+        return chunk([{"index": 0, "text": echo.text, "finish_reason": None,
+                       "logprobs": _legacy_logprobs([], "", _Offsets(), echo) if s.logprobs is not None else None}])
 
-    offsets = _Offsets()
+    offsets = _Offsets(len(echo.text) if echo else 0)
 
     def new_logprobs(text: str) -> dict | None:
         """The log-probabilities of the tokens not sent yet (those of ``text``), when the request asked."""
@@ -267,7 +333,7 @@ def _parser(kind: str) -> Callable[[web.Request, dict, str, bool], Awaitable[Ans
     return parse
 
 
-def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dict:
+def _final(kind: str, rid: str, created: int, model: str, result: Result, echo: Echo | None = None) -> dict:
     finish = FINISH[result.finish_reason]
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
@@ -276,12 +342,74 @@ def _final(kind: str, rid: str, created: int, model: str, result: Result) -> dic
         choice = {"index": 0, "message": message, "logprobs": _logprobs(result.logprobs), "finish_reason": finish}
         obj = "chat.completion"
     else:
-        logprobs = _legacy_logprobs(result.logprobs, result.text, _Offsets())
-        choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish}
+        choice = _completion_choice(0, result, echo, result.logprobs is not None)
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": _usage(result), "system_fingerprint": None}
 
 
+async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
+    """``/completions``: a prompt answers as a chat does, streamed or not, after its ``echo`` if asked; a
+    batch of prompts, or ``max_tokens: 0`` with ``echo`` (the prompt scored alone), answers in one body, a
+    choice per prompt (each prompt's generation is a request of its own in the audit log)."""
+    model = field_of(body, "model", str, required=True)
+    request[MODEL] = model
+    stream = request[STREAM] = field_of(body, "stream", bool, default=False)
+    echo = field_of(body, "echo", bool, default=False)
+    prompts = await off_loop(_prompts, body)
+    generate = _max_tokens(body, least=0 if echo else 1) != 0
+    if stream and (len(prompts) > 1 or not generate):
+        raise ApiError(400, "'stream' is not supported yet with several prompts, nor with max_tokens 0",
+                       param="stream")
+    one = await off_loop(_request, body, "complete", prompts[0])
+    name = await resolve_model(request, model)
+    pool = request.app[POOL]
+    request.app[LIMITS].check_queue(pool, name)
+    context = http_context(request, ADAPTER.name, stream)
+    rid, created = "cmpl-" + request[REQUEST_ID], int(time.time())
+    asked = one.params.logprobs
+    echoes: list[Echo | None] = [None] * len(prompts)
+    if echo:
+        request[AUDITED] = True  # the pool records the scoring, refused or not
+        echoes = list(await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, context))
+    if len(prompts) == 1 and generate:
+        include_usage = bool(field_of(body, "stream_options", dict, default={}).get("include_usage"))
+        return await respond(request, ADAPTER, lambda: pool.astream(one, name, context), stream,
+                             lambda result: _final("complete", rid, created, model, result, echoes[0]),
+                             _shape("complete", rid, created, model, include_usage, echoes[0]))
+    results: list[Result | None] = [None] * len(prompts)
+    if generate:
+        results = list(await _generate(request, [replace(one, prompt=p) for p in prompts], name, context))
+    choices = [_completion_choice(i, r, e, asked) for i, (r, e) in enumerate(zip(results, echoes, strict=True))]
+    prompt_tokens = sum(r.usage.prompt_tokens if r else e.prompt_tokens if e else 0
+                        for r, e in zip(results, echoes, strict=True))
+    completion_tokens = sum(r.usage.completion_tokens for r in results if r is not None)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return web.json_response({"id": rid, "object": "text_completion", "created": created, "model": model,
+                              "choices": choices, "usage": usage, "system_fingerprint": None})
+
+
+async def _generate(request: web.Request, requests: list[ChatRequest], name: str,
+                    context: RequestContext) -> list[Result]:
+    """Run a batch's requests on the pool at once; the first failure fails them all."""
+    pool, stats = request.app[POOL], request.app[STATS]
+    stats.requests += 1
+    stats.in_flight += 1
+    streams = [pool.astream(r, name, context) for r in requests]
+    stats.streams.update(streams)
+    request[AUDITED] = True
+    try:
+        results = await asyncio.gather(*(s.collect() for s in streams))
+        for result in results:
+            stats.finished(result.usage.completion_tokens, result.duration)
+        return list(results)
+    finally:
+        for s in streams:
+            await s.aclose()
+            stats.streams.discard(s)
+        stats.in_flight -= 1
+
+
 chat_completions = chat_handler(ADAPTER, _parser("chat"))
-completions = chat_handler(ADAPTER, _parser("complete"))
+completions = endpoint(ADAPTER, _completions)
