@@ -138,9 +138,17 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
     parse = chat_plan.parse if chat_plan is not None and chat_plan.schema is not None else None
     constrained = chat_plan is not None and chat_plan.constraint is not None
 
-    def send(items: list[ParsedItem]) -> None:
+    def send(items: list[ParsedItem], logprobs: tuple = ()) -> None:
+        """The parser's text and calls; the tokens' log-probabilities, all of them (calls' too), go with its
+        first text, or alone when it gave none (a stream does not yield an empty text)."""
         for item in items:
-            sink(Delta(item) if isinstance(item, str) else item)
+            if isinstance(item, str):
+                sink(Delta(item, logprobs))
+                logprobs = ()
+            else:
+                sink(item)
+        if logprobs:
+            sink(Delta("", logprobs))
 
     def finish(event: Done | Failed, calls: list[ToolCall]) -> None:
         if isinstance(event, Done):
@@ -162,7 +170,7 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
         if isinstance(event, Delta):
             text.append(event.text)
             if parser is not None:  # content goes on as deltas, calls as their pieces, then whole
-                send(parser.feed(event.text))
+                send(parser.feed(event.text), event.logprobs)
                 if parser.repeated:  # the model repeats a call: its turn is over
                     cancel()
                 return
@@ -197,9 +205,9 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     if request.structured and info.placement != "local":  # a grammar matcher cannot cross to another process yet
         raise InvalidParameterError("tools" if request.tools else "schema", f"model {info.name!r} runs in other "
                                     "processes: tools and structured output need a model of this process")
-    if request.params.logprobs and (request.tools or info.placement != "local"):
-        raise InvalidParameterError("logprobs", "logprobs is not supported yet with tools, nor for a model "
-                                    "that runs in other processes")
+    if request.params.logprobs and info.placement != "local":  # the tokens' distributions stay in its processes
+        raise InvalidParameterError("logprobs", f"logprobs is not supported for model {info.name!r}, which runs in "
+                                    "other processes: only a model of this process gives its distributions")
     if request.params.logprobs:  # the tokenizer's first conversion (~0.3 s) here, not on the engine thread
         token_bytes(runner.tokenizer)
     if isinstance(request.prompt, tuple) and runner.tokenizer is None:

@@ -155,7 +155,8 @@ class TextStream:
     def _iterate(self) -> Generator[StreamItem, None, None]:
         try:
             while (item := _consume(self, self._events.get())) is not None:
-                yield item
+                if item != "":  # log-probabilities alone (of a tool call's tokens)
+                    yield item
         finally:
             if self.result is None:
                 self._request.cancelled.set()
@@ -247,7 +248,8 @@ class AsyncTextStream:
                 item = _consume(self, event)
                 if item is None:
                     return
-                yield item
+                if item != "":  # log-probabilities alone (of a tool call's tokens)
+                    yield item
         finally:
             if self.result is None:
                 self.cancel()

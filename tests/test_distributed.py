@@ -13,7 +13,7 @@ import time
 import pytest
 from helpers import call, free_port, wait_for
 
-from mlx_manager_nb.errors import EngineError, UnsupportedModelError
+from mlx_manager_nb.errors import EngineError, InvalidParameterError, UnsupportedModelError
 
 HOSTS = ["127.0.0.1", "127.0.0.1"]
 PROMPTS = ["Hello world", "The capital of France", "def add(a, b):", "Once upon a time", "0123456789"]
@@ -208,6 +208,17 @@ def test_attach_picks_the_only_model_of_a_server_that_lists_it_under_an_alias_to
     pool = make_pool(keep_alive=None)
     pool.attach("far", base_url=server.url + "/v1")
     assert pool.chat([{"role": "user", "content": "Hi"}], model="far", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_logprobs_and_scoring_on_an_attached_model_are_refused_naming_the_field(make_pool, server):
+    pool = make_pool(keep_alive=None)
+    pool.attach("far", base_url=server.url + "/v1")
+    with pytest.raises(InvalidParameterError, match="other processes") as caught:
+        pool.chat([{"role": "user", "content": "Hi"}], model="far", max_tokens=2, logprobs=True)
+    assert caught.value.param == "logprobs"
+    with pytest.raises(InvalidParameterError, match="other processes") as caught:
+        pool.score("Hello world", model="far")
+    assert caught.value.param == "model"
 
 
 def test_a_model_whose_heads_do_not_split_over_the_ranks_is_refused_at_load(make_pool, tmp_path):

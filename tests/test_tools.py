@@ -433,3 +433,35 @@ def test_a_template_with_tools_renders_them_and_its_family_parser_reads_the_call
         assert p.chat(history, tools=[ADD], temperature=0, max_tokens=3).usage.completion_tokens > 0
     finally:
         p.close()
+
+
+# -- log-probabilities with tools ---------------------------------------------------------------------------
+
+
+TOOL_LOGPROBS = dict(tools=[ADD], tool_choice="required", temperature=1.0, seed=7, max_tokens=300,
+                     parallel_tool_calls=False, logprobs=True, top_logprobs=3)
+
+
+def test_logprobs_with_tools_cover_every_token_under_the_grammars_mask(pool):
+    r = pool.chat(ASK, **TOOL_LOGPROBS)
+    assert r.tool_calls and r.text == "" and len(r.logprobs) == r.usage.completion_tokens
+    generated = bytes(b for e in r.logprobs for b in e.bytes).decode("utf-8", "replace")
+    assert '"add"' in generated  # the call's own tokens are listed
+    alternatives = [t for e in r.logprobs for t in e.top_logprobs]
+    assert all(t.logprob > float("-inf") for t in alternatives)  # what the grammar forbids is never listed
+    assert sum(len(e.top_logprobs) < 3 for e in r.logprobs)  # where the grammar allows fewer, only those
+    s = pool.chat(ASK, stream=True, **TOOL_LOGPROBS)
+    assert list(s) == []  # a stream yields no empty text for them
+    assert [(e.id, e.logprob) for e in s.result.logprobs] == [(e.id, e.logprob) for e in r.logprobs]
+
+
+def test_openai_tool_call_logprobs_streamed_equal_not_streamed(client):
+    kw = {k: v for k, v in TOOL_LOGPROBS.items() if k != "tools"}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[ADD], **kw)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.tool_calls and len(content) == r.usage.completion_tokens
+    streamed = []
+    for chunk in client.chat.completions.create(model="tiny", messages=ASK, tools=[ADD], stream=True, **kw):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [c.model_dump() for c in streamed] == [c.model_dump() for c in content]

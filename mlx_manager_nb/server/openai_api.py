@@ -296,8 +296,9 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool,
             return {"index": 0, "text": text or "", "logprobs": new_logprobs(text) if text else None,
                     "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
-        logprobs = new_logprobs(text) if text else None
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        logprobs = new_logprobs(text or "") if text or finish else None  # at the end: a tool call's tokens, if unsent
+        return {"index": 0, "delta": delta, "logprobs": logprobs if logprobs and logprobs["content"] else None,
+                "finish_reason": finish}
 
     def end(result: Result) -> list:
         events = chunk([choice(None, FINISH[result.finish_reason])])
