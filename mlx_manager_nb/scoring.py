@@ -114,7 +114,7 @@ def _pass(model: Any, pieces: list[tuple[list[int], int, int, int]], top: int,
     rows_picked = logits[mx.array(at_row), mx.array(at_column)].astype(mx.float32)
     logprobs = rows_picked - mx.logsumexp(rows_picked, axis=-1, keepdims=True)
     given = mx.take_along_axis(logprobs, mx.array(targets)[:, None], axis=-1)[:, 0]
-    ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    ids = mx.argmax(logprobs, axis=-1)[:, None] if k == 1 else mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
     values = mx.take_along_axis(logprobs, ids, axis=-1)
     mx.eval(given, ids, values, [c.state for c in cache or []])
     given_np, ids_np, values_np = np.array(given), np.array(ids).astype(np.int64), np.array(values)
