@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -235,33 +236,54 @@ class _Offsets:
         return out
 
 
+def _top(entry: TokenLogprob) -> dict[str, float]:
+    """A token's alternatives as the legacy shape's ``top_logprobs`` dict: the token itself too, as OpenAI's."""
+    return {**{t.token: t.logprob for t in entry.top_logprobs}, entry.token: entry.logprob}
+
+
 def _legacy_logprobs(entries: list[TokenLogprob] | None, text: str, offsets: _Offsets,
-                     echo: Echo | None = None) -> dict | None:
+                     before: dict | None = None) -> dict | None:
     """A completion choice's ``logprobs`` in OpenAI's legacy shape for ``entries``, the tokens of
-    ``text``, after those of an ``echo``ed prompt (its first token's are null, as OpenAI's); each
-    ``top_logprobs`` dict holds the token itself too, as OpenAI's do. None when not asked."""
+    ``text``, after ``before`` (an echoed prompt's, see :func:`_echoed`). None when not asked."""
     if entries is None:
         return None
-    prompt = [] if echo is None else list(echo.tokens)
-    return {"tokens": ([echo.first.token] if echo and echo.first else []) + [e.token for e in prompt + entries],
-            "token_logprobs": ([None] if echo else []) + [e.logprob for e in prompt + entries],
-            "top_logprobs": ([None] if echo else []) + [{**{t.token: t.logprob for t in e.top_logprobs},
-                                                         e.token: e.logprob} for e in prompt + entries],
-            "text_offset": (_Offsets()([echo.first, *prompt], echo.text) if echo and echo.first else [])
-            + offsets(entries, text)}
+    out = {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+           "top_logprobs": [_top(e) for e in entries], "text_offset": offsets(entries, text)}
+    return out if before is None else {key: before[key] + value for key, value in out.items()}
 
 
-def _completion_choice(index: int, result: Result | None, echo: Echo | None, asked: bool) -> dict:
-    """One prompt's choice: its ``echo`` and what was generated (None: nothing, ``max_tokens: 0``)."""
+@dataclass(frozen=True)
+class _Echoed:
+    """A prompt as a choice with ``echo`` starts: its text, its token count and, when asked, its tokens'
+    ``logprobs`` in the legacy shape (the first token's null, as OpenAI's)."""
+
+    text: str
+    prompt_tokens: int
+    logprobs: dict | None
+
+
+def _echoed(echo: Echo) -> _Echoed:
+    """``echo`` in the legacy shape (work proportional to the prompt: off the event loop)."""
+    if echo.first is None:
+        return _Echoed(echo.text, echo.prompt_tokens, None)
+    entries = [echo.first, *echo.tokens]
+    return _Echoed(echo.text, echo.prompt_tokens, {
+        "tokens": [e.token for e in entries], "token_logprobs": [None, *(e.logprob for e in echo.tokens)],
+        "top_logprobs": [None, *map(_top, echo.tokens)], "text_offset": _Offsets()(entries, echo.text)})
+
+
+def _completion_choice(index: int, result: Result | None, echoed: _Echoed | None, asked: bool) -> dict:
+    """One prompt's choice: its echo and what was generated (None: nothing, ``max_tokens: 0``)."""
     text = result.text if result is not None else ""
     entries = (result.logprobs if result is not None else []) if asked else None
-    logprobs = _legacy_logprobs(entries, text, _Offsets(len(echo.text) if echo else 0), echo)
-    return {"index": index, "text": (echo.text if echo else "") + text, "logprobs": logprobs,
+    logprobs = _legacy_logprobs(entries, text, _Offsets(len(echoed.text) if echoed else 0),
+                                echoed.logprobs if echoed else None)
+    return {"index": index, "text": (echoed.text if echoed else "") + text, "logprobs": logprobs,
             "finish_reason": FINISH[result.finish_reason] if result is not None else "length"}
 
 
 def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool,
-           echo: Echo | None = None) -> StreamShape:
+           echoed: _Echoed | None = None) -> StreamShape:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     streams: list[AsyncTextStream] = []  # the stream, once started: its log-probabilities go with its deltas
     sent = [0]  # of them, how many went out
@@ -270,12 +292,11 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool,
         streams.append(s)
         if kind == "chat":
             return chunk([choice(None, None, role=True)])
-        if echo is None:
+        if echoed is None:
             return []
-        return chunk([{"index": 0, "text": echo.text, "finish_reason": None,
-                       "logprobs": _legacy_logprobs([], "", _Offsets(), echo) if s.logprobs is not None else None}])
+        return chunk([{"index": 0, "text": echoed.text, "logprobs": echoed.logprobs, "finish_reason": None}])
 
-    offsets = _Offsets(len(echo.text) if echo else 0)
+    offsets = _Offsets(len(echoed.text) if echoed else 0)
 
     def new_logprobs(text: str) -> dict | None:
         """The log-probabilities of the tokens not sent yet (those of ``text``), when the request asked."""
@@ -334,7 +355,7 @@ def _parser(kind: str) -> Callable[[web.Request, dict, str, bool], Awaitable[Ans
     return parse
 
 
-def _final(kind: str, rid: str, created: int, model: str, result: Result, echo: Echo | None = None) -> dict:
+def _final(kind: str, rid: str, created: int, model: str, result: Result, echoed: _Echoed | None = None) -> dict:
     finish = FINISH[result.finish_reason]
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
@@ -343,7 +364,7 @@ def _final(kind: str, rid: str, created: int, model: str, result: Result, echo: 
         choice = {"index": 0, "message": message, "logprobs": _logprobs(result.logprobs), "finish_reason": finish}
         obj = "chat.completion"
     else:
-        choice = _completion_choice(0, result, echo, result.logprobs is not None)
+        choice = _completion_choice(0, result, echoed, result.logprobs is not None)
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": _usage(result), "system_fingerprint": None}
@@ -369,26 +390,34 @@ async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
     context = http_context(request, ADAPTER.name, stream)
     rid, created = "cmpl-" + request[REQUEST_ID], int(time.time())
     asked = one.params.logprobs
-    echoes: list[Echo | None] = [None] * len(prompts)
+    echoed: list[_Echoed | None] = [None] * len(prompts)
     if echo:
         request[AUDITED] = True  # the pool records the scoring, refused or not
-        echoes = list(await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, context))
+        echoes = await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, context)
+        echoed = list(await off_loop(lambda: list(map(_echoed, echoes))))
     if len(prompts) == 1 and generate:
         include_usage = bool(field_of(body, "stream_options", dict, default={}).get("include_usage"))
         return await respond(request, ADAPTER, lambda: pool.astream(one, name, context), stream,
-                             lambda result: _final("complete", rid, created, model, result, echoes[0]),
-                             _shape("complete", rid, created, model, include_usage, echoes[0]))
+                             lambda result: _final("complete", rid, created, model, result, echoed[0]),
+                             _shape("complete", rid, created, model, include_usage, echoed[0]))
     results: list[Result | None] = [None] * len(prompts)
     if generate:
         results = list(await _generate(request, [replace(one, prompt=p) for p in prompts], name, context))
-    choices = [_completion_choice(i, r, e, asked) for i, (r, e) in enumerate(zip(results, echoes, strict=True))]
-    prompt_tokens = sum(r.usage.prompt_tokens if r else e.prompt_tokens if e else 0
-                        for r, e in zip(results, echoes, strict=True))
+    text = await off_loop(_batch_body, rid, created, model, results, echoed, asked)
+    return web.Response(text=text, content_type="application/json")
+
+
+def _batch_body(rid: str, created: int, model: str, results: list[Result | None], echoed: list[_Echoed | None],
+                asked: bool) -> str:
+    """The JSON body of a batch of prompts (or of one scored alone): a choice per prompt, by index."""
+    pairs = list(zip(results, echoed, strict=True))
+    choices = [_completion_choice(i, r, e, asked) for i, (r, e) in enumerate(pairs)]
+    prompt_tokens = sum(r.usage.prompt_tokens if r else e.prompt_tokens if e else 0 for r, e in pairs)
     completion_tokens = sum(r.usage.completion_tokens for r in results if r is not None)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
-    return web.json_response({"id": rid, "object": "text_completion", "created": created, "model": model,
-                              "choices": choices, "usage": usage, "system_fingerprint": None})
+    return json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
+                       "choices": choices, "usage": usage, "system_fingerprint": None})
 
 
 async def _generate(request: web.Request, requests: list[ChatRequest], name: str,
