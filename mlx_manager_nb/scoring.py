@@ -40,7 +40,8 @@ from .runner import chat_model
 from .slices import Job
 
 FIRST_PASS_TOKENS = 64  # tokens of a call's first forward pass, before the model's speed is known
-MAX_PASS_TOKENS = 1024  # tokens of one forward pass at most (its logits: this many rows of the vocabulary)
+MAX_PASS_TOKENS = 1024  # tokens of one forward pass at most...
+MAX_PASS_LOGITS = 1 << 26  # ...and fewer for a large vocabulary: its logits (256 MiB as float32) bound its memory
 
 Text = str | list[dict]  # a raw text, or chat messages (their template with the assistant's turn opened)
 
@@ -133,12 +134,13 @@ def _job(runner: Runner, work: _Work) -> Job:
     seqs, starts, top = work.sequences, work.starts, work.top
     picks: list[_Picks | None] = [None] * len(seqs)
     speed: float | None = None  # input tokens per second of the last pass
+    most = max(1, min(MAX_PASS_TOKENS, MAX_PASS_LOGITS // runner.vocab_size))
 
     def allowed() -> int:
         if work.cancelled.is_set():
             raise _Cancelled
         tokens = FIRST_PASS_TOKENS if speed is None else int(speed * budget)
-        return max(FIRST_PASS_TOKENS // 8, min(MAX_PASS_TOKENS, tokens))
+        return max(min(FIRST_PASS_TOKENS // 8, most), min(most, tokens))
 
     try:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

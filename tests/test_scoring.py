@@ -9,7 +9,7 @@ import mlx.core as mx
 import openai
 import pytest
 
-from mlx_manager_nb import Score
+from mlx_manager_nb import Score, scoring
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.server import serve
 
@@ -107,14 +107,20 @@ def test_a_batch_equals_the_singles_and_pairs_as_documented(pool):
     assert [s.logprob for s in each] == pytest.approx([singles[i][0].logprob for i in range(3)], abs=1e-4)
 
 
-def test_a_long_text_is_scored_in_slices_as_in_one_pass(pool):
+@pytest.mark.parametrize("logits", [scoring.MAX_PASS_LOGITS, 320 * 16], ids=["default", "16-token passes"])
+def test_a_long_text_is_scored_in_slices_as_in_one_pass_and_the_prompt_cache_is_untouched(pool, monkeypatch,
+                                                                                          logits):
+    monkeypatch.setattr(scoring, "MAX_PASS_LOGITS", logits)  # the tiny model's vocabulary is 320 tokens
     text = " ".join([TEXT] * 12)
     tokens = list(tokenizer(pool).encode(text))
     assert len(tokens) > 300  # longer than a pass: chunks with a KV cache
     rows = rows_of(pool, tokens)
+    cache = pool.engine.runner("tiny-llama").prompt_cache
+    held = len(cache), cache.nbytes
     s = pool.score(text)
     assert [e.logprob for e in s.tokens] == pytest.approx([rows[j][tokens[j + 1]] for j in range(len(tokens) - 1)],
                                                           abs=1e-4)
+    assert (len(cache), cache.nbytes) == held  # scoring neither reads nor fills it
 
 
 def test_a_running_stream_keeps_its_pace_while_a_long_score_runs(pool):
