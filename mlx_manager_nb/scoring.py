@@ -202,13 +202,15 @@ def _local_runner(pool: Any, model: str | None) -> tuple[Any, Runner]:
 
 
 def _submit(pool: Any, info: Any, runner: Runner, sequences: list[list[int]], starts: list[int], top: int,
-            context: RequestContext, content: Any) -> _Work:
-    """Queue one scoring job for ``sequences`` (checked against the context length) and record it."""
+            context: RequestContext, content: Any, param: str) -> _Work:
+    """Queue one scoring job for ``sequences`` (checked against the context length, ``param`` naming them)
+    and record it."""
     ctx = info.context_length
     for i, seq in enumerate(sequences):
         if ctx is not None and len(seq) > ctx:
-            raise ContextLengthError("prompt", f"This model's maximum context length is {ctx} tokens, and "
-                                     f"text {i} is {len(seq)} tokens ({info.name}).", len(seq), ctx)
+            where = param if len(sequences) == 1 else f"{param}[{i}]"
+            raise ContextLengthError(where, f"This model's maximum context length is {ctx} tokens, and {where} "
+                                     f"is {len(seq)} tokens ({info.name}).", len(seq), ctx)
     record = pool.begin("score", info.name, context)
     tokens = sum(map(len, sequences))
 
@@ -339,7 +341,7 @@ def _prepare(pool: Any, text: Any, continuation: Any, model: str | None, top_log
         encoded = [_encode(runner, c, cont, "text" if one else f"text[{i}]") for i, (c, cont) in enumerate(pairs)]
         sequences, starts = [s for s, _ in encoded], [b for _, b in encoded]
         work = _submit(pool, info, runner, sequences, starts, top, context,
-                       [{"text": c, "continuation": cont} for c, cont in pairs])
+                       [{"text": c, "continuation": cont} for c, cont in pairs], "text")
     except Exception as e:
         pool.record_refused(e, model, context, "score")
         raise
@@ -411,7 +413,8 @@ def _prepare_echo(pool: Any, prompts: list[str | tuple[int, ...]], model: str, t
         if top is None:
             return runner, ids, None
         token_bytes(runner.tokenizer)
-        return runner, ids, _submit(pool, info, runner, ids, [1] * len(ids), top, context, list(map(list, ids)))
+        return runner, ids, _submit(pool, info, runner, ids, [1] * len(ids), top, context, list(map(list, ids)),
+                                    "prompt")
     except Exception as e:
         pool.record_refused(e, model, context, "score")
         raise

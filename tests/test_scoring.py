@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from mlx_manager_nb import Score, scoring
-from mlx_manager_nb.errors import InvalidParameterError
+from mlx_manager_nb.errors import ContextLengthError, InvalidParameterError
 from mlx_manager_nb.server import serve
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -165,6 +165,24 @@ def test_bad_input_names_the_field(pool, text, continuation, field):
     with pytest.raises(InvalidParameterError) as caught:
         pool.score(text, continuation=continuation)
     assert caught.value.param == field
+
+
+def test_a_text_over_the_context_is_refused_naming_it(pool, client):
+    long = "Hello world " * 400  # over the tiny model's 512 tokens
+    with pytest.raises(ContextLengthError) as caught:
+        pool.score(["Hi there", long])
+    assert caught.value.param == "text[1]"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny", prompt=long, echo=True, max_tokens=0, logprobs=0)
+    assert caught.value.body["code"] == "context_length_exceeded" and caught.value.body["param"] == "prompt"
+
+
+def test_a_one_token_prompt_echoes_with_nothing_scored(pool, client):
+    token = tokenizer(pool).encode("Hello")[0]
+    r = client.completions.create(model="tiny", prompt=[token], echo=True, max_tokens=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert (lp.token_logprobs, lp.top_logprobs, lp.text_offset) == ([None], [None], [0])
+    assert r.choices[0].text == tokenizer(pool).decode([token]) == lp.tokens[0]
 
 
 def test_score_is_audited(pool, audit):
