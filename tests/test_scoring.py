@@ -264,6 +264,30 @@ def test_a_batch_of_prompts_answers_as_each_alone(client):
     assert ids.usage.prompt_tokens == 3
 
 
+def test_a_batch_runs_a_few_prompts_at_a_time(pool, client, monkeypatch):
+    from mlx_manager_nb.server import openai_api
+
+    monkeypatch.setattr(openai_api, "BATCH_AT_ONCE", 2)
+    runner = pool.engine.runner("tiny-llama")
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(len(runner.active) + len(runner.waiting) + len(runner.prefilling))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = client.completions.create(model="tiny", prompt=[f"Hello world {i}" for i in range(6)], max_tokens=40,
+                                      temperature=0)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(r.choices) == 6 and r.usage.completion_tokens > 6
+    assert max(seen) == 2  # two at once, never more
+
+
 @pytest.mark.parametrize("ask, field", [
     (dict(prompt=[1, 100000]), "prompt"),
     (dict(prompt=["ok", 3]), "prompt"),

@@ -78,6 +78,7 @@ FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min
 CHAT_FIELDS = {**FIELDS, "logprobs": "logprobs", "top_logprobs": "top_logprobs"}  # completions' logprobs is a number
 
 MAX_PROMPTS = 2048  # prompts in one completions request (a batch), as OpenAI's
+BATCH_AT_ONCE = 32  # of a batch's prompts, those generated at once (the engine's batch size); the others wait
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "timeout": "length"}
 # fields that would change the answer and that we cannot honour: refused, never ignored
 REFUSED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options")
@@ -422,22 +423,35 @@ def _batch_body(rid: str, created: int, model: str, results: list[Result | None]
 
 async def _generate(request: web.Request, requests: list[ChatRequest], name: str,
                     context: RequestContext) -> list[Result]:
-    """Run a batch's requests on the pool at once; the first failure fails them all."""
+    """Run a batch's requests on the pool, :data:`BATCH_AT_ONCE` at a time (the rest wait here, not in the
+    model's queue); the first failure ends them all."""
     pool, stats = request.app[POOL], request.app[STATS]
+    gate = asyncio.Semaphore(BATCH_AT_ONCE)
+
+    async def one(r: ChatRequest) -> Result:
+        async with gate:
+            s = pool.astream(r, name, context)
+            stats.streams.add(s)
+            try:
+                result = await s.collect()
+            finally:
+                await s.aclose()
+                stats.streams.discard(s)
+            stats.finished(result.usage.completion_tokens, result.duration)
+            return result
+
     stats.requests += 1
     stats.in_flight += 1
-    streams = [pool.astream(r, name, context) for r in requests]
-    stats.streams.update(streams)
     request[AUDITED] = True
+    tasks = [asyncio.ensure_future(one(r)) for r in requests]
     try:
-        results = await asyncio.gather(*(s.collect() for s in streams))
-        for result in results:
-            stats.finished(result.usage.completion_tokens, result.duration)
-        return list(results)
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
-        for s in streams:
-            await s.aclose()
-            stats.streams.discard(s)
         stats.in_flight -= 1
 
 
