@@ -73,6 +73,10 @@ class _Picks:
     top_ids: np.ndarray  # (n, k) unordered
     top_values: np.ndarray  # (n, k)
 
+    @classmethod
+    def none(cls, k: int) -> _Picks:
+        return cls(np.zeros(0, np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+
 
 @dataclass
 class _Work:
@@ -111,7 +115,7 @@ def _pass(model: Any, pieces: list[tuple[list[int], int, int, int]], top: int,
     k = max(top, 1)
     if not targets:  # a chunk of a long context, before its continuation: only its KV is wanted
         mx.eval([c.state for c in cache or []])
-        return [_Picks(np.zeros(0, np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))]
+        return [_Picks.none(k)]
     rows_picked = logits[mx.array(at_row), mx.array(at_column)].astype(mx.float32)
     logprobs = rows_picked - mx.logsumexp(rows_picked, axis=-1, keepdims=True)
     given = mx.take_along_axis(logprobs, mx.array(targets)[:, None], axis=-1)[:, 0]
@@ -145,7 +149,7 @@ def _job(runner: Runner, work: _Work) -> Job:
     try:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for i in [i for i in order if starts[i] >= len(seqs[i])]:  # nothing to score (a one-token echo)
-            picks[i] = _Picks(np.zeros(0, np.float32), np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32))
+            picks[i] = _Picks.none(max(top, 1))
             order.remove(i)
         while order:
             size = allowed()
