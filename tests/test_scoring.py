@@ -264,6 +264,19 @@ def test_a_batch_of_prompts_answers_as_each_alone(client):
     assert ids.usage.prompt_tokens == 3
 
 
+def test_each_part_of_an_echoed_batch_has_an_audit_row_of_its_own(pool, audit, caplog):
+    s = serve(pool, audit=audit, port=0, mode="thread")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        c.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2, echo=True, logprobs=1,
+                             extra_headers={"x-request-id": "batch-1"})
+    finally:
+        s.stop(drain=1)  # stopping flushes the audit log
+    rows = audit.query(client_request_id="batch-1")
+    assert sorted(r["endpoint"] for r in rows) == ["/v1/completions"] * 3  # the scoring and two generations
+    assert len({r["id"] for r in rows}) == 3 and "already stored" not in caplog.text
+
+
 def test_a_batch_runs_a_few_prompts_at_a_time(pool, client, monkeypatch):
     from mlx_manager_nb.server import openai_api
 

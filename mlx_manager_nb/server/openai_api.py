@@ -394,7 +394,8 @@ async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
     echoed: list[_Echoed | None] = [None] * len(prompts)
     if echo:
         request[AUDITED] = True  # the pool records the scoring, refused or not
-        echoes = await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, context)
+        scored = replace(context, id=f"{context.id}-echo") if generate else context  # a row of its own
+        echoes = await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, scored)
         echoed = list(await off_loop(lambda: list(map(_echoed, echoes))))
     if len(prompts) == 1 and generate:
         include_usage = bool(field_of(body, "stream_options", dict, default={}).get("include_usage"))
@@ -403,7 +404,8 @@ async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
                              _shape("complete", rid, created, model, include_usage, echoed[0]))
     results: list[Result | None] = [None] * len(prompts)
     if generate:
-        results = list(await _generate(request, [replace(one, prompt=p) for p in prompts], name, context))
+        results = list(await _generate(request, [replace(one, prompt=p) for p in prompts], name,
+                                       [replace(context, id=f"{context.id}-{i}") for i in range(len(prompts))]))
     text = await off_loop(_batch_body, rid, created, model, results, echoed, asked)
     return web.Response(text=text, content_type="application/json")
 
@@ -422,13 +424,13 @@ def _batch_body(rid: str, created: int, model: str, results: list[Result | None]
 
 
 async def _generate(request: web.Request, requests: list[ChatRequest], name: str,
-                    context: RequestContext) -> list[Result]:
+                    contexts: list[RequestContext]) -> list[Result]:
     """Run a batch's requests on the pool, :data:`BATCH_AT_ONCE` at a time (the rest wait here, not in the
-    model's queue); the first failure ends them all."""
+    model's queue), each with its context (its own audit row id); the first failure ends them all."""
     pool, stats = request.app[POOL], request.app[STATS]
     gate = asyncio.Semaphore(BATCH_AT_ONCE)
 
-    async def one(r: ChatRequest) -> Result:
+    async def one(r: ChatRequest, context: RequestContext) -> Result:
         async with gate:
             s = pool.astream(r, name, context)
             stats.streams.add(s)
@@ -443,7 +445,7 @@ async def _generate(request: web.Request, requests: list[ChatRequest], name: str
     stats.requests += 1
     stats.in_flight += 1
     request[AUDITED] = True
-    tasks = [asyncio.ensure_future(one(r)) for r in requests]
+    tasks = [asyncio.ensure_future(one(r, c)) for r, c in zip(requests, contexts, strict=True)]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
