@@ -17,7 +17,14 @@ $(VENV)/.test: $(VENV)/.demo
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo lab test test-unit lint
+# The evaluation harnesses, each in a virtualenv of its own: their pins are not the project's.
+.venv-%/.installed: evals/requirements-%.txt
+	python3 -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -m pip install -q -r $<
+	touch $@
+
+.PHONY: demo lab test test-unit lint evals evals-lmeval evals-inspect
 demo: $(VENV)/.demo  ## a real kernel serves the demo model; the openai and anthropic SDKs call it
 	$(PY) -m mlx_manager_nb demo
 
@@ -36,3 +43,13 @@ test-unit: $(VENV)/.test  ## the tests on the tiny model only: no notebooks, no 
 lint: $(VENV)/.test  ## ruff (pyflakes, bugbear, pyupgrade, simplify, ruff's own rules) and mypy on the package
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+
+# a few minutes on two CPU cores once the harnesses are installed
+evals: $(VENV)/.demo .venv-lmeval/.installed .venv-inspect/.installed  ## lm-eval and inspect-ai against a server of the demo model
+	$(PY) evals/run.py
+
+evals-lmeval: $(VENV)/.demo .venv-lmeval/.installed  ## lm-eval only: multiple choice by loglikelihood, generation by completions and chat
+	$(PY) evals/run.py lmeval
+
+evals-inspect: $(VENV)/.demo .venv-inspect/.installed  ## inspect-ai only, through its OpenAI-compatible provider
+	$(PY) evals/run.py inspect
