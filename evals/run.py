@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -69,14 +68,16 @@ def lmeval_runs(base: str, tokenizer: Path) -> list[tuple[str, list[str]]]:
 
 
 def inspect_runs(scratch: Path) -> list[tuple[str, list[str]]]:
-    """inspect-ai's OpenAI-compatible provider (service ``mlxnb``: MLXNB_BASE_URL, MLXNB_API_KEY), asking
-    for token log-probabilities as well. Eight connections: left to adapt, inspect-ai raises its
-    concurrency until the server's per-client limit (16 running) answers 429, then backs off."""
-    return [("inspect-ai openai-api", [
-        str(INSPECT), "eval", "evals/inspect_capitals.py", "--model", "openai-api/mlxnb/demo",
-        "--temperature", "0", "--max-tokens", "16", "--logprobs", "--top-logprobs", "3", "--max-connections", "8",
-        "--display", "plain",
-        "--log-dir", str(scratch / "inspect-logs")])]
+    """inspect-ai's OpenAI-compatible provider (service ``mlxnb``: MLXNB_BASE_URL, MLXNB_API_KEY) over chat
+    completions, then over the Responses API, asking for token log-probabilities as well. Eight
+    connections: left to adapt, inspect-ai raises its concurrency until the server's per-client limit
+    (16 running) answers 429, then backs off. On the Responses API it asks for a reasoning summary
+    unless told ``none``, which the server refuses for models that do not reason."""
+    cmd = [str(INSPECT), "eval", "evals/inspect_capitals.py", "--model", "openai-api/mlxnb/demo", "--temperature",
+           "0", "--max-tokens", "16", "--logprobs", "--top-logprobs", "3", "--max-connections", "8",
+           "--display", "plain", "--log-dir", str(scratch / "inspect-logs")]
+    return [("inspect-ai openai-api (chat)", cmd),
+            ("inspect-ai openai-api (responses)", [*cmd, "-M", "responses_api=true", "--reasoning-summary", "none"])]
 
 
 def main(which: list[str]) -> int:
@@ -106,7 +107,7 @@ def main(which: list[str]) -> int:
                 timings.append((title, time.perf_counter() - start, status))
                 failed += status != 0
         finally:
-            server.send_signal(signal.SIGINT)
+            server.terminate()  # SIGTERM: the serve command drains as on Ctrl-C
             server.wait(timeout=60)
         print("\n=== took ===")
         for title, seconds, status in timings:
