@@ -3,7 +3,8 @@
 Starts ``python -m mlx_manager_nb serve --model demo`` (with an API key) in a scratch ``MLX_NB_HOME``
 (the demo model linked from the demo cache, never the user's home), runs EleutherAI's ``lm-eval`` and
 ``inspect-ai`` from their own virtualenvs (``.venv-lmeval``, ``.venv-inspect``: their pins are not the
-project's), lets them print their result tables, and stops the server.
+project's), lets them print their result tables, and stops the server. Their logs (each sample's prompt and
+answer) are kept in evals/logs/: ``inspect view --log-dir evals/logs/inspect`` shows inspect-ai's.
 
 ``python evals/run.py lmeval`` or ``... inspect`` runs one harness. The tasks read evals/capitals.jsonl;
 lm-eval's task folder is evals/lmeval.
@@ -26,6 +27,7 @@ from mlx_manager_nb.store import resolve
 ROOT = Path(__file__).resolve().parent.parent
 LMEVAL = ROOT / ".venv-lmeval" / "bin" / "lm-eval"
 INSPECT = ROOT / ".venv-inspect" / "bin" / "inspect"
+LOGS = ROOT / "evals" / "logs"
 
 
 def free_port() -> int:
@@ -54,7 +56,7 @@ def start_server(port: int, key: str) -> subprocess.Popen:
 def lmeval_runs(base: str, tokenizer: Path) -> list[tuple[str, list[str]]]:
     """lm-eval's two API models: completions (multiple choice by loglikelihood, generation from token-id
     prompts) and chat completions (generation through the chat template)."""
-    common = ["--include_path", "evals/lmeval"]  # paths from the repository root (the cwd)
+    common = ["--include_path", "evals/lmeval", "--log_samples", "--output_path", str(LOGS / "lm-eval")]
     return [
         ("lm-eval local-completions", [
             str(LMEVAL), "run", "--model", "local-completions", "--tasks", "capitals_mc,capitals_gen",
@@ -67,7 +69,7 @@ def lmeval_runs(base: str, tokenizer: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def inspect_runs(scratch: Path) -> list[tuple[str, list[str]]]:
+def inspect_runs() -> list[tuple[str, list[str]]]:
     """inspect-ai's OpenAI-compatible provider (service ``mlxnb``: MLXNB_BASE_URL, MLXNB_API_KEY) over chat
     completions, then over the Responses API, asking for token log-probabilities as well. Eight
     connections: left to adapt, inspect-ai raises its concurrency until the server's per-client limit
@@ -75,7 +77,7 @@ def inspect_runs(scratch: Path) -> list[tuple[str, list[str]]]:
     unless told ``none``, which the server refuses for models that do not reason."""
     cmd = [str(INSPECT), "eval", "evals/inspect_capitals.py", "--model", "openai-api/mlxnb/demo", "--temperature",
            "0", "--max-tokens", "16", "--logprobs", "--top-logprobs", "3", "--max-connections", "8",
-           "--display", "plain", "--log-dir", str(scratch / "inspect-logs")]
+           "--display", "plain", "--log-dir", str(LOGS / "inspect")]
     return [("inspect-ai openai-api (chat)", cmd),
             ("inspect-ai openai-api (responses)", [*cmd, "-M", "responses_api=true", "--reasoning-summary", "none"])]
 
@@ -95,9 +97,9 @@ def main(which: list[str]) -> int:
         env = {**os.environ, "OPENAI_API_KEY": key, "MLXNB_API_KEY": key, "MLXNB_BASE_URL": base,
                # lm-eval reads the JSONL through Hugging Face datasets: offline, cached in the scratch home
                "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", "LMEVAL_LOG_LEVEL": "WARNING"}
         runs = ((lmeval_runs(base, resolve("demo")) if "lmeval" in which else [])
-                + (inspect_runs(home) if "inspect" in which else []))
+                + (inspect_runs() if "inspect" in which else []))
         timings = []
         try:
             for title, cmd in runs:
