@@ -73,13 +73,12 @@ def inspect_runs() -> list[tuple[str, list[str]]]:
     """inspect-ai's OpenAI-compatible provider (service ``mlxnb``: MLXNB_BASE_URL, MLXNB_API_KEY) over chat
     completions, then over the Responses API, asking for token log-probabilities as well. Eight
     connections: left to adapt, inspect-ai raises its concurrency until the server's per-client limit
-    (16 running) answers 429, then backs off. On the Responses API it asks for a reasoning summary
-    unless told ``none``, which the server refuses for models that do not reason."""
+    (16 running) answers 429, then backs off."""
     cmd = [str(INSPECT), "eval", "evals/inspect_capitals.py", "--model", "openai-api/mlxnb/demo", "--temperature",
            "0", "--max-tokens", "16", "--logprobs", "--top-logprobs", "3", "--max-connections", "8",
            "--display", "plain", "--log-dir", str(LOGS / "inspect")]
     return [("inspect-ai openai-api (chat)", cmd),
-            ("inspect-ai openai-api (responses)", [*cmd, "-M", "responses_api=true", "--reasoning-summary", "none"])]
+            ("inspect-ai openai-api (responses)", [*cmd, "-M", "responses_api=true"])]
 
 
 def main(which: list[str]) -> int:

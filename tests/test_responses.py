@@ -379,7 +379,7 @@ CALL = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
          "text.format.schema"),
         ({**TINY, "text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format.schema"),
         ({**TINY, "reasoning": {"effort": "high"}}, 400, "reasoning.effort"),
-        ({**TINY, "reasoning": {"summary": "auto"}}, 400, "reasoning.summary"),
+        ({**TINY, "reasoning": {"summary": "verbose"}}, 400, "reasoning.summary"),
         ({**TINY, "background": True}, 400, "background"),
         ({**TINY, "conversation": "conv_1"}, 400, "conversation"),
         ({**TINY, "metadata": {"k": 1}}, 400, "metadata"),
@@ -411,6 +411,14 @@ def test_fields_that_ask_for_nothing_are_accepted(server):
         background=False, include=[], parallel_tool_calls=False, **GREEDY)
     assert r.tools[0].name == "f" and r.tool_choice == "none" and r.parallel_tool_calls is False
     assert r.reasoning.effort == "minimal"
+
+
+def test_a_reasoning_summary_is_accepted_and_shows_nothing(server):
+    """inspect-ai's OpenAI-compatible provider asks every Responses model for one, as OpenAI's models that do
+    not reason accept: these models do no reasoning, so the answer is the message alone."""
+    r = client(server).responses.create(model="tiny", input="Hi", reasoning={"summary": "auto"}, **GREEDY)
+    assert [item.type for item in r.output] == ["message"]
+    assert r.reasoning.summary == "auto" and r.usage.output_tokens_details.reasoning_tokens == 0
 
 
 # -- tools and structured output ---------------------------------------------------------------------

@@ -36,6 +36,7 @@ NO_OPS = {  # values that ask for nothing: accepted
     "truncation": ("disabled",),
 }
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+SUMMARIES = ("auto", "concise", "detailed")  # reasoning.summary: a summary of reasoning these models do not do
 # the Responses API's sampling fields -> GenParams'
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
 ADAPTER = Adapter("openai", openai_api.error_body,
@@ -193,7 +194,9 @@ def _text_config(body: dict) -> dict:
 
 
 def _reasoning(body: dict) -> dict | None:
-    """The model does no reasoning: asking for none (or minimal) is honoured, more or a summary is refused."""
+    """The model does no reasoning: asking for none (or minimal) is honoured, more is refused; a summary of
+    its reasoning is accepted and shows nothing, as on OpenAI's models that do not reason (inspect-ai asks
+    for one by default)."""
     reasoning = field_of(body, "reasoning", dict)
     if reasoning is None:
         return None
@@ -201,10 +204,9 @@ def _reasoning(body: dict) -> dict | None:
         raise ApiError(400, f"reasoning.effort {str(reasoning['effort'])[:40]!r} is not supported: this model "
                        "does not reason (none or minimal only)", param="reasoning.effort")
     for name in ("summary", "generate_summary"):
-        if reasoning.get(name) is not None:
-            raise ApiError(400, f"reasoning.{name} is not supported: this model does not reason",
-                           param=f"reasoning.{name}")
-    return {"effort": reasoning.get("effort"), "summary": None}
+        if reasoning.get(name) not in (None, *SUMMARIES):
+            raise ApiError(400, f"reasoning.{name} must be one of {', '.join(SUMMARIES)}", param=f"reasoning.{name}")
+    return {"effort": reasoning.get("effort"), "summary": reasoning.get("summary") or reasoning.get("generate_summary")}
 
 
 def _metadata(body: dict) -> dict:
