@@ -109,8 +109,10 @@ def _is_causal(mask: mx.array, L: int, N: int) -> bool:
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> mx.array:
     """mlx-lm's ``scaled_dot_product_attention``, tiled where the prompt is long and the mask causal."""
+    if hasattr(cache, "bits"):  # quantized keys and values (packed data, scales, biases): mlx-lm's kernel
+        return _reference(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     L, N = queries.shape[2], keys.shape[2]
-    tiled = (L >= MIN_QUERIES and sinks is None and not hasattr(cache, "bits")
+    tiled = (L >= MIN_QUERIES and sinks is None
              and queries.shape[1] % keys.shape[1] == 0
              and (mask == "causal" if isinstance(mask, str) else
                   isinstance(mask, mx.array) and 2 <= mask.ndim <= 4 and _is_causal(mask, L, N)))

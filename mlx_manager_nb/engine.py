@@ -43,12 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .kv_disk import DiskTier, cache_layers
+from .kv_quant import make_cache
 from .logprobs import Recorder, TokenLogprob, token_bytes
 from .params import GenParams, Processor, make_processors, make_sampler
 from .shared_prefix import fork, pick_source, shared_length
@@ -184,6 +185,14 @@ class Runner:
     prefilling: list[_Prefill] = field(default_factory=list)  # admitted, prompt still being prefilled
     disk: DiskTier | None = None  # the prompt cache's disk tier (see kv_disk); None: memory only
     loading: list[Request] = field(default_factory=list)  # waiting for their prefix's KV to be read from disk
+    kv_bits: int | None = None  # quantized KV caches (see kv_quant); None: the model's dtype
+    lookups: int = 0  # prompts admitted, each looking for a cached prefix
+    hits: int = 0  # of those, the prompts that found one
+    kv_group: int | None = None  # their quantization group
+
+    def new_cache(self) -> list[Any]:
+        """An empty KV cache for one sequence (quantized where ``kv_bits`` is set)."""
+        return make_cache(self.model, self.kv_bits, self.kv_group)
 
     @property
     def vocab_size(self) -> int:
@@ -304,9 +313,10 @@ class Engine:
             "mlx_peak_bytes": mx.get_peak_memory(),
         }
 
-    def model_memory(self) -> dict[str, tuple[int, int]]:
-        """Per model: KV cache bytes of its running sequences and bytes in its prompt cache."""
-        return {name: (r.kv_bytes, r.cache_bytes) for name, r in list(self._runners.items())}
+    def model_memory(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per model: KV cache bytes of its running sequences, bytes in its prompt cache, prompts that looked
+        there and those that found a prefix."""
+        return {name: (r.kv_bytes, r.cache_bytes, r.lookups, r.hits) for name, r in list(self._runners.items())}
 
     # -- the engine thread -------------------------------------------------------------------
 
@@ -453,14 +463,15 @@ class Engine:
             runner.loading.remove(request)
             self._enqueue(request, from_disk=False)
 
-    def _build_from_disk(self, runner: Runner, request: Request, tokens: list[int], dtype: str, arrays: Any) -> Job:
+    def _build_from_disk(self, runner: Runner, request: Request, tokens: list[int], layout: dict[str, str],
+                         arrays: Any) -> Job:
         """Make a prefix's KV cache from the arrays read from disk, as many layers per slice as its time
         allows; then the memory tier holds it and ``request`` is queued (a file of another shape is a miss)."""
         budget = yield
         cache: list[Any] = []
         start = time.perf_counter()
         try:
-            for layer in cache_layers(dtype, arrays):
+            for layer in cache_layers(layout, arrays):
                 cache.append(layer)
                 if time.perf_counter() - start >= budget:
                     budget = yield
@@ -486,7 +497,7 @@ class Engine:
             slots = _kv_slots(len(request.prompt) + request.params.limit)
             if (runner.active or runner.prefilling) and runner.kv_budget is not None and runner.token_bytes is None:
                 try:
-                    runner.token_bytes = _kv_bytes_per_token(runner.model)
+                    runner.token_bytes = _kv_bytes_per_token(runner)
                 except Exception as e:  # the model itself fails: so would its batch step
                     runner.drop(EngineError(f"generation failed on {runner.name}: {e}"))
                     return
@@ -515,11 +526,13 @@ class Engine:
             _emit(request, Failed(e))
             return
         cached = len(request.prompt) - len(rest) if cache is not None else 0
+        runner.lookups += 1
+        runner.hits += cached > 0
         if not self._sliced or len(rest) <= (BUSY_PREFILL_THRESHOLD if runner.active else PREFILL_THRESHOLD):
             self._insert(runner, request, slots, cache, rest)
             return
         try:
-            cache = cache if cache is not None else make_prompt_cache(runner.model)
+            cache = cache if cache is not None else runner.new_cache()
         except Exception as e:
             _emit(request, Failed(e))
             return
@@ -657,6 +670,8 @@ class Engine:
         held. ``found``: a KV cache holding all of ``prompt`` but the tokens given with it (None: none), else
         the prompt cache is asked."""
         cache, rest = found if found is not None else runner.prompt_cache.fetch_nearest_cache(runner.name, prompt)
+        if cache is None and runner.kv_bits is not None:  # the batch would make a full-precision one
+            cache, rest = runner.new_cache(), prompt
         if cache is not None and not rest:
             trim_prompt_cache(cache, 1)
             rest = prompt[-1:]
@@ -835,18 +850,20 @@ def _reserved(runner: Runner) -> tuple[int, int]:
     return len(seqs), max((s.slots for s in seqs), default=0)
 
 
-def _kv_bytes_per_token(model: Any) -> int:
-    """KV-cache bytes one token position takes, measured with a one-token forward pass.
+def _kv_bytes_per_token(runner: Runner) -> int:
+    """KV-cache bytes one token position takes (quantized ones where ``kv_bits`` is set), measured with a
+    one-token forward pass.
 
     Caches that do not grow with the sequence (recurrent state) are counted whole, per token: an
     overestimate, so the budget still holds.
     """
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
+    cache = runner.new_cache()
+    runner.model(mx.array([[0]]), cache=cache)
     mx.eval([c.state for c in cache])
     total = 0
     for c in cache:
         keys = getattr(c, "keys", None)
+        keys = keys[0] if isinstance(keys, tuple) else keys  # quantized: packed data, scales, biases
         total += c.nbytes // keys.shape[2] if isinstance(keys, mx.array) and keys.ndim == 4 else c.nbytes
     return max(1, total)
 

@@ -10,7 +10,9 @@ the engine thread and its arrays are made on it, in slices. The folder is bounde
 used files go first, across models); files are written to a temporary name and renamed, so a reader
 (another kernel sharing the home) never sees half a file; a corrupt or truncated file is removed and
 counts as a miss. A disk that is full or read-only stops the writes with one warning; serving goes on.
-Only plain ``KVCache`` layers are stored (rotating, quantized and recurrent caches are not).
+Plain ``KVCache`` layers are stored, and quantized ones (a model loaded with ``kv_bits``, see
+:mod:`.kv_quant`: packed data, scales and biases, in a folder of their own, ``<fingerprint>-kv8``);
+rotating and recurrent caches are not (their state is not a prefix that can be cut at any token).
 """
 
 from __future__ import annotations
@@ -32,15 +34,17 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from .kv_quant import QuantizedKV
 from .slices import Job
 from .store import home, make_private_dir
 
 MIN_TOKENS = 1024  # a finished sequence this long (prompt and answer) is written to disk
 KV_DISK_BYTES = 2 << 30  # default bound of the kv/ folder, all models together
 _DTYPES = {mx.bfloat16: ("BF16", np.uint16), mx.float16: ("F16", np.float16), mx.float32: ("F32", np.float32)}
-_MX = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _DTYPES.items()}
+_MX = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in {**_DTYPES, mx.uint32: ("U32", np.uint32)}.items()}
+_MX_NAMES = {dtype: name for name, (dtype, _) in _MX.items()}
 
-Arrays = dict[str, np.ndarray]
+Arrays = dict[str, tuple[str, np.ndarray]]  # name -> its safetensors dtype and its data (bfloat16 as uint16)
 
 
 def fingerprint(model_path: Path) -> str:
@@ -60,9 +64,9 @@ def root() -> Path:
 class DiskTier:
     """One model's folder in the disk tier (see the module's docstring); ``max_bytes`` bounds the whole kv/ folder."""
 
-    def __init__(self, model_path: Path, max_bytes: int = KV_DISK_BYTES):
+    def __init__(self, model_path: Path, max_bytes: int = KV_DISK_BYTES, kv_bits: int | None = None):
         self.root = root()  # made on the first write, owner-only like the home
-        self.folder = self.root / fingerprint(model_path)
+        self.folder = self.root / (fingerprint(model_path) + (f"-kv{kv_bits}" if kv_bits else ""))
         self.max_bytes = max_bytes
         self.hits = 0
         self._lock = threading.Lock()
@@ -119,8 +123,7 @@ class DiskTier:
         the engine thread), as many layers per slice as its time allows, then writes it in the background."""
         if not self._writable or self.max_bytes <= 0 or (len(tokens) < MIN_TOKENS and not keep):
             return None
-        if not all(type(c) is KVCache and c.keys is not None and c.keys.dtype in _DTYPES and c.offset == len(tokens)
-                   for c in cache):
+        if not all(_storable(c) and c.offset == len(tokens) for c in cache):
             return None
         found = self.find(tokens)
         if found and found[1] == len(tokens):  # this prefix, or a longer one holding it, is stored
@@ -132,16 +135,22 @@ class DiskTier:
     def _copy(self, key: object, tokens: list[int], cache: list[Any]) -> Job:
         budget = yield
         try:
-            arrays, start = {}, time.perf_counter()
+            arrays: Arrays = {}
+            start = time.perf_counter()
             for i, c in enumerate(cache):
-                for part, a in (("keys", c.keys), ("values", c.values)):
-                    a = a[..., : c.offset, :]
-                    arrays[f"{i}.{part}"] = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+                for part, held in (("keys", c.keys), ("values", c.values)):
+                    if isinstance(held, tuple):  # quantized: packed data, scales, biases
+                        for j, a in enumerate(held):
+                            arrays[f"{i}.{part}.{j}"] = _host(a[..., : c.offset, :])
+                    else:
+                        arrays[f"{i}.{part}"] = _host(held[..., : c.offset, :])
                 if time.perf_counter() - start >= budget:
                     budget = yield
                     start = time.perf_counter()
+            layout = {"kv_bits": str(cache[0].bits), "group_size": str(cache[0].group_size)} if isinstance(
+                cache[0], QuantizedKV) else {}
             with contextlib.suppress(RuntimeError):  # closed: its model was unloaded
-                self._io.submit(self._write, tokens, arrays, _DTYPES[cache[0].keys.dtype][0])
+                self._io.submit(self._write, tokens, arrays, layout)
         finally:
             self._copies.pop(key, None)
 
@@ -152,12 +161,12 @@ class DiskTier:
                 while True:
                     job.send(float("inf"))
 
-    def _write(self, tokens: list[int], arrays: Arrays, dtype: str) -> None:
+    def _write(self, tokens: list[int], arrays: Arrays, layout: dict[str, str]) -> None:
         name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32] + ".safetensors"
         try:
             for folder in (home(), self.root, self.folder):
                 make_private_dir(folder)
-            _write_safetensors(self.folder / name, arrays, dtype, {"tokens": json.dumps(tokens)})
+            _write_safetensors(self.folder / name, arrays, {**layout, "tokens": json.dumps(tokens)})
         except OSError as e:
             self._writable = False
             warnings.warn(f"the prompt cache on disk stops writing ({self.folder}): {e}", RuntimeWarning, stacklevel=1)
@@ -187,11 +196,11 @@ class DiskTier:
                 self._index.pop(f.name, None)
 
     def read(self, name: str, done: Callable[[Future], None]) -> None:
-        """Read file ``name`` in the background; ``done`` gets a future of (tokens, dtype, arrays), or of
+        """Read file ``name`` in the background; ``done`` gets a future of (tokens, layout, arrays), or of
         None where the file is gone or corrupt (then removed)."""
         self._io.submit(self._read, name).add_done_callback(done)
 
-    def _read(self, name: str) -> tuple[list[int], str, Arrays] | None:
+    def _read(self, name: str) -> tuple[list[int], dict[str, str], Arrays] | None:
         f = self.folder / name
         try:
             found = _read_safetensors(f)
@@ -213,29 +222,52 @@ class DiskTier:
         self._io.shutdown(wait=True)
 
 
-def open_tier(model_path: Path, max_bytes: int) -> DiskTier | None:
-    """The disk tier of the model in ``model_path``; None when ``max_bytes`` is 0 or the home cannot hold it
-    (a read-only home: one warning, the prompt cache stays in memory)."""
+def open_tier(model_path: Path, max_bytes: int, kv_bits: int | None = None) -> DiskTier | None:
+    """The disk tier of the model in ``model_path`` (its caches quantized to ``kv_bits``, if set); None when
+    ``max_bytes`` is 0 or the home cannot hold it (a read-only home: one warning, the prompt cache stays in
+    memory)."""
     if max_bytes <= 0:
         return None
     try:
-        return DiskTier(model_path, max_bytes)
+        return DiskTier(model_path, max_bytes, kv_bits)
     except OSError as e:
         warnings.warn(f"the prompt cache stays in memory: {e}", RuntimeWarning, stacklevel=2)
         return None
 
 
-def cache_layers(dtype: str, arrays: Arrays) -> Iterator[KVCache]:
+def cache_layers(layout: dict[str, str], arrays: Arrays) -> Iterator[KVCache | QuantizedKV]:
     """The KV cache a file held, layer by layer, as evaluated MLX arrays (engine thread)."""
-    mx_dtype = _MX[dtype][0]
+    if "kv_bits" in layout:
+        for i in range(len(arrays) // 6):
+            q = QuantizedKV(group_size=int(layout["group_size"]), bits=int(layout["kv_bits"]))
+            keys, values = (tuple(_device(*arrays[f"{i}.{part}.{j}"]) for j in range(3)) for part in ("keys", "values"))
+            q.state = (keys, values, keys[0].shape[2], q.group_size, q.bits)
+            mx.eval(keys, values)
+            yield q
+        return
     for i in range(len(arrays) // 2):
         c = KVCache()
-        keys, values = (mx.array(arrays[f"{i}.{part}"]) for part in ("keys", "values"))
-        if mx_dtype == mx.bfloat16:
-            keys, values = keys.view(mx.bfloat16), values.view(mx.bfloat16)
-        c.state = (keys, values, keys.shape[2])
-        mx.eval(c.keys, c.values)
+        k, v = (_device(*arrays[f"{i}.{part}"]) for part in ("keys", "values"))
+        c.state = (k, v, k.shape[2])
+        mx.eval(k, v)
         yield c
+
+
+def _storable(c: Any) -> bool:
+    """Whether a layer's cache can be written: a plain or a quantized KV cache holding floats."""
+    if type(c) is KVCache:
+        return c.keys is not None and c.keys.dtype in _DTYPES
+    return type(c) is QuantizedKV and c.keys is not None and c.keys[1].dtype in _DTYPES
+
+
+def _host(a: mx.array) -> tuple[str, np.ndarray]:
+    """An MLX array in host memory with its safetensors dtype (bfloat16 travels as uint16)."""
+    return _MX_NAMES[a.dtype], np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+
+
+def _device(dtype: str, a: np.ndarray) -> mx.array:
+    out = mx.array(a)
+    return out.view(mx.bfloat16) if dtype == "BF16" else out
 
 
 def _common(a: tuple[int, ...], b: list[int]) -> int:
@@ -251,10 +283,10 @@ def _common(a: tuple[int, ...], b: list[int]) -> int:
     return lo
 
 
-def _write_safetensors(path: Path, arrays: Arrays, dtype: str, metadata: dict[str, str]) -> None:
+def _write_safetensors(path: Path, arrays: Arrays, metadata: dict[str, str]) -> None:
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for key, a in arrays.items():
+    for key, (dtype, a) in arrays.items():
         header[key] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     head = json.dumps(header).encode()
@@ -264,7 +296,7 @@ def _write_safetensors(path: Path, arrays: Arrays, dtype: str, metadata: dict[st
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(struct.pack("<Q", len(head)) + head)
-            for a in arrays.values():
+            for _, a in arrays.values():
                 out.write(np.ascontiguousarray(a).tobytes())
         os.replace(tmp, path)
     finally:
@@ -278,23 +310,24 @@ def _header(path: Path) -> dict:
         return json.loads(f.read(n))
 
 
-def _read_safetensors(path: Path) -> tuple[list[int], str, Arrays]:
+def _read_safetensors(path: Path) -> tuple[list[int], dict[str, str], Arrays]:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8: 8 + n])
-    tokens = json.loads(header.pop("__metadata__")["tokens"])
-    arrays, dtype = {}, ""
+    layout = header.pop("__metadata__")
+    tokens = json.loads(layout.pop("tokens"))
+    arrays: Arrays = {}
     for key, spec in header.items():
         dtype = spec["dtype"]
         start, end = spec["data_offsets"]
         if 8 + n + end > len(data):
             raise ValueError("truncated")
         np_dtype = _MX[dtype][1]
-        arrays[key] = np.frombuffer(data, np_dtype, (end - start) // np.dtype(np_dtype).itemsize, 8 + n + start)
-        arrays[key] = arrays[key].reshape(spec["shape"])
-    if not arrays or len(arrays) % 2 or not tokens:
+        a = np.frombuffer(data, np_dtype, (end - start) // np.dtype(np_dtype).itemsize, 8 + n + start)
+        arrays[key] = dtype, a.reshape(spec["shape"])
+    if not arrays or len(arrays) % (6 if "kv_bits" in layout else 2) or not tokens:
         raise ValueError("no KV cache")
-    return tokens, dtype, arrays
+    return tokens, layout, arrays
 
 
 def _size(f: Path) -> int:

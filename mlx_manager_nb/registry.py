@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import dequantize_model, load_config, load_model, load_tokenizer
 
-from . import attention, embeddings, kv_disk, store
+from . import attention, embeddings, kv_disk, kv_quant, store
 from .engine import Engine, Request, Runner
 from .errors import EngineError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext
@@ -87,11 +87,19 @@ class ModelInfo:
     cache_bytes: int = 0  # its prompt cache
     disk_cache_bytes: int = 0  # its prompt cache's files on disk (see kv_disk)
     disk_hits: int = 0  # prompts that read a prefix's KV from those files, since it was loaded
+    memory_hits: int = 0  # prompts that found a prefix's KV in the memory tier, since it was loaded
+    prompt_lookups: int = 0  # prompts that looked for a cached prefix, since it was loaded
+    kv_bits: int | None = None  # its KV caches are quantized to these bits (see kv_quant); None: full precision
     kind: str = "chat"  # or "embedding"
     placement: str = "local"  # "local", "sharded" (ranks started by mlx.launch) or "attached" (an OpenAI server)
     hosts: tuple[str, ...] = ()  # a sharded model's hosts, rank by rank, or an attached model's base URL
     ranks: tuple[dict, ...] = ()  # a sharded model's per-rank state (see ShardedModel.ranks)
     auto_loaded: bool = False  # loaded by a client's request (the server's auto-load), not by the user
+
+    @property
+    def hit_rate(self) -> float | None:
+        """The share of prompts that found a cached prefix, in memory or on disk (None before the first)."""
+        return (self.memory_hits + self.disk_hits) / self.prompt_lookups if self.prompt_lookups else None
 
 
 def _why_held(m: ModelInfo, auto: bool) -> str:
@@ -100,6 +108,14 @@ def _why_held(m: ModelInfo, auto: bool) -> str:
     if m.in_flight:
         return f"{m.in_flight} in flight"
     return "loaded by the user: a client's request never evicts it" if auto and not m.auto_loaded else m.state
+
+
+def _hits(counts: tuple[int, ...], disk: kv_disk.DiskTier | None) -> dict[str, Any]:
+    """A model's prompt-cache counters from the engine's (lookups, hits in either tier) and its disk tier's
+    hits: a prefix read from disk enters the memory tier before its request looks there."""
+    lookups, hits = counts
+    on_disk = disk.hits if disk is not None else 0
+    return {"prompt_lookups": lookups, "memory_hits": max(0, hits - on_disk), "disk_hits": on_disk}
 
 
 def physical_memory() -> int:
@@ -237,10 +253,10 @@ class Registry:
             infos = list(self._models.values())
         memory = self.engine.model_memory()
         disks = dict(self._disks)
-        return [replace(i, in_flight=self._in_flight.get(i.name, 0), kv_bytes=memory.get(i.name, (0, 0))[0],
-                        cache_bytes=memory.get(i.name, (0, 0))[1],
+        return [replace(i, in_flight=self._in_flight.get(i.name, 0), kv_bytes=memory.get(i.name, (0, 0, 0, 0))[0],
+                        cache_bytes=memory.get(i.name, (0, 0, 0, 0))[1],
                         disk_cache_bytes=disks[i.name].nbytes if i.name in disks else 0,
-                        disk_hits=disks[i.name].hits if i.name in disks else 0,
+                        **_hits(memory.get(i.name, (0, 0, 0, 0))[2:], disks.get(i.name)),
                         ranks=self._remote[i.name].ranks() if i.name in self._remote else i.ranks) for i in infos]
 
     def memory_used(self) -> int:
@@ -288,6 +304,7 @@ class Registry:
         parallel: str = "tensor",
         hostfile: str | None = None,
         auto_loaded: bool = False,
+        kv_bits: int | None = None,
     ) -> ModelInfo:
         """Load a model (see :func:`mlx_manager_nb.store.resolve` for references); return its info.
 
@@ -298,13 +315,21 @@ class Registry:
         ``hosts`` (or an mlx.launch ``hostfile``) shards it over one rank per host with ``mx.distributed``
         (``backend``: ring, jaccl, jaccl-ring or mpi; ``parallel``: "tensor" or "pipeline"), served by
         :mod:`mlx_manager_nb.distributed`; e.g. ``hosts=["127.0.0.1", "127.0.0.1"]``.
+        ``kv_bits`` (4 or 8) quantizes its KV caches, running and cached, in memory and on disk (see
+        :mod:`mlx_manager_nb.kv_quant`): about 2x (8) or 3.5x (4) less KV memory, for a small quality cost.
         """
         ref = str(ref)
+        if kv_bits is not None and (kv_bits not in kv_quant.KV_BITS or hosts or hostfile):
+            raise InvalidParameterError("kv_bits", f"kv_bits must be 4 or 8 for a model of this process, "
+                                                   f"got {kv_bits!r}")
         if hosts or hostfile:
             return self._load_sharded(ref, alias, pin, keep_alive, progress, list(hosts or []), backend, parallel,
                                       hostfile)
         m = self.lookup(ref)
         if m is not None and m.placement == "local":
+            if kv_bits is not None and kv_bits != m.kv_bits:
+                raise InvalidParameterError("kv_bits", f"{m.alias or m.name} is loaded with kv_bits={m.kv_bits}: "
+                                                       f"unload it to load it with kv_bits={kv_bits}")
             return self._touch(m.name, alias=alias or m.alias, pinned=m.pinned or pin,
                                auto_loaded=m.auto_loaded and auto_loaded)
         report = self._progress_reporter(ref, progress)
@@ -318,7 +343,7 @@ class Registry:
             info = waiting.result()
             return info if auto_loaded or not info.auto_loaded else self._touch(info.name, auto_loaded=False)
         try:
-            info = self._load_new(name, ref, path, alias, pin, keep_alive, report, auto_loaded)
+            info = self._load_new(name, ref, path, alias, pin, keep_alive, report, auto_loaded, kv_bits)
             fut.set_result(info)
             return info
         except BaseException as e:
@@ -340,7 +365,7 @@ class Registry:
 
         return report
 
-    def _load_new(self, name, ref, path, alias, pin, keep_alive, report, auto_loaded) -> ModelInfo:
+    def _load_new(self, name, ref, path, alias, pin, keep_alive, report, auto_loaded, kv_bits) -> ModelInfo:
         if name in self._models and self._models[name].state == "ready":
             held = self._models[name]
             return self._touch(name, alias=alias or held.alias, pinned=pin or held.pinned,
@@ -348,13 +373,15 @@ class Registry:
         config = store.describe(path)
         kind = embeddings.model_kind(path)
         context = embeddings.max_length(path) if kind == "embedding" else config.context_length
+        if kv_bits is not None and kind != "chat":
+            raise InvalidParameterError("kv_bits", f"kv_bits: {name} is an embedding model, it keeps no KV cache")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
         self._make_room(estimate, exclude=name, auto=auto_loaded)
         ka = self.keep_alive if keep_alive == "default" else keep_alive
         with self._lock:
             self._models[name] = ModelInfo(name, alias, ref, path, "loading", estimate, time.time(), 0, pin, ka,
-                                           None, context, kind=kind, auto_loaded=auto_loaded)
+                                           None, context, kind=kind, auto_loaded=auto_loaded, kv_bits=kv_bits)
         self._publish(ModelEvent(name, "loading", self._models[name]))
         report("loading weights", 0.0)
         try:
@@ -363,7 +390,10 @@ class Registry:
             self.engine.add_job(_load_job(build, path, report, loaded))
             runner = loaded.result()
             runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
-            disk = kv_disk.open_tier(path, self.kv_disk_bytes) if kind == "chat" else None
+            if kv_bits is not None:  # refused where the model's caches or heads cannot be quantized
+                runner.kv_group = self.engine.run(kv_quant.group_size, runner.model, kv_bits).result()
+                runner.kv_bits = kv_bits
+            disk = kv_disk.open_tier(path, self.kv_disk_bytes, kv_bits) if kind == "chat" else None
             if disk is not None:
                 runner.disk = self._disks[name] = disk
             self.engine.run(self.engine.add_runner, runner).result()

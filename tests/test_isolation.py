@@ -108,7 +108,7 @@ def test_frequency_penalty_changes_a_repetitive_greedy_answer(pool):
 
 def _token_bytes(pool):
     runner = pool.engine.runner("tiny-llama")
-    return pool.engine.run(engine._kv_bytes_per_token, runner.model).result()
+    return pool.engine.run(engine._kv_bytes_per_token, runner).result()
 
 
 def test_requests_over_the_kv_budget_wait_and_memory_is_given_back(pool, monkeypatch):
