@@ -60,6 +60,10 @@ class QuantizedKV(QuantizedKVCache):
     def merge(self, caches: list[QuantizedKV]) -> BatchQuantizedKV:
         return BatchQuantizedKV.merge(caches)
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else super().nbytes
+
 
 def _map(fn: Any, q: Quantized) -> Quantized:
     return (fn(q[0]), fn(q[1]), fn(q[2]))
