@@ -131,6 +131,14 @@ def size(n: int | None) -> str:
     return NONE
 
 
+def hit_rate(m: Any) -> str:
+    """A model's prompt-cache hit rate (a :class:`~mlx_manager_nb.registry.ModelInfo`) as
+    ``75% of 4 (2 memory, 1 disk)``; empty before its first prompt."""
+    if m.hit_rate is None:
+        return ""
+    return f"{m.hit_rate:.0%} of {m.prompt_lookups} ({m.memory_hits} memory, {m.disk_hits} disk)"
+
+
 def seconds(s: float | None) -> str:
     """A duration as ``850 ms``, ``12 s``, ``5 min`` or ``2.0 h``; None as ``forever``."""
     if s is None:

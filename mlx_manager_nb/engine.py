@@ -124,6 +124,7 @@ class Request:
     cause: str | None = None  # set before ``cancelled`` when the server cuts it: "shutdown" or "unread"
     priority: int = 0  # higher waits ahead and prefills first (see request.NOTEBOOK_PRIORITY)
     keep: bool = False  # its KV goes to the prompt cache's disk tier whatever its length (a warm-up)
+    progress: Callable[[int, int], None] | None = None  # told (tokens prefilled, prompt tokens) after each chunk
 
 
 @dataclass
@@ -572,6 +573,9 @@ class Engine:
             took = time.perf_counter() - start
             entry.done += n
             self._release(runner, entry)
+            if entry.request.progress is not None:
+                with contextlib.suppress(Exception):  # a display's failure is not the request's
+                    entry.request.progress(entry.done, len(prompt))
             self._account(runner)
             budget = yield
             chunk = max(MIN_CHUNK, min(2 * n, int(n * budget / max(took, 1e-6))))  # sized to this slice

@@ -49,10 +49,11 @@ class Pool(Registry):
     """
 
     def _start(self, make: Callable[[], ChatRequest], kind: str, model: str | None, sink: Callable,
-               context: RequestContext, backlog: Callable[[], int], keep: bool = False) -> tuple[str, str, Any]:
+               context: RequestContext, backlog: Callable[[], int], keep: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> tuple[str, str, Any]:
         """Build the request with ``make()`` and submit it (see :func:`.runner.start`); a refusal is recorded."""
         try:
-            return runner.start(self, make(), model, sink, context, backlog, keep)
+            return runner.start(self, make(), model, sink, context, backlog, keep, progress)
         except Exception as e:
             runner.record_refused(self, e, model, context, kind)
             raise
@@ -80,10 +81,11 @@ class Pool(Registry):
         runner.record_refused(self, error, model, context, kind, answered)
 
     def _run(self, make: Callable[[], ChatRequest], kind: str, model: str | None, stream: bool,
-             meta: Meta, timeout: float | None, keep: bool = False) -> Result | TextStream:
+             meta: Meta, timeout: float | None, keep: bool = False,
+             progress: Callable[[int, int], None] | None = None) -> Result | TextStream:
         context = self.request_context(meta, stream, timeout, model, kind)
         events, sink = queue_sink()
-        s = TextStream(*self._start(make, kind, model, sink, context, events.qsize, keep), events)
+        s = TextStream(*self._start(make, kind, model, sink, context, events.qsize, keep, progress), events)
         if stream:
             return s
         with s:
@@ -168,16 +170,21 @@ class Pool(Registry):
         """Continue a raw prompt (no chat template)."""
         return self._run(lambda: python_request(prompt=prompt, **params), "complete", model, stream, meta, timeout)
 
-    def warm(self, model: str | None, prompt: str | list[dict], meta: Meta = None) -> Result:
+    def warm(self, model: str | None, prompt: str | list[dict], meta: Meta = None,
+             progress: Callable[[str, float], None] | None = None) -> Result:
         """Compute and keep the KV cache of ``prompt`` (a raw string, or chat messages with their template),
         in memory and on disk whatever its length (see :mod:`~mlx_manager_nb.kv_disk`): a later request that
         starts with it, in this kernel or after a restart, skips that prefill. Returns the one-token answer's
-        result (``usage.prompt_tokens``: the tokens kept)."""
+        result (``usage.prompt_tokens``: the tokens kept). ``progress(stage, fraction)`` is told how the
+        prefill goes, as :meth:`load` tells a load's (the pool's listeners get each step as a ``ProgressEvent``)."""
         kind = "complete" if isinstance(prompt, str) else "chat"
         given: dict[str, Any] = {"prompt": prompt} if kind == "complete" else {"messages": prompt}
+        report = self._progress_reporter(model or "default model", progress)
+        report("warming", 0.0)
         result = self._run(lambda: python_request(**given, max_tokens=1, temperature=0), kind, model, False, meta,
-                           None, keep=True)
+                           None, keep=True, progress=lambda done, total: report("warming", done / total))
         assert isinstance(result, Result)
+        report("ready", 1.0)
         return result
 
     @overload

@@ -193,11 +193,12 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
 
 def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callable[[StreamEvent], None],
           context: RequestContext, backlog: Callable[[], int] | None = None,
-          keep: bool = False) -> tuple[str, str, Request]:
+          keep: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[str, str, Request]:
     """Check, tokenize and submit ``request`` (on any thread but the engine's): returns its id, the
     name its model answers to, and the engine request. Its events go to ``sink``; ``backlog()`` says
     how many of them its consumer has not taken yet (the engine parks a request left unread);
-    ``keep``: its KV goes to the prompt cache's disk tier whatever its length (see kv_disk)."""
+    ``keep``: its KV goes to the prompt cache's disk tier whatever its length (see kv_disk); ``progress`` is
+    told (tokens prefilled, prompt tokens) as a long prompt is prefilled, on the engine thread."""
     info = chat_model(pool, model)
     runner = pool.runner(info.name)
     p = fit_to_model(request.params, runner.vocab_size)
@@ -220,7 +221,7 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set())
     engine_request = Request(info.name, ids, p, emit, deadline=context.deadline, priority=context.priority,
                              constraint=chat_plan.constraint if chat_plan is not None else None, backlog=backlog,
-                             keep=keep)
+                             keep=keep, progress=progress)
     pool.submit(engine_request, content)
     return record.id, info.alias or info.name, engine_request
 

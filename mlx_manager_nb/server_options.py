@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 API_KEY_VARIABLE = "MLX_NB_API_KEY"
@@ -52,6 +53,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {MAX_MODEL_QUEUE})")
     parser.add_argument("--responses-max-count", type=int, default=MAX_COUNT, metavar="N",
                         help=f"responses kept in responses.db, the oldest dropped first (default {MAX_COUNT:,})")
+    parser.add_argument("--warm", action="append", default=[], metavar="[MODEL=]FILE",
+                        help="keep the KV cache of FILE's text as a system prompt, for the default model or MODEL, "
+                             "computed once the server runs (repeatable; see serve(warm=...))")
     parser.add_argument("--responses-max-mb", type=float, default=MAX_BYTES / 2**20, metavar="MB",
                         help=f"MiB of responses kept in responses.db, the oldest dropped first "
                              f"(default {MAX_BYTES // 2**20})")
@@ -66,4 +70,18 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
             "idle_timeout": args.idle_timeout, "body_timeout": args.body_timeout,
             "max_connections": args.max_connections, "max_client_requests": args.max_client_requests,
             "max_model_queue": args.max_model_queue, "responses_max_count": args.responses_max_count,
-            "responses_max_bytes": int(args.responses_max_mb * 2**20)}
+            "responses_max_bytes": int(args.responses_max_mb * 2**20), "warm": warm_prompts(args.warm)}
+
+
+def warm_prompts(given: list[str]) -> list[tuple[str | None, list[dict]]]:
+    """``--warm [MODEL=]FILE`` options as ``serve(warm=...)`` takes them: each file's text as a system prompt."""
+    prompts: list[tuple[str | None, list[dict]]] = []
+    for item in given:
+        model, _, path = ("", "", item) if Path(item).expanduser().is_file() else item.partition("=")
+        model, path = (model, path) if path else ("", model)  # no "=": all of it is the file
+        try:
+            text = Path(path).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--warm: cannot read {path}: {e}") from None
+        prompts.append((model or None, [{"role": "system", "content": text}]))
+    return prompts

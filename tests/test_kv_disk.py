@@ -193,3 +193,27 @@ def test_du_counts_the_prompt_cache_on_disk(make_pool, model, isolated_home, she
         shell.run_line_magic("mlx", "du")
     row = next(line for line in c.outputs[0].data["text/plain"].splitlines() if "prompt cache" in line)
     assert display.size(saved.stat().st_size) in row
+
+
+def test_models_ps_and_the_pool_panel_show_cache_bytes_and_hit_rates(make_pool, model, isolated_home, shell):
+    from IPython.utils.capture import capture_output
+
+    from mlx_manager_nb import defaults
+    from mlx_manager_nb.widgets import pool_panel
+
+    answer(make_pool, model)  # a miss, written to disk
+    pool = defaults.default_pool()  # the one %mlx ps shows
+    pool.load(model, alias="tiny")
+    pool.chat(LONG, temperature=0, max_tokens=8)  # from disk
+    pool.chat(LONG, temperature=0, max_tokens=8)  # from memory
+    pool.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=2)  # shares the template's start
+    pool.complete("Once upon a time", temperature=0, max_tokens=2)  # a miss: no template, another first token
+    (info,) = pool.models()
+    assert (info.prompt_lookups, info.memory_hits, info.disk_hits) == (4, 2, 1) and info.hit_rate == 0.75
+    assert info.cache_bytes > 0 and info.disk_cache_bytes > 0
+    parts = pool_panel(pool).parts
+    assert "75% of 4 (2 memory, 1 disk)" in parts.table.value
+    assert "in memory" in parts.memory_text.value and "on disk" in parts.memory_text.value
+    with capture_output() as c:
+        shell.run_line_magic("mlx", "ps")
+    assert "hit rate" in c.outputs[0].data["text/plain"] and "75% of 4" in c.outputs[0].data["text/plain"]

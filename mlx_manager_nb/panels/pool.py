@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from .. import store
+from .. import display, store
 from ..model_pool import ModelEvent, PoolEvent, ProgressEvent
 from .common import (
     background,
@@ -42,7 +42,8 @@ def _model_row(m: ModelInfo) -> list[Any]:
     keep = "forever" if m.keep_alive is None else seconds(m.keep_alive)
     return [m.alias or m.name, m.kind, m.state, _runs_on(m), size(m.size_bytes), m.in_flight,
             time.strftime("%H:%M:%S", time.localtime(m.last_used)), "client" if m.auto_loaded else "user",
-            "yes" if m.pinned else "", keep]
+            "yes" if m.pinned else "", keep,
+            f"{size(m.cache_bytes)} / {size(m.disk_cache_bytes)}" if m.kind == "chat" else "", display.hit_rate(m)]
 
 
 def _local_options() -> list[str]:
@@ -78,13 +79,15 @@ def _refresh(pool: Pool, ui: SimpleNamespace) -> None:
     """Show the models and the memory they use."""
     models = pool.models()
     ui.table.value = html_table(["model", "kind", "state", "runs on", "size", "in flight", "last used", "loaded by",
-                                 "pinned", "keep-alive"],
+                                 "pinned", "keep-alive", "prompt cache (memory / disk)", "hit rate"],
                                 [_model_row(m) for m in models], "No model loaded.")
     set_options(ui.target, [(m.alias or m.name, m.name) for m in models])
     used, budget = pool.memory_used(), pool.max_memory
     ui.memory.value = min(1.0, used / budget) if budget else 0.0
     ui.memory.bar_style = "warning" if ui.memory.value > 0.8 else ""
-    ui.memory_text.value = f"{size(used)} / {size(budget)}"
+    ui.memory_text.value = (f"{size(used)} / {size(budget)}; prompt caches: "
+                            f"{size(sum(m.cache_bytes for m in models))} in memory, "
+                            f"{size(sum(m.disk_cache_bytes for m in models))} on disk")
 
 
 def _show_progress(ui: SimpleNamespace, event: ProgressEvent | None) -> None:

@@ -8,7 +8,8 @@ import errno
 import socket
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +21,8 @@ from .app import MAX_BODY, create_app, root_app
 from .common import OPTIONS, POOL, STATS, is_loopback
 from .connections import BODY_TIMEOUT, IDLE_TIMEOUT, Connections
 from .limits import MAX_CLIENT_REQUESTS, MAX_MODEL_QUEUE
+
+Warm = str | list[dict] | tuple[str | None, str | list[dict]]  # serve(warm=...): a prompt, or (model, prompt)
 
 CANCEL_WAIT = 10.0  # seconds for cancelled requests to end in the engine
 _servers: list[Server] = []  # the running servers of this process, in start order
@@ -203,7 +206,7 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
           allowed_hosts: tuple[str, ...] | list[str] = (), allow_downloads: bool = False, max_body: int = MAX_BODY,
           idle_timeout: float = IDLE_TIMEOUT, body_timeout: float = BODY_TIMEOUT, max_connections: int | None = None,
           max_client_requests: int = MAX_CLIENT_REQUESTS, max_model_queue: int = MAX_MODEL_QUEUE,
-          **app_options: Any) -> Server:
+          warm: Sequence[Warm] = (), **app_options: Any) -> Server:
     """Start the server: ``/v1/...`` endpoints and ``/health`` over ``pool`` (default: the kernel's).
 
     ``mode="kernel"`` (the default where an event loop runs in this thread, as in Jupyter) serves on
@@ -226,6 +229,11 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     Requests: a client (address) with ``max_client_requests`` running (default 16), or any client
     while ``max_model_queue`` requests (default 64) wait for a batch slot of the model it names,
     gets a 429 with ``retry-after``; the notebook's own requests never do. See :mod:`.limits`.
+
+    ``warm``: prompts whose KV caches to compute and keep (see :meth:`~mlx_manager_nb.model_pool.Pool.warm`),
+    each a raw string or chat messages for the default model, or a ``(model, prompt)`` pair: warmed after
+    the server has started, one after another on a thread of their own, prefilled in the engine's slices
+    at a client request's priority; a failure is one warning.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ServerError("api_key is empty: pass a non-blank key, or None for no key "
@@ -258,7 +266,19 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     app = root_app(v1, tuple(cors_origins), max_body, hosts, service_prefix())
     server = Server(app, v1, _bind(host, port), mode, api_key, connections)
     server._start()
+    if warm:
+        threading.Thread(target=_warm, args=(pool, list(warm)), name="mlx-warm", daemon=True).start()
     return server
+
+
+def _warm(pool: Any, prompts: list[Warm]) -> None:
+    """Warm ``prompts`` (see :func:`serve`), recorded in the audit log as the server's."""
+    for item in prompts:
+        model, prompt = item if isinstance(item, tuple) else (None, item)
+        try:
+            pool.warm(model, prompt, meta={"source": "server", "endpoint": "warm", "priority": 0})
+        except Exception as e:
+            warnings.warn(f"serve(warm=...): {model or 'the default model'}: {e}", RuntimeWarning, stacklevel=1)
 
 
 def stop_all(drain: float = 2.0) -> None:
