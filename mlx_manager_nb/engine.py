@@ -288,6 +288,8 @@ class Engine:
     def add_runner(self, runner: Runner) -> None:
         """Serve a loaded model (call on the engine thread, e.g. inside :meth:`run`)."""
         self._runners[runner.name] = runner
+        if runner.disk is not None:  # what leaves the memory tier long enough is on disk (see _on_evict)
+            _on_evict(runner.prompt_cache, lambda tokens, cache: self._save(runner, tokens, cache))
 
     def remove_runner(self, name: str, error: BaseException) -> None:
         """Stop serving ``name``: its requests fail with ``error`` (call on the engine thread)."""
@@ -804,6 +806,11 @@ class Engine:
         mx.eval([c.state for c in cache])
         self._bound_prompt_cache(runner)
         runner.prompt_cache.insert_cache(runner.name, tokens, cache)
+        self._save(runner, tokens, cache, keep)
+
+    def _save(self, runner: Runner, tokens: list[int], cache: list[Any], keep: bool = False) -> None:
+        """Write ``cache`` to the disk tier, in slices, when long enough (``keep``: whatever its length) and
+        not there yet (see :meth:`~mlx_manager_nb.kv_disk.DiskTier.save`)."""
         job = runner.disk.save(tokens, cache, keep) if runner.disk is not None else None
         if job is not None:
             self._slices.add(job)
@@ -820,6 +827,21 @@ def _memory_hit(runner: Runner, tokens: list[int]) -> int:
     if result.exact is not None:
         return len(tokens)
     return max(len(result.shorter or ()), result.common_prefix if result.longer is not None else 0)
+
+
+def _on_evict(prompt_cache: LRUPromptCache, evicted: Callable[[list[int], list[Any]], None]) -> None:
+    """Call ``evicted(tokens, cache)`` for each entry mlx-lm's ``LRUPromptCache`` drops to keep within its
+    entry and byte bounds. It has no hook, but every such drop (and nothing else) goes through its trie's
+    ``pop``; prefixes it drops because a longer entry holds them are not evictions."""
+    pop = prompt_cache._trie.pop
+
+    def popped(model: Any, tokens: list[int]) -> Any:
+        entry = pop(model, tokens)
+        with contextlib.suppress(Exception):  # the disk tier is an optimization: never a failed request
+            evicted(list(tokens), entry.prompt_cache)
+        return entry
+
+    prompt_cache._trie.pop = popped  # type: ignore[method-assign]
 
 
 def _unread(request: Request) -> int:

@@ -13,6 +13,10 @@ counts as a miss. A disk that is full or read-only stops the writes with one war
 Plain ``KVCache`` layers are stored, and quantized ones (a model loaded with ``kv_bits``, see
 :mod:`.kv_quant`: packed data, scales and biases, in a folder of their own, ``<fingerprint>-kv8``);
 rotating and recurrent caches are not (their state is not a prefix that can be cut at any token).
+Writes happen as a long entry enters the memory tier (write-through: a crash or a kernel restart
+keeps it, and no eviction waits for a write), and again as one leaves it (mlx-lm's LRU dropping it to keep
+its 16 entries or its byte share) if it is no longer on disk (its file deleted or trimmed meanwhile);
+entries shorter than :data:`MIN_TOKENS` are not written (a warm-up's are, whatever their length).
 """
 
 from __future__ import annotations

@@ -217,3 +217,22 @@ def test_models_ps_and_the_pool_panel_show_cache_bytes_and_hit_rates(make_pool, 
     with capture_output() as c:
         shell.run_line_magic("mlx", "ps")
     assert "hit rate" in c.outputs[0].data["text/plain"] and "75% of 4" in c.outputs[0].data["text/plain"]
+
+
+def test_a_long_entry_leaving_the_memory_tier_is_on_disk(make_pool, model, isolated_home):
+    """Long entries are written as they enter the memory tier; one whose file went missing meanwhile is
+    written again as it leaves it (evicted by newer entries)."""
+    from mlx_manager_nb.engine import PROMPT_CACHE_ENTRIES
+
+    pool = make_pool(keep_alive=None)
+    pool.load(model, alias="tiny")
+    first = pool.chat(LONG, temperature=0, max_tokens=8)
+    assert wait_for(lambda: len(files(isolated_home)) == 1)
+    (saved,) = files(isolated_home)
+    saved.unlink()
+    for n in range(PROMPT_CACHE_ENTRIES):
+        pool.chat([{"role": "user", "content": f"Question {n}?"}], temperature=0, max_tokens=1)
+    assert wait_for(lambda: files(isolated_home) == [saved])
+    pool.close()
+    second, info = answer(make_pool, model)
+    assert info.disk_hits == 1 and second.usage.cached_tokens >= first.usage.prompt_tokens - 1
