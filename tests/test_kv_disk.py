@@ -236,3 +236,25 @@ def test_a_long_entry_leaving_the_memory_tier_is_on_disk(make_pool, model, isola
     pool.close()
     second, info = answer(make_pool, model)
     assert info.disk_hits == 1 and second.usage.cached_tokens >= first.usage.prompt_tokens - 1
+
+
+def test_a_model_replaced_in_the_store_under_the_same_name_does_not_reuse_the_cache(make_pool, model, isolated_home,
+                                                                                     tmp_path):
+    import json as json_
+
+    from tiny_model import build_tiny_model
+
+    from mlx_manager_nb import store
+
+    stored = store.models_dir() / "tiny"
+    shutil.copytree(model, stored)
+    answer(make_pool, "tiny")
+    other = build_tiny_model(tmp_path / "other", seed=1)  # other weights, same names and sizes
+    config = json_.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json_.dumps({**config, "max_position_embeddings": 4096}))
+    shutil.rmtree(stored)
+    shutil.copytree(other, stored)
+    replaced, info = answer(make_pool, "tiny")
+    fresh, _ = answer(make_pool, other, kv_disk_bytes=0)
+    assert replaced.usage.cached_tokens == 0 and info.disk_hits == 0 and replaced.text == fresh.text
+    assert len({f.parent for f in files(isolated_home)}) == 2
