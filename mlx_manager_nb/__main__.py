@@ -25,7 +25,7 @@ def serve_command(args: argparse.Namespace) -> int:
         def progress(stage: str, fraction: float, ref: str = ref) -> None:
             print(f"\r{ref}: {stage} {fraction:4.0%}", end="", flush=True)
 
-        info = pool.load(ref, progress=progress)
+        info = pool.load(ref, progress=progress, kv_bits=args.kv_bits)
         print(f"\r{ref}: loaded as {info.alias or info.name} ({info.size_bytes / 2**20:.0f} MiB)")
     server = serve(pool, mode="thread", **serve_options(args))
     print(f"Serving {', '.join(pool.health()['models']) or 'no model yet'} (OpenAI and Anthropic protocols):\n"
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="serve models over the OpenAI and Anthropic protocols")
     s.add_argument("--model", action="append", default=[], help="model to load first (repeatable), e.g. demo")
+    s.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize the --model models' KV caches to 4 or 8 bits (see pool.load(kv_bits=...))")
     add_serve_arguments(s)
     s.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
                    help="at Ctrl-C or SIGTERM, how long requests in flight get to finish (default 5)")

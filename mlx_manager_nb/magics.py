@@ -130,9 +130,10 @@ def cmd_load(magics: MLXMagics, args: argparse.Namespace) -> None:
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
     info, live = _with_progress(magics.shell, args.model, lambda progress: _pool().load(
         args.model, alias=args.alias, pin=args.pin, keep_alive=args.keep_alive, progress=progress,
-        hosts=hosts, backend=args.backend, parallel=args.parallel, hostfile=args.hostfile))
+        hosts=hosts, backend=args.backend, parallel=args.parallel, hostfile=args.hostfile, kv_bits=args.kv_bits))
     name = info.name + (f" as {info.alias!r}" if info.alias else "")
-    details = f"{_memory(info)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
+    details = (f"{_memory(info)}, context {info.context_length or '?'}" + (", pinned" if info.pinned else "")
+               + (f", KV in {info.kv_bits} bits" if info.kv_bits else ""))
     if info.hosts:
         details += f", {args.parallel}-parallel over {len(info.hosts)} ranks ({', '.join(info.hosts)})"
     hint = "Embed with `pool.embed(texts)`." if info.kind == "embedding" else "Chat with `%%chat`."
@@ -424,6 +425,8 @@ def mlx_parser() -> argparse.ArgumentParser:
     c.add_argument("--hosts", metavar="H1,H2", help="shard it over one rank per host with mlx.launch "
                    "(the first is this machine; repeat 127.0.0.1 for local ranks)")
     c.add_argument("--hostfile", metavar="FILE", help="an mlx.launch hostfile instead of --hosts")
+    c.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize its KV caches to 4 or 8 bits (less memory for long contexts, a small quality cost)")
     c.add_argument("--backend", default="ring", choices=("ring", "jaccl", "jaccl-ring", "mpi"),
                    help="mx.distributed backend of a sharded model (default: ring)")
     c.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),

@@ -88,3 +88,33 @@ def test_the_warm_option_reads_files_as_system_prompts(tmp_path):
     assert warm_prompts([str(doc), f"tiny={doc}"]) == [(None, system), ("tiny", system)]
     with pytest.raises(ValueError, match="--warm: cannot read"):
         warm_prompts([f"tiny={tmp_path / 'missing.txt'}"])
+
+
+def test_the_command_line_loads_with_kv_bits_and_warms_its_files(tmp_path, isolated_home, ctrl_c_works):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import free_port
+    from tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny-64", hidden_size=256, max_position_embeddings=4096)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC[0]["content"])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_manager_nb", "serve", "--model", str(model), "--kv-bits", "8",
+                             "--warm", f"tiny-64={doc}", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert wait_for(lambda: list((isolated_home / "kv").glob("*-kv8/*.safetensors")), timeout=90)
+        body = json.dumps({"model": "tiny-64", "messages": [*DOC, {"role": "user", "content": "First rule?"}],
+                           "max_tokens": 2}).encode()
+        ask = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(ask, timeout=30) as r:
+            assert json.loads(r.read())["usage"]["prompt_tokens_details"]["cached_tokens"] > 900
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
