@@ -187,9 +187,9 @@ class Runner:
     disk: DiskTier | None = None  # the prompt cache's disk tier (see kv_disk); None: memory only
     loading: list[Request] = field(default_factory=list)  # waiting for their prefix's KV to be read from disk
     kv_bits: int | None = None  # quantized KV caches (see kv_quant); None: the model's dtype
+    kv_group: int | None = None  # their quantization group
     lookups: int = 0  # prompts admitted, each looking for a cached prefix
     hits: int = 0  # of those, the prompts that found one
-    kv_group: int | None = None  # their quantization group
 
     def new_cache(self) -> list[Any]:
         """An empty KV cache for one sequence (quantized where ``kv_bits`` is set)."""

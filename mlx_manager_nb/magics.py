@@ -166,11 +166,10 @@ def cmd_warm(magics: MLXMagics, args: argparse.Namespace) -> None:
     prompt = text if args.raw else [{"role": "system", "content": text}]
     result, live = _with_progress(magics.shell, args.file,
                                   lambda progress: _pool().warm(args.model, prompt, progress=progress))
-    live.update({"text/plain": f"Kept the KV cache of {result.usage.prompt_tokens} tokens of {args.file} on "
-                               f"{result.model} (in memory and on disk) in "
-                               f"{out.seconds(time.perf_counter() - started)}: a prompt that starts with it skips "
-                               f"that prefill{'' if args.raw else ' (`%%chat --system`, a client system prompt)'}."},
-                final=True)
+    live.update({}, final=True)  # the bar goes; the summary stays
+    print(f"Kept the KV cache of {result.usage.prompt_tokens} tokens of {args.file} on {result.model} "
+          f"(in memory and on disk) in {out.seconds(time.perf_counter() - started)}: a prompt that starts with it "
+          f"skips that prefill{'' if args.raw else ' (`%%chat --system`, a client system prompt)'}.")
 
 
 def cmd_attach(magics: MLXMagics, args: argparse.Namespace) -> None:
@@ -277,7 +276,7 @@ def cmd_ps(magics: MLXMagics, args: argparse.Namespace) -> None:
              "this kernel" if x.placement == "local" else f"{x.placement}: {', '.join(x.hosts)}",
              out.size(x.size_bytes), x.in_flight, out.ago(x.last_used), "client" if x.auto_loaded else "user",
              "yes" if x.pinned else "no", out.seconds(x.keep_alive),
-             out.size(x.cache_bytes) if x.kind == "chat" else "",
+             out.size(x.cache_bytes) if x.cache_bytes else "",
              f"{out.size(x.disk_cache_bytes)}, {x.disk_hits} hits" if x.disk_cache_bytes else "",
              out.hit_rate(x)] for x in models]
     out.show(out.table(rows, ["name", "alias", "kind", "state", "runs on", "size", "in flight", "last used",
