@@ -54,14 +54,18 @@ def test_concurrent_requests_decode_in_one_batch_as_each_would_alone(make_pool, 
 
 
 def test_the_kv_budget_counts_quantized_bytes(make_pool, model):
-    held = {}
+    from mlx_manager_nb import engine
+
+    held, per_token = {}, {}
     for bits in (None, 8, 4):
         pool = make_pool(keep_alive=None, kv_disk_bytes=0)
         pool.load(model, alias="q", kv_bits=bits)
         pool.chat(LONG, temperature=0, max_tokens=4)
         held[bits] = pool.models()[0].cache_bytes
+        per_token[bits] = pool.engine.run(engine._kv_bytes_per_token, pool.engine.runner("tiny-64")).result()
         pool.close()
-    # float32 keys and values; 8 bits: a quarter plus a scale and a bias per 64; 4 bits: half that again
+    # float32 keys and values: 32 bits a value; 8 bits take 9 with a group's scale and bias, 4 bits take 5
+    assert per_token[8] == per_token[None] * 9 // 32 and per_token[4] == per_token[None] * 5 // 32
     assert held[8] < held[None] * 0.3 and held[4] < held[8] * 0.6
 
 
