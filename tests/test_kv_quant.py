@@ -8,6 +8,7 @@ import pytest
 from mlx_manager_nb import kv_disk
 from mlx_manager_nb.errors import InvalidParameterError
 from mlx_manager_nb.kv_quant import QuantizedKV
+from mlx_manager_nb.shared_prefix import fork
 
 LONG = [{"role": "user", "content": " ".join(f"item {i} is blue." for i in range(80))}]  # over 1,024 tokens
 SHORT = [[{"role": "user", "content": text}] for text in ("Hello!", "What is the capital of France?",
@@ -115,3 +116,19 @@ def test_attention_over_a_quantized_cache_equals_mlx_lms_quantized_kernel(querie
     theirs = quantized_scaled_dot_product_attention(q * 1, keys, values, scale=0.125, mask=mask, group_size=64,
                                                     bits=8)
     assert mx.allclose(ours, theirs, atol=1e-4).item()
+
+
+def test_concurrent_requests_sharing_a_long_prefix_answer_as_each_would_alone(make_pool, model, monkeypatch):
+    """They prefill their shared system prompt once (see shared_prefix), from copies of one quantized cache."""
+    from mlx_manager_nb import engine
+
+    forked = []
+    monkeypatch.setattr(engine, "fork", lambda *a: forked.append(a[0][0]) or fork(*a))
+    system = {"role": "system", "content": " ".join(f"Rule {i}: be kind." for i in range(30))}
+    asks = [[system, {"role": "user", "content": q}] for q in ("First rule?", "Last rule?", "Why?")]
+    pool = make_pool(keep_alive=None, kv_disk_bytes=0)
+    pool.load(model, alias="q", kv_bits=8)
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as threads:
+        answers = list(threads.map(lambda m: pool.chat(m, temperature=0, max_tokens=12), asks))
+    assert [a.text for a in answers] == [reference(pool, "tiny-64", m, 8, 12) for m in asks]
+    assert forked and all(isinstance(c, QuantizedKV) for c in forked)
