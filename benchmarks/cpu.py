@@ -6,11 +6,13 @@
 - stock: plain mlx-lm in a separate process, without this library (reference BLAS, 4-bit weights);
 - library: the pool (OpenBLAS bound, float32 weights), one stream and 1/2/4/8/16 concurrent streams;
 - llama-cpp-python on the same GGUF, one stream (``pip install llama-cpp-python`` to include it);
-- OpenBLAS threads: one stream with 1 thread and with one per core (OpenBLAS's own default), on an
-  idle CPU and beside two busy processes (``--threads`` runs only this part).
+- OpenBLAS threads: one stream and 8 streams with 1 thread, with one per core (OpenBLAS's own
+  default) and with the library's default (set per step from the work and the CPU's state, see
+  ``mlx_manager_nb.blas.fit_threads``), on an idle CPU and beside two busy processes, each in a fresh
+  process (``--threads`` runs only this part).
 Targets on a 2-core x86 machine: time to first token <= 0.6 s, one stream >= 15 tok/s,
-8 streams >= 75 tok/s, 16 streams >= 100 tok/s; the default thread count within 10% of the best
-when idle and at least 2x OpenBLAS's default under contention.
+8 streams >= 75 tok/s, 16 streams >= 100 tok/s; the library's thread setting within 5% of the best
+fixed count when idle, and within 20% of one thread beside the busy processes.
 """
 
 import json
@@ -41,26 +43,40 @@ print(json.dumps(out[-1]))
 """
 
 
-ONE_STREAM = """
-import json, sys
+STREAMS = """
+import json, sys, threading, time
 import mlx_manager_nb
 from mlx_manager_nb.model_pool import Pool
 pool = Pool(keep_alive=None)
 pool.load(sys.argv[1])
-chat = [{"role": "user", "content": sys.argv[2]}]
-pool.chat(chat, temperature=0, max_tokens=8)
-print(json.dumps(pool.chat(chat, temperature=0, max_tokens=int(sys.argv[3])).tokens_per_second))
+tokens = int(sys.argv[3])
+chat = lambda i: [{"role": "user", "content": sys.argv[2] + f" (Variation {i}.)"}]
+pool.chat(chat(0), temperature=0, max_tokens=8)
+one = pool.chat(chat(1), temperature=0, max_tokens=tokens).tokens_per_second
+counts = [0] * 8
+def run(i):
+    counts[i] = pool.chat(chat(10 + i), temperature=0, max_tokens=tokens).usage.completion_tokens
+calls = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+start = time.perf_counter()
+for c in calls:
+    c.start()
+for c in calls:
+    c.join()
+print(json.dumps([one, sum(counts) / (time.perf_counter() - start)]))
 pool.close()
 """
 BUSY = "while True: pass"
 
 
-def one_stream(path: Path, threads: int, busy: int, tokens: int = 48) -> float:
-    """Tokens/s of one stream in a fresh process with ``threads`` OpenBLAS threads, beside ``busy`` spinners."""
+def streams(path: Path, threads: int | None, busy: int, tokens: int = 32) -> list[float]:
+    """Tokens/s of one stream and of 8 at once, in a fresh process with ``threads`` OpenBLAS threads (None:
+    the library's setting), beside ``busy`` spinning processes."""
     spinners = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
     try:
-        env = {**os.environ, "MLX_NB_BLAS_THREADS": str(threads)}
-        done = subprocess.run([sys.executable, "-c", ONE_STREAM, str(path), PROMPT, str(tokens)], env=env,
+        env = {k: v for k, v in os.environ.items() if k not in ("MLX_NB_BLAS_THREADS", "OPENBLAS_NUM_THREADS")}
+        if threads is not None:
+            env["MLX_NB_BLAS_THREADS"] = str(threads)
+        done = subprocess.run([sys.executable, "-c", STREAMS, str(path), PROMPT, str(tokens)], env=env,
                               capture_output=True, text=True, check=True)
     finally:
         for p in spinners:
@@ -70,20 +86,23 @@ def one_stream(path: Path, threads: int, busy: int, tokens: int = 48) -> float:
 
 
 def blas_threads(path: Path) -> None:
-    from mlx_manager_nb.blas import DEFAULT_THREADS
-
-    cores = os.cpu_count() or 1
-    counts = sorted({1, 2, cores, DEFAULT_THREADS})
-    print(f"OpenBLAS threads, one stream (OpenBLAS's own default here: {cores}; the library's: {DEFAULT_THREADS})")
+    cores = len(os.sched_getaffinity(0))
+    settings: list[int | None] = [1, cores, None]
+    name = {1: "1 thread", cores: f"{cores} threads", None: "library's setting"}
+    print(f"OpenBLAS threads (one per core, OpenBLAS's own default: {cores}), tokens/s of 1 stream and 8 streams")
     figures = {}
     for busy in (0, 2):
-        for n in counts:
-            figures[n, busy] = one_stream(path, n, busy)
-            row(f"{n} thread{'s' if n > 1 else ''}, {'idle CPU' if not busy else '2 busy processes'}",
-                figures[n, busy], "tok/s")
-    best_idle = max(figures[n, 0] for n in counts)
-    row("default vs best, idle CPU", figures[DEFAULT_THREADS, 0] / best_idle, "x", None)
-    row("default vs OpenBLAS's default, contended", figures[DEFAULT_THREADS, 2] / figures[cores, 2], "x")
+        for n in settings:
+            figures[n, busy] = streams(path, n, busy)
+            one, eight = figures[n, busy]
+            print(f"  {name[n]:18} {'idle CPU' if not busy else '2 busy processes':17} 1 stream {one:7.2f}   "
+                  f"8 streams {eight:7.2f}", flush=True)
+    for i, label in enumerate(("1 stream", "8 streams")):
+        best = max(figures[n, 0][i] for n in (1, cores))
+        row(f"{label}: library's vs best fixed, idle", figures[None, 0][i] / best, "x",
+            figures[None, 0][i] / best, 0.95)
+        row(f"{label}: library's vs 1 thread, contended", figures[None, 2][i] / figures[1, 2][i], "x",
+            figures[None, 2][i] / figures[1, 2][i], 0.8)
 
 
 def stock(path: Path) -> tuple[float, float]:

@@ -10,9 +10,12 @@ a mangled name; symlinks in a temporary folder let OpenBLAS find it. Where any o
 MLX runs as before and :data:`status` says why.
 
 Threads: OpenBLAS starts one thread per core by default, and its threads spin-wait; when other work
-shares the CPU (another process, the notebook, a second model) a single stream then slows 3-15x.
-:data:`DEFAULT_THREADS` is used instead unless ``MLX_NB_BLAS_THREADS`` or the user's own
-``OPENBLAS_NUM_THREADS`` says otherwise (``benchmarks/cpu.py`` measures the choice).
+shares the CPU (another process, the notebook, a second model) a single stream then slows 3-15x,
+while one thread costs a batch about 30% on an idle machine. So unless ``MLX_NB_BLAS_THREADS`` or the
+user's own ``OPENBLAS_NUM_THREADS`` fixes the count, the engine sets it for each step from the work
+and the CPU's state (:func:`fit_threads`): :data:`DEFAULT_THREADS` while one row decodes, one per core
+for prefill and batches, unless other processes kept the CPU busy over the last
+:data:`CONTENTION_SECONDS` (``benchmarks/cpu.py --threads`` measures the choices).
 """
 
 from __future__ import annotations
@@ -23,15 +26,23 @@ import importlib.util
 import os
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 
 #: What happened: "openblas: PATH", or the reason the fast path is not in use.
 status = "not attempted"
 #: OpenBLAS threads when neither MLX_NB_BLAS_THREADS nor OPENBLAS_NUM_THREADS is set.
 DEFAULT_THREADS = 1
+#: How often the CPU time of other processes is measured (seconds), for :func:`fit_threads`.
+CONTENTION_SECONDS = 1.0
 #: Where the thread count in force came from, for doctor().
 threads_source = "not set"
+#: The thread count :func:`fit_threads` last chose for each kind of work ("one row", "wide").
+chosen: dict[str, int] = {}
 _handle: ctypes.CDLL | None = None
+_adaptive = False
+_contention = {"at": 0.0, "busy": 0.0, "ours": 0.0, "others": 0.0}  # the last measurement of /proc/stat
 
 
 def _find(package: str, pattern: str) -> list[str]:
@@ -80,7 +91,7 @@ def bind() -> str:
 
 def _set_threads() -> None:
     """Set OPENBLAS_NUM_THREADS, which OpenBLAS reads when it is loaded."""
-    global threads_source
+    global threads_source, _adaptive
     if os.environ.get("MLX_NB_BLAS_THREADS"):
         os.environ["OPENBLAS_NUM_THREADS"] = os.environ["MLX_NB_BLAS_THREADS"]
         threads_source = "MLX_NB_BLAS_THREADS"
@@ -88,12 +99,54 @@ def _set_threads() -> None:
         threads_source = "OPENBLAS_NUM_THREADS"
     else:
         os.environ["OPENBLAS_NUM_THREADS"] = str(DEFAULT_THREADS)
-        threads_source = "default (MLX_NB_BLAS_THREADS or OPENBLAS_NUM_THREADS change it)"
+        _adaptive = True
+        threads_source = (f"default: {DEFAULT_THREADS} while one row decodes, up to {_cores()} for prefill and "
+                          "batches while the CPU is free (MLX_NB_BLAS_THREADS or OPENBLAS_NUM_THREADS fix it)")
 
 
 def threads() -> int | None:
     """The number of threads the bound OpenBLAS uses; None where none is bound."""
     return _handle.openblas_get_num_threads() if _handle is not None else None
+
+
+def fit_threads(wide: bool, before_change: Callable[[], None] = lambda: None) -> int | None:
+    """Set OpenBLAS's thread count for the next step (the engine thread calls it): ``wide`` work (a
+    prefill, a batch of several rows) gets one thread per core that other processes leave free, one
+    decoding row :data:`DEFAULT_THREADS`. ``before_change`` runs first when the count changes (the engine
+    waits there for the MLX work in flight). Returns the count; None where it is not the library's to set."""
+    if _handle is None or not _adaptive:
+        return None
+    n = max(1, min(_cores(), int(_cores() - _others_busy() + 0.5))) if wide else DEFAULT_THREADS
+    chosen["wide" if wide else "one row"] = n
+    if n != _handle.openblas_get_num_threads():
+        before_change()
+        _handle.openblas_set_num_threads(n)
+    return n
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _others_busy() -> float:
+    """Cores' worth of CPU time other processes used over the last :data:`CONTENTION_SECONDS`, measured
+    at most that often: all CPU time from /proc/stat less this process's (0 where it cannot tell)."""
+    now = time.monotonic()
+    if now - _contention["at"] < CONTENTION_SECONDS:
+        return _contention["others"]
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+    times = os.times()
+    ours = times.user + times.system
+    if _contention["at"]:
+        elapsed = now - _contention["at"]
+        _contention["others"] = max(0.0, (busy - _contention["busy"]) - (ours - _contention["ours"])) / elapsed
+    _contention.update(at=now, busy=busy, ours=ours)
+    return _contention["others"]
 
 
 def bound_library() -> str | None:

@@ -44,6 +44,7 @@ def doctor(pool: Any = None) -> dict:
         "blas": blas.status,
         "blas_library": blas.bound_library(),
         "blas_threads": f"{blas.threads()} ({blas.threads_source})" if blas.threads() else "n/a",
+        "blas_threads_by_work": dict(blas.chosen),  # what the engine last set for one decoding row and wide work
         "gflops": pool.engine.run(_gflops).result(),
         "mx.compile": "on" if os.environ.get("MLX_NB_COMPILE") == "1" or device.type == mx.DeviceType.gpu
         else "off on CPU (MLX_NB_COMPILE=1 turns it on)",

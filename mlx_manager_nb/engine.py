@@ -46,6 +46,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache, LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from . import blas
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .kv_disk import DiskTier, cache_layers
@@ -398,6 +399,7 @@ class Engine:
         """Step every runner, timing the decode steps, then give background work a slice if one is due."""
         start = time.perf_counter()
         decoding = False
+        self._fit_blas()
         for runner in list(self._runners.values()):
             decoding = decoding or bool(runner.active)
             self.advance(runner)
@@ -405,6 +407,19 @@ class Engine:
             self._slices.step_took(time.perf_counter() - start)
         if self._slices:
             self._slices.run(decoding)
+
+    def _fit_blas(self) -> None:
+        """Set OpenBLAS's threads for this round's work (see blas.fit_threads): prefills, background slices
+        and batches of several rows are wide, one decoding row is not; a change waits for the steps in flight."""
+        runners = list(self._runners.values())
+
+        def in_flight_done() -> None:
+            for r in runners:
+                if r.gen is not None:
+                    mx.synchronize(r.gen.stream)
+
+        blas.fit_threads(bool(self._slices) or sum(len(r.active) + len(r.waiting) for r in runners) > 1,
+                         in_flight_done)
 
     def _drain(self, wait: float) -> None:
         try:
