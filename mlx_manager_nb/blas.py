@@ -136,7 +136,7 @@ def _others_busy() -> float:
         return _contention["others"]
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user .. steal (guest time is in user)
     except (OSError, ValueError):
         return 0.0
     busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / os.sysconf("SC_CLK_TCK")

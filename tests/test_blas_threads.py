@@ -82,3 +82,24 @@ def test_a_fixed_thread_count_is_left_alone(tiny_model_path):
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["alone"] == seen["after"] == {} and seen["now"] == (2 if blas.status.startswith("openblas") else None)
+
+
+def test_other_processes_cpu_time_is_measured(monkeypatch):
+    """Two spinning processes show as (nearly) a core or more of others' CPU time, this one's own spinning not."""
+    import time
+
+    monkeypatch.setattr(blas, "_contention", {"at": 0.0, "busy": 0.0, "ours": 0.0, "others": 0.0})
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        blas._others_busy()
+        end = time.monotonic() + blas.CONTENTION_SECONDS + 0.1
+        while time.monotonic() < end:  # this process spins too: its own time is not the others'
+            pass
+        others = blas._others_busy()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert 0.8 <= others < len(os.sched_getaffinity(0)) - 0.1  # all cores busy, but not all by others
+    assert blas._others_busy() == others  # measured at most once per CONTENTION_SECONDS
