@@ -205,16 +205,21 @@ def _local_runner(pool: Any, model: str | None) -> tuple[Any, Runner]:
     return info, pool.engine.runner(info.name)
 
 
-def _submit(pool: Any, info: Any, runner: Runner, sequences: list[list[int]], starts: list[int], top: int,
-            context: RequestContext, content: Any, param: str) -> _Work:
-    """Queue one scoring job for ``sequences`` (checked against the context length, ``param`` naming them)
-    and record it."""
+def _check_length(info: Any, sequences: list[list[int]], param: str) -> None:
+    """Refuse a sequence longer than the model's context, ``param`` naming it."""
     ctx = info.context_length
     for i, seq in enumerate(sequences):
         if ctx is not None and len(seq) > ctx:
             where = param if len(sequences) == 1 else f"{param}[{i}]"
             raise ContextLengthError(where, f"This model's maximum context length is {ctx} tokens, and {where} "
                                      f"is {len(seq)} tokens ({info.name}).", len(seq), ctx)
+
+
+def _submit(pool: Any, info: Any, runner: Runner, sequences: list[list[int]], starts: list[int], top: int,
+            context: RequestContext, content: Any, param: str) -> _Work:
+    """Queue one scoring job for ``sequences`` (checked against the context length, ``param`` naming them)
+    and record it."""
+    _check_length(info, sequences, param)
     record = pool.begin("score", info.name, context)
     tokens = sum(map(len, sequences))
 
@@ -408,13 +413,19 @@ def _text(runner: Runner, prompt: str | tuple[int, ...]) -> str:
 
 
 def _prepare_echo(pool: Any, prompts: list[str | tuple[int, ...]], model: str, top: int | None,
-                  context: RequestContext) -> tuple[Runner, list[list[int]], _Work | None]:
-    """Tokenize and check the prompts; when log-probabilities are asked, queue their scoring (a refusal is recorded)."""
+                  context: RequestContext, alone: bool) -> tuple[Runner, list[list[int]], _Work | None]:
+    """Tokenize and check the prompts; when log-probabilities are asked, queue their scoring (a refusal is recorded;
+    ``alone``: nothing is generated, so an echo without log-probabilities records its own row)."""
     try:
         info, runner = _local_runner(pool, model)
         where = "prompt" if len(prompts) == 1 else "prompt[{}]"
         ids = [_prompt_ids(runner, p, where.format(i)) for i, p in enumerate(prompts)]
         if top is None:
+            _check_length(info, ids, "prompt")
+            if alone:
+                pool.begin("score", info.name, context).end(
+                    dict(status="ok", prompt_tokens=sum(map(len, ids)), completion_tokens=0, duration=0.0),
+                    {"prompt": list(map(list, ids)), "completion": ""})
             return runner, ids, None
         token_bytes(runner.tokenizer)
         return runner, ids, _submit(pool, info, runner, ids, [1] * len(ids), top, context, list(map(list, ids)),
@@ -438,10 +449,10 @@ def _echoes(runner: Runner, prompts: list[str | tuple[int, ...]], ids: list[list
 
 
 async def echo(pool: Any, prompts: list[str | tuple[int, ...]], model: str, top: int | None,
-               context: RequestContext) -> list[Echo]:
+               context: RequestContext, alone: bool = False) -> list[Echo]:
     """The prompts as a completion with ``echo`` gives them back; ``top`` (None: no log-probabilities asked):
-    alternatives per token. Runs off the running loop."""
+    alternatives per token; ``alone``: the echo is the whole answer (``max_tokens: 0``). Runs off the running loop."""
     loop = asyncio.get_running_loop()
-    runner, ids, work = await loop.run_in_executor(None, _prepare_echo, pool, prompts, model, top, context)
+    runner, ids, work = await loop.run_in_executor(None, _prepare_echo, pool, prompts, model, top, context, alone)
     picks = await _await(work) if work is not None else None
     return await loop.run_in_executor(None, _echoes, runner, prompts, ids, picks, top or 0)

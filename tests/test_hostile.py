@@ -504,3 +504,35 @@ def test_a_connection_whose_answer_is_still_being_written_stays_busy_for_the_cap
         s.stop(drain=0)
     assert status == 503
     assert answers.count(b"HTTP/1.1 200 OK") == 3 and len(answers) > 3 * len(body)
+
+
+# -- hostile completions prompts: token ids, batches, echo ----------------------------------------------
+
+HOSTILE_PROMPTS = {
+    "negative id": ({"prompt": [-1, 5]}, "prompt"),
+    "id 2**63": ({"prompt": [2**63]}, "prompt"),
+    "id past the vocabulary, echoed": ({"prompt": [5, 99_999], "echo": True, "logprobs": 1}, "prompt"),
+    "float id": ({"prompt": [1.0, 5]}, "prompt"),
+    "boolean id": ({"prompt": [True, 5]}, "prompt"),
+    "ids and strings": ({"prompt": [5, "a"]}, "prompt"),
+    "nested lists": ({"prompt": [[[5]]]}, "prompt"),
+    "an empty list in a batch": ({"prompt": [[5], []]}, "prompt"),
+    "100,000 prompts": ({"prompt": ["a"] * 100_000}, "prompt"),
+    "a bad id in a batch, echoed": ({"prompt": [[5], [2**63]], "echo": True, "max_tokens": 0}, "prompt[1]"),
+    "logprobs 10**30": ({"prompt": "Hi", "echo": True, "logprobs": 10**30}, "logprobs"),
+    "logprobs -1": ({"prompt": "Hi", "echo": True, "logprobs": -1}, "logprobs"),
+    "echo a string": ({"prompt": "Hi", "echo": "true"}, "echo"),
+    "max_tokens 0 without echo": ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    "1 MB of ids echoed": ({"prompt": [5] * 250_000, "echo": True, "max_tokens": 0}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("extra,param", HOSTILE_PROMPTS.values(), ids=HOSTILE_PROMPTS.keys())
+def test_hostile_completions_prompts_are_400s_beside_bystanders_each_with_its_row(server, pool, audit, extra,
+                                                                                   param):
+    body = json.dumps({"model": "tiny", "max_tokens": 2, **extra}).encode()
+    status, answer = with_bystanders(server, pool, lambda http: post_raw(http, server.url + "/v1/completions", body))
+    assert status == 400 and answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    refused = [r for r in audit.query() if r["endpoint"] == "/v1/completions"]
+    assert [r["status"] for r in refused] == ["error"], refused
+    assert call(server.url + "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2})[0] == 200

@@ -277,6 +277,18 @@ def test_each_part_of_an_echoed_batch_has_an_audit_row_of_its_own(pool, audit, c
     assert len({r["id"] for r in rows}) == 3 and "already stored" not in caplog.text
 
 
+def test_an_echo_without_logprobs_or_generation_has_its_audit_row(pool, audit):
+    s = serve(pool, audit=audit, port=0, mode="thread")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = c.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=0, echo=True,
+                                 extra_headers={"x-request-id": "echo-1"})
+    finally:
+        s.stop(drain=1)  # stopping flushes the audit log
+    (row,) = audit.query(client_request_id="echo-1")
+    assert (row["status"], row["prompt_tokens"], r.usage.prompt_tokens) == ("ok", 5, 5)
+
+
 def test_a_batch_runs_a_few_prompts_at_a_time(pool, client, monkeypatch):
     from mlx_manager_nb.server import openai_api
 

@@ -395,7 +395,8 @@ async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
     if echo:
         request[AUDITED] = True  # the pool records the scoring, refused or not
         scored = replace(context, id=f"{context.id}-echo") if generate else context  # a row of its own
-        echoes = await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, scored)
+        echoes = await scoring.echo(pool, prompts, name, one.params.top_logprobs if asked else None, scored,
+                                     alone=not generate)
         echoed = list(await off_loop(lambda: list(map(_echoed, echoes))))
     if len(prompts) == 1 and generate:
         include_usage = bool(field_of(body, "stream_options", dict, default={}).get("include_usage"))
