@@ -42,6 +42,7 @@ from .slices import Job
 FIRST_PASS_TOKENS = 64  # tokens of a call's first forward pass, before the model's speed is known
 MAX_PASS_TOKENS = 1024  # tokens of one forward pass at most...
 MAX_PASS_LOGITS = 1 << 26  # ...and fewer for a large vocabulary: its logits (256 MiB as float32) bound its memory
+MAX_ECHO_VALUES = 1 << 19  # log-probabilities one echo gives (its tokens x (logprobs + 1)): each a few Python objects
 
 Text = str | list[dict]  # a raw text, or chat messages (their template with the assistant's turn opened)
 
@@ -427,6 +428,10 @@ def _prepare_echo(pool: Any, prompts: list[str | tuple[int, ...]], model: str, t
                     dict(status="ok", prompt_tokens=sum(map(len, ids)), completion_tokens=0, duration=0.0),
                     {"prompt": list(map(list, ids)), "completion": ""})
             return runner, ids, None
+        values = sum(map(len, ids)) * (top + 1)
+        if values > MAX_ECHO_VALUES:  # millions of objects: GBs, and the collector's pauses stall every thread
+            raise InvalidParameterError("prompt", f"echo with logprobs {top} gives {values} log-probabilities "
+                                        f"(prompt tokens x {top + 1}); at most {MAX_ECHO_VALUES} per request")
         token_bytes(runner.tokenizer)
         return runner, ids, _submit(pool, info, runner, ids, [1] * len(ids), top, context, list(map(list, ids)),
                                     "prompt")

@@ -524,6 +524,8 @@ HOSTILE_PROMPTS = {
     "echo a string": ({"prompt": "Hi", "echo": "true"}, "echo"),
     "max_tokens 0 without echo": ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
     "1 MB of ids echoed": ({"prompt": [5] * 250_000, "echo": True, "max_tokens": 0}, "prompt"),
+    "128 prompts of 500 ids echoed with 20 alternatives": (  # 1.3 million log-probabilities: 29 s, 650 MB
+        {"prompt": [[5] * 500] * 128, "echo": True, "logprobs": 20, "max_tokens": 0}, "prompt"),
 }
 
 
