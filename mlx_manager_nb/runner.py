@@ -226,6 +226,16 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     return record.id, info.alias or info.name, engine_request
 
 
+def check_fits(pool: Registry, request: ChatRequest, model: str | None) -> None:
+    """The checks :func:`start` makes of ``request``'s prompt (its token ids, its length in the context), without
+    starting it."""
+    info = chat_model(pool, model)
+    runner = pool.runner(info.name)
+    _check_fits(info, runner, request)
+    if runner.tokenizer is not None:
+        _fit_context(info, request, len(tokens(runner, request)[0]), fit_to_model(request.params, runner.vocab_size))
+
+
 def count_tokens(pool: Registry, request: ChatRequest, model: str | None) -> int:
     """How many tokens ``request``'s prompt takes with its model's template (tools included)."""
     info = chat_model(pool, model)

@@ -519,6 +519,8 @@ HOSTILE_PROMPTS = {
     "an empty list in a batch": ({"prompt": [[5], []]}, "prompt"),
     "100,000 prompts": ({"prompt": ["a"] * 100_000}, "prompt"),
     "a bad id in a batch, echoed": ({"prompt": [[5], [2**63]], "echo": True, "max_tokens": 0}, "prompt[1]"),
+    "a bad id last in a batch": ({"prompt": [[5, 6]] * 40 + [[-1]], "max_tokens": 50}, "prompt[40]"),
+    "a prompt over the context last in a batch": ({"prompt": ["Hi"] * 40 + ["Hi " * 600]}, "prompt[40]"),
     "logprobs 10**30": ({"prompt": "Hi", "echo": True, "logprobs": 10**30}, "logprobs"),
     "logprobs -1": ({"prompt": "Hi", "echo": True, "logprobs": -1}, "logprobs"),
     "echo a string": ({"prompt": "Hi", "echo": "true"}, "echo"),

@@ -21,9 +21,10 @@ from typing import Any
 from aiohttp import web
 
 from .. import scoring
-from ..errors import ApiError
+from ..errors import ApiError, InvalidParameterError
 from ..logprobs import MAX_TOP_LOGPROBS, TokenLogprob, openai_logprobs
 from ..request import ROLES, ChatRequest, RequestContext, check_prompt, python_messages, python_structure
+from ..runner import check_fits
 from ..scoring import Echo
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece
@@ -391,6 +392,9 @@ async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
     context = http_context(request, ADAPTER.name, stream)
     rid, created = "cmpl-" + request[REQUEST_ID], int(time.time())
     asked = one.params.logprobs
+    batch = [replace(one, prompt=p) for p in prompts]
+    if len(prompts) > 1 and generate:
+        await off_loop(_check_batch, pool, name, batch)
     echoed: list[_Echoed | None] = [None] * len(prompts)
     if echo:
         request[AUDITED] = True  # the pool records the scoring, refused or not
@@ -405,10 +409,22 @@ async def _completions(request: web.Request, body: dict) -> web.StreamResponse:
                              _shape("complete", rid, created, model, include_usage, echoed[0]))
     results: list[Result | None] = [None] * len(prompts)
     if generate:
-        results = list(await _generate(request, [replace(one, prompt=p) for p in prompts], name,
+        results = list(await _generate(request, batch, name,
                                        [replace(context, id=f"{context.id}-{i}") for i in range(len(prompts))]))
     text = await off_loop(_batch_body, rid, created, model, results, echoed, asked)
     return web.Response(text=text, content_type="application/json")
+
+
+def _check_batch(pool: Any, name: str, requests: list[ChatRequest]) -> None:
+    """Check each prompt of a batch as the pool will, before any is generated: a bad one refuses the batch, named
+    by its index (else the prompts before it were generated, then refused)."""
+    for i, r in enumerate(requests):
+        try:
+            check_fits(pool, r, name)
+        except InvalidParameterError as e:
+            if e.param == "prompt":
+                e.param = f"prompt[{i}]"
+            raise
 
 
 def _batch_body(rid: str, created: int, model: str, results: list[Result | None], echoed: list[_Echoed | None],
