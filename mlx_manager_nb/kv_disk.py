@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,8 @@ class DiskTier:
         self._scan()
         with self._lock:
             entries = list(self._index.items())
-        best = max(((name, _common(stored, tokens)) for name, stored in entries), key=lambda e: e[1], default=None)
+        best = max(((name, common_prefix(stored, tokens)) for name, stored in entries), key=lambda e: e[1],
+                   default=None)
         return best if best and best[1] else None
 
     def save(self, tokens: list[int], cache: list[Any], keep: bool = False) -> Job | None:
@@ -274,7 +275,7 @@ def _device(dtype: str, a: np.ndarray) -> mx.array:
     return out.view(mx.bfloat16) if dtype == "BF16" else out
 
 
-def _common(a: tuple[int, ...], b: list[int]) -> int:
+def common_prefix(a: tuple[int, ...], b: Sequence[int]) -> int:
     """The length of the common prefix of ``a`` and ``b``, by bisection on slices (compared in C)."""
     b_ = tuple(b[: len(a)])
     lo, hi = 0, len(b_)

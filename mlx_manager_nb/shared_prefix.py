@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from .kv_disk import common_prefix
+
 if TYPE_CHECKING:
     from .engine import _Prefill
 
@@ -25,11 +27,7 @@ SHARED_PREFIX_MIN = 64  # tokens a prompt must share with one being prefilled, b
 def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens of prompts ``a`` and ``b`` one's prefill can give the other: those they
     share, but never either's last token (the batch computes it, for the first logits)."""
-    n = min(len(a), len(b)) - 1
-    for i in range(max(n, 0)):
-        if a[i] != b[i]:
-            return i
-    return max(n, 0)
+    return max(0, min(common_prefix(tuple(a), b), min(len(a), len(b)) - 1))
 
 
 def pick_source(prefilling: Sequence[_Prefill], prompt: list[int], priority: int,
