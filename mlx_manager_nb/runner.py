@@ -93,14 +93,19 @@ def _prompt_field(request: ChatRequest) -> str:
     return "prompt" if request.prompt is not None else "messages"
 
 
+def token_ids(runner: Runner, ids: tuple[int, ...], where: str) -> list[int]:
+    """``ids`` as a prompt's tokens, refused (``where`` naming them) when one is outside the model's vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < runner.vocab_size), None)
+    if bad is not None:
+        raise InvalidParameterError(where, f"{where} holds token id {bad}, outside {runner.name}'s vocabulary "
+                                    f"(0..{runner.vocab_size - 1})")
+    return list(ids)
+
+
 def tokens(runner: Runner, request: ChatRequest) -> tuple[list[int], Plan | None]:
     """The prompt's tokens, and for a chat the plan of its tools and structure (see :mod:`.structured`)."""
     if isinstance(request.prompt, tuple):  # token ids: the model's own
-        bad = next((t for t in request.prompt if not 0 <= t < runner.vocab_size), None)
-        if bad is not None:
-            raise InvalidParameterError("prompt", f"prompt holds token id {bad}, outside {runner.name}'s vocabulary "
-                                        f"(0..{runner.vocab_size - 1})")
-        return list(request.prompt), None
+        return token_ids(runner, request.prompt, "prompt"), None
     if request.prompt is not None:
         return list(runner.tokenizer.encode(request.prompt)), None
     if not getattr(runner.tokenizer, "chat_template", None):

@@ -36,7 +36,7 @@ from .engine import Runner
 from .errors import ContextLengthError, EngineError, InvalidParameterError
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, TopLogprob, token_bytes
 from .request import RequestContext, python_messages
-from .runner import chat_model
+from .runner import chat_model, token_ids
 from .slices import Job
 
 FIRST_PASS_TOKENS = 64  # tokens of a call's first forward pass, before the model's speed is known
@@ -402,11 +402,7 @@ class Echo:
 def _prompt_ids(runner: Runner, prompt: str | tuple[int, ...], where: str) -> list[int]:
     if isinstance(prompt, str):
         return list(runner.tokenizer.encode(prompt))
-    bad = next((t for t in prompt if not 0 <= t < runner.vocab_size), None)
-    if bad is not None:
-        raise InvalidParameterError(where, f"{where} holds token id {bad}, outside {runner.name}'s vocabulary "
-                                    f"(0..{runner.vocab_size - 1})")
-    return list(prompt)
+    return token_ids(runner, prompt, where)
 
 
 def _text(runner: Runner, prompt: str | tuple[int, ...]) -> str:
