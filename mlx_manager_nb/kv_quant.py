@@ -69,6 +69,11 @@ def _map(fn: Any, q: Quantized) -> Quantized:
     return (fn(q[0]), fn(q[1]), fn(q[2]))
 
 
+def _join(a: Quantized, b: Quantized, axis: int) -> Quantized:
+    """``a`` and ``b`` concatenated part by part along ``axis``."""
+    return (mx.concatenate([a[0], b[0]], axis), mx.concatenate([a[1], b[1]], axis), mx.concatenate([a[2], b[2]], axis))
+
+
 class BatchQuantizedKV(BatchKVCache):
     """mlx-lm's ``BatchKVCache`` (left-padded rows, one per sequence) with quantized keys and values."""
 
@@ -94,10 +99,7 @@ class BatchQuantizedKV(BatchKVCache):
             new_k, new_v = self._empty(keys, steps), self._empty(values, steps)
             if self.keys is not None and self.values is not None:
                 old_k, old_v = (_map(lambda x: x[..., :prev, :], q) for q in (self.keys, self.values))
-                new_k = (mx.concatenate([old_k[0], new_k[0]], 2), mx.concatenate([old_k[1], new_k[1]], 2),
-                         mx.concatenate([old_k[2], new_k[2]], 2))
-                new_v = (mx.concatenate([old_v[0], new_v[0]], 2), mx.concatenate([old_v[1], new_v[1]], 2),
-                         mx.concatenate([old_v[2], new_v[2]], 2))
+                new_k, new_v = _join(old_k, new_k, 2), _join(old_v, new_v, 2)
             self.keys, self.values = new_k, new_v
         self.offset = self.offset + n
         self._idx += n
@@ -162,8 +164,7 @@ class BatchQuantizedKV(BatchKVCache):
             return k, v, c.offset, c.left_padding + left
 
         (ka, va, oa, la), (kb, vb, ob, lb) = pad(self), pad(other)
-        self.keys = (mx.concatenate([ka[0], kb[0]]), mx.concatenate([ka[1], kb[1]]), mx.concatenate([ka[2], kb[2]]))
-        self.values = (mx.concatenate([va[0], vb[0]]), mx.concatenate([va[1], vb[1]]), mx.concatenate([va[2], vb[2]]))
+        self.keys, self.values = _join(ka, kb, 0), _join(va, vb, 0)
         self.offset, self.left_padding = mx.concatenate([oa, ob]), mx.concatenate([la, lb])
         self._idx = idx
 
