@@ -43,11 +43,10 @@ def serve_command(args: argparse.Namespace) -> int:
 def pull_command(args: argparse.Namespace) -> int:
     from mlx_manager_nb import display, hub
 
-    shown = [0.0]
+    due = display.every(0.1)
 
     def progress(t: hub.Transfer) -> None:  # ten times a second, and at the end
-        if time.monotonic() - shown[0] >= 0.1 or t.done == t.total:
-            shown[0] = time.monotonic()
+        if due(t.done == t.total):
             print(f"\r{display.transfer(args.repo, t)['text/plain']}", end="", flush=True)
 
     try:
@@ -63,11 +62,10 @@ def convert_command(args: argparse.Namespace) -> int:
     from mlx_manager_nb import display
     from mlx_manager_nb.convert import convert
 
-    shown = [0.0]
+    due = display.every(0.1)
 
     def progress(stage: str, fraction: float) -> None:  # ten times a second, and at the end
-        if time.monotonic() - shown[0] >= 0.1 or fraction == 1.0:
-            shown[0] = time.monotonic()
+        if due(fraction == 1.0):
             print(f"\r{display.progress(args.model, stage, fraction)['text/plain']}", end="", flush=True)
 
     try:

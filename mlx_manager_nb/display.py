@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -129,6 +129,19 @@ def size(n: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return NONE
+
+
+def every(seconds: float = 0.1) -> Callable[[bool], bool]:
+    """A gate for a progress line: ``due(last)`` is true at most once per ``seconds``, and always when ``last``."""
+    shown = [0.0]
+
+    def due(last: bool) -> bool:
+        if not last and time.monotonic() - shown[0] < seconds:
+            return False
+        shown[0] = time.monotonic()
+        return True
+
+    return due
 
 
 def hit_rate(m: Any) -> str:

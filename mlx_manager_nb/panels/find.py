@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from .. import hub, store
-from ..display import transfer_text
+from ..display import every, transfer_text
 from .common import background, error_html, html_table, set_options, size
 
 if TYPE_CHECKING:
@@ -78,12 +77,12 @@ def wire_find(call: Callable[..., None], pool: Pool, ui: SimpleNamespace, change
         ui.bar.value = t.done / t.total if t.total else 1.0
         ui.bar_text.value = transfer_text(t)
 
-    def progress(shown: list[float]) -> hub.TransferProgress:
+    def progress() -> hub.TransferProgress:
         """Show a pull's progress ten times a second, and its end (the pull's thread)."""
+        due = every(0.1)
 
         def report(t: hub.Transfer) -> None:
-            if time.monotonic() - shown[0] >= 0.1 or t.done == t.total:
-                shown[0] = time.monotonic()
+            if due(t.done == t.total):
                 call(show, t)
 
         return report
@@ -102,7 +101,7 @@ def wire_find(call: Callable[..., None], pool: Pool, ui: SimpleNamespace, change
             refresh_local(ui)
             changed()
 
-        background(call, lambda: hub.pull(repo, progress([0.0])), done, failed(ui.download))
+        background(call, lambda: hub.pull(repo, progress()), done, failed(ui.download))
 
     def loaded() -> dict:
         return {m.name: m.path for m in pool.models() if m.path is not None}
