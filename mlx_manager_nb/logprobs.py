@@ -62,6 +62,12 @@ def token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
     return lambda token: ll.decode_bytes([token])
 
 
+def token_text(describe: Callable[[int], bytes], token: int) -> tuple[str, list[int]]:
+    """A token's text (undecodable bytes replaced) and its bytes, as a :class:`TokenLogprob` holds them."""
+    raw = describe(token)
+    return raw.decode("utf-8", "replace"), list(raw)
+
+
 class Recorder:
     """One sequence's log-probabilities: :meth:`wrap` its sampler, :meth:`take` one per reported token.
 
@@ -101,5 +107,4 @@ class Recorder:
         return TokenLogprob(*self._text(token), logprobs[0], token, top)
 
     def _text(self, token: int) -> tuple[str, list[int]]:
-        raw = self.describe(token)
-        return raw.decode("utf-8", "replace"), list(raw)
+        return token_text(self.describe, token)

@@ -34,7 +34,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .engine import Runner
 from .errors import ContextLengthError, EngineError, InvalidParameterError
-from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, TopLogprob, token_bytes
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, TopLogprob, token_bytes, token_text
 from .request import RequestContext, python_messages
 from .runner import chat_model, token_ids
 from .slices import Job
@@ -247,17 +247,12 @@ def _submit(pool: Any, info: Any, runner: Runner, sequences: list[list[int]], st
 def _entries(runner: Runner, seq: list[int], start: int, picks: _Picks, top: int) -> list[TokenLogprob]:
     """The scored tokens of ``seq`` (from ``start``) with their log-probabilities and ``top`` alternatives."""
     describe = token_bytes(runner.tokenizer)
-
-    def text(token: int) -> tuple[str, list[int]]:
-        raw = describe(token)
-        return raw.decode("utf-8", "replace"), list(raw)
-
     out = []
     for j, token in enumerate(seq[start:]):
         order = np.argsort(-picks.top_values[j], kind="stable")[:top]
-        alternatives = [TopLogprob(*text(int(picks.top_ids[j][o])), float(picks.top_values[j][o]),
+        alternatives = [TopLogprob(*token_text(describe, int(picks.top_ids[j][o])), float(picks.top_values[j][o]),
                                    int(picks.top_ids[j][o])) for o in order]
-        out.append(TokenLogprob(*text(token), float(picks.logprobs[j]), token, alternatives))
+        out.append(TokenLogprob(*token_text(describe, token), float(picks.logprobs[j]), token, alternatives))
     return out
 
 
@@ -443,8 +438,7 @@ def _echoes(runner: Runner, prompts: list[str | tuple[int, ...]], ids: list[list
     describe = token_bytes(runner.tokenizer)
     out = []
     for prompt, seq, p in zip(prompts, ids, picks, strict=True):
-        raw = describe(seq[0])
-        first = TokenLogprob(raw.decode("utf-8", "replace"), list(raw), math.nan, seq[0])
+        first = TokenLogprob(*token_text(describe, seq[0]), math.nan, seq[0])
         out.append(Echo(_text(runner, prompt), len(seq), first, tuple(_entries(runner, seq, 1, p, top))))
     return out
 
