@@ -26,12 +26,10 @@ Quantized = tuple[mx.array, mx.array, mx.array]  # packed data, scales, biases
 
 
 def group_size(model: Any, bits: int | None) -> int | None:
-    """The quantization group for ``model``'s KV heads with ``bits`` (None: ``bits`` is None); refuses a
-    value other than 4 or 8, and a model with a cache that cannot be quantized or heads too narrow."""
+    """The quantization group for ``model``'s KV heads with ``bits`` (4 or 8, checked by ``Pool.load``; None:
+    ``bits`` is None); refuses a model with a cache that cannot be quantized or heads too narrow."""
     if bits is None:
         return None
-    if bits not in KV_BITS:
-        raise InvalidParameterError("kv_bits", f"kv_bits must be 4 or 8, got {bits!r}")
     cache = make_prompt_cache(model)
     if not all(type(c) is KVCache for c in cache):
         kinds = sorted({type(c).__name__ for c in cache} - {"KVCache"})
