@@ -268,10 +268,10 @@ def _echoed(echo: Echo) -> _Echoed:
     """``echo`` in the legacy shape (work proportional to the prompt: off the event loop)."""
     if echo.first is None:
         return _Echoed(echo.text, echo.prompt_tokens, None)
-    entries = [echo.first, *echo.tokens]
-    return _Echoed(echo.text, echo.prompt_tokens, {
-        "tokens": [e.token for e in entries], "token_logprobs": [None, *(e.logprob for e in echo.tokens)],
-        "top_logprobs": [None, *map(_top, echo.tokens)], "text_offset": _Offsets()(entries, echo.text)})
+    logprobs = _legacy_logprobs([echo.first, *echo.tokens], echo.text, _Offsets())
+    assert logprobs is not None
+    logprobs["token_logprobs"][0] = logprobs["top_logprobs"][0] = None
+    return _Echoed(echo.text, echo.prompt_tokens, logprobs)
 
 
 def _completion_choice(index: int, result: Result | None, echoed: _Echoed | None, asked: bool) -> dict:
