@@ -21,7 +21,6 @@ import json
 import os
 import queue
 import shutil
-import struct
 import threading
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from . import store
 from .errors import EngineError, InvalidModelError, MLXManagerError
 from .hub import DISK_FULL
+from .kv_disk import safetensors_header
 from .slices import Job
 
 if TYPE_CHECKING:
@@ -122,14 +122,8 @@ def _write(pool: Pool, source: Path, q_bits: int | None, out: Path, progress: st
 
 def _header(shard: list[tuple[str, Any, list[int], int]]) -> bytes:
     """A safetensors header for ``shard`` (name, dtype, shape, bytes per tensor, in file order)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
-    offset = 0
-    for key, dtype, shape, nbytes in shard:
-        header[key] = {"dtype": _SAFETENSORS[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head
+    return safetensors_header(((key, _SAFETENSORS[dtype], shape, n) for key, dtype, shape, n in shard),
+                              {"format": "mlx"})
 
 
 class _Queued:

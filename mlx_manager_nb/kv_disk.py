@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -288,19 +288,25 @@ def common_prefix(a: tuple[int, ...], b: Sequence[int]) -> int:
     return lo
 
 
-def _write_safetensors(path: Path, arrays: Arrays, metadata: dict[str, str]) -> None:
+def safetensors_header(tensors: Iterable[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's start, its header's length and the header padded to 8 bytes, for ``tensors``
+    (name, safetensors dtype, shape, bytes of each, in file order)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for key, (dtype, a) in arrays.items():
-        header[key] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for key, dtype, shape, nbytes in tensors:
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
+
+
+def _write_safetensors(path: Path, arrays: Arrays, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            out.write(struct.pack("<Q", len(head)) + head)
+            out.write(safetensors_header(((k, d, list(a.shape), a.nbytes) for k, (d, a) in arrays.items()), metadata))
             for _, a in arrays.values():
                 out.write(np.ascontiguousarray(a).tobytes())
         os.replace(tmp, path)
