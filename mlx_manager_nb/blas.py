@@ -109,12 +109,17 @@ def threads() -> int | None:
     return _handle.openblas_get_num_threads() if _handle is not None else None
 
 
+def adaptive() -> bool:
+    """Whether :func:`fit_threads` sets the thread count (an OpenBLAS is bound and no count was fixed)."""
+    return _handle is not None and _adaptive
+
+
 def fit_threads(wide: bool, before_change: Callable[[], None] = lambda: None) -> int | None:
     """Set OpenBLAS's thread count for the next step (the engine thread calls it): ``wide`` work (a
     prefill, a batch of several rows) gets one thread per core that other processes leave free, one
     decoding row :data:`DEFAULT_THREADS`. ``before_change`` runs first when the count changes (the engine
     waits there for the MLX work in flight). Returns the count; None where it is not the library's to set."""
-    if _handle is None or not _adaptive:
+    if _handle is None or not adaptive():
         return None
     n = max(1, min(_cores(), int(_cores() - _others_busy() + 0.5))) if wide else DEFAULT_THREADS
     chosen["wide" if wide else "one row"] = n

@@ -411,6 +411,8 @@ class Engine:
     def _fit_blas(self) -> None:
         """Set OpenBLAS's threads for this round's work (see blas.fit_threads): prefills, background slices
         and batches of several rows are wide, one decoding row is not; a change waits for the steps in flight."""
+        if not blas.adaptive():  # nothing to set (no OpenBLAS bound, or a fixed count): keep the step's path bare
+            return
         runners = list(self._runners.values())
 
         def in_flight_done() -> None:
