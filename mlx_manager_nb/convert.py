@@ -33,7 +33,7 @@ from . import store
 from .errors import EngineError, InvalidModelError, MLXManagerError
 from .hub import DISK_FULL
 from .kv_disk import safetensors_header
-from .slices import Job
+from .slices import Job, pause
 
 if TYPE_CHECKING:
     from .model_pool import Pool
@@ -177,9 +177,7 @@ def _convert_job(source: Path, q_bits: int | None, handover: queue.Queue, queued
                 queued.add(a.nbytes)
                 handover.put(("tensor", key, np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)))
                 del a
-                if time.perf_counter() - start >= budget:
-                    budget = yield
-                    start = time.perf_counter()
+                start, budget = yield from pause(start, budget)
     except GeneratorExit:
         handover.put(("error", EngineError("the engine stopped during the conversion")))
         raise

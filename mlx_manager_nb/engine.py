@@ -54,7 +54,7 @@ from .kv_quant import make_cache
 from .logprobs import Recorder, TokenLogprob, token_bytes
 from .params import GenParams, Processor, make_processors, make_sampler
 from .shared_prefix import fork, pick_source, shared_length
-from .slices import Job, Slices
+from .slices import Job, Slices, pause
 from .stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -493,9 +493,7 @@ class Engine:
         try:
             for layer in cache_layers(layout, arrays):
                 cache.append(layer)
-                if time.perf_counter() - start >= budget:
-                    budget = yield
-                    start = time.perf_counter()
+                start, budget = yield from pause(start, budget)
         except Exception:
             cache = []
         if request not in runner.loading:

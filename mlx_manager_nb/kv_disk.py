@@ -39,7 +39,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from .kv_quant import QuantizedKV
-from .slices import Job
+from .slices import Job, pause
 from .store import home, make_private_dir
 
 MIN_TOKENS = 1024  # a finished sequence this long (prompt and answer) is written to disk
@@ -149,9 +149,7 @@ class DiskTier:
                             arrays[f"{i}.{part}.{j}"] = _host(a[..., : c.offset, :])
                     else:
                         arrays[f"{i}.{part}"] = _host(held[..., : c.offset, :])
-                if time.perf_counter() - start >= budget:
-                    budget = yield
-                    start = time.perf_counter()
+                start, budget = yield from pause(start, budget)
             layout = {"kv_bits": str(cache[0].bits), "group_size": str(cache[0].group_size)} if isinstance(
                 cache[0], QuantizedKV) else {}
             with contextlib.suppress(RuntimeError):  # closed: its model was unloaded

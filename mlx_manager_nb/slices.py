@@ -27,6 +27,15 @@ STEP_WINDOW = 16  # decode steps whose median is a slice's budget
 BACKGROUND_SHARE = 0.5  # seconds of background work per second of decode steps, while anything decodes
 
 
+def pause(start: float, budget: float) -> Generator[None, float, tuple[float, float]]:
+    """Inside a job, after a piece of work: end the slice once ``budget`` seconds have passed since ``start``,
+    and give back the (start, budget) to go on with: ``start, budget = yield from pause(start, budget)``."""
+    if time.perf_counter() - start < budget:
+        return start, budget
+    budget = yield
+    return time.perf_counter(), budget
+
+
 @dataclass
 class _Entry:
     job: Job

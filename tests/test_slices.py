@@ -12,7 +12,7 @@ from tiny_model import build_tiny_model
 from mlx_manager_nb import engine
 from mlx_manager_nb.server import serve
 from mlx_manager_nb.shared_prefix import shared_length
-from mlx_manager_nb.slices import Slices
+from mlx_manager_nb.slices import Slices, pause
 
 STORY = "Once upon a time there was a tiny model that could talk. "
 
@@ -66,6 +66,28 @@ def test_background_work_gets_a_slice_after_every_second_decode_step():
     assert all(p == pytest.approx(0.03) for p in pieces)
     slices.run(decoding=False)
     assert pieces[-1] == 1.0  # nothing decodes: a long slice at once
+
+
+def test_pause_ends_a_slice_once_its_budget_is_spent_and_not_before():
+    def job(done):
+        budget = yield
+        start = time.perf_counter()
+        for i in range(6):
+            done.append(i)  # a piece of work
+            start, budget = yield from pause(start, budget)
+
+    spent, roomy = [], []
+    j = job(spent)
+    next(j)
+    j.send(0.0)  # no time left after the first piece: the slice ends there
+    assert spent == [0]
+    j.send(0.0)
+    assert spent == [0, 1]
+    j = job(roomy)
+    next(j)
+    with pytest.raises(StopIteration):
+        j.send(3600.0)  # time for every piece in one slice
+    assert roomy == list(range(6))
 
 
 def test_a_stream_keeps_decoding_while_a_long_prompt_prefills(slow):
