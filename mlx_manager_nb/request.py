@@ -49,7 +49,19 @@ class ToolResult:
     name: str | None = None
 
 
-Part = Text | ToolUse | ToolResult
+@dataclass(frozen=True)
+class Image:
+    """An image in a turn, decoded and checked: ``image`` is an RGB ``PIL.Image.Image``; ``nbytes`` the
+    bytes it came as (for the audit row); ``digest`` a hash of them (the same image, the same digest);
+    ``field`` where the request held it, in its protocol's terms (``messages[0].content[1]``)."""
+
+    image: Any
+    nbytes: int
+    digest: str
+    field: str
+
+
+Part = Text | ToolUse | ToolResult | Image
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,11 @@ class ChatRequest:
     @property
     def structured(self) -> bool:
         return bool(self.tools) or self.schema is not None
+
+    @property
+    def images(self) -> tuple[Image, ...]:
+        """The request's images, in the order its messages hold them."""
+        return tuple(p for m in self.messages for p in m.parts if isinstance(p, Image))
 
 
 @dataclass(frozen=True)
