@@ -53,12 +53,14 @@ class ToolResult:
 class Image:
     """An image in a turn, decoded and checked: ``image`` is an RGB ``PIL.Image.Image``; ``nbytes`` the
     bytes it came as (for the audit row); ``digest`` a hash of them (the same image, the same digest);
-    ``field`` where the request held it, in its protocol's terms (``messages[0].content[1]``)."""
+    ``field`` where the request held it, in its protocol's terms (``messages[0].content[1]``); ``format``
+    the format it came in (PNG, JPEG, WEBP, GIF; "pixels" for a PIL image or an array given in Python)."""
 
     image: Any
     nbytes: int
     digest: str
     field: str
+    format: str = ""
 
 
 Part = Text | ToolUse | ToolResult | Image
@@ -195,8 +197,10 @@ def _tool_uses(calls: Any, where: str) -> tuple[ToolUse, ...]:
     return tuple(out)
 
 
-def python_messages(messages: Any) -> tuple[Message, ...]:
-    """OpenAI-shaped message dicts as typed messages; InvalidParameterError names the bad field."""
+def python_messages(messages: Any, local_images: bool = True) -> tuple[Message, ...]:
+    """OpenAI-shaped message dicts as typed messages; InvalidParameterError names the bad field.
+    ``local_images``: ``image`` parts may hold Python values, paths included (never over HTTP, where
+    only ``image_url`` parts are read)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidParameterError("messages", "messages must be a non-empty list of {'role', 'content'} dicts")
     out = []
@@ -208,17 +212,57 @@ def python_messages(messages: Any) -> tuple[Message, ...]:
         calls = m.get("tool_calls") if m["role"] == "assistant" else None
         uses = _tool_uses(calls, f"messages[{i}].tool_calls") if calls is not None else ()
         content = m.get("content")
-        if not (uses and content is None):
-            _check_text(content, f"messages[{i}].content", allow_empty=True)
+        given = _content(content, f"messages[{i}].content", m["role"] == "user", local_images) \
+            if not (uses and content is None) else ()
         if m["role"] == "tool":
             call_id = m.get("tool_call_id")
             name = m.get("name")
-            parts: tuple[Part, ...] = (ToolResult(call_id if isinstance(call_id, str) else "", content or "",
+            result = Message("tool", given).text
+            parts: tuple[Part, ...] = (ToolResult(call_id if isinstance(call_id, str) else "", result,
                                                   name if isinstance(name, str) else None),)
         else:
-            parts = ((Text(content),) if content else ()) + uses
+            parts = given + uses
         out.append(Message(m["role"], parts))
     return tuple(out)
+
+
+def _content(content: Any, where: str, images: bool, local: bool) -> tuple[Part, ...]:
+    """A message's content: a string, or a list of ``text`` parts and (``images``: in a user message)
+    OpenAI's ``{"type": "image_url", "image_url": {"url": "data:..."}}`` parts and (``local``) Python's
+    ``{"type": "image", "image": ...}`` (see :func:`.images.from_python`)."""
+    kinds = ("image", "image_url") if local else ("image_url",)
+    if not isinstance(content, list):
+        text = _check_text(content, where, allow_empty=True)
+        return (Text(text),) if text else ()
+    out: list[Part] = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(Text(_check_text(part.get("text"), f"{at}.text", allow_empty=True)))
+        elif kind in kinds and images:
+            out.append(image_part(part, at))
+        else:
+            shown = repr(kind)[:40] if isinstance(part, dict) else "a " + type(part).__name__
+            raise InvalidParameterError(at, f"{at} of type {shown} is not supported here (text parts"
+                                        f"{', ' + ' and '.join(kinds) + ' parts' if images else ''})")
+    return tuple(out)
+
+
+def image_part(part: dict, where: str) -> Image:
+    """The image of a Python ``image`` part or an OpenAI ``image_url`` part (its ``detail`` accepted)."""
+    from .images import from_python, from_url
+
+    if part["type"] == "image":
+        return from_python(part.get("image"), where)
+    given = part.get("image_url")
+    if isinstance(given, dict):
+        detail = given.get("detail")
+        if detail not in (None, "auto", "low", "high"):
+            raise InvalidParameterError(f"{where}.image_url.detail", f"{where}.image_url.detail must be auto, "
+                                        "low or high")
+        given = given.get("url")
+    return from_url(given, f"{where}")
 
 
 def structure(tools: Any, choice: Any, schema: Any, schema_field: str, parallel: bool = True) -> dict:
@@ -262,5 +306,9 @@ def python_request(messages: Any = None, prompt: Any = None, *, tools: Any = Non
         if given is not None:  # refused, not ignored: a completion has no tools or schema
             raise InvalidParameterError(given, f"{given} is a parameter of pool.chat, not of a completion")
         return ChatRequest(prompt=check_prompt(prompt), params=gen)
-    return ChatRequest(python_messages(messages), params=gen,
+    from .images import reading
+
+    with reading():  # the call's images are counted together
+        chat = python_messages(messages)
+    return ChatRequest(chat, params=gen,
                        **python_structure(tools, tool_choice, schema, response_format, parallel_tool_calls))
