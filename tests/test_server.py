@@ -207,7 +207,7 @@ def test_sdks_against_a_server_on_a_running_loop(pool):
         ({"model": "tiny", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format.json_schema.schema"),
         ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-         "messages[0].content"),
+         "messages[0].content[0]"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
         ({"model": "nope", "messages": HI}, 404, "model"),
     ],

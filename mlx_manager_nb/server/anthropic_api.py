@@ -9,12 +9,13 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
-from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure, text
+from ..images import from_base64, from_url
+from ..request import ChatRequest, Image, Message, Text, ToolResult, ToolUse, structure, text
 from ..streams import AsyncTextStream, Result
 from ..structured import check_schema
 from ..tools import CallPiece, Tool, ToolCall, check_count, make_tools, tool_parameters
 from .adapter import Adapter, Answer, chat_handler
-from .checks import checked, has_schemas
+from .checks import checked, has_images, has_schemas
 from .common import MODEL, POOL, REQUEST_ID, endpoint, field_of, refuse_fields, resolve_model, sampling
 from .streaming import StreamShape
 
@@ -22,6 +23,7 @@ REFUSED = ("mcp_servers", "container")  # would change the answer and cannot be 
 NO_OPS = {"thinking": ({"type": "disabled"},)}  # asks for nothing: accepted
 STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "timeout": "max_tokens",
                "tool_calls": "tool_use"}
+MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")  # an image block's, as Anthropic's
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # kind of error -> Anthropic's error type
 KINDS = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
@@ -81,20 +83,40 @@ def _assistant(content: Any, where: str, calls: dict[str, str]) -> Message:
     return Message("assistant", (Text("".join(texts)), *uses))
 
 
+def _image(block: dict, where: str) -> Image:
+    """An ``image`` block: its ``base64`` source, or a ``url`` one (downloaded only where the server allows)."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        source = {}
+    kind = source.get("type")
+    if kind == "base64":
+        media_type = source.get("media_type")
+        if media_type not in MEDIA_TYPES:
+            raise ApiError(400, f"{where}.source.media_type must be one of {', '.join(MEDIA_TYPES)}",
+                           param=f"{where}.source.media_type")
+        return from_base64(source.get("data"), where)
+    if kind == "url":
+        return from_url(source.get("url"), where)
+    raise ApiError(400, f"{where}.source must be a base64 or url image source", param=f"{where}.source")
+
+
 def _user(content: Any, where: str, calls: dict[str, str]) -> list[Message]:
-    """A user turn: its ``tool_result`` blocks as ``tool`` messages, in order with its text."""
+    """A user turn: its ``tool_result`` blocks as ``tool`` messages, in order with its text and images."""
     if not isinstance(content, list):
         return [text("user", _text(content, where))]
     out: list[Message] = []
-    texts: list[str] = []
+    parts: list[Text | Image] = []
     for j, block in enumerate(content):
         at = f"{where}.{j}"
-        if not (isinstance(block, dict) and block.get("type") == "tool_result"):
-            texts.append(_block_text(block, at))
+        if isinstance(block, dict) and block.get("type") == "image":
+            parts.append(_image(block, at))
             continue
-        if texts:
-            out.append(text("user", "".join(texts)))
-            texts = []
+        if not (isinstance(block, dict) and block.get("type") == "tool_result"):
+            parts.append(Text(_block_text(block, at)))
+            continue
+        if parts:
+            out.append(Message("user", tuple(parts)))
+            parts = []
         call_id = block.get("tool_use_id")
         if not isinstance(call_id, str) or call_id not in calls:
             raise ApiError(400, f"{at}.tool_use_id: no earlier tool_use block has the id {str(call_id)[:70]!r}",
@@ -105,8 +127,8 @@ def _user(content: Any, where: str, calls: dict[str, str]) -> list[Message]:
         if not isinstance(is_error, bool):
             raise ApiError(400, f"{at}.is_error must be a boolean", param=f"{at}.is_error")
         out.append(Message("tool", (ToolResult(call_id, f"Error: {result}" if is_error else result, calls[call_id]),)))
-    if texts or not out:
-        out.append(text("user", "".join(texts)))
+    if parts or not out:
+        out.append(Message("user", tuple(parts) or (Text(""),)))
     return out
 
 
@@ -319,7 +341,7 @@ def _shape(rid: str, model: str) -> StreamShape:
 
 
 async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
-    untrusted = has_schemas(body, "tools", "output_config", "output_format")
+    untrusted = has_schemas(body, "tools", "output_config", "output_format") or await has_images(body, "messages")
     chat_request = await checked(request, untrusted, _request, body)  # tools and schemas are checked there
     rid = "msg_" + request[REQUEST_ID]
     return Answer(chat_request, lambda result: _message(rid, model, result.text, result), _shape(rid, model))
@@ -331,7 +353,7 @@ messages = chat_handler(ADAPTER, _parse)
 async def _count_tokens(request: web.Request, body: dict) -> web.Response:
     model = field_of(body, "model", str, required=True)
     request[MODEL] = model
-    chat_request = await checked(request, has_schemas(body, "tools"),
+    chat_request = await checked(request, has_schemas(body, "tools") or await has_images(body, "messages"),
                                  lambda: ChatRequest(tuple(_conversation(body)), **_tools(body)))
     name = await resolve_model(request, model)
     return web.json_response({"input_tokens": await request.app[POOL].acount_request_tokens(chat_request, name)})

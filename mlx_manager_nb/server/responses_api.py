@@ -17,13 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError
+from ..images import from_url
 from ..logprobs import MAX_TOP_LOGPROBS
-from ..request import ChatRequest, Message, Text, ToolResult, ToolUse, structure
+from ..request import ChatRequest, Image, Message, Text, ToolResult, ToolUse, structure
 from ..structured import ANY_OBJECT, check_schema
 from ..tools import Tool, check_count, tool_parameters
 from . import openai_api
 from .adapter import Adapter, Answer, chat_handler
-from .checks import checked
+from .checks import checked, has_images
 from .common import REQUEST_ID, RESPONSES, endpoint, field_of, refuse_fields, sampling
 from .responses_output import Draft, final, new_item_id, stream_shape
 
@@ -64,14 +65,41 @@ def _text(parts: Any, where: str, kinds: tuple[str, ...]) -> list[str]:
         return [parts]
     if not isinstance(parts, list):
         raise ApiError(400, f"{where} must be a string or an array of content parts", param=where)
-    texts = []
-    for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind not in kinds or not isinstance(part.get("text"), str):
-            raise ApiError(400, f"{where}[{j}] of type {str(kind)[:40]!r} is not supported here "
-                           f"({', '.join(kinds)} parts only)", param=f"{where}[{j}]")
-        texts.append(part["text"])
-    return texts
+    return [_text_part(part, f"{where}[{j}]", kinds) for j, part in enumerate(parts)]
+
+
+def _text_part(part: Any, where: str, kinds: tuple[str, ...]) -> str:
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    if kind not in kinds or not isinstance(part.get("text"), str):
+        raise ApiError(400, f"{where} of type {str(kind)[:40]!r} is not supported here "
+                       f"({', '.join(kinds)} parts only)", param=where)
+    return part["text"]
+
+
+def _content(parts: Any, where: str, role: str) -> list[dict]:
+    """A message's content parts as stored: its texts, and a user's ``input_image`` parts (read later,
+    in the request's checks: see :func:`_messages`)."""
+    if role == "user" and isinstance(parts, list):
+        return [_input_image(part, f"{where}[{j}]") if isinstance(part, dict) and part.get("type") == "input_image"
+                else {"type": "input_text", "text": _text_part(part, f"{where}[{j}]", ("input_text", "input_image"))}
+                for j, part in enumerate(parts)]
+    kinds = ("output_text", "input_text") if role == "assistant" else ("input_text",)
+    part = "output_text" if role == "assistant" else "input_text"
+    return [{"type": part, "text": t, **({"annotations": []} if role == "assistant" else {})}
+            for t in _text(parts, where, kinds)]
+
+
+def _input_image(part: dict, where: str) -> dict:
+    """An ``input_image`` part, checked for its shape: ``image_url`` a data URL (or an http(s) one)."""
+    if part.get("file_id") is not None:
+        raise ApiError(400, f"{where}.file_id: files are not supported; send the image as a data URL in image_url",
+                       param=f"{where}.file_id")
+    detail = part.get("detail", "auto")
+    if detail not in ("auto", "low", "high"):
+        raise ApiError(400, f"{where}.detail must be auto, low or high", param=f"{where}.detail")
+    if not isinstance(part.get("image_url"), str):
+        raise ApiError(400, f"{where}.image_url must be a data URL (data:image/png;base64,...)", param=where)
+    return {"type": "input_image", "image_url": part["image_url"], "detail": detail}
 
 
 def _string(item: dict, name: str, where: str) -> str:
@@ -92,10 +120,7 @@ def _input_item(item: Any, where: str) -> dict:
         if role not in ("user", "assistant", "system", "developer"):
             raise ApiError(400, f"{where}.role must be user, assistant, system or developer, got {str(role)[:40]!r}",
                            param=f"{where}.role")
-        kinds = ("output_text", "input_text") if role == "assistant" else ("input_text",)
-        texts = _text(item.get("content"), f"{where}.content", kinds)
-        part = "output_text" if role == "assistant" else "input_text"
-        content = [{"type": part, "text": t, **({"annotations": []} if role == "assistant" else {})} for t in texts]
+        content = _content(item.get("content"), f"{where}.content", role)
         return {"id": item_id or new_item_id("msg"), "type": "message", "role": role, "status": "completed",
                 "content": content}
     if kind == "function_call":
@@ -118,13 +143,18 @@ def _input_items(body: dict) -> list[dict]:
     return [_input_item(item, f"input[{i}]") for i, item in enumerate(value)]
 
 
-def _messages(items: list[dict], instructions: str | None) -> tuple[Message, ...]:
-    """The chat to answer: instructions, then the items; a model's calls join its turn."""
+def _messages(items: list[dict], instructions: str | None, stored: int = 0) -> tuple[Message, ...]:
+    """The chat to answer: instructions, then the items (the first ``stored`` of them from the stored
+    conversation); a model's calls join its turn. Images are decoded here (see :func:`_parse`)."""
     out: list[Message] = [Message("system", (Text(instructions),))] if instructions else []
-    for item in items:
+    for i, item in enumerate(items):
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append(Message(role, (Text("".join(part["text"] for part in item["content"])),)))
+            where = f"input[{i - stored}].content" if i >= stored else "previous_response_id"
+            parts = [from_url(part["image_url"], f"{where}[{j}]" if i >= stored else where)
+                     if part["type"] == "input_image" else Text(part["text"]) for j, part in enumerate(item["content"])]
+            out.append(Message(role, tuple(parts) if any(isinstance(p, Image) for p in parts)
+                               else (Text("".join(part["text"] for part in item["content"])),)))
         elif item["type"] == "function_call":
             if not out or out[-1].role != "assistant":
                 out.append(Message("assistant", (Text(""),)))
@@ -281,12 +311,15 @@ async def _parse(request: web.Request, body: dict, model: str, stream: bool) -> 
     }
     store = request.app[RESPONSES] if field_of(body, "store", bool, default=True) else None
     items = _input_items(body)
-    context = await _history(request, echo["previous_response_id"]) + items
+    history = await _history(request, echo["previous_response_id"])
+    context = history + items
     if not context:
         raise ApiError(400, "'input' must hold at least one item", param="input")
     untrusted = bool(tools) or text["format"]["type"] == "json_schema"
     structure = await checked(request, untrusted, _structure, tools, tool_choice, parallel, text)  # checks them
-    chat_request = ChatRequest(_messages(context, instructions), params=params, **structure)
+    images = await has_images({"input": context}, "input")  # decoded as schemas are checked
+    messages = await checked(request, images, _messages, context, instructions, len(history))
+    chat_request = ChatRequest(messages, params=params, **structure)
     draft = Draft("resp_" + request[REQUEST_ID].removeprefix("req_"), model, int(time.time()), echo)
 
     def finish(response: dict) -> dict:
