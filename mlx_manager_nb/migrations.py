@@ -140,3 +140,7 @@ add_column("count", int)
 
 # Prompt tokens taken from the prompt cache (memory, disk or a shared prefix) instead of computed.
 add_column("cached_tokens", int)
+
+# Images in the request, and their bytes as sent (never their content: see audit_log).
+add_column("images", int)
+add_column("image_bytes", int)

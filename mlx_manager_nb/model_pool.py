@@ -52,10 +52,12 @@ class Pool(Registry):
                context: RequestContext, backlog: Callable[[], int], keep: bool = False,
                progress: Callable[[int, int], None] | None = None) -> tuple[str, str, Any]:
         """Build the request with ``make()`` and submit it (see :func:`.runner.start`); a refusal is recorded."""
+        request = None
         try:
-            return runner.start(self, make(), model, sink, context, backlog, keep, progress)
+            request = make()
+            return runner.start(self, request, model, sink, context, backlog, keep, progress)
         except Exception as e:
-            runner.record_refused(self, e, model, context, kind)
+            runner.record_refused(self, e, model, context, kind, request=request)
             raise
 
     def stream(self, request: ChatRequest, model: str | None, context: RequestContext) -> TextStream:

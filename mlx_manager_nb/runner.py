@@ -21,7 +21,7 @@ from .engine import Delta, Done, Event, Failed, Request, Runner
 from .errors import AnswerCutError, ContextLengthError, InvalidParameterError, ModelNotFoundError
 from .logprobs import token_bytes
 from .params import DEFAULT_MAX_TOKENS, GenParams, fit_to_model
-from .request import ChatRequest, RequestContext
+from .request import ChatRequest, Image, RequestContext
 from .streams import Final, StreamEvent
 from .structured import Plan, plan
 from .tools import ParsedItem, ToolCall
@@ -57,15 +57,38 @@ class RequestRecord:
 
 
 def record_refused(pool: Registry, error: BaseException, model: str | None, context: RequestContext,
-                   kind: str = "chat", answered: bool = False) -> None:
+                   kind: str = "chat", answered: bool = False, request: ChatRequest | None = None) -> None:
     """Record a request refused before it reached the engine (bad input, unknown model) in the audit log;
-    ``answered``: the context's ``http_status`` is the status already answered with."""
+    ``answered``: the context's ``http_status`` is the status already answered with; ``request``: the
+    parsed request, when it was (its images are counted)."""
     if model is None:  # the model the request would have gone to, so stats group it there
         with contextlib.suppress(ModelNotFoundError):
             model = pool.find(None).name
     row = audit_row(context.id or new_request_id(), utc_now(), kind, model, context,
-                    error_fields(error, context, answered))
+                    error_fields(error, context, answered) | (image_fields(request) if request is not None else {}))
     pool.request_ended(row, context, None, counted=False)
+
+
+def image_fields(request: ChatRequest) -> dict:
+    """The audit row's count of the request's images and their bytes (never their content)."""
+    images = request.images
+    return {"images": len(images), "image_bytes": sum(i.nbytes for i in images)} if images else {}
+
+
+def audit_messages(request: ChatRequest) -> list[dict]:
+    """The messages as an audit row's stored content: their text, and what each image was, never its pixels."""
+    from .images import describe
+
+    return [m.template() | ({"images": [describe(p) for p in m.parts if isinstance(p, Image)]}
+                            if any(isinstance(p, Image) for p in m.parts) else {}) for m in request.messages]
+
+
+def check_images(info: ModelInfo, request: ChatRequest) -> None:
+    """Refuse images sent to a model that does not take them, naming the first image's field."""
+    images = request.images
+    if images and info.kind != "vision":
+        raise InvalidParameterError(images[0].field, f"model {info.alias or info.name!r} does not take images "
+                                    f"({images[0].field}); send them to a vision model")
 
 
 def chat_model(pool: Registry, model: str | None) -> ModelInfo:
@@ -135,7 +158,7 @@ def _fit_context(info: ModelInfo, request: ChatRequest, n: int, p: GenParams) ->
 
 
 def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: Callable[[StreamEvent], None],
-             cancel: Callable[[], None]) -> Callable[[Event], None]:
+             cancel: Callable[[], None], images: dict) -> Callable[[Event], None]:
     """What receives the engine's events: text and tool calls to ``sink``; at the end the result (a
     :class:`Final` for tools or a schema) to ``sink`` and the audit row to the record."""
     text: list[str] = []
@@ -168,7 +191,7 @@ def _emitter(record: RequestRecord, chat_plan: Plan | None, content: Any, sink: 
         else:
             outcome = record.failed(event.error, answered=record.context.stream and bool(text))
         outcome.update(tool_calls=len(calls), tool_names=",".join(c.name for c in calls) or None,
-                       constrained=constrained)
+                       constrained=constrained, **images)
         record.end(outcome, {"prompt": content, "completion": "".join(text)})
 
     def emit(event: Event) -> None:
@@ -205,6 +228,7 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     ``keep``: its KV goes to the prompt cache's disk tier whatever its length (see kv_disk); ``progress`` is
     told (tokens prefilled, prompt tokens) as a long prompt is prefilled, on the engine thread."""
     info = chat_model(pool, model)
+    check_images(info, request)
     runner = pool.runner(info.name)
     p = fit_to_model(request.params, runner.vocab_size)
     _check_fits(info, runner, request)
@@ -221,9 +245,9 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
                                     "prompt must be text")
     ids, chat_plan = tokens(runner, request) if runner.tokenizer is not None else ([], None)
     p = _fit_context(info, request, len(ids), p)  # an attached server templates and tokenizes itself
-    content: Any = request.prompt if request.prompt is not None else [m.template() for m in request.messages]
+    content: Any = request.prompt if request.prompt is not None else audit_messages(request)
     record = pool.begin(request.kind, info.name, context)
-    emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set())
+    emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set(), image_fields(request))
     engine_request = Request(info.name, ids, p, emit, deadline=context.deadline, priority=context.priority,
                              constraint=chat_plan.constraint if chat_plan is not None else None, backlog=backlog,
                              keep=keep, progress=progress)
@@ -235,6 +259,7 @@ def check_fits(pool: Registry, request: ChatRequest, model: str | None) -> None:
     """The checks :func:`start` makes of ``request``'s prompt (its token ids, its length in the context), without
     starting it."""
     info = chat_model(pool, model)
+    check_images(info, request)
     runner = pool.runner(info.name)
     _check_fits(info, runner, request)
     if runner.tokenizer is not None:
@@ -244,6 +269,7 @@ def check_fits(pool: Registry, request: ChatRequest, model: str | None) -> None:
 def count_tokens(pool: Registry, request: ChatRequest, model: str | None) -> int:
     """How many tokens ``request``'s prompt takes with its model's template (tools included)."""
     info = chat_model(pool, model)
+    check_images(info, request)
     runner = pool.runner(info.name)
     if runner.tokenizer is None:
         raise InvalidParameterError("model", f"model {info.name!r} is attached: its tokenizer is on its server")
