@@ -512,7 +512,24 @@ def chat_parser() -> argparse.ArgumentParser:
                         "alternatives on hover (not with --tools)")
     p.add_argument("--tool-choice", metavar="CHOICE",
                    help="auto (default), none, required, or a tool's name, for the first round")
+    p.add_argument("--image", action="append", default=[], metavar="PATH_OR_VARIABLE",
+                   help="an image to send with the message (repeatable): a file, or a notebook variable holding "
+                        "a PIL image, a NumPy array, bytes, a path or a matplotlib figure; for vision models")
     return p
+
+
+def image_values(namespace: dict, given: list[str]) -> list[dict]:
+    """The image parts ``--image`` names: each a notebook variable, else a file."""
+    parts = []
+    for name in given:
+        if name in namespace:
+            value = namespace[name]
+        elif Path(name).expanduser().is_file():
+            value = Path(name).expanduser()
+        else:
+            raise UsageError(f"%%chat: --image {name}: no such variable in the notebook, nor file.")
+        parts.append({"type": "image", "image": value})
+    return parts
 
 
 def notebook_value(namespace: dict, name: str, option: str) -> Any:
@@ -657,8 +674,10 @@ def run_chat(magics: MLXMagics, line: str, cell: str) -> None:
     if not prompt:
         raise UsageError("%%chat: the cell is empty; write your message below the %%chat line.")
     history = [] if args.new else magics.conversations.get(args.name, [])
-    messages = [*with_system(history, args.system), {"role": "user", "content": prompt}]
     ns = magics.shell.user_ns if magics.shell is not None else {}
+    images = image_values(ns, args.image)
+    content = [{"type": "text", "text": prompt}, *images] if images else prompt
+    messages = [*with_system(history, args.system), {"role": "user", "content": content}]
     schema = schema_value(ns, args.schema) if args.schema else None
     tools = make_tools(tools_value(ns, args.tools)) if args.tools else []
     ask = chat_asker(args, schema, tools, history)

@@ -514,7 +514,11 @@ def describe_turn(message: dict) -> str:
     calls = [ToolCall(c.get("id", ""), c["function"]["name"], c["function"]["arguments"]
                       if isinstance(c["function"]["arguments"], str) else json.dumps(c["function"]["arguments"]))
              for c in message.get("tool_calls") or []]
-    return "\n".join([message["content"]] * bool(message.get("content")) + [f"→ {c}" for c in calls])
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: the texts, and an image as [image]
+        content = " ".join(p.get("text", "") if p.get("type") == "text" else "[image]" for p in content)
+    text: str = content or ""
+    return "\n".join([text] * bool(text) + [f"→ {c}" for c in calls])
 
 
 def run_call(call: ToolCall, tools: list[Tool]) -> str:

@@ -1,11 +1,14 @@
 """The chat panel: a conversation with a loaded model, streamed, with Stop and Clear; with ``tools``,
-the model's calls run and show as ``→ name(args)`` and ``← name: result`` turns."""
+the model's calls run and show as ``→ name(args)`` and ``← name: result`` turns. Images uploaded
+(``FileUpload``) go with the next message, shown as thumbnails in the transcript."""
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from html import escape
 from types import SimpleNamespace
@@ -23,20 +26,52 @@ if TYPE_CHECKING:
 
 CHAT_META = {"source": "widget", "endpoint": "chat_panel", "protocol": "python", "stream": True}
 STREAM_INTERVAL = 0.1  # seconds between two renders of streamed text
+THUMBNAIL = 96  # pixels on the longer side of an image's thumbnail in the transcript
 
 
 def _output(data: dict[str, str]) -> dict:
     return {"output_type": "display_data", "data": data, "metadata": {}}
 
 
-def _turn(role: str, text: str) -> list[dict]:
-    """A message as outputs: the role, then the text (an answer as Markdown, as ``%%chat`` shows it)."""
+def _turn(role: str, text: str, thumbnails: Sequence[str] = ()) -> list[dict]:
+    """A message as outputs: the role, its images' ``thumbnails`` (base64 PNGs), then the text (an answer
+    as Markdown, as ``%%chat`` shows it)."""
     color = {"user": "#1565c0", "assistant": "#2e7d32", "tool": "#6a1b9a"}.get(role, "#555")
     label = _output({"text/html": f"<b style='color:{color}'>{escape(role)}</b>", "text/plain": role})
+    images = [_output({"image/png": t, "text/plain": "[image]"}) for t in thumbnails]
     if role == "assistant":
         return [label, _output({"text/markdown": text, "text/plain": text})]
-    return [label, _output({"text/html": f"<div style='white-space:pre-wrap'>{escape(text)}</div>",
-                            "text/plain": text})]
+    return [label, *images, _output({"text/html": f"<div style='white-space:pre-wrap'>{escape(text)}</div>",
+                                     "text/plain": text})]
+
+
+def _thumbnails(message: dict) -> list[str]:
+    content = message.get("content")
+    return [p["thumbnail"] for p in content if "thumbnail" in p] if isinstance(content, list) else []
+
+
+def _image_parts(files: Any) -> list[dict]:
+    """The ``FileUpload``'s files as image parts, each with a thumbnail for the transcript (a file that is
+    no image gets none: sending it is refused, naming it)."""
+    parts = []
+    for f in files:
+        data = bytes(f["content"])
+        parts.append({"type": "image", "image": data, **({"thumbnail": t} if (t := _thumbnail(data)) else {})})
+    return parts
+
+
+def _thumbnail(data: bytes) -> str | None:
+    """A base64 PNG at most :data:`THUMBNAIL` pixels on a side, or None if ``data`` is no image it can read."""
+    from .. import images
+
+    try:
+        img = images.decode(data, "image").image
+    except ValueError:
+        return None
+    img.thumbnail((THUMBNAIL, THUMBNAIL))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _speed(result: Any, tokens: int, seconds: float) -> str:
@@ -90,6 +125,7 @@ def _controls() -> SimpleNamespace:
         max_tokens=widgets.BoundedIntText(value=512, min=1, max=131072, description="Max tokens"),
         conversation=widgets.Output(layout=widgets.Layout(max_height="480px", overflow="auto")),
         prompt=widgets.Textarea(placeholder="Message", layout=widgets.Layout(width="600px")),
+        upload=widgets.FileUpload(accept="image/*", multiple=True, description="Image"),
         send=widgets.Button(description="Send", button_style="primary", icon="paper-plane"),
         stop=widgets.Button(description="Stop", icon="stop", disabled=True),
         clear=widgets.Button(description="Clear", icon="trash"),
@@ -100,12 +136,12 @@ def _controls() -> SimpleNamespace:
 
 def _layout(ui: SimpleNamespace) -> list[widgets.Widget]:
     return [widgets.HBox([ui.model, ui.temperature, ui.max_tokens]), ui.system, ui.conversation, ui.prompt,
-            widgets.HBox([ui.send, ui.stop, ui.clear, ui.speed]), ui.error]
+            widgets.HBox([ui.send, ui.upload, ui.stop, ui.clear, ui.speed]), ui.error]
 
 
 def _render(ui: SimpleNamespace, history: list[dict], partial: str | None = None) -> None:
     """Show the conversation, and the answer streaming in (``partial``) with a cursor."""
-    outputs = [o for m in history for o in _turn(m["role"], describe_turn(m))]
+    outputs = [o for m in history for o in _turn(m["role"], describe_turn(m), _thumbnails(m))]
     if partial is not None:
         outputs += _turn("assistant", partial + " ▌")
     empty = [_output({"text/html": "<i>No messages yet.</i>", "text/plain": "No messages yet."})]
@@ -194,9 +230,10 @@ def _consume(call: Callable[..., None], ui: SimpleNamespace, state: _Conversatio
 def _send(call: Callable[..., None], ui: SimpleNamespace, state: _Conversation, ask: Callable[..., Any],
           tools: list[Tool], tool_choice: str | dict | None) -> None:
     text = ui.prompt.value.strip()
-    if not text or state.current is not None:
+    images = _image_parts(ui.upload.value)
+    if not (text or images) or state.current is not None:
         return
-    turn = {"role": "user", "content": text}
+    turn = {"role": "user", "content": [{"type": "text", "text": text}, *images] if images else text}
     system = [{"role": "system", "content": ui.system.value}] if ui.system.value.strip() else []
     flag = threading.Event()
     replies = rounds(ask, [*system, *state.history, turn], tools, tool_choice=tool_choice,
@@ -208,6 +245,7 @@ def _send(call: Callable[..., None], ui: SimpleNamespace, state: _Conversation, 
         return
     state.history.append(turn)
     ui.prompt.value, ui.error.value, ui.speed.value = "", "", ""
+    ui.upload.value = ()
     state.current, state.streaming = flag, stream
     _busy(ui, True)
     _render(ui, state.history, "")
