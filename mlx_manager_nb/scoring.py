@@ -35,7 +35,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from .engine import Runner
 from .errors import ContextLengthError, EngineError, InvalidParameterError
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, TopLogprob, token_bytes, token_text
-from .request import RequestContext, python_messages
+from .request import Image, RequestContext, python_messages
 from .runner import chat_model, token_ids
 from .slices import Job
 
@@ -317,7 +317,11 @@ def _encode(runner: Runner, context: Text, continuation: str | None, where: str)
     else:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidParameterError(where, f"model {runner.name!r} has no chat template: score a raw text")
-        messages = [m.template() for m in python_messages(context)]
+        chat = python_messages(context)
+        image = next((p for m in chat for p in m.parts if isinstance(p, Image)), None)
+        if image is not None:
+            raise InvalidParameterError(where, f"{where}: scoring takes text; {image.field} is an image")
+        messages = [m.template() for m in chat]
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         special = False  # the template holds them
     own = list(tokenizer.encode(rendered, add_special_tokens=special))

@@ -198,6 +198,8 @@ def test_an_image_to_a_text_only_model_is_refused_naming_the_field_with_its_audi
     (row,) = audit.query()
     assert row["status"] == "error" and row["images"] == 1 and row["image_bytes"] == len(data)
     assert pool.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_tokens=2).text
+    with pytest.raises(InvalidParameterError, match=r"scoring takes text; messages\[0\].content\[1\] is an image"):
+        pool.score(user(image(data)), " It is red.")
 
 
 # -- HTTP: every protocol's image parts, and its refusals ----------------------------------------------------
