@@ -205,7 +205,7 @@ def test_kernel_shutdown_stops_the_server(tmp_path, tiny_model_path):
 def test_chat_image_sends_a_figure_variable_and_a_text_only_model_refuses_it_readably(kernel):
     _, kc, _ = kernel
     execute(kc, "from matplotlib.figure import Figure\nfig = Figure(figsize=(2, 2))\nfig.add_subplot().plot([1, 3, 2])")
-    reply, msgs = execute(kc, "%%chat tiny --image fig\nWhat does this plot show?")
+    reply, msgs = execute(kc, "%%chat tiny --name plot --image fig\nWhat does this plot show?")
     assert reply["content"]["status"] == "ok"  # a readable one-line error, not a traceback
     errors = "".join(m["content"]["text"] for m in of_type(msgs, "stream") if m["content"]["name"] == "stderr")
     assert errors == ("InvalidParameterError: model 'tiny' does not take images (messages[0].content[1]); "
