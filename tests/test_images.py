@@ -237,6 +237,42 @@ def test_bad_images_over_http_are_400s_naming_the_field_beside_bystanders(server
     assert row["endpoint"] == "/v1/chat/completions" and says in row["error_message"]
 
 
+def protocol_body(protocol: str, data: bytes | None = None, url: str | None = None) -> tuple[str, dict]:
+    """(path, body) of a request holding one image, given as ``data`` or by ``url``, after a text part."""
+    url = url or data_url(data)
+    if protocol == "anthropic":
+        source = {"type": "url", "url": url} if data is None else {
+            "type": "base64", "media_type": "image/png", "data": base64.b64encode(data).decode()}
+        return "/v1/messages", {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image", "source": source}]}]}
+    return "/v1/responses", {"model": "tiny", "max_output_tokens": 3, "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": url}]}]}
+
+
+OTHER_BAD = {
+    "non-image": ({"data": b"not an image at all"}, "not an image"),
+    "truncated PNG": ({"data": png(64, 64)[:-30]}, "not a readable PNG"),
+    "text-only model": ({"data": png()}, "does not take images"),
+    "remote URL": ({"url": "https://127.0.0.1:9/cat.png"}, "does not download images"),
+}
+
+
+@pytest.mark.parametrize("protocol,field", [("anthropic", "messages.0.content.1"),
+                                            ("responses", "input[0].content[1]")])
+@pytest.mark.parametrize("given,says", OTHER_BAD.values(), ids=OTHER_BAD.keys())
+def test_bad_images_in_anthropic_and_responses_are_400s_naming_the_field_beside_bystanders(
+        server, pool, audit, protocol, field, given, says):
+    path, body = protocol_body(protocol, **given)
+    status, answer = with_bystanders(server, pool, lambda http: post(http, server.url + path, body), n=2)
+    message = answer["error"]["message"]
+    assert status == 400 and field in message and says in message
+    if protocol == "responses":
+        assert answer["error"]["param"] == field
+    audit.flush()
+    (row,) = [r for r in audit.query() if r["http_status"] == 400]
+    assert row["endpoint"] == path and says in row["error_message"]
+
+
 def test_a_bomb_and_a_hundred_images_are_400s_beside_bystanders(server, pool, bomb):
     url = server.url + "/v1/chat/completions"
 
