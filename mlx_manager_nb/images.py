@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -262,7 +263,7 @@ def downloader(loop: asyncio.AbstractEventLoop) -> Fetch:
         future = asyncio.run_coroutine_threadsafe(_download(url, where), loop)
         try:
             return future.result(LIMITS.fetch_seconds + 1)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # TimeoutError's alias from Python 3.11 on, not in 3.10
             future.cancel()
             raise InvalidParameterError(where, f"{where}: the download took more than "
                                         f"{LIMITS.fetch_seconds:g} s") from None
