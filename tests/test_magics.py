@@ -327,6 +327,15 @@ def test_serve_takes_the_command_lines_security_and_storage_switches(ip, tiny):
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 3}
     status, _, answer = call(server.url + "/v1/responses", body)
     assert status == 200 and call(server.url + f"/v1/responses/{answer['id']}", method="GET")[0] == 404  # not kept
+    image = {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]}
+    status, _, answer = call(server.url + "/v1/chat/completions", image)
+    assert status == 400 and "does not download images" in answer["error"]["message"]  # off by default
+    mlx(ip, "stop")
+    mlx(ip, "serve --thread --port 0 --allow-image-urls")
+    (server,) = running_servers()
+    status, _, answer = call(server.url + "/v1/chat/completions", image)  # nothing listens on port 9
+    assert status == 400 and "download failed" in answer["error"]["message"]
     mlx(ip, "stop")
 
 
