@@ -109,9 +109,19 @@ def _too_big(where: str, size: int) -> InvalidParameterError:
     return InvalidParameterError(where, f"{where} is {size:,} bytes; an image may be at most {LIMITS.max_bytes:,}")
 
 
+def _pil(where: str) -> Any:
+    """PIL's ``Image`` module: Pillow comes with the ``vision`` extra; without it an image is refused, saying so."""
+    try:
+        from PIL import Image as PIL
+    except ImportError:
+        raise InvalidParameterError(where, f"{where}: reading images needs Pillow, which comes with vision models' "
+                                    "extra: pip install 'mlx_manager_nb[vision]'") from None
+    return PIL
+
+
 def decode(data: bytes, where: str) -> Image:
     """The image in ``data`` (PNG, JPEG, WebP or GIF: its first frame), checked; named ``where`` if refused."""
-    from PIL import Image as PIL
+    PIL = _pil(where)
     from PIL import ImageOps
 
     r = _count(where)
@@ -192,8 +202,7 @@ def from_url(url: Any, where: str) -> Image:
 def from_python(value: Any, where: str) -> Image:
     """The image a Python caller gave: a PIL image, a NumPy array (H x W, or H x W x 3 or 4; uint8, or
     floats in 0..1), a path, a ``data:`` URL, bytes, or a matplotlib figure."""
-    from PIL import Image as PIL
-
+    PIL = _pil(where)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return decode(bytes(value), where)
     if isinstance(value, str) and value[:5].lower() == "data:":
@@ -222,8 +231,8 @@ def from_python(value: Any, where: str) -> Image:
 
 def _from_array(value: Any, where: str) -> Any:
     import numpy as np
-    from PIL import Image as PIL
 
+    PIL = _pil(where)
     a = np.asarray(value)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or 0 in a.shape:
         raise InvalidParameterError(where, f"{where}: an image array is H x W, or H x W x 3 or 4; got shape "

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import struct
+import sys
 import threading
 import zlib
 from datetime import datetime, timezone
@@ -167,6 +168,14 @@ def test_caps_on_bytes_count_and_pixels_per_request(monkeypatch):
     monkeypatch.setattr(images.LIMITS, "request_pixels", 1000)
     e = refused(user(image(png(20, 20)), image(png(20, 20)), image(png(20, 20))))
     assert e.param == "messages[0].content[3]" and "more than 1,000 pixels together" in str(e)
+
+
+def test_without_pillow_an_image_is_refused_saying_what_to_install(monkeypatch):
+    given = (png(), np.zeros((2, 2), np.uint8))
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as where the vision extra is not installed
+    for value in given:
+        e = refused(user(image(value)))
+        assert e.param == "messages[0].content[1]" and "pip install 'mlx_manager_nb[vision]'" in str(e)
 
 
 def test_images_only_in_user_messages_and_the_detail_is_checked():
