@@ -146,7 +146,7 @@ def decode(data: bytes, where: str) -> Image:
             checked.verify()  # a PNG's chunk checksums; a file cut short
         with PIL.open(io.BytesIO(data), formats=FORMATS) as img:
             img.load()  # the first frame of a GIF or an animated WebP
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = _rgb(ImageOps.exif_transpose(img))
     except Exception as e:
         raise InvalidParameterError(where, f"{where} is not a readable {kind} image "
                                     f"({type(e).__name__}: {str(e)[:100]})") from None
@@ -253,9 +253,20 @@ def _pixels(img: Any, where: str) -> Image:
     r = _count(where)
     if img.width * img.height > LIMITS.max_pixels:
         raise _too_many_pixels(where, img.size)
-    rgb = img.convert("RGB") if img.mode != "RGB" else img.copy()
+    rgb = _rgb(img) if img.mode != "RGB" else img.copy()
     data = rgb.tobytes()
     return _made(r, rgb, f"{rgb.width}x{rgb.height}:".encode() + data, len(data), "pixels", where)
+
+
+def _rgb(img: Any) -> Any:
+    """``img`` in RGB; a transparent one over white, as transformers' image processors make it."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        from PIL import Image as PIL
+
+        over = PIL.new("RGBA", img.size, (255, 255, 255, 255))
+        over.alpha_composite(img.convert("RGBA"))
+        return over.convert("RGB")
+    return img.convert("RGB")
 
 
 def describe(image: Image) -> dict:

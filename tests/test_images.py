@@ -117,7 +117,10 @@ def test_python_values_a_path_an_array_a_pil_image_and_a_figure(tmp_path):
     rgba = one(np.full((2, 2, 4), 255, np.uint8))
     assert rgba.image.getpixel((0, 0)) == (255, 255, 255)
     assert one(np.ones((2, 3, 3)) * 0.5).image.getpixel((0, 0)) == (128, 128, 128)
-    assert one(PIL.new("RGBA", (4, 4), (0, 255, 0, 128))).image.getpixel((1, 1)) == (0, 255, 0)
+    assert one(PIL.new("RGBA", (4, 4), (0, 255, 0, 128))).image.getpixel((1, 1)) == (127, 255, 127)  # over white
+    clear = PIL.new("P", (4, 4))
+    clear.info["transparency"] = 0
+    assert one(encoded(clear, "GIF")).image.getpixel((0, 0)) == (255, 255, 255)
     assert one(PIL.new("L", (4, 4))).digest != one(PIL.new("L", (4, 5))).digest
     fig = Figure(figsize=(2, 1), dpi=50)
     fig.add_subplot().plot([0, 1], [1, 0])
