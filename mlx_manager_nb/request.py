@@ -262,7 +262,7 @@ def image_part(part: dict, where: str) -> Image:
             raise InvalidParameterError(f"{where}.image_url.detail", f"{where}.image_url.detail must be auto, "
                                         "low or high")
         given = given.get("url")
-    return from_url(given, f"{where}")
+    return from_url(given, where)
 
 
 def structure(tools: Any, choice: Any, schema: Any, schema_field: str, parallel: bool = True) -> dict:
