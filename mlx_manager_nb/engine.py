@@ -46,7 +46,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache, LRUPromptCache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from . import blas
+from . import blas, vision
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .kv_disk import DiskTier, cache_layers
@@ -126,6 +126,7 @@ class Request:
     priority: int = 0  # higher waits ahead and prefills first (see request.NOTEBOOK_PRIORITY)
     keep: bool = False  # its KV goes to the prompt cache's disk tier whatever its length (a warm-up)
     progress: Callable[[int, int], None] | None = None  # told (tokens prefilled, prompt tokens) after each chunk
+    images: vision.ImagePrompt | None = None  # an image request's tiles and real ids; ``prompt`` holds keys there
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Runner:
     kv_group: int | None = None  # their quantization group
     lookups: int = 0  # prompts admitted, each looking for a cached prefix
     hits: int = 0  # of those, the prompts that found one
+    processor: vision.Processor | None = None  # a vision model's prompt maker (see vision)
 
     def new_cache(self) -> list[Any]:
         """An empty KV cache for one sequence (quantized where ``kv_bits`` is set)."""
@@ -546,7 +548,8 @@ class Engine:
         cached = len(request.prompt) - len(rest) if cache is not None else 0
         runner.lookups += 1
         runner.hits += cached > 0
-        if not self._sliced or len(rest) <= (BUSY_PREFILL_THRESHOLD if runner.active else PREFILL_THRESHOLD):
+        if _plain(request, rest) and \
+                (not self._sliced or len(rest) <= (BUSY_PREFILL_THRESHOLD if runner.active else PREFILL_THRESHOLD)):
             self._insert(runner, request, slots, cache, rest)
             return
         try:
@@ -569,8 +572,15 @@ class Engine:
     def _prefill(self, runner: Runner, entry: _Prefill) -> Job:
         """Run ``entry``'s prompt but its last token through the model, a chunk per slice, then insert it
         into the batch with that KV cache. It stops when the entry leaves ``runner.prefilling`` (ended)."""
-        prompt = entry.request.prompt
+        prompt, images = entry.request.prompt, entry.request.images
         budget = yield
+        try:
+            if images is not None:  # first the tiles whose image tokens the cache does not hold
+                budget = yield from vision.encode(runner.model, images, entry.done, budget,
+                                                  lambda: entry in runner.prefilling)
+        except Exception as e:
+            self._fail_prefill(runner, entry, e)
+            return
         chunk = MIN_CHUNK
         while entry in runner.prefilling and entry.done < len(prompt) - 1:
             waited = [f.until for f in runner.prefilling if f.source is entry and f.until > entry.done]
@@ -579,13 +589,14 @@ class Engine:
             start = time.perf_counter()
             try:
                 with mx.stream(runner.batch().stream):
-                    runner.model(mx.array([prompt[entry.done: entry.done + n]]), cache=entry.cache)
+                    if images is None:
+                        runner.model(mx.array([prompt[entry.done: entry.done + n]]), cache=entry.cache)
+                    else:  # the image features in place of their tokens' embeddings
+                        runner.model(None, cache=entry.cache,
+                                     input_embeddings=images.embeddings(runner.model, entry.done, entry.done + n))
                     mx.eval([c.state for c in entry.cache])
             except Exception as e:
-                runner.prefilling.remove(entry)
-                self._hand_over(runner, entry, failed=True)
-                _emit(entry.request, Failed(EngineError(f"generation failed on {runner.name}: {e}")))
-                mx.clear_cache()
+                self._fail_prefill(runner, entry, e)
                 return
             took = time.perf_counter() - start
             entry.done += n
@@ -599,6 +610,14 @@ class Engine:
         if entry in runner.prefilling:
             runner.prefilling.remove(entry)
             self._insert(runner, entry.request, entry.slots, entry.cache, prompt[-1:], entry.cached)
+
+    def _fail_prefill(self, runner: Runner, entry: _Prefill, error: Exception) -> None:
+        if entry not in runner.prefilling:  # it ended meanwhile (cancelled, past its deadline): it was told
+            return
+        runner.prefilling.remove(entry)
+        self._hand_over(runner, entry, failed=True)
+        _emit(entry.request, Failed(EngineError(f"generation failed on {runner.name}: {error}")))
+        mx.clear_cache()
 
     def _release(self, runner: Runner, source: _Prefill) -> None:
         """Start the prefills waiting for ``source`` that it has got to, each from a copy of its KV cache;
@@ -622,7 +641,8 @@ class Engine:
         self._release(runner, entry)
         rest = entry.request.prompt[entry.done:]
         waited = any(e.source is entry for e in runner.prefilling)
-        if waited or len(rest) > (BUSY_PREFILL_THRESHOLD if busy else PREFILL_THRESHOLD):
+        if waited or not _plain(entry.request, rest) or \
+                len(rest) > (BUSY_PREFILL_THRESHOLD if busy else PREFILL_THRESHOLD):
             self._slices.add(self._prefill(runner, entry), entry.request.priority)
         else:
             runner.prefilling.remove(entry)
@@ -671,6 +691,8 @@ class Engine:
             faults: list[BaseException] = []
             sampler = make_sampler(p)
             processors: list[Processor] = make_processors(p, len(request.prompt))
+            if request.images is not None:  # they read token ids: the real ones, not the image keys
+                processors = [request.images.real_ids(f) for f in processors]
             recorder = Recorder(p.top_logprobs, token_bytes(runner.tokenizer)) if p.logprobs else None
             if recorder is not None:  # it sees what the sampler sees: after processors and the grammar's mask
                 sampler = recorder.wrap(sampler)
@@ -715,7 +737,8 @@ class Engine:
         expired = [uid for uid, s in runner.active.items() if s.request.deadline and now > s.request.deadline]
         if expired:
             self._finish_removed(runner, expired, "timeout")
-        unread = [uid for uid, s in runner.active.items() if _unread(s.request) >= self.unread_events]
+        unread = [uid for uid, s in runner.active.items()  # an image request's KV cannot be rebuilt from its keys
+                  if _unread(s.request) >= self.unread_events and s.request.images is None]
         if unread:
             self._park(runner, unread)
         if not runner.active:
@@ -834,6 +857,11 @@ class Engine:
     def _seq_done(seq: _Seq, reason: str, stop: str | None = None) -> Done:
         ttft = seq.first - seq.request.submitted if seq.first is not None else None
         return _done(seq.request, reason, stop, seq.tokens, seq.cached, ttft)
+
+
+def _plain(request: Request, rest: list[int]) -> bool:
+    """Whether ``rest``, the end of ``request``'s prompt, is all text tokens (the batch can prefill them)."""
+    return request.images is None or len(request.prompt) - len(rest) >= request.images.end
 
 
 def _memory_hit(runner: Runner, tokens: list[int]) -> int:

@@ -144,7 +144,7 @@ def cmd_load(magics: MLXMagics, args: argparse.Namespace) -> None:
 def _memory(info: ModelInfo) -> str:
     """What a loaded model takes, and what it took on disk where that differs (quantized weights
     loaded as float32, MLX's fast path on a CPU): "513.1 MiB as float32 on CPU, 93.9 MiB on disk"."""
-    if info.path is None or info.kind != "chat" or info.placement != "local":
+    if info.path is None or info.kind == "embedding" or info.placement != "local":
         return out.size(info.size_bytes)
     import mlx.core as mx
 

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import dequantize_model, load_config, load_model, load_tokenizer
 
-from . import attention, embeddings, kv_disk, kv_quant, store
+from . import attention, embeddings, kv_disk, kv_quant, store, vision
 from .engine import Engine, Request, Runner
 from .errors import EngineError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext
@@ -90,7 +90,7 @@ class ModelInfo:
     memory_hits: int = 0  # prompts that found a prefix's KV in the memory tier, since it was loaded
     prompt_lookups: int = 0  # prompts that looked for a cached prefix, since it was loaded
     kv_bits: int | None = None  # its KV caches are quantized to these bits (see kv_quant); None: full precision
-    kind: str = "chat"  # or "embedding"
+    kind: str = "chat"  # "embedding" or "vision" (a chat model that also reads images, see vision)
     placement: str = "local"  # "local", "sharded" (ranks started by mlx.launch) or "attached" (an OpenAI server)
     hosts: tuple[str, ...] = ()  # a sharded model's hosts, rank by rank, or an attached model's base URL
     ranks: tuple[dict, ...] = ()  # a sharded model's per-rank state (see ShardedModel.ranks)
@@ -127,6 +127,25 @@ def _model_bytes(model: Any) -> int:
     return sum(v.nbytes for _, v in flat)
 
 
+def _read_tokenizer(path: Path) -> tuple[Any, int]:
+    """A model folder's tokenizer, and its longest token's length in characters (any thread)."""
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
+        return tokenizer, max(map(len, tokenizer.vocab), default=1) or 1
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise InvalidModelError(f"cannot load {path}: {e}") from None
+
+
+def _runner(name: str, model: Any, tokenizer: tuple[Any, int], dequantize: bool, **fields: Any) -> Runner:
+    """A chat runner for ``model`` (on the engine thread): tiled attention installed, quantized layers made
+    float32 when ``dequantize``."""
+    attention.install()  # tiled attention for long prompts on CPUs, once its model module is imported
+    if dequantize:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    return Runner(name, model, tokenizer[0], max_token_chars=tokenizer[1], **fields)
+
+
 def _prepare_chat(name: str, path: Path, dequantize: bool) -> Callable[[], Runner]:
     """Read a chat model's tokenizer and check its template (any thread); the function returned makes its
     runner with the weights read lazily (on the engine thread).
@@ -134,27 +153,23 @@ def _prepare_chat(name: str, path: Path, dequantize: bool) -> Callable[[], Runne
     ``dequantize`` turns quantized layers into float32 ones: on CPUs, MLX's quantized kernels are
     slow and do not speed up with batching, while float32 matmuls go through an optimized BLAS.
     """
-    try:
-        tokenizer = load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise InvalidModelError(f"cannot load {path}: {e}") from None
-    if getattr(tokenizer, "chat_template", None):
+    tokenizer = _read_tokenizer(path)
+    if getattr(tokenizer[0], "chat_template", None):
         try:  # a template that cannot render would fail every chat request: refuse the model now
-            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+            tokenizer[0].apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
         except Exception as e:
             raise InvalidModelError(f"model {name!r}: its chat template does not render "
                                     f"({type(e).__name__}: {str(e)[:200]})") from None
-    max_token_chars = max(map(len, tokenizer.vocab), default=1) or 1
+    return lambda: _runner(name, load_model(path, lazy=True)[0], tokenizer, dequantize)
 
-    def build() -> Runner:
-        model = load_model(path, lazy=True)[0]
-        attention.install()  # tiled attention for long prompts on CPUs, once its model module is imported
-        if dequantize:
-            model = dequantize_model(model)
-            model.set_dtype(mx.float32)
-        return Runner(name, model, tokenizer, max_token_chars=max_token_chars)
 
-    return build
+def _prepare_vision(name: str, path: Path, dequantize: bool, splitting: bool) -> Callable[[], Runner]:
+    """Read a vision model's tokenizer and processor, checking its template (any thread); the function returned
+    makes its runner with the weights read lazily (on the engine thread). ``splitting``: see vision.read_processor."""
+    tokenizer = _read_tokenizer(path)
+    processor = vision.read_processor(path, splitting)
+    config = store.read_config(path)
+    return lambda: _runner(name, vision.build(path, config), tokenizer, dequantize, processor=processor)
 
 
 def _load_job(build: Callable[[], Runner], path: Path, progress: Callable[[str, float], None],
@@ -209,6 +224,9 @@ class Registry:
         self.audit = audit
         self.dequantize = dequantize
         self.kv_disk_bytes = kv_disk_bytes
+        # vision models cut images larger than a tile into tiles plus a global one: None, on GPUs only (a
+        # 512-pixel tile takes seconds to encode on a CPU, and a large image up to 17 of them)
+        self.image_splitting: bool | None = None
         self._disks: dict[str, kv_disk.DiskTier] = {}  # each chat model's disk tier, while it is loaded
         self.default: str | None = None
         self.engine = Engine(on_tick=self._reap_idle)
@@ -272,7 +290,7 @@ class Registry:
             if model is None:
                 model = self.default
                 if model is None:
-                    of_kind = [m for m in models if kind is None or m.kind == kind]
+                    of_kind = [m for m in models if kind in (None, m.kind) or (kind, m.kind) == ("chat", "vision")]
                     return max(of_kind, key=lambda m: m.last_used) if of_kind else None
             names = {model, store.named_folder(model)} - {None}
             return next((m for m in models if names & {m.name, m.alias, m.ref}), None)
@@ -371,9 +389,9 @@ class Registry:
             return self._touch(name, alias=alias or held.alias, pinned=pin or held.pinned,
                                auto_loaded=held.auto_loaded and auto_loaded)
         config = store.describe(path)
-        kind = embeddings.model_kind(path)
+        kind = "vision" if vision.is_vision(path) else embeddings.model_kind(path)
         context = embeddings.max_length(path) if kind == "embedding" else config.context_length
-        if kv_bits is not None and kind != "chat":
+        if kv_bits is not None and kind == "embedding":
             raise InvalidParameterError("kv_bits", f"kv_bits: {name} is an embedding model, it keeps no KV cache")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
@@ -385,7 +403,9 @@ class Registry:
         self._publish(ModelEvent(name, "loading", self._models[name]))
         report("loading weights", 0.0)
         try:
-            build = embeddings.prepare(name, path) if kind == "embedding" else _prepare_chat(name, path, dequantize)
+            build = embeddings.prepare(name, path) if kind == "embedding" else \
+                _prepare_vision(name, path, dequantize, self._splitting()) if kind == "vision" else \
+                _prepare_chat(name, path, dequantize)
             loaded: Future = Future()
             self.engine.add_job(_load_job(build, path, report, loaded))
             runner = loaded.result()
@@ -393,7 +413,7 @@ class Registry:
             if kv_bits is not None:  # refused where the model's caches or heads cannot be quantized
                 runner.kv_group = self.engine.run(kv_quant.group_size, runner.model, kv_bits).result()
                 runner.kv_bits = kv_bits
-            disk = kv_disk.open_tier(path, self.kv_disk_bytes, kv_bits) if kind == "chat" else None
+            disk = kv_disk.open_tier(path, self.kv_disk_bytes, kv_bits) if kind != "embedding" else None
             if disk is not None:
                 runner.disk = self._disks[name] = disk
             self.engine.run(self.engine.add_runner, runner).result()
@@ -405,6 +425,12 @@ class Registry:
         report("ready", 1.0)
         self._set(name, state="ready", size_bytes=_model_bytes(runner.model))
         return self._touch(name)
+
+    def _splitting(self) -> bool:
+        """Whether vision models loaded now cut large images into tiles (see ``image_splitting``)."""
+        if self.image_splitting is not None:
+            return self.image_splitting
+        return mx.default_device().type != mx.DeviceType.cpu
 
     def _dequantize_plan(self, path: Path, disk: int, name: str) -> tuple[bool, int]:
         """Whether to load quantized weights as float32, and the bytes the model will take."""

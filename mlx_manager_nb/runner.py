@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from . import vision
 from .audit_log import audit_row, error_fields, new_request_id, utc_now
 from .engine import Delta, Done, Event, Failed, Request, Runner
 from .errors import AnswerCutError, ContextLengthError, InvalidParameterError, ModelNotFoundError
@@ -94,7 +95,7 @@ def check_images(info: ModelInfo, request: ChatRequest) -> None:
 def chat_model(pool: Registry, model: str | None) -> ModelInfo:
     """The loaded chat model ``model`` names (None: the default)."""
     info = pool.find(model, kind="chat")
-    if info.kind != "chat":
+    if info.kind not in ("chat", "vision"):
         raise InvalidParameterError(
             "model", f"model {info.alias or info.name!r} is an {info.kind} model: it cannot chat or complete; "
             f"use pool.embed() or /v1/embeddings")
@@ -125,19 +126,26 @@ def token_ids(runner: Runner, ids: tuple[int, ...], where: str) -> list[int]:
     return list(ids)
 
 
-def tokens(runner: Runner, request: ChatRequest) -> tuple[list[int], Plan | None]:
-    """The prompt's tokens, and for a chat the plan of its tools and structure (see :mod:`.structured`)."""
+def tokens(runner: Runner, request: ChatRequest) -> tuple[list[int], Plan | None, vision.ImagePrompt | None]:
+    """The prompt's tokens, for a chat the plan of its tools and structure (see :mod:`.structured`), and for one
+    with images its tiles (the tokens then hold keys in place of its image tokens, see :mod:`.vision`)."""
     if isinstance(request.prompt, tuple):  # token ids: the model's own
-        return token_ids(runner, request.prompt, "prompt"), None
+        return token_ids(runner, request.prompt, "prompt"), None, None
     if request.prompt is not None:
-        return list(runner.tokenizer.encode(request.prompt)), None
+        return list(runner.tokenizer.encode(request.prompt)), None, None
+    if runner.processor is not None:
+        if request.structured:
+            raise InvalidParameterError("tools" if request.tools else "schema", f"model {runner.name!r} is a vision "
+                                        "model: tools and structured output are not supported for it")
+        keys, images = vision.prompt(runner.processor, request)
+        return keys, None, images
     if not getattr(runner.tokenizer, "chat_template", None):
         raise InvalidParameterError(
             "model", f"model {runner.name!r} has no chat template: use complete() with a raw prompt")
     p = plan(runner.tokenizer, [m.template() for m in request.messages], request.tools, request.tool_choice,
              request.schema, request.parallel_tool_calls)
     ids = runner.tokenizer.apply_chat_template(p.messages, tools=p.template_tools, add_generation_prompt=True)
-    return list(ids), p
+    return list(ids), p, None
 
 
 def _fit_context(info: ModelInfo, request: ChatRequest, n: int, p: GenParams) -> GenParams:
@@ -243,14 +251,14 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     if isinstance(request.prompt, tuple) and runner.tokenizer is None:
         raise InvalidParameterError("prompt", f"model {info.name!r} is attached: its server tokenizes, so the "
                                     "prompt must be text")
-    ids, chat_plan = tokens(runner, request) if runner.tokenizer is not None else ([], None)
+    ids, chat_plan, images = tokens(runner, request) if runner.tokenizer is not None else ([], None, None)
     p = _fit_context(info, request, len(ids), p)  # an attached server templates and tokenizes itself
     content: Any = request.prompt if request.prompt is not None else audit_messages(request)
     record = pool.begin(request.kind, info.name, context)
     emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set(), image_fields(request))
     engine_request = Request(info.name, ids, p, emit, deadline=context.deadline, priority=context.priority,
                              constraint=chat_plan.constraint if chat_plan is not None else None, backlog=backlog,
-                             keep=keep, progress=progress)
+                             keep=keep, progress=progress, images=images)
     pool.submit(engine_request, content)
     return record.id, info.alias or info.name, engine_request
 

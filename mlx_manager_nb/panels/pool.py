@@ -43,7 +43,7 @@ def _model_row(m: ModelInfo) -> list[Any]:
     return [m.alias or m.name, m.kind, m.state, _runs_on(m), size(m.size_bytes), m.in_flight,
             time.strftime("%H:%M:%S", time.localtime(m.last_used)), "client" if m.auto_loaded else "user",
             "yes" if m.pinned else "", keep,
-            f"{size(m.cache_bytes)} / {size(m.disk_cache_bytes)}" if m.kind == "chat" else "", display.hit_rate(m)]
+            f"{size(m.cache_bytes)} / {size(m.disk_cache_bytes)}" if m.kind != "embedding" else "", display.hit_rate(m)]
 
 
 def _local_options() -> list[str]:
