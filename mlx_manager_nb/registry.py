@@ -169,7 +169,14 @@ def _prepare_vision(name: str, path: Path, dequantize: bool, splitting: bool) ->
     tokenizer = _read_tokenizer(path)
     processor = vision.read_processor(path, splitting)
     config = store.read_config(path)
-    return lambda: _runner(name, vision.build(path, config), tokenizer, dequantize, processor=processor)
+
+    def build() -> Runner:
+        model = vision.build(path, config)
+        if mx.default_device().type == mx.DeviceType.cpu:  # a bfloat16 tile took over 70 s on a CPU, float32 13
+            model.vision.set_dtype(mx.float32)
+        return _runner(name, model, tokenizer, dequantize, processor=processor)
+
+    return build
 
 
 def _load_job(build: Callable[[], Runner], path: Path, progress: Callable[[str, float], None],

@@ -315,9 +315,11 @@ def _keys(pixels: np.ndarray, valid: np.ndarray, seq_len: int, vocab: int) -> li
 
 
 def _content(parts: tuple) -> list[dict]:
-    return [{"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p.content}
-            if isinstance(p, ToolResult) else {"type": "text", "text": p.text} for p in parts
-            if isinstance(p, (Image, Text, ToolResult))]
+    """A turn's parts as Idefics3's template takes them (a list it indexes, never empty: a call shows as nothing)."""
+    content = [{"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p.content}
+               if isinstance(p, ToolResult) else {"type": "text", "text": p.text} for p in parts
+               if isinstance(p, (Image, Text, ToolResult))]
+    return content or [{"type": "text", "text": ""}]
 
 
 def prompt(processor: Processor, request: ChatRequest) -> tuple[list[int], ImagePrompt | None]:

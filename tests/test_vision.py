@@ -183,6 +183,32 @@ def test_the_prompt_cache_never_gives_one_images_kv_to_another(vlm, vlm_path):
     assert run(vlm, follow)[0] == reference(vlm_path, follow, 16)
 
 
+def test_an_mlx_community_folder_loads_and_answers_as_the_hugging_face_one(vlm, vlm_path, make_pool, tmp_path):
+    """mlx-vlm's names (vision_model.*, connector.*, language_model.*) and MLX's convolution layout."""
+    folder = tmp_path / "mlx-community-vlm"
+    folder.mkdir()
+    for f in vlm_path.iterdir():
+        if f.suffix != ".safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    renamed = {}
+    for key, value in mx.load(str(vlm_path / "model.safetensors")).items():
+        key = key.replace("model.text_model.", "language_model.model.").replace("lm_head.", "language_model.lm_head.")
+        if key.endswith("patch_embedding.weight"):
+            value = value.transpose(0, 2, 3, 1)
+        renamed[key.removeprefix("model.")] = value
+    mx.save_safetensors(str(folder / "model.safetensors"), renamed)
+    pool = make_pool(keep_alive=None)
+    pool.image_splitting = True
+    pool.load(folder, alias="vlm")
+    request = chat(picture(10), QUESTION)
+    assert run(pool, request)[0] == run(vlm, request)[0]
+    assert run(pool, chat("Hello", max_tokens=8))[0] == run(vlm, chat("Hello", max_tokens=8))[0]
+    conversation = ChatRequest((Message("user", (Image(picture(10), 1, "d", "f"), Text(QUESTION))),
+                                Message("assistant", ()), Message("user", (Text("And?"),))),
+                               params=make_params(max_tokens=8, temperature=0))
+    assert run(pool, conversation)[0] == run(vlm, conversation)[0]  # an empty turn templates as an empty text
+
+
 @pytest.fixture(scope="module")
 def wide_vlm(tmp_path_factory):
     """A tiny VLM whose tower is wide enough that encoding an image's five tiles takes many slices."""
