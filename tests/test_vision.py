@@ -155,6 +155,17 @@ def test_greedy_answers_equal_the_reference(vlm, vlm_path, parts):
     assert result.usage.prompt_tokens > tiles * 4  # image tokens count as prompt tokens
 
 
+def test_an_image_requests_audit_row_counts_its_image_tokens(vlm, audit):
+    request = chat(picture(11), QUESTION, max_tokens=4)
+    image = vision.prompt(vlm.engine.runner("tiny-vlm").processor, request)[1]
+    assert image is not None
+    _, result = run(vlm, request, RequestContext(audit=audit))
+    audit.flush()
+    (row,) = audit.query()
+    assert row["status"] == "ok" and row["model"] == "tiny-vlm" and row["completion_tokens"] == 4
+    assert row["prompt_tokens"] == result.usage.prompt_tokens == len(image.ids) > len(image.starts) * image.seq_len
+
+
 def test_image_and_text_requests_decode_in_one_batch_each_as_alone(vlm, vlm_path):
     text_only = chat("The capital of France is", max_tokens=240)
     requests = [text_only, chat(picture(3), QUESTION, max_tokens=32), chat(picture(4), "Describe it.", max_tokens=32)]
