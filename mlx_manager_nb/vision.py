@@ -43,7 +43,15 @@ from .store import read_config
 
 VISION_TYPES = ("idefics3", "smolvlm")
 KEY_SPACE = 1 << 30  # image keys are vocab_size + a hash below this (a prompt's ids stay int32)
+# Hugging Face's Idefics3VisionConfig defaults, for the keys a folder's vision_config leaves out
+VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 16,
+                   "num_channels": 3, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-6}
 MIN_ROWS = 4  # patch rows of an encoder piece before its speed is known, and the fewest (later ones fit the slice)
+
+
+def vision_config(config: dict) -> dict:
+    """A model's vision tower settings, Hugging Face's defaults filling what its config leaves out."""
+    return {**VISION_DEFAULTS, **config.get("vision_config", {})}
 
 
 def is_vision(path: Path) -> bool:
@@ -80,7 +88,7 @@ class _Layer(nn.Module):
 
     def __init__(self, c: dict):
         super().__init__()
-        hidden, eps = c["hidden_size"], c.get("layer_norm_eps", 1e-6)
+        hidden, eps = c["hidden_size"], c["layer_norm_eps"]
         self.self_attn = _Attention(hidden, c["num_attention_heads"])
         self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
         self.mlp = _MLP(hidden, c["intermediate_size"])
@@ -105,7 +113,7 @@ class _Embeddings(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         patch, hidden = c["patch_size"], c["hidden_size"]
-        self.patch_embedding = nn.Conv2d(c.get("num_channels", 3), hidden, kernel_size=patch, stride=patch)
+        self.patch_embedding = nn.Conv2d(c["num_channels"], hidden, kernel_size=patch, stride=patch)
         self.position_embedding = nn.Embedding((c["image_size"] // patch) ** 2, hidden)
 
     def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
@@ -124,7 +132,7 @@ class _Tower(nn.Module):
         super().__init__()
         self.embeddings = _Embeddings(c)
         self.encoder = _Encoder(c)
-        self.post_layernorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-6))
+        self.post_layernorm = nn.LayerNorm(c["hidden_size"], eps=c["layer_norm_eps"])
 
 
 class _Projection(nn.Module):
@@ -153,7 +161,7 @@ class Vision(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        v, t = config["vision_config"], config["text_config"]
+        v, t = vision_config(config), config["text_config"]
         self.vision_model = _Tower(v)
         self.connector = _Connector(config.get("scale_factor", 2), v["hidden_size"], t["hidden_size"])
 
@@ -202,7 +210,7 @@ def build(path: Path, config: dict) -> llama.Model:
             loaded: Any = mx.load(str(f))
             weights.update({name: v for k, v in loaded.items() if (name := _rename(k)) is not None})
         conv = "vision.vision_model.embeddings.patch_embedding.weight"
-        if conv in weights and weights[conv].shape[1] == config["vision_config"].get("num_channels", 3):
+        if conv in weights and weights[conv].shape[1] == vision_config(config)["num_channels"]:
             weights[conv] = weights[conv].transpose(0, 2, 3, 1)  # PyTorch's (out, in, kh, kw): MLX's (out, kh, kw, in)
         if model.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
@@ -241,7 +249,7 @@ def read_processor(path: Path, splitting: bool) -> Processor:
     except Exception as e:
         raise InvalidModelError(f"cannot load {path}: its processor or chat template fails "
                                 f"({type(e).__name__}: {str(e)[:200]})") from None
-    v = config["vision_config"]
+    v = vision_config(config)
     seq_len = (v["image_size"] // v["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2
     if processor.image_seq_len != seq_len:
         raise InvalidModelError(f"{path}: processor_config's image_seq_len {processor.image_seq_len} does not match "

@@ -226,7 +226,7 @@ def wide_vlm(tmp_path_factory):
     from mlx_manager_nb.model_pool import Pool
 
     path = build_tiny_vlm(tmp_path_factory.mktemp("wide-vlm") / "wide-vlm", tile=128, patch=8, scale=4,
-                          hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=6)
+                          hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=8)
     pool = Pool(keep_alive=None)
     pool.image_splitting = True
     pool.load(path, alias="vlm")
