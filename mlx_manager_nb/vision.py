@@ -238,11 +238,12 @@ class Processor:
 def read_processor(path: Path, splitting: bool) -> Processor:
     """The folder's processor (any thread); ``splitting``: images larger than one tile are cut into tiles plus
     a global one (else each image is one tile)."""
-    from transformers import AutoProcessor
+    import transformers
 
     config = read_config(path)
-    try:
-        processor = AutoProcessor.from_pretrained(str(path))
+    try:  # its class, not AutoProcessor's choice: importing mlx-vlm registers its own there, without the template
+        kind = "SmolVLMProcessor" if config.get("model_type") == "smolvlm" else "Idefics3Processor"
+        processor = getattr(transformers, kind).from_pretrained(str(path))
         processor.image_processor.do_image_splitting = splitting
         processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
                                       add_generation_prompt=True)
