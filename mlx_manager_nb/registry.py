@@ -214,6 +214,8 @@ class Registry:
     so on CPU devices when the float weights fit in ``max_memory``. ``audit`` is an
     :class:`~mlx_manager_nb.audit_log.AuditLog` or None. ``kv_disk_bytes`` bounds the prompt cache's
     files under ``$MLX_NB_HOME/kv/`` (see :mod:`~mlx_manager_nb.kv_disk`); 0 keeps it in memory only.
+    ``image_splitting`` (an attribute, read when a vision model loads): whether it cuts images larger than a
+    tile into tiles (see :mod:`~mlx_manager_nb.vision`); None, on GPUs only.
     """
 
     def __init__(
@@ -231,9 +233,7 @@ class Registry:
         self.audit = audit
         self.dequantize = dequantize
         self.kv_disk_bytes = kv_disk_bytes
-        # vision models cut images larger than a tile into tiles plus a global one: None, on GPUs only (a
-        # 512-pixel tile takes seconds to encode on a CPU, and a large image up to 17 of them)
-        self.image_splitting: bool | None = None
+        self.image_splitting: bool | None = None  # None: on GPUs only (a 512-pixel tile takes seconds on a CPU)
         self._disks: dict[str, kv_disk.DiskTier] = {}  # each chat model's disk tier, while it is loaded
         self.default: str | None = None
         self.engine = Engine(on_tick=self._reap_idle)

@@ -133,11 +133,12 @@ def tokens(runner: Runner, request: ChatRequest) -> tuple[list[int], Plan | None
         return token_ids(runner, request.prompt, "prompt"), None, None
     if request.prompt is not None:
         return list(runner.tokenizer.encode(request.prompt)), None, None
-    if runner.processor is not None:
+    processor = getattr(runner, "processor", None)  # a vision model of this process (remote runners have none)
+    if processor is not None:
         if request.structured:
             raise InvalidParameterError("tools" if request.tools else "schema", f"model {runner.name!r} is a vision "
                                         "model: tools and structured output are not supported for it")
-        keys, images = vision.prompt(runner.processor, request)
+        keys, images = vision.prompt(processor, request)
         return keys, None, images
     if not getattr(runner.tokenizer, "chat_template", None):
         raise InvalidParameterError(
