@@ -2,6 +2,8 @@
 reference computation does (processor, a NumPy vision tower, mlx-lm's llama fed the embeddings), alone and
 batched; the prompt cache never gives one image's KV to another; the encode runs in slices beside a stream."""
 
+import base64
+import io
 import itertools
 import statistics
 import threading
@@ -244,6 +246,46 @@ def test_an_mlx_community_folder_loads_and_answers_as_the_hugging_face_one(vlm, 
                                 Message("assistant", ()), Message("user", (Text("And?"),))),
                                params=make_params(max_tokens=8, temperature=0))
     assert run(pool, conversation)[0] == run(vlm, conversation)[0]  # an empty turn templates as an empty text
+
+
+def test_every_surface_sends_an_image_to_a_vision_model_and_gets_the_reference_answer(vlm, vlm_path):
+    """pool.chat with a PIL image, and the OpenAI, Anthropic and Responses SDKs with the same PNG, as data."""
+    import anthropic
+    import openai
+
+    from mlx_manager_nb.server import serve
+
+    buf = io.BytesIO()
+    picture(12).save(buf, format="PNG")
+    png = buf.getvalue()
+    decoded = PILImage.open(io.BytesIO(png)).convert("RGB")
+    expected = reference(vlm_path, chat(decoded, QUESTION, max_tokens=12), 12)
+    answer = vlm.chat([{"role": "user", "content": [{"type": "image", "image": decoded},
+                                                    {"type": "text", "text": QUESTION}]}], "vlm", max_tokens=12,
+                      temperature=0)
+    assert answer.text == expected and len(set(expected)) > 3
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    server = serve(vlm, port=0, mode="thread")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model="vlm", max_tokens=12, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+                                         {"type": "text", "text": QUESTION}]}])
+        assert completion.choices[0].message.content == expected
+        assert completion.usage.prompt_tokens == answer.usage.prompt_tokens
+        response = client.responses.create(model="vlm", max_output_tokens=12, temperature=0, input=[
+            {"role": "user", "content": [{"type": "input_image", "image_url": url, "detail": "auto"},
+                                         {"type": "input_text", "text": QUESTION}]}])
+        assert response.output_text == expected
+        claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        message = claude.messages.create(model="vlm", max_tokens=12, extra_body={"temperature": 0}, messages=[
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": base64.b64encode(png).decode()}},
+                {"type": "text", "text": QUESTION}]}])
+        assert message.content[0].text == expected
+    finally:
+        server.stop(drain=0)
 
 
 @pytest.fixture(scope="module")
