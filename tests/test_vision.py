@@ -104,12 +104,13 @@ def _tower(w, config, tile):
     return x @ w["model.connector.modality_projection.proj.weight"].T
 
 
-def reference(path, request: ChatRequest, max_tokens: int) -> str:
-    """The greedy answer computed without the pool."""
+def reference(path, request: ChatRequest, max_tokens: int, splitting: bool = True) -> str:
+    """The greedy answer computed without the pool (``splitting``: the processor cuts images into tiles)."""
     from transformers import AutoProcessor
 
     config = read_config(path)
     processor = AutoProcessor.from_pretrained(str(path))
+    processor.image_processor.do_image_splitting = splitting
     messages = [{"role": "user", "content": [{"type": "image"} if isinstance(p, Image) else
                                              {"type": "text", "text": p.text} for p in request.messages[0].parts]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -358,3 +359,17 @@ def test_cancelling_or_a_deadline_while_an_image_encodes_ends_it(wide_vlm):
                RequestContext(deadline=time.perf_counter() + 0.05))[1]
     assert late.finish_reason == "timeout" and late.usage.completion_tokens == 0
     assert run(wide_vlm, chat(picture(9, (200, 250)), QUESTION, max_tokens=3))[1].usage.completion_tokens == 3
+
+
+def test_the_chat_magic_sends_a_notebook_image_to_a_vision_model(shell, vlm_path):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        shell.run_line_magic("mlx", f"load {vlm_path} --as vlm")
+    shell.user_ns["img"] = picture(13)
+    with capture_output() as c:
+        shell.run_cell_magic("chat", "vlm -t 0 --max-tokens 12 --image img --out answer", QUESTION)
+    assert "Traceback" not in c.stderr
+    # the magic sends the text first, then the images; the kernel's pool on a CPU does not cut images into tiles
+    assert shell.user_ns["answer"] == reference(vlm_path, chat(QUESTION, picture(13), max_tokens=12), 12,
+                                                splitting=mx.default_device().type != mx.DeviceType.cpu)
