@@ -608,7 +608,7 @@ class Engine:
             budget = yield
             chunk = max(MIN_CHUNK, min(2 * n, int(n * budget / max(took, 1e-6))))  # sized to this slice
         if images is not None:  # in the KV cache now
-            images.features.clear()
+            images.release()
         if entry in runner.prefilling:
             runner.prefilling.remove(entry)
             self._insert(runner, entry.request, entry.slots, entry.cache, prompt[-1:], entry.cached)

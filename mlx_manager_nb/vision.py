@@ -281,6 +281,11 @@ class ImagePrompt:
         """The prompt position after its last image token."""
         return self.starts[-1] + self.seq_len
 
+    def release(self) -> None:
+        """Drop the tiles and their features, once the prompt's KV cache holds what they gave."""
+        self.features.clear()
+        self.pixels = self.pixels[:0]
+
     def real_ids(self, processor: Callable[[mx.array, mx.array], mx.array]) -> Callable[[mx.array, mx.array], mx.array]:
         """A logits processor fed the token ids it would see with the real ``<image>`` ids in place of the keys."""
         def process(tokens: mx.array, logits: mx.array) -> mx.array:
