@@ -289,6 +289,31 @@ def test_every_surface_sends_an_image_to_a_vision_model_and_gets_the_reference_a
         server.stop(drain=0)
 
 
+def test_a_quantized_folder_loads_quantized_or_as_float32_with_the_same_answers(vlm_path, make_pool, tmp_path):
+    import json
+    import shutil
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    folder = tmp_path / "tiny-vlm-4bit"
+    shutil.copytree(vlm_path, folder)
+    config = read_config(vlm_path)
+    model = vision.build(vlm_path, config)
+    nn.quantize(model, group_size=32, bits=4)
+    mx.save_safetensors(str(folder / "model.safetensors"), {  # mlx-community's names
+        k.removeprefix("vision.") if k.startswith("vision.") else "language_model." + k: v
+        for k, v in tree_flatten(model.parameters())})
+    (folder / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 32, "bits": 4}}))
+    answers = []
+    for dequantize in (False, True):
+        pool = make_pool(keep_alive=None, dequantize=dequantize)
+        info = pool.load(folder, alias="vlm")
+        answers.append((info.size_bytes, run(pool, chat(picture(14), QUESTION, max_tokens=8))[0]))
+    (packed, quantized), (floats, dequantized) = answers
+    assert quantized == dequantized and len(set(quantized)) > 2 and packed < floats / 2
+
+
 @pytest.fixture(scope="module")
 def wide_vlm(tmp_path_factory):
     """A tiny VLM whose tower is wide enough that encoding an image's five tiles takes many slices."""
