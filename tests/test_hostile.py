@@ -434,9 +434,9 @@ def test_past_the_connection_cap_the_oldest_idle_ones_close_and_health_and_strea
         half_open = [await _open(s) for _ in range(40)]
         for _, writer in half_open:
             writer.write(b"GET /health HTTP/1.1\r\n")  # headers never finished
-        async with aiohttp.ClientSession() as new_client:  # not a bystander's pooled keep-alive connection,
-            async with new_client.get(s.url + "/health") as r:  # which the cap may close as the oldest idle one
-                health = r.status
+        # from a new client, not over a bystander's pooled keep-alive connection (the cap may close that one)
+        async with aiohttp.ClientSession() as new_client, new_client.get(s.url + "/health") as r:
+            health = r.status
         closed = []
         for reader, _ in half_open:
             try:
