@@ -17,13 +17,13 @@ import mlx.core as mx
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
-    apply_top_p,
     greedy_sampler,
     make_logits_processors,
 )
 
 from .errors import InvalidParameterError
 from .logprobs import MAX_TOP_LOGPROBS
+from .top_p import apply_top_p
 
 DEFAULT_MAX_TOKENS = 512
 MAX_STOPS = 16  # stop strings per request
