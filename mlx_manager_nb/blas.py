@@ -30,8 +30,12 @@ import time
 import warnings
 from collections.abc import Callable
 
+from . import gemv
+
 #: What happened: "openblas: PATH", or the reason the fast path is not in use.
 status = "not attempted"
+#: How one-row products run: "sgemv" (see :mod:`~mlx_manager_nb.gemv`), or "off (why)".
+gemv_status = "off (OpenBLAS not bound)"
 #: OpenBLAS threads when neither MLX_NB_BLAS_THREADS nor OPENBLAS_NUM_THREADS is set.
 DEFAULT_THREADS = 1
 #: How often the CPU time of other processes is measured (seconds), for :func:`fit_threads`.
@@ -54,7 +58,7 @@ def _find(package: str, pattern: str) -> list[str]:
 
 def bind() -> str:
     """Load OpenBLAS globally so that MLX binds to it; return (and keep in ``status``) what happened."""
-    global status, _handle
+    global status, gemv_status, _handle
     if _handle is not None or sys.platform != "linux":
         status = status if _handle is not None else "system default (Accelerate on macOS)"
         return status
@@ -78,6 +82,7 @@ def bind() -> str:
     try:
         ctypes.CDLL(gfortran[0], mode=ctypes.RTLD_GLOBAL)
         with tempfile.TemporaryDirectory() as tmp:  # OpenBLAS looks for libgfortran.so.5 beside itself
+            shim = gemv.build(tmp)  # first: its cblas_sgemm is the one MLX finds
             os.symlink(gfortran[0], os.path.join(tmp, "libgfortran.so.5"))
             os.symlink(blas[0], os.path.join(tmp, "libopenblas.so.0"))
             _handle = ctypes.CDLL(os.path.join(tmp, "libopenblas.so.0"), mode=ctypes.RTLD_GLOBAL)
@@ -85,6 +90,11 @@ def bind() -> str:
         status = f"reference BLAS: loading OpenBLAS failed ({e})"
         warnings.warn(status, RuntimeWarning, stacklevel=3)
         return status
+    if isinstance(shim, str):
+        gemv_status = shim
+    else:
+        gemv.connect(shim, _handle)
+        gemv_status = "sgemv"
     status = f"openblas: {blas[0]}"
     return status
 
@@ -155,9 +165,15 @@ def _others_busy() -> float:
 
 
 def bound_library() -> str | None:
-    """The file that provides ``cblas_sgemm`` to this process (Linux; None where it cannot tell)."""
+    """The file whose BLAS MLX calls (Linux; None where it cannot tell): the one providing ``cblas_sgemm``,
+    or behind the one-row shim (:mod:`~mlx_manager_nb.gemv`), the one it forwards to."""
+    path = _providing("cblas_sgemm")
+    return _providing("cblas_sgemv") if path and os.path.basename(path) == gemv.NAME else path
+
+
+def _providing(symbol: str) -> str | None:
     try:
-        address = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+        address = ctypes.cast(getattr(ctypes.CDLL(None), symbol), ctypes.c_void_p).value
         with open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.split()

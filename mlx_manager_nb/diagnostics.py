@@ -43,6 +43,7 @@ def doctor(pool: Any = None) -> dict:
         "device": "GPU (Metal)" if device.type == mx.DeviceType.gpu else "CPU",
         "blas": blas.status,
         "blas_library": blas.bound_library(),
+        "blas_one_row": blas.gemv_status,  # one-row products: through sgemv (see mlx_manager_nb.gemv), or why not
         "blas_threads": f"{blas.threads()} ({blas.threads_source})" if blas.threads() else "n/a",
         "blas_threads_by_work": dict(blas.chosen),  # what the engine last set for one decoding row and wide work
         "gflops": pool.engine.run(_gflops).result(),
