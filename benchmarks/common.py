@@ -77,3 +77,27 @@ def row(label: str, value: float, unit: str, ratio: float | None = None, target:
         verdict = "" if target is None else ("  ok" if ratio >= target else f"  BELOW target {target}")
         text += f"   ratio {ratio:5.2f}{verdict}"
     print(text, flush=True)
+
+
+def bandwidth() -> float:
+    """Memory bandwidth in bytes/s: a 256 MiB numpy copy (read + write), best of 5."""
+    import numpy as np
+
+    src = np.ones(1 << 26, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def linear_weights(model) -> list[mx.array]:
+    """The weight matrices one decoding step multiplies by: every linear layer and the output projection."""
+    import mlx.nn as nn
+
+    weights = [m.weight for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if getattr(model.args, "tie_word_embeddings", False):
+        weights.append(model.model.embed_tokens.weight)
+    return weights

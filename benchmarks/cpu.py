@@ -5,7 +5,11 @@
 
 - stock: plain mlx-lm in a separate process, without this library (reference BLAS, 4-bit weights);
 - library: the pool (OpenBLAS bound, float32 weights), one stream and 1/2/4/8/16 concurrent streams;
+- one stream as a fraction of the memory-bandwidth limit (the weights read per token over the bandwidth
+  of a numpy copy, measured in the same run);
 - llama-cpp-python on the same GGUF, one stream (``pip install llama-cpp-python`` to include it);
+- one-row products through sgemv (the default, see ``mlx_manager_nb.gemv``) against MLX's direct sgemm
+  (``MLX_NB_GEMV=0``), one stream and 8 streams, fresh processes in turn (``--one-row`` runs only this part);
 - OpenBLAS threads: one stream and 8 streams with 1 thread, with one per core (OpenBLAS's own
   default) and with the library's default (set per step from the work and the CPU's state, see
   ``mlx_manager_nb.blas.fit_threads``), on an idle CPU and beside two busy processes, each in a fresh
@@ -17,6 +21,7 @@ fixed count when idle, and within 20% of one thread beside the busy processes.
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +30,8 @@ import zipfile
 from pathlib import Path
 
 
-from common import MAX_TOKENS, PROMPT, best_of, concurrently, demo_path, messages, row  # first: binds the fast BLAS
+from common import (MAX_TOKENS, PROMPT, bandwidth, best_of, concurrently, demo_path, linear_weights,  # first: binds
+                    messages, row)  # the fast BLAS
 from mlx_manager_nb.model_pool import Pool
 
 STOCK = """
@@ -52,28 +58,33 @@ pool.load(sys.argv[1])
 tokens = int(sys.argv[3])
 chat = lambda i: [{"role": "user", "content": sys.argv[2] + f" (Variation {i}.)"}]
 pool.chat(chat(0), temperature=0, max_tokens=8)
-one = pool.chat(chat(1), temperature=0, max_tokens=tokens).tokens_per_second
+cpu = time.process_time()
+single = pool.chat(chat(1), temperature=0, max_tokens=tokens)
+cpu_one = (time.process_time() - cpu) / single.usage.completion_tokens
 counts = [0] * 8
 def run(i):
     counts[i] = pool.chat(chat(10 + i), temperature=0, max_tokens=tokens).usage.completion_tokens
 calls = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for c in calls:
     c.start()
 for c in calls:
     c.join()
-print(json.dumps([one, sum(counts) / (time.perf_counter() - start)]))
+wall = time.perf_counter() - start
+print(json.dumps([single.tokens_per_second, sum(counts) / wall, cpu_one, (time.process_time() - cpu) / sum(counts)]))
 pool.close()
 """
 BUSY = "while True: pass"
 
 
-def streams(path: Path, threads: int | None, busy: int, tokens: int = 32) -> list[float]:
-    """Tokens/s of one stream and of 8 at once, in a fresh process with ``threads`` OpenBLAS threads (None:
-    the library's setting), beside ``busy`` spinning processes."""
+def streams(path: Path, threads: int | None, busy: int, tokens: int = 32, gemv: str = "1") -> list[float]:
+    """Tokens/s of one stream and of 8 at once, and the process's CPU seconds a token of each, in a fresh
+    process with ``threads`` OpenBLAS threads (None: the library's setting), beside ``busy`` spinning
+    processes, ``gemv`` as MLX_NB_GEMV."""
     spinners = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
     try:
         env = {k: v for k, v in os.environ.items() if k not in ("MLX_NB_BLAS_THREADS", "OPENBLAS_NUM_THREADS")}
+        env["MLX_NB_GEMV"] = gemv
         if threads is not None:
             env["MLX_NB_BLAS_THREADS"] = str(threads)
         done = subprocess.run([sys.executable, "-c", STREAMS, str(path), PROMPT, str(tokens)], env=env,
@@ -94,7 +105,7 @@ def blas_threads(path: Path) -> None:
     for busy in (0, 2):
         for n in settings:
             figures[n, busy] = streams(path, n, busy)
-            one, eight = figures[n, busy]
+            one, eight = figures[n, busy][:2]
             print(f"  {name[n]:18} {'idle CPU' if not busy else '2 busy processes':17} 1 stream {one:7.2f}   "
                   f"8 streams {eight:7.2f}", flush=True)
     for i, label in enumerate(("1 stream", "8 streams")):
@@ -103,6 +114,27 @@ def blas_threads(path: Path) -> None:
             figures[None, 0][i] / best, 0.95)
         row(f"{label}: library's vs 1 thread, contended", figures[None, 2][i] / figures[1, 2][i], "x",
             figures[None, 2][i] / figures[1, 2][i], 0.8)
+
+
+def one_row(path: Path, rounds: int = 2) -> None:
+    """One-row products through sgemv against MLX's direct sgemm: fresh processes in turn, the library's
+    thread setting, 64 tokens each; medians of ``rounds``. Beside tokens/s, the process's CPU time per
+    token: on one thread (as the library runs a row beside other work), it is the work a token costs,
+    which the other processes' load changes far less than the wall clock."""
+    print(f"one-row products, 1 stream and 8 streams (medians of {rounds} rounds, taken in turn)")
+    figures: dict[str, list[list[float]]] = {"1": [], "0": []}
+    for _ in range(rounds):
+        for gemv in figures:
+            one, eight, cpu_one, cpu_eight = streams(path, None, 0, tokens=64, gemv=gemv)
+            figures[gemv].append([one, eight, cpu_one, cpu_eight])
+            print(f"  {'sgemv' if gemv == '1' else 'sgemm'}: 1 stream {one:6.2f} tok/s, {cpu_one * 1000:5.1f} CPU ms a "
+                  f"token; 8 streams {eight:6.2f} tok/s, {cpu_eight * 1000:5.1f} CPU ms a token   "
+                  f"(1-min load average {os.getloadavg()[0]:.1f})", flush=True)
+    for i, label in enumerate(("1 stream", "8 streams")):
+        fast, plain = (statistics.median(r[i] for r in figures[g]) for g in ("1", "0"))
+        row(f"{label}: sgemv vs sgemm (MLX_NB_GEMV=0)", fast, "tok/s", fast / plain, 1.0 if i else None)
+        fast, plain = (statistics.median(r[2 + i] for r in figures[g]) for g in ("1", "0"))
+        row(f"{label}: CPU time a token, sgemm / sgemv", fast * 1000, "ms", plain / fast, 1.0 if i else None)
 
 
 def stock(path: Path) -> tuple[float, float]:
@@ -136,6 +168,9 @@ def main() -> None:
     if "--threads" in sys.argv:
         blas_threads(path)
         return
+    if "--one-row" in sys.argv:
+        one_row(path)
+        return
     print(f"demo model, {MAX_TOKENS} tokens out")
     stock_tps, stock_ttft = stock(path)
     pool = Pool(keep_alive=None)
@@ -148,12 +183,19 @@ def main() -> None:
 
     chat(0)
     single = [chat(0) for _ in range(2)][-1]
-    print("one stream")
+    load = os.getloadavg()[0]
+    (info,) = pool.models()
+    weight_bytes = sum(w.nbytes for w in linear_weights(pool.engine.runner(info.name).model))
+    limit = bandwidth() / weight_bytes
+    print(f"one stream (1-min load average {load:.1f} on {os.cpu_count()} cores)")
     row("stock mlx-lm (reference BLAS, 4-bit)", stock_tps, "tok/s")
     row("library (OpenBLAS, float32, pool)", single.tokens_per_second, "tok/s", single.tokens_per_second / 15, 1.0)
+    row(f"bandwidth limit ({weight_bytes / 1e9:.3f} GB a token)", limit, "tok/s")
+    fraction = single.tokens_per_second / limit
+    row("library as a fraction of the limit", fraction, "", fraction / 0.6, 1.0)
     row("stock time to first token", stock_ttft * 1000, "ms")
     row("library time to first token", single.ttft * 1000, "ms", 0.6 / single.ttft, 1.0)
-    print("concurrent streams through the pool (aggregate)")
+    print(f"concurrent streams through the pool (aggregate; 1-min load average {os.getloadavg()[0]:.1f})")
     targets = {8: 75, 16: 100}
     results = {}
     for n in (1, 2, 4, 8, 16):
@@ -166,12 +208,16 @@ def main() -> None:
     if reference is None:
         print("llama-cpp-python is not installed: `pip install llama-cpp-python` adds it to this comparison")
     else:
-        print("llama-cpp-python, same GGUF, one stream")
+        print(f"llama-cpp-python, same GGUF, one stream (1-min load average {os.getloadavg()[0]:.1f})")
         row("llama.cpp one stream", reference[0], "tok/s")
+        row("library one stream vs llama.cpp's", single.tokens_per_second, "tok/s",
+            single.tokens_per_second / reference[0])
         row("llama.cpp time to first token", reference[1] * 1000, "ms")
         row("library, 16 streams vs llama.cpp's one", results[16], "tok/s", results[16] / reference[0], 1.0)
+    one_row(path)
     blas_threads(path)
-    print("(ratios against targets: one stream 15 tok/s, TTFT 0.6 s, 8 streams 75 tok/s, 16 streams 100 tok/s)")
+    print("(ratios against targets: one stream 15 tok/s and 0.6 of the bandwidth limit, TTFT 0.6 s, "
+          "8 streams 75 tok/s, 16 streams 100 tok/s)")
 
 
 if __name__ == "__main__":

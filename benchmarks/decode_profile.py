@@ -35,14 +35,12 @@ import threading
 import time
 
 os.environ.setdefault("MLX_NB_BLAS_THREADS", "1")  # one fixed count for every part (the engine sets none then)
-from common import demo_path, messages  # first: binds the fast BLAS
+from common import bandwidth, demo_path, linear_weights, messages  # first: binds the fast BLAS
 import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
 from mlx_lm import stream_generate
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_sampler as mlx_lm_make_sampler
 
 from mlx_manager_nb import blas
 from mlx_manager_nb.engine import Engine, Request
@@ -51,6 +49,7 @@ from mlx_manager_nb.registry import _prepare_chat
 from mlx_manager_nb.stops import StopMatcher
 
 STEPS = 48  # decoding steps per measured run
+mlx_lm_sampler = mlx_lm_make_sampler(temp=0.7, top_p=0.9)  # mlx-lm's own, sorting every logit for top-p
 STOPS = ("\n\nUser:", "</answer>")  # what a stop-matching request checks each token against
 
 
@@ -58,26 +57,6 @@ def median_of(repeats: int, fn) -> float:
     """The median of ``repeats`` calls of ``fn`` (after one warm-up call)."""
     fn()
     return statistics.median(fn() for _ in range(repeats))
-
-
-def bandwidth() -> float:
-    """Memory bandwidth in bytes/s: a 256 MiB copy (read + write), best of 5."""
-    src = np.ones(1 << 26, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
-
-
-def linear_weights(model) -> list[mx.array]:
-    """The weight matrices one decoding step multiplies by: every linear layer and the output projection."""
-    weights = [m.weight for _, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if getattr(model.args, "tie_word_embeddings", False):
-        weights.append(model.model.embed_tokens.weight)
-    return weights
 
 
 def op_counts(outputs: list[mx.array]) -> collections.Counter:
@@ -279,7 +258,7 @@ def main() -> None:
     bw = bandwidth()
     load = os.getloadavg()[0]
     print(f"demo model (float32), {len(weights)} weight matrices, {weight_bytes / 1e9:.3f} GB read per step; "
-          f"BLAS {blas.status.split(':')[0]}, "
+          f"BLAS {blas.status.split(':')[0]}, one-row products {blas.gemv_status}, "
           f"{blas.threads()} thread(s); 1-min load average {load:.1f} on {os.cpu_count()} cores; "
           f"medians of {repeats} rounds of {STEPS} steps, every part once a round")
 
@@ -292,10 +271,12 @@ def main() -> None:
 
         times.run(prompts)  # warms up, and puts the prompts into the prompt cache
         cache, tokens = prefilled(model, prompts)
-        kinds = op_counts([model(tokens, cache=cache)])
+        step_logits = model(tokens, cache=cache)
+        kinds = op_counts([step_logits])
         matmuls = len(weights)
         other = f"  other ops ({sum(kinds.values()) - matmuls} ops)"
-        logits = mx.random.normal((rows, model.args.vocab_size))
+        logits = step_logits[:, -1]  # the model's own next-token logits: the samplers see real distributions
+        mx.eval(logits)
         detok, stops = text_steps(tokenizer, text_tokens, rows)
         parts = {
             "engine": lambda prompts=prompts: times.run(prompts),
@@ -306,6 +287,7 @@ def main() -> None:
             "sampler, temperature 0.7": sampler_step(make_sampler(GenParams(temperature=0.7, seed=1)), logits),
             "sampler, temperature + top-p 0.9": sampler_step(
                 make_sampler(GenParams(temperature=0.7, top_p=0.9, seed=1)), logits),
+            "  the same with mlx-lm's top-p (full sort)": sampler_step(mlx_lm_sampler, logits),
             "logits processor (repetition penalty)": processor_step(rows, logits, mx.array(base)),
             "detokenizer": detok,
             "stop matcher (2 stops)": stops,
@@ -348,6 +330,7 @@ def report(rows: int, figures: dict[str, float], raw: float, weight_bytes: int, 
              f"  matmuls ({matmuls} ops)"]
     order += [k for k in figures if k.startswith("  other ops")]
     order += ["sampler, greedy", "sampler, temperature 0.7", "sampler, temperature + top-p 0.9",
+              "  the same with mlx-lm's top-p (full sort)",
               "logits processor (repetition penalty)",
               "detokenizer", "stop matcher (2 stops)"]
     for key in order:
