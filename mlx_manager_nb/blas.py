@@ -13,11 +13,9 @@ Threads: OpenBLAS starts one thread per core by default, and its threads spin-wa
 shares the CPU (another process, the notebook, a second model) a single stream then slows 3-15x,
 while one thread costs a batch about 30% on an idle machine. So unless ``MLX_NB_BLAS_THREADS`` or the
 user's own ``OPENBLAS_NUM_THREADS`` fixes the count, the engine sets it for each step from the work
-and the CPU's state (:func:`fit_threads`): one per core for prefill and batches, unless other processes
-kept the CPU busy over the last :data:`CONTENTION_SECONDS`; one decoding row gets them too only while
-other processes leave the CPU all but idle (:data:`ONE_ROW_IDLE`), and :data:`DEFAULT_THREADS`
-otherwise: a row's step is 211 short products, each waiting for its slowest thread
-(``benchmarks/cpu.py --threads`` measures the choices).
+and the CPU's state (:func:`fit_threads`): :data:`DEFAULT_THREADS` while one row decodes, one per core
+for prefill and batches, unless other processes kept the CPU busy over the last
+:data:`CONTENTION_SECONDS` (``benchmarks/cpu.py --threads`` measures the choices).
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ status = "not attempted"
 gemv_status = "off (OpenBLAS not bound)"
 #: OpenBLAS threads when neither MLX_NB_BLAS_THREADS nor OPENBLAS_NUM_THREADS is set.
 DEFAULT_THREADS = 1
-#: One decoding row runs on every core while other processes take less than this many cores' worth of CPU.
-ONE_ROW_IDLE = 0.2
 #: How often the CPU time of other processes is measured (seconds), for :func:`fit_threads`.
 CONTENTION_SECONDS = 1.0
 #: Where the thread count in force came from, for doctor().
@@ -114,8 +110,8 @@ def _set_threads() -> None:
     else:
         os.environ["OPENBLAS_NUM_THREADS"] = str(DEFAULT_THREADS)
         _adaptive = True
-        threads_source = (f"default: up to {_cores()} while the CPU is free, {DEFAULT_THREADS} for one decoding row "
-                          "beside other work (MLX_NB_BLAS_THREADS or OPENBLAS_NUM_THREADS fix it)")
+        threads_source = (f"default: {DEFAULT_THREADS} while one row decodes, up to {_cores()} for prefill and "
+                          "batches while the CPU is free (MLX_NB_BLAS_THREADS or OPENBLAS_NUM_THREADS fix it)")
 
 
 def threads() -> int | None:
@@ -131,13 +127,11 @@ def adaptive() -> bool:
 def fit_threads(wide: bool, before_change: Callable[[], None] = lambda: None) -> int | None:
     """Set OpenBLAS's thread count for the next step (the engine thread calls it): ``wide`` work (a
     prefill, a batch of several rows) gets one thread per core that other processes leave free, one
-    decoding row every core while the others leave the CPU idle and :data:`DEFAULT_THREADS` otherwise.
-    ``before_change`` runs first when the count changes (the engine waits there for the MLX work in flight).
-    Returns the count; None where it is not the library's to set."""
+    decoding row :data:`DEFAULT_THREADS`. ``before_change`` runs first when the count changes (the engine
+    waits there for the MLX work in flight). Returns the count; None where it is not the library's to set."""
     if _handle is None or not adaptive():
         return None
-    others = _others_busy()
-    n = max(1, min(_cores(), int(_cores() - others + 0.5))) if wide or others < ONE_ROW_IDLE else DEFAULT_THREADS
+    n = max(1, min(_cores(), int(_cores() - _others_busy() + 0.5))) if wide else DEFAULT_THREADS
     chosen["wide" if wide else "one row"] = n
     if n != _handle.openblas_get_num_threads():
         before_change()

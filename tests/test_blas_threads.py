@@ -62,19 +62,17 @@ pool.close()
 @pytest.mark.skipif(not blas.status.startswith("openblas"), reason="OpenBLAS is not bound here")
 @pytest.mark.parametrize("others", [0.0, 64.0])
 def test_engine_sets_threads_from_the_work_and_the_cpu(tiny_model_path, others):
-    """Prefill and batches run on every core other processes leave free (all of them on an idle CPU, one
-    on a busy one), one decoding row on every core of an idle CPU and on the default count beside other
-    work; doctor() shows the choices."""
+    """One decoding row runs on the default thread count; prefill and batches on every core other
+    processes leave free (all of them on an idle CPU, one on a busy one); doctor() shows the choices."""
     base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "MLX_NB_BLAS_THREADS")}
     out = subprocess.run([sys.executable, "-c", FIT, str(tiny_model_path), str(others)], env=base,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     cores = len(os.sched_getaffinity(0))
-    one_row = blas.DEFAULT_THREADS if others else cores
-    assert seen["alone"] == {"one row": one_row}
-    assert seen["after"] == {"one row": one_row, "wide": 1 if others else cores}
-    assert seen["now"] == one_row  # the last step decoded one row
+    assert seen["alone"] == {"one row": blas.DEFAULT_THREADS}
+    assert seen["after"] == {"one row": blas.DEFAULT_THREADS, "wide": 1 if others else cores}
+    assert seen["now"] == blas.DEFAULT_THREADS  # the last step decoded one row
 
 
 def test_a_fixed_thread_count_is_left_alone(tiny_model_path):
