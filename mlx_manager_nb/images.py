@@ -259,7 +259,14 @@ def _pixels(img: Any, where: str) -> Image:
 
 
 def _rgb(img: Any) -> Any:
-    """``img`` in RGB; a transparent one over white, as transformers' image processors make it."""
+    """``img`` in RGB; a transparent one over white, as transformers' image processors make it; a 16-bit
+    grey one scaled to 8 bits (PIL's conversion clips its levels: 61% grey would be white)."""
+    if img.mode.startswith("I"):  # a 16-bit grey PNG: "I;16" or "I", 0..65535
+        import numpy as np
+        from PIL import Image as PIL
+
+        levels = np.asarray(img).astype(np.float32) / 257
+        img = PIL.fromarray(levels.round().clip(0, 255).astype(np.uint8), "L")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         from PIL import Image as PIL
 
