@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InvalidParameterError
@@ -54,13 +54,16 @@ class Image:
     """An image in a turn, decoded and checked: ``image`` is an RGB ``PIL.Image.Image``; ``nbytes`` the
     bytes it came as (for the audit row); ``digest`` a hash of them (the same image, the same digest);
     ``field`` where the request held it, in its protocol's terms (``messages[0].content[1]``); ``format``
-    the format it came in (PNG, JPEG, WEBP, GIF; "pixels" for a PIL image or an array given in Python)."""
+    the format it came in (PNG, JPEG, WEBP, GIF; "pixels" for a PIL image or an array given in Python);
+    ``detail`` OpenAI's: "low" one tile, "high" cut into tiles as the model's processor does, "auto" as the
+    pool does (its ``image_splitting``)."""
 
     image: Any
     nbytes: int
     digest: str
     field: str
     format: str = ""
+    detail: str = "auto"
 
 
 Part = Text | ToolUse | ToolResult | Image
@@ -250,19 +253,19 @@ def _content(content: Any, where: str, images: bool, local: bool) -> tuple[Part,
 
 
 def image_part(part: dict, where: str) -> Image:
-    """The image of a Python ``image`` part or an OpenAI ``image_url`` part (its ``detail`` accepted)."""
+    """The image of a Python ``image`` part or an OpenAI ``image_url`` part (with its ``detail``)."""
     from .images import from_python, from_url
 
     if part["type"] == "image":
         return from_python(part.get("image"), where)
-    given = part.get("image_url")
+    given, detail = part.get("image_url"), None
     if isinstance(given, dict):
         detail = given.get("detail")
         if detail not in (None, "auto", "low", "high"):
             raise InvalidParameterError(f"{where}.image_url.detail", f"{where}.image_url.detail must be auto, "
                                         "low or high")
         given = given.get("url")
-    return from_url(given, where)
+    return replace(from_url(given, where), detail=detail or "auto")
 
 
 def structure(tools: Any, choice: Any, schema: Any, schema_field: str, parallel: bool = True) -> dict:

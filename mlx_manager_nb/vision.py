@@ -336,20 +336,39 @@ def _content(parts: tuple) -> list[dict]:
     return content or [{"type": "text", "text": ""}]
 
 
+def _tiles(p: Any, text: str, images: tuple[Image, ...]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The prompt's ids, tiles (tiles, height, width, 3) and their pixel masks, as the processor makes them for
+    ``text`` and ``images``, each image cut into tiles or not as its ``detail`` says (the processor cuts all
+    of a call's images alike: each is processed alone, and its tiles padded to the largest, as it pads them)."""
+    default = p.image_processor.do_image_splitting
+    alone = [p.image_processor([[i.image]], return_tensors="np", return_row_col_info=True,
+                               do_image_splitting={"low": False, "high": True}.get(i.detail, default))
+             for i in images]
+    tiles = [np.asarray(a["pixel_values"][0], np.float32) for a in alone]
+    height, width = max(t.shape[2] for t in tiles), max(t.shape[3] for t in tiles)
+    pixels = np.zeros((sum(len(t) for t in tiles), height, width, 3), np.float32)
+    masks = np.zeros(pixels.shape[:3], bool)
+    n = 0
+    for t, a in zip(tiles, alone, strict=True):
+        mask = a.get("pixel_attention_mask")
+        pixels[n:n + len(t), :t.shape[2], :t.shape[3]] = t.transpose(0, 2, 3, 1)
+        masks[n:n + len(t), :t.shape[2], :t.shape[3]] = np.asarray(mask[0], bool) if mask is not None else True
+        n += len(t)
+    grid = {"rows": [[a["rows"][0][0] for a in alone]], "cols": [[a["cols"][0][0] for a in alone]]}
+    pieces = text.split(p.image_token)
+    text = pieces[0] + "".join(p.replace_image_token(grid, k) + piece for k, piece in enumerate(pieces[1:]))
+    return [int(t) for t in p.tokenizer([text])["input_ids"][0]], pixels, masks
+
+
 def prompt(processor: Processor, request: ChatRequest) -> tuple[list[int], ImagePrompt | None]:
     """A chat's engine prompt and, when it holds images, its :class:`ImagePrompt` (any thread but the engine's:
     resizing and tiling take time proportional to the images)."""
     p = processor.processor
     text = p.apply_chat_template([{"role": m.role, "content": _content(m.parts)} for m in request.messages],
                                  add_generation_prompt=True)
-    images = [i.image for i in request.images]
-    if not images:
+    if not request.images:
         return [int(t) for t in p(text=[text], return_tensors="np")["input_ids"][0]], None
-    out = p(text=[text], images=[images], return_tensors="np")
-    ids = [int(t) for t in out["input_ids"][0]]
-    pixels = np.asarray(out["pixel_values"][0], np.float32).transpose(0, 2, 3, 1)
-    masks = out.get("pixel_attention_mask")
-    masks = np.asarray(masks[0], bool) if masks is not None else np.ones(pixels.shape[:3], bool)
+    ids, pixels, masks = _tiles(p, text, request.images)
     where = [i for i, t in enumerate(ids) if t == processor.image_token_id]
     n = processor.seq_len
     starts = where[::n]

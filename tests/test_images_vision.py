@@ -136,3 +136,25 @@ def test_a_responses_follow_up_sends_the_stored_image_again(vision_server, expec
     follow = client.responses.create(model="vlm", max_output_tokens=4, temperature=0, previous_response_id=first.id,
                                      input="And its colours?")
     assert follow.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+
+def test_openai_detail_low_is_one_tile_and_high_the_processors_tiles(vision_server, vlm_path, expected):
+    img, data, answer = expected
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    client = openai.OpenAI(base_url=vision_server.url + "/v1", api_key="unused", max_retries=0)
+
+    def ask(detail):
+        return client.chat.completions.create(model="vlm", max_tokens=N, temperature=0, messages=[{
+            "role": "user", "content": [{"type": "text", "text": QUESTION},
+                                        {"type": "image_url", "image_url": {"url": url, "detail": detail}}]}])
+
+    low, high, auto = ask("low"), ask("high"), ask("auto")
+    assert low.usage.prompt_tokens < high.usage.prompt_tokens == auto.usage.prompt_tokens  # the pool splits
+    assert high.choices[0].message.content == answer
+    assert low.choices[0].message.content == reference(vlm_path, chat(QUESTION, img, max_tokens=N), N,
+                                                       splitting=False)
+    content = [{"type": "input_text", "text": QUESTION}, {"type": "input_image", "image_url": url, "detail": "low"}]
+    response = client.responses.create(model="vlm", max_output_tokens=N, temperature=0,
+                                       input=[{"role": "user", "content": content}])
+    assert response.usage.input_tokens == low.usage.prompt_tokens
+    assert response.output_text == low.choices[0].message.content

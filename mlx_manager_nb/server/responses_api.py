@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -151,7 +152,8 @@ def _messages(items: list[dict], instructions: str | None, stored: int = 0) -> t
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             where = f"input[{i - stored}].content" if i >= stored else "previous_response_id"
-            parts = [from_url(part["image_url"], f"{where}[{j}]" if i >= stored else where)
+            parts = [replace(from_url(part["image_url"], f"{where}[{j}]" if i >= stored else where),
+                             detail=part.get("detail", "auto"))
                      if part["type"] == "input_image" else Text(part["text"]) for j, part in enumerate(item["content"])]
             out.append(Message(role, tuple(parts) if any(isinstance(p, Image) for p in parts)
                                else (Text("".join(part["text"] for part in item["content"])),)))
