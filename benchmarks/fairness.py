@@ -1,6 +1,6 @@
 """No client can stall another: a bystander stream alone and beside each heavy load, in one run.
 
-    .venv/bin/python benchmarks/fairness.py [--quick]
+    .venv/bin/python benchmarks/fairness.py [--quick] [--only NAME]
 
 The server runs in thread mode in this process over the demo models; the bystander (a streamed
 40-token chat) and every load are separate client processes (benchmarks/load_clients.py), except
@@ -8,10 +8,15 @@ the model load, which is the notebook's own ``pool.load``. Each load starts once
 streams, as a client arriving beside a running stream does, and runs until it ends. The bystander's
 inter-token gaps (median, p99, max) and its total time are printed with two ratios to the quiet
 run: max gap / quiet median gap (target <= 3) and total / quiet total (target <= 1.5).
-``--quick`` shrinks every load (a smoke run, not a measurement).
+``--quick`` shrinks every load (a smoke run, not a measurement); ``--only NAME`` runs the loads whose
+label holds NAME. The image load sends one 512-pixel image to a vision model whose tower has
+SmolVLM-256M's size (SigLIP-B/16: hidden 768, 12 layers, 12 heads; random weights built at run time
+with tests/tiny_vlm.py, over its tiny text model): one tile, 64 image tokens.
 """
 
+import base64
 import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -25,6 +30,9 @@ from common import demo_path  # first: binds the fast BLAS
 from mlx_manager_nb.model_pool import Pool
 from mlx_manager_nb.server import serve
 from mlx_manager_nb.store import resolve
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from tiny_vlm import build_tiny_vlm
 
 CLIENTS = str(Path(__file__).with_name("load_clients.py"))
 BYSTANDER_TOKENS = 40
@@ -47,6 +55,27 @@ def chat(content: str, max_tokens: int, **extra) -> tuple[str, dict]:
                                     "messages": [{"role": "user", "content": content}], **extra}
 
 
+def image_chat() -> tuple[str, dict]:
+    """A chat to the vision model holding a 512 x 512 PNG of noise (one tile on SigLIP-B/16)."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), np.uint8)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "/v1/chat/completions", {"model": "vision", "max_tokens": 8, "temperature": 0, "messages": [{
+        "role": "user", "content": [{"type": "text", "text": "What is in this image?"},
+                                    {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def load_vision(pool: Pool, folder: Path) -> None:
+    """A vision model with SmolVLM-256M's tower (SigLIP-B/16 at 512 pixels), random weights, as ``vision``."""
+    build_tiny_vlm(folder, splitting=False, tile=512, patch=16, scale=4, hidden_size=768, num_hidden_layers=12,
+                   num_attention_heads=12, intermediate_size=3072)
+    pool.image_splitting = False
+    pool.load(folder, alias="vision")
+
+
 def loads(tokenizer, n: dict) -> dict:
     """Each load: (client kind, its argument: a list of requests or a count)."""
     grammar = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
@@ -67,6 +96,7 @@ def loads(tokenizer, n: dict) -> dict:
         f"{n['schemas']} expensive schemas": ("posts", [chat(f"Pick {i}", 8, response_format=schema)
                                                         for i in range(n["schemas"])]),
         f"{n['halfopen']:,} half-open connections": ("halfopen", n["halfopen"]),
+        "an image on a SigLIP-B tower": ("posts", [image_chat()]),
     }
 
 
@@ -137,6 +167,7 @@ def show(label: str, r: dict, quiet: dict | None) -> None:
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     pool = Pool(keep_alive=None)
     pool.load(demo_path(), alias="demo", pin=True)
     pool.load(resolve("demo-embed"), alias="demo-embed")
@@ -148,11 +179,16 @@ def main() -> None:
         with bystander(server.url) as quiet:
             pass
     show("none (quiet)", quiet, None)
-    for label, (kind, arg) in loads(tokenizer, sizes(quick)).items():
+    chosen = {label: load for label, load in loads(tokenizer, sizes(quick)).items() if only in label}
+    folder = tempfile.TemporaryDirectory()  # the vision model's random weights (350 MB)
+    if any("image" in label for label in chosen):
+        load_vision(pool, Path(folder.name) / "siglip-b-vlm")
+    for label, (kind, arg) in chosen.items():
         show(label, beside(pool, server.url, kind, arg), quiet)
         settle(server)
     server.stop(drain=0)
     pool.close()
+    folder.cleanup()
 
 
 if __name__ == "__main__":
