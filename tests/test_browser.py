@@ -1,5 +1,6 @@
-"""The dashboard notebook, and the pool panel's Find section against a stand-in of the Hugging Face hub, in
-JupyterLab in a real Chromium (Debian's, driven by Playwright): what a user sees.
+"""The dashboard notebook, the pool panel's Find section against a stand-in of the Hugging Face hub, and the
+chat panel's image upload to a tiny vision model, in JupyterLab in a real Chromium (Debian's, driven by
+Playwright): what a user sees.
 
 Skips where no ``chromium`` is installed (``.ci/run`` installs it); Playwright never downloads a
 browser here. A screenshot of the dashboard is saved under the test's tmp folder (path printed).
@@ -252,5 +253,66 @@ def test_the_pool_panels_find_section_searches_downloads_and_removes(hub_lab):
         expect(confirm).to_be_hidden()
         assert not stored.exists()
         expect(local.locator("option", has_text="mlx-community--tiny-chat")).to_have_count(0)
+        browser.close()
+    assert errors == []
+
+
+@pytest.fixture
+def vision_lab(tmp_path):
+    """JupyterLab with a notebook showing the chat panel over a pool holding the tiny vision model (built
+    here), with an empty home; yields (its URL, the model's folder)."""
+    import nbformat
+    from tiny_vlm import build_tiny_vlm
+
+    pytest.importorskip("jupyterlab", reason="JupyterLab is in the demo extra")
+    vlm = build_tiny_vlm(tmp_path / "tiny-vlm")
+    (tmp_path / "lab").mkdir()
+    cell = (f"from mlx_manager_nb.model_pool import Pool\nfrom mlx_manager_nb.widgets import chat_panel\n"
+            f"pool = Pool(keep_alive=None)\npool.load({str(vlm)!r}, alias='vlm')\npanel = chat_panel(pool)\n"
+            f"panel.parts.temperature.value, panel.parts.max_tokens.value = 0.0, {VISION_TOKENS}\npanel")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(notebook, tmp_path / "lab" / "vision.ipynb")
+    write_settings(tmp_path)
+    with make_lab(tmp_path / "lab", tmp_path / "jupyter", TOKEN, {"MLX_NB_HOME": str(tmp_path / "home")}) as url:
+        yield url, vlm
+
+
+VISION_TOKENS = 12
+
+
+def test_the_chat_panels_image_upload_is_answered_with_its_thumbnail(vision_lab, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
+    from test_vision import QUESTION, chat, picture, reference
+
+    expect = sync_api.expect
+    url, vlm = vision_lab
+    img = picture(7)
+    img.save(tmp_path / "picture.png")  # lossless: the kernel decodes the very pixels of ``img``
+    answer = reference(vlm, chat(QUESTION, img, max_tokens=VISION_TOKENS), VISION_TOKENS, splitting=False)  # a CPU
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.goto(f"{url}/lab/tree/vision.ipynb?token={TOKEN}")
+        run_all_cells(page, expect)
+
+        conversation = page.locator(".widget-output").first
+        expect(conversation).to_contain_text("No messages yet")
+        with page.expect_file_chooser() as chooser:  # the FileUpload's input, opened by its button
+            page.locator(".widget-upload").click()
+        chooser.value.set_files(str(tmp_path / "picture.png"))
+        expect(page.locator(".widget-upload")).to_contain_text("(1)", timeout=15_000)
+        page.get_by_placeholder("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        thumbnail = conversation.locator("img[src^='data:image/png']")
+        expect(thumbnail).to_have_count(1, timeout=60_000)
+        assert thumbnail.evaluate("img => img.complete && [img.naturalWidth, img.naturalHeight]") == [96, 64]
+        expect(conversation).to_contain_text(QUESTION)
+        expect(conversation).not_to_contain_text("▌", timeout=60_000)
+        shown = " ".join(conversation.inner_text().split())
+        assert " ".join(re.sub(r"<[^>]*>", "", answer).split()) in shown, (answer, shown)  # Markdown drops <tags>
         browser.close()
     assert errors == []
