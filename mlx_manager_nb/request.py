@@ -55,8 +55,8 @@ class Image:
     bytes it came as (for the audit row); ``digest`` a hash of them (the same image, the same digest);
     ``field`` where the request held it, in its protocol's terms (``messages[0].content[1]``); ``format``
     the format it came in (PNG, JPEG, WEBP, GIF; "pixels" for a PIL image or an array given in Python);
-    ``detail`` OpenAI's: "low" one tile, "high" cut into tiles as the model's processor does, "auto" as the
-    pool does (its ``image_splitting``)."""
+    ``detail`` OpenAI's: "low" one tile; "high" and "auto" cut into tiles as the model's processor does where
+    the pool cuts images (its ``image_splitting``), else one tile."""
 
     image: Any
     nbytes: int

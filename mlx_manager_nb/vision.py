@@ -338,12 +338,12 @@ def _content(parts: tuple) -> list[dict]:
 
 def _tiles(p: Any, text: str, images: tuple[Image, ...]) -> tuple[list[int], np.ndarray, np.ndarray]:
     """The prompt's ids, tiles (tiles, height, width, 3) and their pixel masks, as the processor makes them for
-    ``text`` and ``images``, each image cut into tiles or not as its ``detail`` says (the processor cuts all
-    of a call's images alike: each is processed alone, and its tiles padded to the largest, as it pads them)."""
-    default = p.image_processor.do_image_splitting
+    ``text`` and ``images``, each image cut into tiles unless its ``detail`` is "low" or the pool cuts none (its
+    ``image_splitting``: the operator's bound on the encode's cost, which a client's "high" does not lift). The
+    processor cuts all of a call's images alike: each is processed alone, its tiles padded as it pads them."""
+    splitting = p.image_processor.do_image_splitting
     alone = [p.image_processor([[i.image]], return_tensors="np", return_row_col_info=True,
-                               do_image_splitting={"low": False, "high": True}.get(i.detail, default))
-             for i in images]
+                               do_image_splitting=splitting and i.detail != "low") for i in images]
     tiles = [np.asarray(a["pixel_values"][0], np.float32) for a in alone]
     height, width = max(t.shape[2] for t in tiles), max(t.shape[3] for t in tiles)
     pixels = np.zeros((sum(len(t) for t in tiles), height, width, 3), np.float32)

@@ -158,3 +158,20 @@ def test_openai_detail_low_is_one_tile_and_high_the_processors_tiles(vision_serv
                                        input=[{"role": "user", "content": content}])
     assert response.usage.input_tokens == low.usage.prompt_tokens
     assert response.output_text == low.choices[0].message.content
+
+
+def test_a_pool_that_cuts_no_images_gives_one_tile_whatever_the_detail(vlm_path):
+    from dataclasses import replace
+
+    from mlx_manager_nb import vision
+
+    request = chat(QUESTION, picture(7), max_tokens=N)
+    user = request.messages[0]
+
+    def tokens(processor, detail):
+        parts = (user.parts[0], replace(user.parts[1], detail=detail))
+        return len(vision.prompt(processor, replace(request, messages=(replace(user, parts=parts),)))[0])
+
+    uncut, cut = vision.read_processor(vlm_path, False), vision.read_processor(vlm_path, True)
+    assert tokens(uncut, "high") == tokens(uncut, "auto") == tokens(uncut, "low") == tokens(cut, "low")
+    assert tokens(cut, "high") == tokens(cut, "auto") > tokens(cut, "low")
