@@ -6,6 +6,7 @@ Skips where no ``chromium`` is installed (``.ci/run`` installs it); Playwright n
 browser here. A screenshot of the dashboard is saved under the test's tmp folder (path printed).
 """
 
+import contextlib
 import json
 import re
 import shutil
@@ -59,6 +60,21 @@ def write_settings(tmp_path):
 def button(page, text):
     """The button reading ``text`` (after its icon, which counts in its accessible name)."""
     return page.get_by_role("button", name=re.compile(rf"(^|\W){text}$"))
+
+
+@contextlib.contextmanager
+def notebook_page(sync_api, url: str, notebook: str):
+    """Chromium on ``notebook`` in the lab at ``url``, its cells run; yields (the page, the errors it logs)."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.goto(f"{url}/lab/tree/{notebook}?token={TOKEN}")
+        run_all_cells(page, sync_api.expect)
+        yield page, errors
+        browser.close()
 
 
 def run_all_cells(page, expect):
@@ -208,15 +224,7 @@ def test_the_pool_panels_find_section_searches_downloads_and_removes(hub_lab):
     expect = sync_api.expect
     url, hub, home = hub_lab
     stored = home / "models" / "mlx-community--tiny-chat"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-        page.goto(f"{url}/lab/tree/find.ipynb?token={TOKEN}")
-        run_all_cells(page, expect)
-
+    with notebook_page(sync_api, url, "find.ipynb") as (page, errors):
         # a search shows the stand-in's repos, most downloaded first, with what a pull fetches
         page.get_by_placeholder("search the Hugging Face hub, e.g. qwen").fill("tiny")
         button(page, "Search").click()
@@ -253,8 +261,10 @@ def test_the_pool_panels_find_section_searches_downloads_and_removes(hub_lab):
         expect(confirm).to_be_hidden()
         assert not stored.exists()
         expect(local.locator("option", has_text="mlx-community--tiny-chat")).to_have_count(0)
-        browser.close()
     assert errors == []
+
+
+VISION_TOKENS = 12  # of the answer to the image
 
 
 @pytest.fixture
@@ -278,9 +288,6 @@ def vision_lab(tmp_path):
         yield url, vlm
 
 
-VISION_TOKENS = 12
-
-
 def test_the_chat_panels_image_upload_is_answered_with_its_thumbnail(vision_lab, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is in the test extra")
     from test_vision import QUESTION, chat, picture, reference
@@ -290,15 +297,7 @@ def test_the_chat_panels_image_upload_is_answered_with_its_thumbnail(vision_lab,
     img = picture(7)
     img.save(tmp_path / "picture.png")  # lossless: the kernel decodes the very pixels of ``img``
     answer = reference(vlm, chat(QUESTION, img, max_tokens=VISION_TOKENS), VISION_TOKENS, splitting=False)  # a CPU
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-        page.goto(f"{url}/lab/tree/vision.ipynb?token={TOKEN}")
-        run_all_cells(page, expect)
-
+    with notebook_page(sync_api, url, "vision.ipynb") as (page, errors):
         conversation = page.locator(".widget-output").first
         expect(conversation).to_contain_text("No messages yet")
         with page.expect_file_chooser() as chooser:  # the FileUpload's input, opened by its button
@@ -314,5 +313,4 @@ def test_the_chat_panels_image_upload_is_answered_with_its_thumbnail(vision_lab,
         expect(conversation).not_to_contain_text("▌", timeout=60_000)
         shown = " ".join(conversation.inner_text().split())
         assert " ".join(re.sub(r"<[^>]*>", "", answer).split()) in shown, (answer, shown)  # Markdown drops <tags>
-        browser.close()
     assert errors == []
