@@ -116,6 +116,15 @@ HOSTILE = {
     "an image in an Anthropic tool result": (anthropic([{"role": "user", "content": "Plot it"}, TOOL_USE, {
         "role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
             {"type": "text", "text": "done"}, ANTHROPIC_IMAGE]}]}]), "messages.2.content.0.content.1", "image"),
+    "an image in an OpenAI tool message": (chat(messages=[*user(), {"role": "assistant", "tool_calls": [{
+        "id": "c1", "type": "function", "function": {"name": "plot", "arguments": "{}"}}]}, {
+        "role": "tool", "tool_call_id": "c1", "content": [image_url(PNG)]}]),
+        "messages[2].content[0]", "not supported"),
+    "an image in a Responses function_call_output": (("/v1/responses", {"model": "tiny", "input": [
+        {"role": "user", "content": "Plot it"},
+        {"type": "function_call", "call_id": "c1", "name": "plot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_image", "image_url": PNG}]}]}),
+        "input[2].output[0]", "not supported"),
     "image_url a number": (chat({"type": "image_url", "image_url": 5}), "messages[0].content[1]",
                            "must be a string"),
     "image_url a nested dict": (chat({"type": "image_url", "image_url": {"url": {"url": PNG}}}),
