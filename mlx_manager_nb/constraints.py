@@ -271,17 +271,46 @@ class Constraint:
 
         def masked(logprobs: mx.array) -> mx.array:
             _fill_masks()
-            if self._failure is not None:
-                raise MaskBudgetError(self.param, f"{self.param}: {self._failure}")
-            allowed = self._allowed if self._allowed is not None else self._only_eos()
-            size = logprobs.shape[-1]
-            row = np.zeros(size, dtype=bool)  # the model's vocab may exceed the tokenizer's: those stay masked
-            n = min(size, allowed.size)
-            row[:n] = allowed[:n]
-            kept = mx.where(mx.array(row), logprobs, -mx.inf)
-            return sample(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+            return sample(mask_logprobs(logprobs, self._mask()))
 
         return masked
+
+    def _mask(self) -> np.ndarray:
+        """This step's allowed tokens (only end-of-turn ones once the grammar ended or refused a token)."""
+        if self._failure is not None:
+            raise MaskBudgetError(self.param, f"{self.param}: {self._failure}")
+        return self._allowed if self._allowed is not None else self._only_eos()
+
+    def masks_along(self, drafts: list[int]) -> tuple[list[np.ndarray], int]:
+        """For speculative decoding (see :mod:`.speculative`): how many of ``drafts`` the grammar allows in a
+        row, and the masks after each of those (the first: before any); the matcher is left where it was."""
+        n = self.matcher.validate_tokens(drafts) if drafts and self.error is None and not self.matcher.is_stopped() \
+            else 0
+        masks = []
+        for i in range(n + 1):
+            self._allowed = None
+            self._compute_mask()
+            masks.append(self._mask())
+            if i < n:
+                self.matcher.consume_token(drafts[i])
+        if n:
+            self.matcher.rollback(n)
+        return masks, n
+
+    def catch_up(self, tokens: list[int]) -> None:
+        """Consume the tokens of ``tokens`` (the sequence's whole text) its processor has not seen yet."""
+        self.advance(tokens[self._seen if self._seen is not None else len(tokens):])
+        self._seen = len(tokens)
+
+    def advance(self, tokens: list[int]) -> None:
+        """Consume ``tokens``, generated outside the batch (a speculative step's)."""
+        for token in tokens:
+            if self.error is not None or self.matcher.is_stopped():
+                break
+            if not self.matcher.consume_token(token):
+                self.error = self.matcher.get_error() or "the grammar refused a token"
+        if self._seen is not None:
+            self._seen += len(tokens)
 
     def _only_eos(self) -> np.ndarray:
         allowed = np.zeros(int(self.eos.max(initial=0)) + 1, dtype=bool)
@@ -304,6 +333,16 @@ class Constraint:
                              "per token): simplify the schema or grammar")
         else:
             self._allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little").astype(bool)
+
+
+def mask_logprobs(logprobs: mx.array, allowed: np.ndarray) -> mx.array:
+    """``logprobs`` with the tokens ``allowed`` does not hold masked, renormalised."""
+    size = logprobs.shape[-1]
+    row = np.zeros(size, dtype=bool)  # the model's vocab may exceed the tokenizer's: those stay masked
+    n = min(size, allowed.size)
+    row[:n] = allowed[:n]
+    kept = mx.where(mx.array(row), logprobs, -mx.inf)
+    return kept - mx.logsumexp(kept, axis=-1, keepdims=True)
 
 
 def _pending() -> list[Constraint]:

@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import KVCache, LRUPromptCache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from . import blas, vision
+from . import blas, speculative, vision
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .kv_disk import DiskTier, cache_layers
@@ -143,6 +143,18 @@ class _Seq:
     first: float | None = None
     recorder: Recorder | None = None  # when the request asked for log-probabilities
     pending: list[TokenLogprob] = field(default_factory=list)  # theirs, for tokens whose text is not out yet
+    drafter: speculative.Lookup | speculative.DraftModel | None = None  # its drafts, once it may speculate
+
+
+@dataclass
+class _Token:
+    """A token of a speculative step, as the batch's responses report one (see Engine._solo_step)."""
+
+    uid: int
+    token: int
+    finish_reason: str | None
+    all_tokens: list[int] | None  # when it ends the sequence: the tokens its KV cache holds, and that cache
+    prompt_cache: list[Any] | None
 
 
 @dataclass(eq=False)
@@ -193,6 +205,10 @@ class Runner:
     lookups: int = 0  # prompts admitted, each looking for a cached prefix
     hits: int = 0  # of those, the prompts that found one
     processor: vision.Processor | None = None  # a vision model's prompt maker (see vision)
+    solo: speculative.Solo | None = None  # its one sequence, decoded outside the batch, speculatively
+    draft: Any = None  # a smaller model of the same tokenizer that drafts for it (see speculative.DraftModel)
+    drafted: int = 0  # tokens its speculative steps drafted...
+    accepted: int = 0  # ...and of those, the tokens the model agreed with
 
     def new_cache(self) -> list[Any]:
         """An empty KV cache for one sequence (quantized where ``kv_bits`` is set)."""
@@ -221,6 +237,7 @@ class Runner:
             _emit(seq.request, Failed(error))
         self.active.clear()
         self.gen = None
+        self.solo = None
         self.kv_bytes = 0
 
     def drop(self, error: BaseException) -> None:
@@ -363,6 +380,7 @@ class Engine:
                 if runner.disk is not None:  # what finished before the stop still reaches the disk
                     runner.disk.finish_copies()
                 runner.gen = None
+                runner.solo = None
                 runner.kv_bytes = 0
         except BaseException as e:  # the thread is dying: say so to everyone waiting on it
             self.error = e
@@ -746,6 +764,9 @@ class Engine:
         if not runner.active:
             self._account(runner)
             return
+        if runner.solo is not None and self._solo_step(runner):
+            self._account(runner)
+            return
         try:
             _, responses = gen.next()
         except Exception as e:  # a failure of the batch step fails this model's batch only
@@ -766,11 +787,87 @@ class Engine:
                 runner.active.pop(r.uid, None)
                 gen.remove([r.uid])
                 _emit(seq.request, Failed(e))
+        self._go_solo(runner)
         self._account(runner)
+
+    def _go_solo(self, runner: Runner) -> None:
+        """Take the model's one decoding sequence out of the batch to decode it speculatively (see
+        :mod:`.speculative`) when its request allows and a draft exists (a draft model always drafts)."""
+        if len(runner.active) != 1 or runner.waiting or runner.prefilling or not self._sliced:
+            return
+        ((uid, seq),) = runner.active.items()
+        if not seq.request.params.speculative or seq.faults:
+            return
+        if seq.drafter is None:
+            seq.drafter = (speculative.DraftModel(runner.draft, make_prompt_cache(runner.draft))
+                           if runner.draft is not None else speculative.Lookup())
+        if isinstance(seq.drafter, speculative.Lookup) and not seq.drafter.draft(
+                [*seq.request.prompt, *seq.detok.tokens], speculative.DRAFT_TOKENS):
+            return
+        if not speculative.trimmable(runner.new_cache()):  # a recurrent model's state cannot give drafts back
+            return
+        cache, tokens = runner.batch().remove([uid], return_prompt_caches=True)[uid]
+        if seq.recorder is not None:  # the pick of the step in flight is never reported
+            seq.recorder.clear()
+        if seq.request.constraint is not None:
+            seq.request.constraint.catch_up(list(tokens))
+        runner.solo = speculative.go(uid, seq, cache, list(tokens), seq.drafter, seq.request.params)
+
+    def _solo_step(self, runner: Runner) -> bool:
+        """One speculative step of the runner's solo sequence; False when it went back into the batch
+        instead (another sequence joined the model, or its drafts stopped coming)."""
+        solo = runner.solo
+        assert solo is not None
+        seq, p = solo.seq, solo.seq.request.params
+        if len(runner.active) > 1 or solo.misses >= speculative.MISSES:
+            runner.solo = None
+            del runner.active[solo.uid]
+            cache, _ = solo.release()
+            try:
+                self._join(runner, seq, solo.tokens, p.limit - seq.tokens, (cache, solo.tokens[-1:]))
+            except Exception as e:
+                _emit(seq.request, Failed(e))
+            return False
+        constraint = seq.request.constraint
+        processors = seq.processors[:-1] if constraint is not None else seq.processors  # the grammar's is last
+        try:
+            with mx.stream(runner.batch().stream):
+                out = speculative.step(solo, runner.model, processors, constraint, p, p.limit - seq.tokens,
+                                       seq.recorder is not None)
+            if seq.faults:
+                raise seq.faults[0]
+            runner.drafted += solo.drafts
+            runner.accepted += len(out) - 1
+        except Exception as e:
+            runner.solo = None
+            del runner.active[solo.uid]
+            _emit(seq.request, Failed(_fault_error(e)))
+            mx.clear_cache()
+            return True
+        eos = runner.tokenizer.eos_token_ids
+        for i, token in enumerate(out):
+            solo.tokens.append(token)
+            if seq.recorder is not None and solo.rows is not None:
+                seq.recorder.record(solo.rows[i], mx.array(token))
+            reason = "stop" if token in eos else "length" if seq.tokens + 1 >= p.limit else None
+            ended = solo.release() if reason is not None else (None, None)
+            if reason is not None:
+                runner.solo = None
+            try:
+                self._on_token(runner, _Token(solo.uid, token, reason, ended[1], ended[0]), seq)
+            except Exception as e:  # as in the batch: this request's consumer or text handling broke
+                runner.active.pop(solo.uid, None)
+                runner.solo = None
+                _emit(seq.request, Failed(e))
+            if solo.uid not in runner.active:  # ended: by eos, max_tokens or a stop string
+                break
+        return True
 
     def _account(self, runner: Runner) -> None:
         """Trim the prompt cache to its share of the budget and record the runner's KV figures."""
         runner.kv_bytes = runner.batch().prompt_cache_nbytes + sum(c.nbytes for p in runner.prefilling for c in p.cache)
+        if runner.solo is not None:
+            runner.kv_bytes += sum(c.nbytes for c in runner.solo.cache)
         self._bound_prompt_cache(runner, runner.kv_bytes)
         runner.cache_bytes = runner.prompt_cache.nbytes
 
@@ -805,6 +902,9 @@ class Engine:
     def _remove(self, runner: Runner, uids: list[int]) -> list[_Seq]:
         """Take sequences out of the batch, their KV into the prompt cache; returns them."""
         caches = runner.batch().remove(uids, return_prompt_caches=True)
+        if runner.solo is not None and runner.solo.uid in uids:  # decoded outside the batch: its own cache
+            caches[runner.solo.uid] = runner.solo.release()
+            runner.solo = None
         removed = [runner.active.pop(uid) for uid in uids]
         for uid in uids:
             if uid in caches and caches[uid][1]:

@@ -83,15 +83,18 @@ class Recorder:
     def wrap(self, sample: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
         def recording(logprobs: mx.array) -> mx.array:
             token = sample(logprobs)
-            row = logprobs[0]
-            top_k = min(self.top, row.shape[0])
-            ids = mx.argpartition(-row, kth=top_k - 1)[:top_k] if top_k else mx.array([], dtype=mx.uint32)
-            picked = row[mx.concatenate([token.reshape(-1)[:1].astype(ids.dtype), ids])].astype(mx.float32)
-            mx.async_eval(picked, ids)
-            self.picks.append((picked, ids))
+            self.record(logprobs[0], token)
             return token
 
         return recording
+
+    def record(self, row: mx.array, token: mx.array) -> None:
+        """Pick ``token``'s and the top alternatives' log-probabilities from ``row`` (one position's)."""
+        top_k = min(self.top, row.shape[0])
+        ids = mx.argpartition(-row, kth=top_k - 1)[:top_k] if top_k else mx.array([], dtype=mx.uint32)
+        picked = row[mx.concatenate([token.reshape(-1)[:1].astype(ids.dtype), ids])].astype(mx.float32)
+        mx.async_eval(picked, ids)
+        self.picks.append((picked, ids))
 
     def clear(self) -> None:
         """Forget picks whose tokens will not be reported (the sequence left the batch)."""

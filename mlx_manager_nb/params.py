@@ -49,6 +49,7 @@ class GenParams:
     ``max_tokens`` None: up to :data:`DEFAULT_MAX_TOKENS`, within the model's context.
     ``logprobs``: report each token's log-probability (see :mod:`mlx_manager_nb.logprobs`), with the
     ``top_logprobs`` most likely alternatives (0 to :data:`MAX_TOP_LOGPROBS`).
+    ``speculative``: False keeps the request off speculative decoding (see :mod:`mlx_manager_nb.speculative`).
     """
 
     temperature: float = field(default=0.7, metadata=NUMBER)
@@ -64,6 +65,7 @@ class GenParams:
     stop: tuple[str, ...] = field(default=(), metadata={"json": (str, list)})
     logprobs: bool = field(default=False, metadata={"json": bool})
     top_logprobs: int = field(default=0, metadata=INTEGER)
+    speculative: bool = field(default=True, metadata={"json": bool})
 
     @property
     def limit(self) -> int:
@@ -174,6 +176,9 @@ def make_params(names: Mapping[str, str] | None = None, /, **given: Any) -> GenP
     if "logit_bias" in given:
         given["logit_bias"] = _logit_bias(given["logit_bias"], names.get("logit_bias", "logit_bias"))
     _check_logprobs(given, names)
+    if not isinstance(given.get("speculative", True), bool):
+        name = names.get("speculative", "speculative")
+        raise InvalidParameterError(name, f"{name} must be true or false, got {_short(given['speculative'])}")
     return GenParams(**given)
 
 

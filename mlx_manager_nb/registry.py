@@ -330,6 +330,7 @@ class Registry:
         hostfile: str | None = None,
         auto_loaded: bool = False,
         kv_bits: int | None = None,
+        draft: str | os.PathLike | None = None,
     ) -> ModelInfo:
         """Load a model (see :func:`mlx_manager_nb.store.resolve` for references); return its info.
 
@@ -342,11 +343,16 @@ class Registry:
         :mod:`mlx_manager_nb.distributed`; e.g. ``hosts=["127.0.0.1", "127.0.0.1"]``.
         ``kv_bits`` (4 or 8) quantizes its KV caches, running and cached, in memory and on disk (see
         :mod:`mlx_manager_nb.kv_quant`): about 2x (8) or 3.5x (4) less KV memory, for a small quality cost.
+        ``draft``: a smaller model of the same vocabulary (a reference, as ``ref``) that drafts tokens for this
+        one's speculative decoding (see :mod:`mlx_manager_nb.speculative`), loaded as it is (not dequantized),
+        counted in this model's memory and unloaded with it; another vocabulary is refused.
         """
         ref = str(ref)
         if kv_bits is not None and (kv_bits not in kv_quant.KV_BITS or hosts or hostfile):
             raise InvalidParameterError("kv_bits", f"kv_bits must be 4 or 8 for a model of this process, "
                                                    f"got {kv_bits!r}")
+        if draft is not None and (hosts or hostfile):
+            raise InvalidParameterError("draft", "draft: a sharded model cannot have a draft model")
         if hosts or hostfile:
             return self._load_sharded(ref, alias, pin, keep_alive, progress, list(hosts or []), backend, parallel,
                                       hostfile)
@@ -368,7 +374,7 @@ class Registry:
             info = waiting.result()
             return info if auto_loaded or not info.auto_loaded else self._touch(info.name, auto_loaded=False)
         try:
-            info = self._load_new(name, ref, path, alias, pin, keep_alive, report, auto_loaded, kv_bits)
+            info = self._load_new(name, ref, path, alias, pin, keep_alive, report, auto_loaded, kv_bits, draft)
             fut.set_result(info)
             return info
         except BaseException as e:
@@ -390,7 +396,7 @@ class Registry:
 
         return report
 
-    def _load_new(self, name, ref, path, alias, pin, keep_alive, report, auto_loaded, kv_bits) -> ModelInfo:
+    def _load_new(self, name, ref, path, alias, pin, keep_alive, report, auto_loaded, kv_bits, draft) -> ModelInfo:
         if name in self._models and self._models[name].state == "ready":
             held = self._models[name]
             return self._touch(name, alias=alias or held.alias, pinned=pin or held.pinned,
@@ -400,8 +406,13 @@ class Registry:
         context = embeddings.max_length(path) if kind == "embedding" else config.context_length
         if kv_bits is not None and kind == "embedding":
             raise InvalidParameterError("kv_bits", f"kv_bits: {name} is an embedding model, it keeps no KV cache")
+        if draft is not None and kind != "chat":
+            raise InvalidParameterError("draft", f"draft: {name} is a {kind} model: only a text model takes a draft")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
+        draft_path = store.resolve(str(draft), report) if draft is not None else None
+        if draft_path is not None:
+            estimate += sum(f.stat().st_size for f in draft_path.glob("*.safetensors"))
         self._make_room(estimate, exclude=name, auto=auto_loaded)
         ka = self.keep_alive if keep_alive == "default" else keep_alive
         with self._lock:
@@ -416,6 +427,8 @@ class Registry:
             loaded: Future = Future()
             self.engine.add_job(_load_job(build, path, report, loaded))
             runner = loaded.result()
+            if draft_path is not None:
+                runner.draft = self._load_draft(runner, draft_path, report)
             runner.kv_budget = self.max_memory // self.max_models  # each model's share for KV caches
             if kv_bits is not None:  # refused where the model's caches or heads cannot be quantized
                 runner.kv_group = self.engine.run(kv_quant.group_size, runner.model, kv_bits).result()
@@ -430,7 +443,8 @@ class Registry:
                 self._models.pop(name, None)
             raise
         report("ready", 1.0)
-        self._set(name, state="ready", size_bytes=_model_bytes(runner.model))
+        size = _model_bytes(runner.model) + (_model_bytes(runner.draft) if runner.draft is not None else 0)
+        self._set(name, state="ready", size_bytes=size)
         return self._touch(name)
 
     def _splitting(self) -> bool:
@@ -438,6 +452,19 @@ class Registry:
         if self.image_splitting is not None:
             return self.image_splitting
         return mx.default_device().type != mx.DeviceType.cpu
+
+    def _load_draft(self, runner: Runner, path: Path, report: Callable[[str, float], None]) -> Any:
+        """The draft model at ``path`` for ``runner``'s: refused unless its tokenizer's vocabulary is the same."""
+        build = _prepare_chat(path.name, path, False)
+        loaded: Future = Future()
+        self.engine.add_job(_load_job(build, path, report, loaded))
+        draft = loaded.result()
+        if draft.tokenizer.vocab != runner.tokenizer.vocab or draft.vocab_size != runner.vocab_size:
+            raise InvalidParameterError("draft", f"draft: {path.name} has another vocabulary than {runner.name} "
+                                                 f"({len(draft.tokenizer.vocab)} tokens, {draft.vocab_size} logits "
+                                                 f"against {len(runner.tokenizer.vocab)}, {runner.vocab_size}): a "
+                                                 "draft model must share its model's tokenizer")
+        return draft.model
 
     def _dequantize_plan(self, path: Path, disk: int, name: str) -> tuple[bool, int]:
         """Whether to load quantized weights as float32, and the bytes the model will take."""

@@ -33,7 +33,7 @@ KINDS = {"invalid_request": "invalid_request_error", "authentication": "authenti
          "rate_limit": "rate_limit_error", "api": "api_error"}
 # Anthropic's sampling fields -> GenParams'
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop_sequences": "stop",
-          "max_tokens": "max_tokens"}
+          "max_tokens": "max_tokens", "speculative": "speculative"}
 
 
 def error_body(error: ApiError) -> dict:

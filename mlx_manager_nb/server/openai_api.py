@@ -75,7 +75,8 @@ ADAPTER = Adapter("openai", error_body, fields={"schema": "response_format.json_
 # OpenAI's sampling fields -> GenParams' (max_tokens and max_completion_tokens are read apart)
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-          "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "seed": "seed", "stop": "stop"}
+          "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "seed": "seed", "stop": "stop",
+          "speculative": "speculative"}  # an extra field: false keeps the request off speculative decoding
 CHAT_FIELDS = {**FIELDS, "logprobs": "logprobs", "top_logprobs": "top_logprobs"}  # completions' logprobs is a number
 
 MAX_PROMPTS = 2048  # prompts in one completions request (a batch), as OpenAI's

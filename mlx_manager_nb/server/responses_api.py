@@ -40,7 +40,8 @@ NO_OPS = {  # values that ask for nothing: accepted
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 SUMMARIES = ("auto", "concise", "detailed")  # reasoning.summary: a summary of reasoning these models do not do
 # the Responses API's sampling fields -> GenParams'
-FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
+FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens",
+          "speculative": "speculative"}
 ADAPTER = Adapter("openai", openai_api.error_body,
                   fields={"messages": "input", "max_tokens": "max_output_tokens", "schema": "text.format.schema"})
 MAX_METADATA = 16  # key-value pairs, each key up to 64 characters and value up to 512, as OpenAI's
