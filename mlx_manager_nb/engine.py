@@ -787,16 +787,17 @@ class Engine:
                 runner.active.pop(r.uid, None)
                 gen.remove([r.uid])
                 _emit(seq.request, Failed(e))
-        self._go_solo(runner)
+        self._go_solo(runner, {r.uid for r in responses})
         self._account(runner)
 
-    def _go_solo(self, runner: Runner) -> None:
+    def _go_solo(self, runner: Runner, decoded: set[int]) -> None:
         """Take the model's one decoding sequence out of the batch to decode it speculatively (see
-        :mod:`.speculative`) when its request allows and a draft exists (a draft model always drafts)."""
+        :mod:`.speculative`) when its request allows and a draft exists (a draft model always drafts).
+        ``decoded``: the sequences this step gave a token (the others are still prompts in the batch)."""
         if len(runner.active) != 1 or runner.waiting or runner.prefilling or not self._sliced:
             return
         ((uid, seq),) = runner.active.items()
-        if not seq.request.params.speculative or seq.faults:
+        if uid not in decoded or not seq.request.params.speculative or seq.faults:
             return
         if seq.drafter is None:
             seq.drafter = (speculative.DraftModel(runner.draft, make_prompt_cache(runner.draft))
