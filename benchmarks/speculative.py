@@ -6,20 +6,25 @@
 One stream, greedy: each task is run with ``speculative=False`` (plain decoding) and with the
 default (prompt lookup), and the texts must be identical. Tasks: rewrite a ~400-token passage with
 one change, extract fields from a document, continue code (input-grounded: the answer copies its
-input), and free-form chat (prompt lookup rarely finds a match there: it must cost nothing).
-Raw mlx-lm (``stream_generate``, the same float32 weights, in this process) decodes the rewrite's
-prompt for reference. Then 8 concurrent streams with speculation allowed and not (it never runs
-beside other streams: the same speed is expected).
+input), and free-form chat, greedy and sampled (temperature 0.8: its text repeats itself less, so
+prompt lookup finds fewer matches; there it must cost nothing). Raw mlx-lm (``stream_generate``, the
+same float32 weights, in this process) decodes the rewrite's prompt for reference. Then 8 concurrent
+streams with speculation allowed and not (it never runs beside other streams: the same speed is expected).
 
-``--draft``: the draft-model mode too, ``pool.load(demo, draft=...)`` with a 4-bit quantized copy of
-the demo model as the draft (the only offline model; same tokenizer), against mlx-lm's own
-``speculative_generate_step`` with the same pair.
+``--draft``: the draft-model mode too, ``pool.load(demo, draft=...)``. The demo model is the only
+offline one; its 4-bit copy (as stored) is slower than float32 on CPUs, so the draft is a
+truncated-layer float32 copy (its first :data:`DRAFT_LAYERS` layers, the same embeddings and head),
+against mlx-lm's own ``speculative_generate_step`` with the same pair.
 Targets: input-grounded tasks >= 2x plain tokens/s with identical text, free chat >= 0.95x, 8
 streams >= 0.95x.
 """
 
+import json
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import concurrently, demo_path, row  # first: binds the fast BLAS
 from mlx_manager_nb.model_pool import Pool
@@ -74,26 +79,40 @@ TASKS = {
         "line.")}], max_tokens=160),
     "continue code": dict(prompt=CODE, max_tokens=200),
 }
+DRAFT_LAYERS = 6
 CHAT = dict(messages=[{"role": "user", "content": "Write a long, vivid story about a lighthouse keeper who finds a "
                        "mysterious map in a bottle. Describe the island, the storm and the treasure in detail."}],
             max_tokens=200)
 
 
 def run(pool: Pool, task: dict, **params) -> tuple[str, float]:
-    """The task's greedy text and its decoding speed (tokens after the first, per second), best of two."""
-    args = {k: v for k, v in task.items() if k in ("max_tokens",)}
+    """The task's text (greedy unless ``params`` say) and its decoding speed (tokens after the first, per
+    second), best of two."""
+    params = {"temperature": 0, "max_tokens": task["max_tokens"], **params}
     if "prompt" in task:
-        results = [pool.complete(task["prompt"], temperature=0, **args, **params) for _ in range(2)]
+        results = [pool.complete(task["prompt"], **params) for _ in range(2)]
     else:
-        results = [pool.chat(task["messages"], temperature=0, **args, **params) for _ in range(2)]
+        results = [pool.chat(task["messages"], **params) for _ in range(2)]
     return results[-1].text, max(r.tokens_per_second or 0.0 for r in results)
 
 
-def raw_mlx_lm(path, task: dict, draft=None) -> float:
-    """Raw mlx-lm's decoding speed on the task's prompt (its own figure, generation_tps)."""
-    from mlx_lm import load, stream_generate
+def float32(path):
+    """The demo model and tokenizer as the pool holds them on CPUs: dequantized, float32."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
 
     model, tok = load(str(path))
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    return model, tok
+
+
+def raw_mlx_lm(path, task: dict, draft=None) -> float:
+    """Raw mlx-lm's decoding speed on the task's prompt (its own figure, generation_tps), float32 weights."""
+    from mlx_lm import stream_generate
+
+    model, tok = float32(path)
     ids = (tok.apply_chat_template(task["messages"], add_generation_prompt=True) if "messages" in task
            else tok.encode(task["prompt"]))
     best = 0.0
@@ -120,6 +139,13 @@ def main() -> None:
               f"accepted {runner.accepted - accepted})")
         row("plain decoding", plain, "tok/s")
         row("prompt lookup", fast, "tok/s", fast / plain, 0.95 if task is CHAT else 2.0)
+    sampled = dict(temperature=0.8, seed=7)
+    _, plain = run(pool, CHAT, speculative=False, **sampled)
+    drafted, accepted = runner.drafted, runner.accepted
+    _, fast = run(pool, CHAT, **sampled)
+    print(f"free-form chat, sampled (drafted {runner.drafted - drafted}, accepted {runner.accepted - accepted})")
+    row("plain decoding", plain, "tok/s")
+    row("prompt lookup", fast, "tok/s", fast / plain, 0.95)
     raw = raw_mlx_lm(path, next(iter(TASKS.values())))
     row("raw mlx-lm, rewrite prompt (plain)", raw, "tok/s")
     print("8 concurrent streams, free-form chat (aggregate)")
@@ -139,16 +165,34 @@ def main() -> None:
         draft_mode(path)
 
 
+def truncated(path, folder: Path) -> Path:
+    """A float32 copy of the demo model with only its first DRAFT_LAYERS layers, in ``folder``."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    model, _ = float32(path)
+    config = json.loads((Path(path) / "config.json").read_text())
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    config["num_hidden_layers"] = DRAFT_LAYERS
+    weights = {k: v for k, v in tree_flatten(model.parameters())
+               if not k.startswith("model.layers.") or int(k.split(".")[2]) < DRAFT_LAYERS}
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(path) / name, folder / name)
+    return folder
+
+
 def draft_mode(path) -> None:
     from mlx_lm import load
-    import mlx.nn as nn
 
-    print("draft model: the demo model quantized to 4 bits drafts for the float32 one")
+    print(f"draft model: the demo model's first {DRAFT_LAYERS} of 30 layers (float32) draft for the whole one")
+    folder = truncated(path, Path(tempfile.mkdtemp()) / "draft")
     pool = Pool(keep_alive=None)
-    draft, _ = load(str(path))
-    nn.quantize(draft, bits=4, group_size=64)
     start = time.perf_counter()
-    pool.load(path, draft=draft)
+    pool.load(path, draft=folder)
     print(f"  loaded with its draft in {time.perf_counter() - start:.1f} s")
     runner = pool.engine.runner(pool.find(None).name)
     for label, task in [*TASKS.items(), ("free-form chat", CHAT)]:
@@ -161,7 +205,8 @@ def draft_mode(path) -> None:
         row("draft model", fast, "tok/s", fast / plain)
     pool.close()
     task = next(iter(TASKS.values()))
-    row("raw mlx-lm with the same draft, rewrite", raw_mlx_lm(path, task, draft), "tok/s")
+    row("raw mlx-lm with the same draft, rewrite", raw_mlx_lm(path, task, load(str(folder))[0]), "tok/s")
+    shutil.rmtree(folder.parent)
 
 
 if __name__ == "__main__":

@@ -797,7 +797,10 @@ class Engine:
         if len(runner.active) != 1 or runner.waiting or runner.prefilling or not self._sliced:
             return
         ((uid, seq),) = runner.active.items()
-        if uid not in decoded or not seq.request.params.speculative or seq.faults:
+        p = seq.request.params
+        if uid not in decoded or not p.speculative or seq.faults:
+            return
+        if p.temperature > 0 and p.seed is not None:  # a seed's text stays the same alone or in a batch
             return
         if seq.drafter is None:
             seq.drafter = (speculative.DraftModel(runner.draft, make_prompt_cache(runner.draft))

@@ -76,15 +76,16 @@ class DraftModel:
             mx.eval([c.state for c in self.cache])
             self.held += self.chunk
             return []
-        out: list[int] = []
-        feed = behind
-        for _ in range(k):
-            logits = self.model(mx.array([feed]), cache=self.cache)
-            token = mx.argmax(logits[0, -1], axis=-1)
-            self.held += len(feed)
-            out.append(token.item())  # type: ignore[arg-type]
-            feed = out[-1:]
-        return out
+        if not k:
+            return []
+        feed, out = mx.array([behind]), []
+        for _ in range(k):  # each token queued behind the last, one synchronisation at the end
+            token = mx.argmax(self.model(feed, cache=self.cache)[:, -1], axis=-1)
+            mx.async_eval(token)
+            out.append(token)
+            feed = token[None]
+        self.held += len(behind) + k - 1
+        return mx.concatenate(out).tolist()  # type: ignore[return-value]
 
     def kept(self, length: int) -> None:
         """The text is now ``length`` tokens of which the cache holds a prefix: forget what it does not."""
