@@ -122,6 +122,19 @@ def raw_mlx_lm(path, task: dict, draft=None) -> float:
     return best
 
 
+def compare(pool: Pool, label: str, task: dict, mode: str, target: float | None = None, **params) -> None:
+    """Print the task's speed without speculation and with it, and whether the texts are the same (greedy)."""
+    runner = pool.engine.runner(pool.find(None).name)
+    plain_text, plain = run(pool, task, speculative=False, **params)
+    drafted, accepted = runner.drafted, runner.accepted
+    text, fast = run(pool, task, **params)
+    same = "sampled" if params.get("temperature") else "identical" if text == plain_text else "DIFFERENT TEXT"
+    print(f"{label} ({len(text)} chars, {same}; drafted {runner.drafted - drafted}, "
+          f"accepted {runner.accepted - accepted})")
+    row("plain decoding", plain, "tok/s")
+    row(mode, fast, "tok/s", fast / plain, target)
+
+
 def main() -> None:
     path = demo_path()
     with open("/proc/loadavg") as f:
@@ -129,23 +142,9 @@ def main() -> None:
     pool = Pool(keep_alive=None)
     pool.load(path)
     pool.chat(CHAT["messages"], temperature=0, max_tokens=8)
-    runner = pool.engine.runner(pool.find(None).name)
     for label, task in [*TASKS.items(), ("free-form chat", CHAT)]:
-        plain_text, plain = run(pool, task, speculative=False)
-        drafted, accepted = runner.drafted, runner.accepted
-        text, fast = run(pool, task)
-        same = "identical" if text == plain_text else "DIFFERENT TEXT"
-        print(f"{label} ({len(text)} chars, {same}; drafted {runner.drafted - drafted}, "
-              f"accepted {runner.accepted - accepted})")
-        row("plain decoding", plain, "tok/s")
-        row("prompt lookup", fast, "tok/s", fast / plain, 0.95 if task is CHAT else 2.0)
-    sampled = dict(temperature=0.8, seed=7)
-    _, plain = run(pool, CHAT, speculative=False, **sampled)
-    drafted, accepted = runner.drafted, runner.accepted
-    _, fast = run(pool, CHAT, **sampled)
-    print(f"free-form chat, sampled (drafted {runner.drafted - drafted}, accepted {runner.accepted - accepted})")
-    row("plain decoding", plain, "tok/s")
-    row("prompt lookup", fast, "tok/s", fast / plain, 0.95)
+        compare(pool, label, task, "prompt lookup", 0.95 if task is CHAT else 2.0)
+    compare(pool, "free-form chat, sampled (temperature 0.8)", CHAT, "prompt lookup", 0.95, temperature=0.8)
     raw = raw_mlx_lm(path, next(iter(TASKS.values())))
     row("raw mlx-lm, rewrite prompt (plain)", raw, "tok/s")
     print("8 concurrent streams, free-form chat (aggregate)")
@@ -194,15 +193,8 @@ def draft_mode(path) -> None:
     start = time.perf_counter()
     pool.load(path, draft=folder)
     print(f"  loaded with its draft in {time.perf_counter() - start:.1f} s")
-    runner = pool.engine.runner(pool.find(None).name)
     for label, task in [*TASKS.items(), ("free-form chat", CHAT)]:
-        plain_text, plain = run(pool, task, speculative=False)
-        drafted, accepted = runner.drafted, runner.accepted
-        text, fast = run(pool, task)
-        same = "identical" if text == plain_text else "DIFFERENT TEXT"
-        print(f"{label} ({same}; drafted {runner.drafted - drafted}, accepted {runner.accepted - accepted})")
-        row("plain decoding", plain, "tok/s")
-        row("draft model", fast, "tok/s", fast / plain)
+        compare(pool, label, task, "draft model")
     pool.close()
     task = next(iter(TASKS.values()))
     row("raw mlx-lm with the same draft, rewrite", raw_mlx_lm(path, task, load(str(folder))[0]), "tok/s")

@@ -128,7 +128,8 @@ class Pool(Registry):
         ``params``: temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens, stop,
         and ``response_format`` (OpenAI's, instead of ``schema``) and ``parallel_tool_calls``;
         ``logprobs=True`` (with ``top_logprobs``, 0 to 20 alternatives) fills ``Result.logprobs`` (see
-        :mod:`mlx_manager_nb.logprobs`).
+        :mod:`mlx_manager_nb.logprobs`); ``speculative=False`` keeps it off speculative decoding (see
+        :mod:`mlx_manager_nb.speculative`).
         ``stream=True`` returns a :class:`TextStream` of deltas. ``meta`` holds audit fields
         (source, endpoint, protocol, id...: a :class:`~mlx_manager_nb.request.RequestContext` or a dict
         of its fields). Bad input raises ValueError naming the field.

@@ -119,6 +119,16 @@ def test_stop_string_inside_an_accepted_draft_stops_there(pool, runner):
     assert checked >= 3
 
 
+def test_audit_counts_the_tokens_sent(pool, runner, audit):
+    from helpers import wait_for
+
+    r = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=70, **LOOPING)
+    assert runner.accepted > 0
+    assert wait_for(lambda: len(audit.query()) == 1)
+    row = audit.query()[0]
+    assert (row["completion_tokens"], row["prompt_tokens"]) == (r.usage.completion_tokens, r.usage.prompt_tokens)
+
+
 def test_max_tokens_exact(pool, runner):
     for n in (1, 2, 3, 5, 8, 13, 21, 34):
         plain = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=n, speculative=False, **LOOPING)
