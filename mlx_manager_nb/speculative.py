@@ -143,7 +143,7 @@ def step(solo: Solo, model: Any, processors: list[Processor], constraint: Constr
         drafts = drafts[:allowed]
     solo.misses = 0 if drafts else solo.misses + 1
     solo.drafts = len(drafts)
-    logits = model(mx.array([solo.tokens[-1:] + drafts]), cache=solo.cache)[0].astype(mx.float32)
+    logits = model(mx.array([solo.tokens[-1:] + drafts]), cache=solo.cache)[0]  # in the model's dtype, as the batch
     solo.held += 1 + len(drafts)
     logprobs = _processed(logits, solo.tokens, drafts, processors, masks)
     if p.temperature == 0:
