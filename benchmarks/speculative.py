@@ -1,7 +1,8 @@
 # ruff: noqa: I001  (the benchmarks import common first: it binds the fast BLAS before mlx loads)
 """Speculative decoding against plain decoding and raw mlx-lm, in one run on the demo model.
 
-    .venv/bin/python benchmarks/speculative.py [--draft]
+    .venv/bin/python benchmarks/speculative.py           # prompt lookup
+    .venv/bin/python benchmarks/speculative.py --draft   # a draft model
 
 One stream, greedy: each task is run with ``speculative=False`` (plain decoding) and with the
 default (prompt lookup), and the texts must be identical. Tasks: rewrite a ~400-token passage with
@@ -11,20 +12,15 @@ prompt lookup finds fewer matches; there it must cost nothing). Raw mlx-lm (``st
 same float32 weights, in this process) decodes the rewrite's prompt for reference. Then 8 concurrent
 streams with speculation allowed and not (it never runs beside other streams: the same speed is expected).
 
-``--draft``: the draft-model mode too, ``pool.load(demo, draft=...)``. The demo model is the only
-offline one; its 4-bit copy (as stored) is slower than float32 on CPUs, so the draft is a
-truncated-layer float32 copy (its first :data:`DRAFT_LAYERS` layers, the same embeddings and head),
-against mlx-lm's own ``speculative_generate_step`` with the same pair.
+``--draft``: the draft-model mode instead, ``pool.load(demo, draft=demo)``: the demo model is the
+only offline one, so its draft is its own 4-bit copy as stored (a draft is loaded as it is, the model
+dequantized to float32), against mlx-lm's ``stream_generate(draft_model=...)`` with the same pair.
 Targets: input-grounded tasks >= 2x plain tokens/s with identical text, free chat >= 0.95x, 8
 streams >= 0.95x.
 """
 
-import json
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from common import concurrently, demo_path, row  # first: binds the fast BLAS
 from mlx_manager_nb.model_pool import Pool
@@ -79,7 +75,6 @@ TASKS = {
         "line.")}], max_tokens=160),
     "continue code": dict(prompt=CODE, max_tokens=200),
 }
-DRAFT_LAYERS = 6
 CHAT = dict(messages=[{"role": "user", "content": "Write a long, vivid story about a lighthouse keeper who finds a "
                        "mysterious map in a bottle. Describe the island, the storm and the treasure in detail."}],
             max_tokens=200)
@@ -137,6 +132,9 @@ def compare(pool: Pool, label: str, task: dict, mode: str, target: float | None 
 
 def main() -> None:
     path = demo_path()
+    if "--draft" in sys.argv:
+        draft_mode(path)
+        return
     with open("/proc/loadavg") as f:
         print(f"demo model (float32), greedy, one stream; load average before: {f.read().split()[0]}")
     pool = Pool(keep_alive=None)
@@ -160,45 +158,24 @@ def main() -> None:
     row("speculative=False", plain8, "tok/s")
     row("speculation allowed", spec8, "tok/s", spec8 / plain8, 0.95)
     pool.close()
-    if "--draft" in sys.argv:
-        draft_mode(path)
-
-
-def truncated(path, folder: Path) -> Path:
-    """A float32 copy of the demo model with only its first DRAFT_LAYERS layers, in ``folder``."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    model, _ = float32(path)
-    config = json.loads((Path(path) / "config.json").read_text())
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
-    config["num_hidden_layers"] = DRAFT_LAYERS
-    weights = {k: v for k, v in tree_flatten(model.parameters())
-               if not k.startswith("model.layers.") or int(k.split(".")[2]) < DRAFT_LAYERS}
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (folder / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(path) / name, folder / name)
-    return folder
 
 
 def draft_mode(path) -> None:
     from mlx_lm import load
 
-    print(f"draft model: the demo model's first {DRAFT_LAYERS} of 30 layers (float32) draft for the whole one")
-    folder = truncated(path, Path(tempfile.mkdtemp()) / "draft")
+    with open("/proc/loadavg") as f:
+        print(f"draft model: the demo model's 4-bit copy drafts for its float32 self; load average before: "
+              f"{f.read().split()[0]}")
     pool = Pool(keep_alive=None)
     start = time.perf_counter()
-    pool.load(path, draft=folder)
+    pool.load(path, draft=path)
     print(f"  loaded with its draft in {time.perf_counter() - start:.1f} s")
     for label, task in [*TASKS.items(), ("free-form chat", CHAT)]:
         compare(pool, label, task, "draft model")
     pool.close()
     task = next(iter(TASKS.values()))
-    row("raw mlx-lm with the same draft, rewrite", raw_mlx_lm(path, task, load(str(folder))[0]), "tok/s")
-    shutil.rmtree(folder.parent)
+    row("raw mlx-lm, rewrite, plain", raw_mlx_lm(path, task), "tok/s")
+    row("raw mlx-lm, rewrite, the same draft", raw_mlx_lm(path, task, load(str(path))[0]), "tok/s")
 
 
 if __name__ == "__main__":

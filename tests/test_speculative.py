@@ -129,6 +129,20 @@ def test_audit_counts_the_tokens_sent(pool, runner, audit):
     assert (row["completion_tokens"], row["prompt_tokens"]) == (r.usage.completion_tokens, r.usage.prompt_tokens)
 
 
+def test_cancel_and_timeout_while_speculating(pool, runner, audit):
+    from helpers import wait_for
+
+    stream = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=400, stream=True, **LOOPING)
+    for _ in stream:
+        if runner.solo is not None:
+            break
+    stream.close()
+    assert wait_for(lambda: len(audit.query()) == 1) and audit.query()[0]["status"] == "cancelled"
+    r = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=400, timeout=0.2, **LOOPING)
+    assert r.finish_reason == "timeout" and 0 < r.usage.completion_tokens < 400
+    assert runner.accepted > 0 and runner.solo is None and not runner.active
+
+
 def test_max_tokens_exact(pool, runner):
     for n in (1, 2, 3, 5, 8, 13, 21, 34):
         plain = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=n, speculative=False, **LOOPING)
