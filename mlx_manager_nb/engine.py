@@ -798,7 +798,7 @@ class Engine:
             return
         ((uid, seq),) = runner.active.items()
         p = seq.request.params
-        if uid not in decoded or not p.speculative or seq.faults:
+        if uid not in decoded or not p.speculative or seq.faults or runner.processor is not None:  # not a vision model
             return
         if p.temperature > 0 and p.seed is not None:  # a seed's text stays the same alone or in a batch
             return

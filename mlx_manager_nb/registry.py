@@ -407,7 +407,8 @@ class Registry:
         if kv_bits is not None and kind == "embedding":
             raise InvalidParameterError("kv_bits", f"kv_bits: {name} is an embedding model, it keeps no KV cache")
         if draft is not None and kind != "chat":
-            raise InvalidParameterError("draft", f"draft: {name} is a {kind} model: only a text model takes a draft")
+            raise InvalidParameterError("draft", f"draft: {name} is not a text model ({kind}): only a text model "
+                                                 "takes a draft")
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         dequantize, estimate = self._dequantize_plan(path, disk, name)
         draft_path = store.resolve(str(draft), report) if draft is not None else None
