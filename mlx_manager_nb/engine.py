@@ -9,6 +9,9 @@ a prompt longer than :data:`PREFILL_THRESHOLD` uncached tokens (:data:`BUSY_PREF
 the model decodes others) is prefilled that way, in chunks sized to a slice, then joins the batch
 with its KV cache, so running streams keep their pace meanwhile.
 Requests of a higher ``priority`` (the notebook's) wait ahead of others and prefill first.
+A model's one decoding sequence leaves the batch to be decoded speculatively, a step per round, once
+tokens can be drafted for it, and rejoins the batch when another request joins (see
+:mod:`mlx_manager_nb.speculative`).
 
 Memory: a runner's ``kv_budget`` bounds the bytes of its KV caches, those of the sequences it
 decodes plus its prompt cache. A request joins the batch only when the batch's estimated KV
