@@ -130,6 +130,7 @@ class Request:
     keep: bool = False  # its KV goes to the prompt cache's disk tier whatever its length (a warm-up)
     progress: Callable[[int, int], None] | None = None  # told (tokens prefilled, prompt tokens) after each chunk
     images: vision.ImagePrompt | None = None  # an image request's tiles and real ids; ``prompt`` holds keys there
+    client: str | None = None  # who asked (an HTTP client's address; None: the notebook): see slices' shares
 
 
 @dataclass
@@ -421,13 +422,13 @@ class Engine:
     def _advance_all(self) -> None:
         """Step every runner, timing the decode steps, then give background work a slice if one is due."""
         start = time.perf_counter()
-        decoding = False
+        clients = {s.request.client for r in self._runners.values() for s in r.active.values()}
         self._fit_blas()
         for runner in list(self._runners.values()):
-            decoding = decoding or bool(runner.active)
             self.advance(runner)
+        decoding = bool(clients)
         if decoding:
-            self._slices.step_took(time.perf_counter() - start)
+            self._slices.step_took(time.perf_counter() - start, clients)
         if self._slices:
             self._slices.run(decoding)
 
@@ -501,7 +502,7 @@ class Engine:
             return
         found = None if read.exception() else read.result()
         if found is not None:
-            self._slices.add(self._build_from_disk(runner, request, *found), request.priority)
+            self._slices.add(self._build_from_disk(runner, request, *found), request.priority, request.client)
         else:
             runner.loading.remove(request)
             self._enqueue(request, from_disk=False)
@@ -585,7 +586,7 @@ class Engine:
         shared = pick_source(runner.prefilling, request.prompt, request.priority, cached)
         runner.prefilling.append(entry)
         if shared is None:
-            self._slices.add(self._prefill(runner, entry), request.priority)
+            self._slices.add(self._prefill(runner, entry), request.priority, request.client)
         else:  # its start is being prefilled for another request: wait for that (see shared_prefix)
             entry.source, entry.until = shared
             self._release(runner, shared[0])
@@ -666,7 +667,7 @@ class Engine:
         waited = any(e.source is entry for e in runner.prefilling)
         if waited or not _plain(entry.request, rest) or \
                 len(rest) > (BUSY_PREFILL_THRESHOLD if busy else PREFILL_THRESHOLD):
-            self._slices.add(self._prefill(runner, entry), entry.request.priority)
+            self._slices.add(self._prefill(runner, entry), entry.request.priority, entry.request.client)
         else:
             runner.prefilling.remove(entry)
             self._insert(runner, entry.request, entry.slots, entry.cache, rest, entry.cached)

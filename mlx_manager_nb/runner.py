@@ -259,7 +259,7 @@ def start(pool: Registry, request: ChatRequest, model: str | None, sink: Callabl
     emit = _emitter(record, chat_plan, content, sink, lambda: engine_request.cancelled.set(), image_fields(request))
     engine_request = Request(info.name, ids, p, emit, deadline=context.deadline, priority=context.priority,
                              constraint=chat_plan.constraint if chat_plan is not None else None, backlog=backlog,
-                             keep=keep, progress=progress, images=images)
+                             keep=keep, progress=progress, images=images, client=context.client)
     pool.submit(engine_request, content)
     return record.id, info.alias or info.name, engine_request
 

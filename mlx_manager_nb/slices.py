@@ -4,10 +4,13 @@ A job is a generator: it starts with ``budget = yield`` and, each time it is res
 it may use now, does one piece of work sized to them and yields again; it ends by returning.
 
 While any sequence decodes, a slice gets about one decode step's time (the median of the last steps,
-at least :data:`SLICE_FLOOR`), and background work gets :data:`BACKGROUND_SHARE` of the decode steps'
-time: a slice after every second step. A running stream's inter-token gap thus stays near twice its
-quiet one, and its total time near 1.5 times, whatever else runs. When nothing decodes a slice may
-take :data:`IDLE_SLICE`, one after the other, and the engine still looks at its inbox between them.
+at least :data:`SLICE_FLOOR`), and background work gets a share of the decode steps' time:
+:data:`BACKGROUND_SHARE` (a slice after every second step) while the sequences decoding are those of
+the jobs' own clients, :data:`FAIR_SHARE` (a slice after every third) while another client's stream
+decodes beside them. That client's inter-token gap thus stays near twice its quiet one, and its total
+time near 1.33 times, whatever else runs; a client's own streams wait more for its own work. When
+nothing decodes a slice may take :data:`IDLE_SLICE`, one after the other, and the engine still looks at
+its inbox between them.
 Jobs of the highest priority take turns, round-robin; lower ones wait until those are done.
 """
 
@@ -24,7 +27,9 @@ Job = Generator[None, float, None]
 SLICE_FLOOR = 0.02  # seconds: the least time a slice gets beside decoding streams
 IDLE_SLICE = 1.0  # seconds a slice may take when nothing decodes (the longest a new request waits to start)
 STEP_WINDOW = 16  # decode steps whose median is a slice's budget
-BACKGROUND_SHARE = 0.5  # seconds of background work per second of decode steps, while anything decodes
+BACKGROUND_SHARE = 0.5  # seconds of background work per second of decode steps, while its own clients decode
+# ... while another client decodes beside it: its stream's total time is then at most about 1 + this
+FAIR_SHARE = 1 / 3
 
 
 def pause(start: float, budget: float) -> Generator[None, float, tuple[float, float]]:
@@ -40,6 +45,7 @@ def pause(start: float, budget: float) -> Generator[None, float, tuple[float, fl
 class _Entry:
     job: Job
     priority: int
+    client: str | None  # whose work it is (None: the notebook's, or nobody's in particular)
 
 
 class Slices:
@@ -53,18 +59,26 @@ class Slices:
     def __bool__(self) -> bool:
         return bool(self._jobs)
 
-    def add(self, job: Job, priority: int = 0) -> None:
-        """Start ``job`` (it runs up to its first ``yield``) and give it slices from the next loop on."""
+    def add(self, job: Job, priority: int = 0, client: str | None = None) -> None:
+        """Start ``job`` (it runs up to its first ``yield``) and give it slices from the next loop on;
+        ``client``: whose work it is (see :meth:`step_took`)."""
         try:
             next(job)
         except StopIteration:
             return
-        self._jobs.append(_Entry(job, priority))
+        self._jobs.append(_Entry(job, priority, client))
 
-    def step_took(self, seconds: float) -> None:
-        """Record how long a decode step took: background work is owed its share of it (at most a slice)."""
+    def step_took(self, seconds: float, clients: frozenset[str | None] | set[str | None] = frozenset()) -> None:
+        """Record how long a decode step took: background work is owed its share of it (at most a slice),
+        the smaller :data:`FAIR_SHARE` when the step decoded for ``clients`` other than the jobs' own."""
         self._steps.append(seconds)
-        self._credit = min(self._credit + BACKGROUND_SHARE * seconds, self._budget(True))
+        others = bool(clients) and not clients <= {e.client for e in self._jobs}
+        share = FAIR_SHARE if others else BACKGROUND_SHARE
+        self._credit = min(self._credit + share * seconds, self._budget(True))
+
+    def step_time(self) -> float | None:
+        """The median of the last decode steps' times (None before the first)."""
+        return statistics.median(self._steps) if self._steps else None
 
     def _budget(self, decoding: bool) -> float:
         if not decoding:

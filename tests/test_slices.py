@@ -68,6 +68,30 @@ def test_background_work_gets_a_slice_after_every_second_decode_step():
     assert pieces[-1] == 1.0  # nothing decodes: a long slice at once
 
 
+def test_a_clients_background_work_gets_less_beside_another_clients_stream_than_beside_its_own():
+    def slices_run(decoding: set) -> int:
+        slices, pieces = Slices(), []
+
+        def job():
+            budget = yield
+            while True:
+                pieces.append(budget)
+                time.sleep(budget)
+                budget = yield
+
+        slices.add(job(), client="10.0.0.1")
+        for _ in range(30):
+            time.sleep(0.02)  # a decode step of the clients ``decoding``
+            slices.step_took(0.02, decoding)
+            slices.run(decoding=True)
+        return len(pieces)
+
+    own = slices_run({"10.0.0.1"})  # a client's prefill beside its own streams: half the steps' time
+    beside = slices_run({"10.0.0.1", "10.0.0.2"})  # ... beside another client's stream: a third
+    assert 9 <= own <= 16, own
+    assert beside <= 0.8 * own, (beside, own)
+
+
 def test_pause_ends_a_slice_once_its_budget_is_spent_and_not_before():
     def job(done):
         budget = yield
