@@ -17,7 +17,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 import llguidance as llg
@@ -40,6 +40,7 @@ MATCHERS_PER_MODEL = 64
 LIMITS = llg.LLParserLimits(verbose_errors=False)
 MASK_GRACE = 0.1  # seconds of CPU a request's masks may take beyond...
 MASK_PER_TOKEN = 0.01  # ...this per token (llguidance's are usually well under a millisecond)
+MASK_WAIT_FLOOR = 0.005  # seconds a step waits for its masks at least (see step_begins)
 _mask_threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlx-masks")
 _steps = threading.local()  # per engine thread: the constraints of the batch step under way
 
@@ -227,9 +228,14 @@ class Constraint:
 
     The masks of a batch step are computed together, in parallel threads (llguidance releases the
     GIL), when the first constrained sequence samples: mlx-lm calls every sequence's processors,
-    then every sampler (see :func:`_fill_masks`). Each mask's CPU time counts against the request's
+    then every sampler (see :func:`_fill_masks`). The step waits for them about as long as its own
+    forward pass takes (see :func:`step_begins`); a mask not ready by then is :attr:`late`: its sampler
+    gives a placeholder token that is never used, the engine takes the sequence out of the batch
+    for that step and puts it back once the mask is ready (:meth:`ready`), so one request's slow
+    grammar never holds the others' step. Each mask's CPU time counts against the request's
     budget (:data:`MASK_GRACE` plus :data:`MASK_PER_TOKEN` per token); past it, or when llguidance's
-    own step limits stop the matcher, its sampler raises and the engine fails that request alone.
+    own step limits stop the matcher, its sampler raises (:attr:`failure` says why) and the engine
+    fails that request alone.
 
     The first call sees the prompt's last token; every later call whose history is longer first
     consumes the token sampled at the previous step (a call with the same history, as after the
@@ -246,7 +252,9 @@ class Constraint:
         self.mask_seconds = 0.0  # CPU time spent computing this request's masks
         self.masks = 0
         self._allowed: np.ndarray | None = None  # this step's mask, once computed
-        self._failure: str | None = None
+        self.failure: str | None = None  # why its masks stopped (over budget, the grammar stopped)
+        self._mask: Future | None = None  # the computation of the mask for the history seen last
+        self.late = False  # its mask was not ready when the step sampled: the step's token is a placeholder
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # Queue the token history, then this step's forward pass, and read the last token through
@@ -260,10 +268,20 @@ class Constraint:
             token = int(memoryview(tokens)[-1])  # type: ignore[arg-type]  # mlx arrays are buffers
             if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
+        if grown or self._seen is None:  # a new state: its mask is to be computed (else the one begun is kept)
+            self._mask = None
         self._seen = tokens.size
         self._allowed = None
         _pending().append(self)
         return logits
+
+    def budget_error(self) -> MaskBudgetError | None:
+        """What this request fails with once its masks stopped (over budget, or the grammar stopped); None before."""
+        return None if self.failure is None else MaskBudgetError(self.param, f"{self.param}: {self.failure}")
+
+    def ready(self) -> bool:
+        """Whether the mask for the history seen last is computed (a late one, once its thread is done)."""
+        return self._mask is not None and self._mask.done()
 
     def sampler(self, sample: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
         """``sample`` applied to this request's log-probabilities masked by its grammar (renormalized,
@@ -271,14 +289,20 @@ class Constraint:
 
         def masked(logprobs: mx.array) -> mx.array:
             _fill_masks()
-            return sample(mask_logprobs(logprobs, self._mask()))
+            error = self.budget_error()
+            if error is not None:
+                raise error
+            if self.late:  # never used: the engine takes this sequence out of the batch for this step
+                return mx.argmax(logprobs, axis=-1)
+            return sample(mask_logprobs(logprobs, self._current()))
 
         return masked
 
-    def _mask(self) -> np.ndarray:
+    def _current(self) -> np.ndarray:
         """This step's allowed tokens (only end-of-turn ones once the grammar ended or refused a token)."""
-        if self._failure is not None:
-            raise MaskBudgetError(self.param, f"{self.param}: {self._failure}")
+        error = self.budget_error()
+        if error is not None:
+            raise error
         return self._allowed if self._allowed is not None else self._only_eos()
 
     def masks_along(self, drafts: list[int]) -> tuple[list[np.ndarray], int]:
@@ -288,9 +312,8 @@ class Constraint:
             else 0
         masks = []
         for i in range(n + 1):
-            self._allowed = None
-            self._compute_mask()
-            masks.append(self._mask())
+            self._allowed = self._compute_mask()
+            masks.append(self._current())
             if i < n:
                 self.matcher.consume_token(drafts[i])
         if n:
@@ -309,6 +332,8 @@ class Constraint:
                 break
             if not self.matcher.consume_token(token):
                 self.error = self.matcher.get_error() or "the grammar refused a token"
+        if tokens:  # a new state: a mask begun in the batch before is not its mask
+            self._mask = None
         if self._seen is not None:
             self._seen += len(tokens)
 
@@ -317,22 +342,24 @@ class Constraint:
         allowed[self.eos] = True
         return allowed
 
-    def _compute_mask(self) -> None:
-        """This step's mask (on a mask thread), its CPU time counted against the budget."""
+    def _compute_mask(self) -> np.ndarray | None:
+        """The mask for the history seen last (on a mask thread), its CPU time counted against the budget;
+        None where only end-of-turn tokens are left or the budget is spent."""
         if self.error is not None or self.matcher.is_stopped():
-            return
+            return None
         started = time.thread_time()
         bits = self.matcher.compute_bitmask()
         self.mask_seconds += time.thread_time() - started
         self.masks += 1
         if self.matcher.is_error():
-            self._failure = f"the grammar stopped: {quote(self.matcher.get_error())}"
+            self.failure = f"the grammar stopped: {quote(self.matcher.get_error())}"
         elif self.mask_seconds > MASK_GRACE + MASK_PER_TOKEN * self.masks:
-            self._failure = (f"the grammar took {self.mask_seconds:.2f} s of CPU to compute masks for "
-                             f"{self.masks} tokens, more than its budget ({MASK_GRACE:g} s + {MASK_PER_TOKEN:g} s "
-                             "per token): simplify the schema or grammar")
+            self.failure = (f"the grammar took {self.mask_seconds:.2f} s of CPU to compute masks for "
+                            f"{self.masks} tokens, more than its budget ({MASK_GRACE:g} s + {MASK_PER_TOKEN:g} s "
+                            "per token): simplify the schema or grammar")
         else:
-            self._allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little").astype(bool)
+            return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little").astype(bool)
+        return None
 
 
 def mask_logprobs(logprobs: mx.array, allowed: np.ndarray) -> mx.array:
@@ -353,16 +380,31 @@ def _pending() -> list[Constraint]:
     return pending
 
 
+def step_begins(seconds: float | None) -> None:
+    """Tell the masks of this (engine) thread that a batch step begins, and how long its steps take: the
+    step waits for its masks until that time has passed (they are computed while its forward pass runs),
+    and at least :data:`MASK_WAIT_FLOOR`; None: as long as they take."""
+    _steps.deadline = None if seconds is None else time.perf_counter() + seconds
+
+
 def _fill_masks() -> None:
-    """Compute the masks of every constraint whose processor ran this step, in parallel."""
+    """Compute the masks of every constraint whose processor ran this step, in parallel, waiting for them
+    as long as a step takes; those not ready by then are late (see :class:`Constraint`)."""
     pending = _pending()
     if not pending:
         return
     batch, pending[:] = list(dict.fromkeys(pending)), []  # once each, should a step have been cut short
-    if len(batch) == 1:
-        batch[0]._compute_mask()
-    else:
-        list(_mask_threads.map(Constraint._compute_mask, batch))
+    for c in batch:
+        if c._mask is None:
+            c._mask = _mask_threads.submit(c._compute_mask)
+    deadline = getattr(_steps, "deadline", None)
+    timeout = None if deadline is None else max(MASK_WAIT_FLOOR, deadline - time.perf_counter())
+    wait([c._mask for c in batch if c._mask is not None], timeout=timeout)
+    for c in batch:
+        assert c._mask is not None
+        c.late = not c._mask.done()
+        if not c.late:
+            c._allowed = c._mask.result()
 
 
 def make_constraint(tokenizer: Any, grammar: str, param: str) -> Constraint:

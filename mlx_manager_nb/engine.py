@@ -26,7 +26,8 @@ prompt cache (within the budget, or dropped), and is parked (see :meth:`Engine._
 the batch once its consumer has taken most of them, as a prompt of its tokens so far with what is
 left of ``max_tokens``, its text, stop strings, sampler and grammar state kept; greedy decoding
 gives the same text as without the pause. Parked longer than ``unread_timeout`` seconds, it is
-cancelled (its ``Done.cause`` is ``"unread"``).
+cancelled (its ``Done.cause`` is ``"unread"``). A sequence whose grammar mask was late for a step (see
+:class:`~mlx_manager_nb.constraints.Constraint`) is parked the same way until the mask is ready.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import KVCache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from . import blas, speculative, vision
+from . import blas, constraints, speculative, vision
 from .attention import PREFILL_CHUNK
 from .errors import EngineError, InvalidParameterError, ModelNotFoundError
 from .kv_disk import DiskTier, cache_layers
@@ -771,6 +772,7 @@ class Engine:
         if runner.solo is not None and self._solo_step(runner):
             self._account(runner)
             return
+        constraints.step_begins(self._slices.step_time())
         try:
             _, responses = gen.next()
         except Exception as e:  # a failure of the batch step fails this model's batch only
@@ -791,6 +793,9 @@ class Engine:
                 runner.active.pop(r.uid, None)
                 gen.remove([r.uid])
                 _emit(seq.request, Failed(e))
+        late = [uid for uid, s in runner.active.items() if s.request.constraint and s.request.constraint.late]
+        if late:  # their tokens of this step are placeholders: they sit out until their masks are ready
+            self._park(runner, late)
         self._go_solo(runner, {r.uid for r in responses})
         self._account(runner)
 
@@ -935,10 +940,15 @@ class Engine:
             if not read and time.monotonic() - parked.since > self.unread_timeout:
                 cut(request, "unread")
             late = request.deadline is not None and now > request.deadline
+            mask = request.constraint
+            masked = mask is None or not mask.late or mask.ready()
             if request.cancelled.is_set() or late:
                 runner.parked.remove(parked)
                 _emit(request, self._seq_done(seq, "cancelled" if request.cancelled.is_set() else "timeout"))
-            elif read and _fits(runner, seq.slots):  # else it waits for room, as a new request would
+            elif masked and mask is not None and (error := mask.budget_error()) is not None:  # its late mask
+                runner.parked.remove(parked)
+                _emit(request, Failed(error))
+            elif read and masked and _fits(runner, seq.slots):  # else it waits for room, as a new request would
                 runner.parked.remove(parked)
                 try:
                     self._join(runner, seq, parked.tokens, request.params.limit - seq.tokens)

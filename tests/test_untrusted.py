@@ -12,6 +12,8 @@ import openai
 import pytest
 from helpers import HI, with_bystanders
 
+from mlx_manager_nb.constraints import Constraint
+
 DRAFT4 = "http://json-schema.org/draft-04/schema#"
 
 
@@ -184,6 +186,36 @@ def test_masks_computed_together_give_each_request_the_text_it_gets_alone(pool):
         t.join()
     assert [together[i] for i in range(4)] == alone
     assert all(json.loads(text)["kind"] in "abc" for text in alone)
+
+
+def test_a_late_mask_sits_its_request_out_of_steps_without_holding_a_bystander_and_keeps_its_text(pool, monkeypatch):
+    free = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    asks = [[{"role": "user", "content": f"Write note {i}."}] for i in range(2)]
+    alone = [pool.chat(ask, schema=free, temperature=0, max_tokens=60).text for ask in asks]
+    start = time.perf_counter()
+    pool.chat(HI, max_tokens=40, temperature=0)
+    quiet = time.perf_counter() - start
+    compute = Constraint._compute_mask
+
+    def slow(self):  # a grammar whose every mask takes 60 ms (waiting, not CPU: within its budget)
+        time.sleep(0.06)
+        return compute(self)
+
+    monkeypatch.setattr(Constraint, "_compute_mask", slow)
+    beside: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: beside.__setitem__(
+        i, pool.chat(asks[i], schema=free, temperature=0, max_tokens=60).text)) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # both decode, 60 tokens each: 3.6 s at least
+    start = time.perf_counter()
+    pool.chat(HI, max_tokens=40, temperature=0)
+    took = time.perf_counter() - start
+    for t in threads:
+        t.join()
+    assert [beside[0], beside[1]] == alone  # greedy: sitting steps out changes no token
+    # had each step waited for the masks, the bystander's 40 steps would have taken 2.4 s at least
+    assert took < quiet + 1.2, (took, quiet)
 
 
 @pytest.mark.parametrize("pattern", ["^(x{500}){500}$", "^(x{1000}){1000}$"])
