@@ -47,17 +47,18 @@ def read_in_thread(stream) -> tuple[list[float], threading.Thread]:
     return stamps, reader
 
 
+def busy_job(pieces: list[float]):
+    """A background job that uses each slice whole; ``pieces`` gets each slice's budget."""
+    budget = yield
+    while True:
+        pieces.append(budget)
+        time.sleep(budget)
+        budget = yield
+
+
 def test_background_work_gets_a_slice_after_every_second_decode_step():
     slices, pieces = Slices(), []
-
-    def job():
-        budget = yield
-        while True:
-            pieces.append(budget)
-            time.sleep(budget)
-            budget = yield
-
-    slices.add(job())
+    slices.add(busy_job(pieces))
     for _ in range(20):
         time.sleep(0.03)  # a decode step
         slices.step_took(0.03)
@@ -71,15 +72,7 @@ def test_background_work_gets_a_slice_after_every_second_decode_step():
 def test_a_clients_background_work_gets_less_beside_another_clients_stream_than_beside_its_own():
     def slices_run(decoding: set) -> int:
         slices, pieces = Slices(), []
-
-        def job():
-            budget = yield
-            while True:
-                pieces.append(budget)
-                time.sleep(budget)
-                budget = yield
-
-        slices.add(job(), client="10.0.0.1")
+        slices.add(busy_job(pieces), client="10.0.0.1")
         for _ in range(30):
             time.sleep(0.02)  # a decode step of the clients ``decoding``
             slices.step_took(0.02, decoding)
