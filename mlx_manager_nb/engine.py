@@ -722,6 +722,7 @@ class Engine:
             if recorder is not None:  # it sees what the sampler sees: after processors and the grammar's mask
                 sampler = recorder.wrap(sampler)
             if request.constraint is not None:  # the grammar reads each token, and masks what is sampled
+                request.constraint.may_sit_out = request.images is None  # (see the unread ones in _step)
                 processors.append(request.constraint)
                 sampler = request.constraint.sampler(sampler)
             seq = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), 0, faults, slots,
