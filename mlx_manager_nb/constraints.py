@@ -40,7 +40,7 @@ MATCHERS_PER_MODEL = 64
 LIMITS = llg.LLParserLimits(verbose_errors=False)
 MASK_GRACE = 0.1  # seconds of CPU a request's masks may take beyond...
 MASK_PER_TOKEN = 0.01  # ...this per token (llguidance's are usually well under a millisecond)
-MASK_WAIT_FLOOR = 0.005  # seconds a step waits for its masks at least (see step_begins)
+MASK_WAIT_FLOOR = 0.02  # seconds a step waits for its masks at least (see step_begins); a busy CPU delays cheap ones
 _mask_threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlx-masks")
 _steps = threading.local()  # per engine thread: the constraints of the batch step under way
 
