@@ -26,6 +26,7 @@ import numpy as np
 
 from . import schema_limits
 from .errors import InvalidParameterError
+from .priority import lower_this_thread
 from .schema_limits import quote
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ MASK_GRACE = 0.1  # seconds of CPU a request's masks may take beyond...
 MASK_PER_TOKEN = 0.01  # ...this per token (llguidance's are usually well under a millisecond)
 MASK_WAIT_FLOOR = 0.02  # seconds a step waits for its masks at least (see step_begins); a busy CPU delays cheap ones
 _mask_threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlx-masks")
+# compiles (a grammar's first mask builds its lexer: 0.3 s for a costly one) yield the CPU to the engine
+_compile_threads = ThreadPoolExecutor(2, thread_name_prefix="mlx-grammar-compiles", initializer=lower_this_thread)
 _steps = threading.local()  # per engine thread: the constraints of the batch step under way
 
 
@@ -194,7 +197,7 @@ def compile_grammar(tokenizer: Any, grammar: str, param: str) -> llg.LLMatcher:
                 break
         compiling.wait()  # then take its matcher, or compile again to name this request's field
     try:
-        base = _compile(g, grammar, param)
+        base = _compile_threads.submit(_compile, g, grammar, param).result()
         with g.lock:
             g.matchers[grammar] = base
             while len(g.matchers) > MATCHERS_PER_MODEL:

@@ -4,6 +4,8 @@ alone, while bystanders stream on unharmed."""
 
 import asyncio
 import json
+import os
+import sys
 import threading
 import time
 
@@ -216,6 +218,19 @@ def test_a_late_mask_sits_its_request_out_of_steps_without_holding_a_bystander_a
     assert [beside[0], beside[1]] == alone  # greedy: sitting steps out changes no token
     # had each step waited for the masks, the bystander's 40 steps would have taken 4 s at least
     assert took < quiet + 2, (took, quiet)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="each thread has its own priority on Linux")
+def test_grammar_compiles_and_schema_checks_run_below_the_engines_priority(pool):
+    from mlx_manager_nb.constraints import _compile_threads
+    from mlx_manager_nb.priority import BACKGROUND_NICE
+    from mlx_manager_nb.server.checks import _pool
+
+    engine = pool.engine.run(threading.get_native_id).result()
+    for threads in (_compile_threads, _pool):
+        tid = threads.submit(threading.get_native_id).result()
+        nice, engine_nice = os.getpriority(os.PRIO_PROCESS, tid), os.getpriority(os.PRIO_PROCESS, engine)
+        assert nice == min(19, engine_nice + BACKGROUND_NICE), (nice, engine_nice)
 
 
 @pytest.mark.parametrize("pattern", ["^(x{500}){500}$", "^(x{1000}){1000}$"])

@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..images import downloader, in_body, reading
+from ..priority import lower_this_thread
 from ..schema_limits import LIMITS, Budget, budget
 from .common import OPTIONS, off_loop
 
 T = TypeVar("T")
 WORKERS = 4  # threads checking schemas, for all clients together
-_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="mlx-schema-checks")
+_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="mlx-schema-checks", initializer=lower_this_thread)
 # per (event loop, client address): its gate and how many requests hold or await it
 _gates: dict[tuple[int, str], tuple[asyncio.Semaphore, int]] = {}
 
