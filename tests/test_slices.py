@@ -255,12 +255,16 @@ def test_an_embedding_batch_runs_in_passes_between_decode_steps(pool, tmp_path, 
     assert during >= 10, during  # in one piece, the whole batch ran between two decode steps
 
 
-def test_a_load_runs_in_slices_beside_a_stream(pool, tmp_path, monkeypatch):
+def test_a_load_runs_in_slices_beside_a_stream(slow, tmp_path, monkeypatch):
     from mlx_manager_nb import slices
 
+    pool = slow
     monkeypatch.setattr(slices, "SLICE_FLOOR", 0.0)  # slices of one decode step of the tiny model: many of them
     bigger = build_tiny_model(tmp_path / "bigger", hidden_size=512, num_hidden_layers=8, intermediate_size=1024)
-    bystander = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=480, stream=True)
+    eos = pool.engine.runner(pool.models()[0].name).tokenizer.eos_token_id
+    # a stream that outlasts the load (the tiny model's 480 tokens could end before it on a busy CPU)
+    bystander = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=6000, stream=True,
+                          logit_bias={eos: -100})
     stamps, reader = read_in_thread(bystander)
     assert wait_for(lambda: len(stamps) > 5)
     progress: list[float] = []
