@@ -232,8 +232,7 @@ class Constraint:
     The masks of a batch step are computed together, in parallel threads (llguidance releases the
     GIL), when the first constrained sequence samples: mlx-lm calls every sequence's processors,
     then every sampler (see :func:`_fill_masks`). The step waits for them about as long as its own
-    forward pass takes (see :func:`step_begins`); a mask not ready by then (of a request that
-    :attr:`may_sit_out`: the engine can rebuild its KV) is :attr:`late`: its sampler
+    forward pass takes (see :func:`step_begins`); a mask not ready by then is :attr:`late`: its sampler
     gives a placeholder token that is never used, the engine takes the sequence out of the batch
     for that step and puts it back once the mask is ready (:meth:`ready`), so one request's slow
     grammar never holds the others' step. Each mask's CPU time counts against the request's
@@ -259,7 +258,6 @@ class Constraint:
         self.failure: str | None = None  # why its masks stopped (over budget, the grammar stopped)
         self._mask: Future | None = None  # the computation of the mask for the history seen last
         self.late = False  # its mask was not ready when the step sampled: the step's token is a placeholder
-        self.may_sit_out = True  # False: the step waits for its masks however long they take
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # Queue the token history, then this step's forward pass, and read the last token through
@@ -405,7 +403,6 @@ def _fill_masks() -> None:
     deadline = getattr(_steps, "deadline", None)
     timeout = None if deadline is None else max(MASK_WAIT_FLOOR, deadline - time.perf_counter())
     wait([c._mask for c in batch if c._mask is not None], timeout=timeout)
-    wait([c._mask for c in batch if c._mask is not None and not c.may_sit_out])
     for c in batch:
         assert c._mask is not None
         c.late = not c._mask.done()

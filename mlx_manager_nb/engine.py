@@ -722,7 +722,6 @@ class Engine:
             if recorder is not None:  # it sees what the sampler sees: after processors and the grammar's mask
                 sampler = recorder.wrap(sampler)
             if request.constraint is not None:  # the grammar reads each token, and masks what is sampled
-                request.constraint.may_sit_out = request.images is None  # (see the unread ones in _step)
                 processors.append(request.constraint)
                 sampler = request.constraint.sampler(sampler)
             seq = _Seq(request, runner.tokenizer.detokenizer, StopMatcher(p.stop), 0, faults, slots,
@@ -796,6 +795,8 @@ class Engine:
                 _emit(seq.request, Failed(e))
         late = [uid for uid, s in runner.active.items() if s.request.constraint and s.request.constraint.late]
         if late:  # their tokens of this step are placeholders: they sit out until their masks are ready
+            # (never an image request, whose KV its keys cannot rebuild: a vision model takes no grammar, see
+            # runner.tokens)
             self._park(runner, late)
         self._go_solo(runner, {r.uid for r in responses})
         self._account(runner)
