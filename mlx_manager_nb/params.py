@@ -210,16 +210,22 @@ def make_sampler(p: GenParams) -> Callable[[mx.array], mx.array]:
     key = [mx.random.key(p.seed if p.seed is not None else random.getrandbits(63))]
 
     def sample(logprobs: mx.array) -> mx.array:
-        if 0 < p.top_p < 1:
-            logprobs = apply_top_p(logprobs, p.top_p)
-        if p.min_p > 0:
-            logprobs = apply_min_p(logprobs, p.min_p)
-        if 0 < p.top_k < logprobs.shape[-1]:  # top_k == vocabulary size keeps every token
-            logprobs = apply_top_k(logprobs, p.top_k)
         key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * (1 / p.temperature), key=sub)
+        return mx.random.categorical(filtered(logprobs, p) * (1 / p.temperature), key=sub)
 
     return sample
+
+
+def filtered(logprobs: mx.array, p: GenParams) -> mx.array:
+    """``logprobs`` with the tokens ``p``'s ``top_p``, ``min_p`` and ``top_k`` leave out set to ``-inf``: what
+    its sampler draws from, before the temperature."""
+    if 0 < p.top_p < 1:
+        logprobs = apply_top_p(logprobs, p.top_p)
+    if p.min_p > 0:
+        logprobs = apply_min_p(logprobs, p.min_p)
+    if 0 < p.top_k < logprobs.shape[-1]:  # top_k == vocabulary size keeps every token
+        logprobs = apply_top_k(logprobs, p.top_k)
+    return logprobs
 
 
 def _openai_penalties(prompt_tokens: int, presence: float, frequency: float) -> Processor:

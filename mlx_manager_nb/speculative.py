@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .constraints import mask_logprobs
-from .params import GenParams, Processor
+from .params import GenParams, Processor, filtered
 
 if TYPE_CHECKING:
     from .constraints import Constraint
@@ -35,11 +34,14 @@ if TYPE_CHECKING:
 DRAFT_TOKENS = 4  # tokens drafted per step
 NGRAMS = (3, 2)  # the n-gram lengths matched at the end of the text, longest first
 MISSES = 16  # draftless steps in a row after which the sequence goes back to the batch
+INDEX_STEP = 4096  # text positions a draft indexes at most (a long prompt's index is built over several steps)
 
 
 class Lookup:
     """Prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the text's last
-    n-gram. Its index grows with the text (a dict per n-gram length), so a lookup costs O(new tokens)."""
+    n-gram. Its index grows with the text (a dict per n-gram length), at most :data:`INDEX_STEP` positions
+    per draft, so a draft's work is bounded on the engine thread however long the prompt (until the index
+    has caught up, it drafts from the occurrences indexed so far)."""
 
     def __init__(self) -> None:
         self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAMS}
@@ -48,10 +50,11 @@ class Lookup:
     def draft(self, tokens: list[int], k: int) -> list[int]:
         """Up to ``k`` tokens likely to follow ``tokens`` (none when its last n-gram did not occur before)."""
         end = len(tokens)
+        upto = min(end, self._done + INDEX_STEP)
         for n, index in self._index.items():  # n-grams ending before the last position: each has a follower
-            for e in range(max(n, self._done), end):
+            for e in range(max(n, self._done), upto):
                 index[tuple(tokens[e - n:e])] = e
-        self._done = max(self._done, end)
+        self._done = max(self._done, upto)
         for n, index in self._index.items():
             at = index.get(tuple(tokens[end - n:])) if end >= n else None
             if at is not None:
@@ -192,13 +195,7 @@ def _accept_greedy(picks: list[int], drafts: list[int]) -> list[int]:
 
 def distribution(logprobs: mx.array, p: GenParams) -> mx.array:
     """The probabilities the request's sampler draws each row's token from (``p``'s filters and temperature)."""
-    if 0 < p.top_p < 1:
-        logprobs = apply_top_p(logprobs, p.top_p)
-    if p.min_p > 0:
-        logprobs = apply_min_p(logprobs, p.min_p)
-    if 0 < p.top_k < logprobs.shape[-1]:
-        logprobs = apply_top_k(logprobs, p.top_k)
-    return mx.softmax(logprobs * (1 / p.temperature), axis=-1)
+    return mx.softmax(filtered(logprobs, p) * (1 / p.temperature), axis=-1)
 
 
 def accept_sampled(probs: mx.array, drafts: list[int], key: mx.array) -> list[int]:

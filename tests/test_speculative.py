@@ -14,7 +14,8 @@ import pytest
 
 from mlx_manager_nb import speculative
 from mlx_manager_nb.errors import InvalidParameterError
-from mlx_manager_nb.params import make_params
+from mlx_manager_nb.params import GenParams, make_params
+from mlx_manager_nb.top_p import apply_top_p
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Italy is Rome. The capital of France is",
@@ -213,6 +214,17 @@ def test_acceptance_draws_from_p():
         assert kept / n == pytest.approx(p[0, drafted].item(), abs=0.025)
 
 
+def test_sampled_speculation_keeps_the_tokens_the_sampler_can_draw():
+    """A row's top-p is the sampler's own (params.filtered, sorting only the tokens that can be kept), so
+    speculative sampling draws from the request's distribution: mlx-lm's full sort rounds its running sum
+    and keeps other boundary tokens over a real vocabulary."""
+    logits = mx.random.normal((4, 49152), key=mx.random.key(0)) * 4.0
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    kept = mx.logical_not(mx.isinf(apply_top_p(lp, 0.99)))
+    probs = speculative.distribution(lp, GenParams(temperature=1.0, top_p=0.99))
+    assert mx.array_equal(probs > 0, kept).item()
+
+
 def test_acceptance_of_several_drafts():
     """A refused draft's row is drawn without it; after all are kept, the last row gives one more."""
     p = mx.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
@@ -226,6 +238,17 @@ def test_lookup_drafts_what_followed_the_last_ngram():
     assert lookup.draft([1, 2, 3, 4, 5, 1, 2, 3], 3) == [4, 5, 1]
     assert lookup.draft([1, 2, 3, 4, 5, 1, 2, 3, 9], 3) == []
     assert lookup.draft([1, 2, 3, 4, 5, 1, 2, 3, 9, 7, 2, 3], 2) == [9, 7]  # the latest occurrence
+
+
+def test_lookup_indexes_a_long_prompt_over_several_drafts():
+    """A draft's work on the engine thread is bounded: a long prompt is indexed a piece per draft, its
+    earlier occurrences first, the latest once the index has caught up."""
+    filler = list(range(100, 100 + 3 * speculative.INDEX_STEP))
+    tokens = [1, 2, 3, 9, *filler, 1, 2, 3, 8, *[t + 50_000 for t in filler], 1, 2, 3]
+    lookup = speculative.Lookup()
+    assert lookup.draft(tokens, 1) == [9]  # only the first piece is indexed
+    drafts = [lookup.draft(tokens, 1) for _ in range(len(tokens) // speculative.INDEX_STEP)]
+    assert drafts[-1] == [8]
 
 
 def test_speculative_parameter():
