@@ -711,6 +711,8 @@ class Engine:
                 cached: int | None = None) -> None:
         """Put ``request`` into the batch: ``cache`` (None: none) holds its prompt but ``rest``; ``cached``
         (default: all the cache holds) is how much of that the prompt cache gave."""
+        if request.images is not None:  # its image tokens are in ``cache`` (prefilled, or found cached)
+            request.images.release()
         try:
             p = request.params
             faults: list[BaseException] = []
@@ -746,6 +748,8 @@ class Engine:
         cached = len(prompt) - len(rest) if cache is not None else 0
         if seq.recorder is not None:  # picks sampled before it left the batch are never reported
             seq.recorder.clear()
+        if seq.request.constraint is not None:  # it has sampled no placeholder here (it may be a prompt for a step)
+            seq.request.constraint.late = False
         eos = [[t] for t in runner.tokenizer.eos_token_ids]
         (uid,) = runner.batch().insert([rest if cache is not None else prompt], max_tokens=[max_tokens],
                                        caches=[cache], all_tokens=[prompt[:cached]], samplers=[seq.sampler],

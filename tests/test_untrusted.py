@@ -220,6 +220,26 @@ def test_a_late_mask_sits_its_request_out_of_steps_without_holding_a_bystander_a
     assert took < quiet + 2, (took, quiet)
 
 
+def test_a_late_mask_rejoins_where_the_prompt_cache_keeps_nothing(pool, monkeypatch):
+    """With no room for a prompt cache (a KV budget the running sequence takes whole), a request whose masks
+    are always late comes back from each sit-out as a prompt of its text so far, prefilled in the batch for a
+    step before it samples: it is not parked again for the placeholder of the step before its sit-out."""
+    free = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    ask = [{"role": "user", "content": "Write note 0."}]
+    alone = pool.chat(ask, schema=free, temperature=0, max_tokens=12).text
+    compute = Constraint._compute_mask
+
+    def slow(self):  # every mask late (waiting, not CPU: within its budget)
+        time.sleep(0.1)
+        return compute(self)
+
+    monkeypatch.setattr(Constraint, "_compute_mask", slow)
+    monkeypatch.setattr(pool.engine.runner("tiny-llama"), "kv_budget", 1)  # the prompt cache keeps nothing
+    late = pool.chat(ask, schema=free, temperature=0, max_tokens=12, timeout=20)
+    assert late.finish_reason != "timeout", late.text  # before: parked again after every rejoin, for ever
+    assert late.text == alone
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="each thread has its own priority on Linux")
 def test_grammar_compiles_and_schema_checks_run_below_the_engines_priority(pool):
     from mlx_manager_nb.constraints import _compile_threads

@@ -398,3 +398,18 @@ def test_the_chat_magic_sends_a_notebook_image_to_a_vision_model(shell, vlm_path
     # the magic sends the text first, then the images; the kernel's pool on a CPU does not cut images into tiles
     assert shell.user_ns["answer"] == reference(vlm_path, chat(QUESTION, picture(13), max_tokens=12), 12,
                                                 splitting=mx.default_device().type != mx.DeviceType.cpu)
+
+
+def test_a_request_whose_image_is_cached_holds_no_pixels_while_it_decodes(vlm, monkeypatch):
+    """The second ask of an image finds its image tokens in the prompt cache and joins the batch at once: its
+    tiles are dropped then, as a prefilled request's are (not held until it ends)."""
+    submitted = []
+    submit = vlm.engine.submit
+    monkeypatch.setattr(vlm.engine, "submit", lambda request: (submitted.append(request), submit(request))[1])
+    image = picture(11)
+    first, _ = run(vlm, chat(image, "What is in this image?"))
+    again, result = run(vlm, chat(image, "What is in this image?"))
+    prefilled, cached = (r.images for r in submitted)
+    assert again == first and result.usage.cached_tokens >= cached.end  # its image tokens were all cached
+    assert prefilled.pixels.size == 0  # dropped once its prompt was prefilled
+    assert cached.pixels.size == 0 and not cached.features  # dropped as it joined the batch
