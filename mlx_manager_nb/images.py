@@ -136,11 +136,7 @@ def decode(data: bytes, where: str) -> Image:
     except Exception:
         raise InvalidParameterError(where, f"{where} is not an image this server reads "
                                     f"({', '.join(FORMATS)})") from None
-    if width * height > LIMITS.max_pixels:
-        raise _too_many_pixels(where, (width, height))
-    if r.pixels + width * height > LIMITS.request_pixels:
-        raise InvalidParameterError(where, f"{where}: the request's images hold more than "
-                                    f"{LIMITS.request_pixels:,} pixels together")
+    _check_pixels(r, (width, height), where)
     try:
         with PIL.open(io.BytesIO(data), formats=FORMATS) as checked:
             checked.verify()  # a PNG's chunk checksums; a file cut short
@@ -151,6 +147,15 @@ def decode(data: bytes, where: str) -> Image:
         raise InvalidParameterError(where, f"{where} is not a readable {kind} image "
                                     f"({type(e).__name__}: {str(e)[:100]})") from None
     return _made(r, rgb, data, len(data), kind, where)
+
+
+def _check_pixels(r: _Reading, size: tuple[int, int], where: str) -> None:
+    """Refuse an image of ``size`` over the pixels of one image, or of the request's images together."""
+    if size[0] * size[1] > LIMITS.max_pixels:
+        raise _too_many_pixels(where, size)
+    if r.pixels + size[0] * size[1] > LIMITS.request_pixels:
+        raise InvalidParameterError(where, f"{where}: the request's images hold more than "
+                                    f"{LIMITS.request_pixels:,} pixels together")
 
 
 def _too_many_pixels(where: str, size: tuple[int, int] | None) -> InvalidParameterError:
@@ -251,8 +256,7 @@ def _from_array(value: Any, where: str) -> Any:
 def _pixels(img: Any, where: str) -> Image:
     """An image given as pixels: its digest is of its pixels (the bytes it came as are its RGB pixels)."""
     r = _count(where)
-    if img.width * img.height > LIMITS.max_pixels:
-        raise _too_many_pixels(where, img.size)
+    _check_pixels(r, img.size, where)
     rgb = _rgb(img) if img.mode != "RGB" else img.copy()
     data = rgb.tobytes()
     return _made(r, rgb, f"{rgb.width}x{rgb.height}:".encode() + data, len(data), "pixels", where)

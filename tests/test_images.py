@@ -171,6 +171,9 @@ def test_caps_on_bytes_count_and_pixels_per_request(monkeypatch):
     monkeypatch.setattr(images.LIMITS, "request_pixels", 1000)
     e = refused(user(image(png(20, 20)), image(png(20, 20)), image(png(20, 20))))
     assert e.param == "messages[0].content[3]" and "more than 1,000 pixels together" in str(e)
+    pixels = [PIL.new("RGB", (20, 20)), np.zeros((20, 20, 3), np.uint8), PIL.new("L", (20, 20))]
+    e = refused(user(*map(image, pixels)))  # images given as pixels count alike
+    assert e.param == "messages[0].content[3]" and "more than 1,000 pixels together" in str(e)
 
 
 def test_without_pillow_an_image_is_refused_saying_what_to_install(monkeypatch):
