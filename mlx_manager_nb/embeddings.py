@@ -15,7 +15,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class _Job:
     finish: Callable[[_Job, BaseException | None], None]
     vectors: np.ndarray | None = None
     future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # its caller left: drop its rows
 
 
 @dataclass
@@ -196,6 +197,11 @@ def _flush(engine: Engine, runner: Runner) -> Job:
         while groups:
             if engine.runner(runner.name) is not runner:
                 raise ModelNotFoundError(f"model {runner.name!r} was unloaded")
+            jobs = _drop_cancelled(jobs)
+            live = {id(job) for job in jobs}
+            groups = [g for g in ([i for i in g if id(seqs[i][0]) in live] for g in groups) if g]
+            if not groups:
+                break
             width = len(seqs[groups[0][0]][2])  # the group's longest
             fits = max(1, int((FIRST_PASS_TOKENS if queue.speed is None else queue.speed * budget) // width))
             rows, groups[0] = groups[0][:fits], groups[0][fits:]
@@ -214,12 +220,22 @@ def _flush(engine: Engine, runner: Runner) -> Job:
         for job in jobs:
             job.finish(job, e)
         return
-    start = 0
-    for job in jobs:
-        v = vectors[start: start + len(job.tokens), : job.dimensions]
-        start += len(job.tokens)
+    starts = {id(job): i for i, (job, row, _) in enumerate(seqs) if row == 0}
+    for job in _drop_cancelled(jobs):
+        v = vectors[starts[id(job)]: starts[id(job)] + len(job.tokens), : job.dimensions]
         job.vectors = _normalized(v) if model.spec.normalize else v
         job.finish(job, None)
+
+
+def _drop_cancelled(jobs: list[_Job]) -> list[_Job]:
+    """End the jobs whose callers left (their rows say cancelled, their rows of the batch are skipped)."""
+    live = []
+    for job in jobs:
+        if job.cancelled.is_set():
+            job.finish(job, None)
+        else:
+            live.append(job)
+    return live
 
 
 def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimensions: int | None,
@@ -239,8 +255,13 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
         raise
 
     def finish(job: _Job, error: BaseException | None) -> None:
-        outcome = (dict(status="ok", prompt_tokens=sum(map(len, tokens)), completion_tokens=0,
-                        duration=time.time() - record.started) if error is None else record.failed(error))
+        if job.cancelled.is_set():  # its caller left; nobody reads the future
+            error = CancelledError()
+            outcome = dict(status="cancelled", prompt_tokens=sum(map(len, tokens)), completion_tokens=0,
+                           duration=time.time() - record.started)
+        else:
+            outcome = (dict(status="ok", prompt_tokens=sum(map(len, tokens)), completion_tokens=0,
+                            duration=time.time() - record.started) if error is None else record.failed(error))
         row = record.end(outcome, {"prompt": inputs, "completion": ""})
         if error is not None:
             job.future.set_exception(error)
@@ -249,7 +270,7 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
             job.future.set_result(Embedded(job.vectors, row["prompt_tokens"], row["duration"]))
 
     job = _Job(tokens, dims, finish)
-    job.future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the engine
+    job.future.set_running_or_notify_cancel()  # a caller that gives up sets ``job.cancelled`` instead
     record = pool.begin("embed", info.name, context)
     queue = runner.embed_queue
     with queue.lock:
@@ -262,8 +283,13 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
 
 def run(pool: Any, inputs: Inputs, model: str | None = None, *, truncate: bool = False,
         dimensions: int | None = None, meta: dict | RequestContext | None = None) -> Embedded:
-    """Embed ``inputs`` on an embedding model of ``pool``, blocking until done."""
-    return _submit(pool, inputs, model, truncate, dimensions, meta).future.result()
+    """Embed ``inputs`` on an embedding model of ``pool``, blocking until done (an interrupt cancels it)."""
+    job = _submit(pool, inputs, model, truncate, dimensions, meta)
+    try:
+        return job.future.result()
+    except BaseException:
+        job.cancelled.set()  # a no-op once it has ended
+        raise
 
 
 async def arun(pool: Any, inputs: Inputs, model: str | None = None, *, truncate: bool = False,
@@ -271,7 +297,11 @@ async def arun(pool: Any, inputs: Inputs, model: str | None = None, *, truncate:
     """:func:`run` without blocking the running event loop (tokenization runs in its executor)."""
     loop = asyncio.get_running_loop()
     job = await loop.run_in_executor(None, lambda: _submit(pool, inputs, model, truncate, dimensions, meta))
-    return await asyncio.wrap_future(job.future)
+    try:
+        return await asyncio.wrap_future(job.future)
+    except asyncio.CancelledError:  # the caller left (an HTTP client that disconnected): its rows stop
+        job.cancelled.set()
+        raise
 
 
 def single(inputs: Inputs, vectors: np.ndarray) -> np.ndarray:

@@ -5,12 +5,15 @@ import base64
 import json
 import os
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
+from helpers import wait_for
 from test_server import post
 
 from mlx_manager_nb import embeddings
@@ -173,6 +176,29 @@ def test_a_cancelled_caller_does_not_disturb_the_others(pool):
 
     assert asyncio.run(main()).shape == (2, 32)
     assert pool.embed("cats", model="bert").shape == (32,)
+    assert all(m.in_flight == 0 for m in pool.models())
+
+
+def test_a_client_that_disconnects_stops_its_batch_and_leaves_a_cancelled_row(server, pool, audit, monkeypatch):
+    from mlx_manager_nb import slices
+
+    monkeypatch.setattr(slices, "IDLE_SLICE", 0.005)  # slices of a few rows: the batch takes many passes
+    passes = count_passes(monkeypatch)
+    body = json.dumps({"model": "bert", "input": [[5] * 30] * 2048}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % len(body) + body)
+        assert wait_for(lambda: len(passes) >= 2)  # the batch runs; then its client goes away
+
+    def rows():
+        audit.flush()
+        return [r for r in audit.query(limit=5) if r["endpoint"] == "/v1/embeddings"]
+
+    assert wait_for(rows) and rows()[0]["status"] == "cancelled"
+    done = len(passes)
+    time.sleep(0.3)
+    assert len(passes) == done and sum(passes) < 2048  # no pass ran for it once it was cancelled
+    assert pool.embed("cats", model="bert").shape == (32,)  # the model still embeds
     assert all(m.in_flight == 0 for m in pool.models())
 
 
