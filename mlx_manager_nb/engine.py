@@ -18,7 +18,8 @@ decodes plus its prompt cache. A request joins the batch only when the batch's e
 (sequences x the longest one's prompt + max_tokens, see :func:`_kv_slots`) still fits;
 otherwise it waits in the runner's queue until sequences finish. A request is always admitted when
 its model decodes (or prefills) nothing else, so one larger than the budget still runs, alone. The prompt cache
-gets what the running sequences leave. When the engine goes idle it hands MLX's buffer cache back.
+gets what the running sequences leave. When the engine goes idle it hands MLX's buffer cache back, and
+runs the work queued with :meth:`Engine.when_idle` (a model's one-time preparations that hold the GIL).
 
 Backpressure: a request whose consumer leaves :data:`UNREAD_EVENTS` of its events untaken (a
 stream nobody iterates, an HTTP client that stops reading) leaves the batch, its KV kept in the
@@ -271,6 +272,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._slices = Slices()
+        self._idle: deque[Callable[[], Any]] = deque()  # see when_idle
         self._sliced = False  # prefill in slices: only when this engine runs its own loop (not in lockstep)
         _engines.add(self)
 
@@ -295,6 +297,12 @@ class Engine:
         """Run ``job`` in slices between decode steps (see :mod:`mlx_manager_nb.slices`)."""
         self._ensure_thread()
         self._inbox.put(("job", job, priority))
+
+    def when_idle(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn()`` on the engine thread once nothing decodes, prefills or waits: work that holds the GIL
+        too long to run beside streams (llguidance's tokenizer conversion); its errors are ignored."""
+        self._ensure_thread()
+        self._inbox.put(("idle", fn))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the engine thread after the work queued before this call; requests still running end as
@@ -361,7 +369,10 @@ class Engine:
                     mx.clear_cache()
                     _return_freed_memory()
                 was_busy = busy
-                wait = 0 if busy else max(0.0, next_tick - time.monotonic())
+                if not busy and self._idle:
+                    with contextlib.suppress(Exception):
+                        self._idle.popleft()()
+                wait = 0 if busy or self._idle else max(0.0, next_tick - time.monotonic())
                 if not busy and any(r.parked for r in self._runners.values()):
                     wait = min(wait, PARKED_POLL)
                 self._drain(wait)
@@ -465,6 +476,8 @@ class Engine:
                 self._enqueue(item[1])
             elif item[0] == "job":
                 self._slices.add(item[1], item[2])
+            elif item[0] == "idle":
+                self._idle.append(item[1])
             else:
                 raise _Stop
             try:

@@ -32,10 +32,11 @@ BACKGROUND_SHARE = 0.5  # seconds of background work per second of decode steps,
 FAIR_SHARE = 1 / 3
 
 
-def pause(start: float, budget: float) -> Generator[None, float, tuple[float, float]]:
-    """Inside a job, after a piece of work: end the slice once ``budget`` seconds have passed since ``start``,
-    and give back the (start, budget) to go on with: ``start, budget = yield from pause(start, budget)``."""
-    if time.perf_counter() - start < budget:
+def pause(start: float, budget: float, need: float = 0.0) -> Generator[None, float, tuple[float, float]]:
+    """Inside a job, before a piece of work: end the slice once ``budget`` seconds have passed since ``start``
+    (or fewer than ``need``, the least piece's time, are left), and give back the (start, budget) to go on
+    with: ``start, budget = yield from pause(start, budget)``."""
+    if time.perf_counter() - start + need < budget:
         return start, budget
     budget = yield
     return time.perf_counter(), budget

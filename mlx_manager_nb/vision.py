@@ -389,8 +389,8 @@ def prompt(processor: Processor, request: ChatRequest) -> tuple[list[int], Image
 def encode(model: Any, image: ImagePrompt, first: int, budget: float,
            alive: Callable[[], bool]) -> Generator[None, float, float]:
     """Encode the tiles whose image tokens reach past prompt position ``first`` (those before it are in the KV
-    cache), a piece of an encoder layer's rows at a time, ending each slice once ``budget`` is spent; stops
-    early when ``alive()`` turns false. Returns the budget of the slice it ends in (an engine job's part)."""
+    cache), a piece of an encoder layer's rows at a time, each sized to what is left of the slice's ``budget``;
+    stops early when ``alive()`` turns false. Returns the budget of the next slice (an engine job's part)."""
     tiles = [t for t, s in enumerate(image.starts) if s + image.seq_len > first and t not in image.features]
     if not tiles or not alive():
         return budget
@@ -400,17 +400,20 @@ def encode(model: Any, image: ImagePrompt, first: int, budget: float,
     valid = image.valid[tiles]
     bias = None if valid.all() else mx.array(np.where(valid, 0.0, -np.inf)[:, None, None, :], x.dtype)
     mx.eval(x)
-    rows, n = {"keys": MIN_ROWS, "out": MIN_ROWS}, x.shape[1]  # a row's outputs cost several times its keys
+    n = x.shape[1]
+    per_row: dict[str, float | None] = {"keys": None, "out": None}  # seconds a row (a row's outputs cost more)
     for layer in tower.encoder.layers:
         parts: dict[str, list[mx.array]] = {"keys": [], "values": [], "out": []}
         for phase in ("keys", "out"):
             done = 0
             while done < n:
-                start, budget = yield from pause(start, budget)
+                cost = per_row[phase]
+                start, budget = yield from pause(start, budget, MIN_ROWS * (cost or 0.0))
                 if not alive():
                     return budget
                 piece = time.perf_counter()
-                chunk = x[:, done:done + rows[phase]]
+                left = budget - (piece - start)  # a piece fits what is left of the slice
+                chunk = x[:, done:done + (MIN_ROWS if cost is None else max(MIN_ROWS, int(left / cost)))]
                 if phase == "keys":
                     k, v = layer.keys_values(chunk)
                     mx.eval(k, v)
@@ -422,8 +425,7 @@ def encode(model: Any, image: ImagePrompt, first: int, budget: float,
                     mx.eval(out)
                     parts["out"].append(out)
                 done += chunk.shape[1]
-                took = time.perf_counter() - piece
-                rows[phase] = max(MIN_ROWS, min(2 * rows[phase], int(rows[phase] * budget / max(took, 1e-6))))
+                per_row[phase] = (time.perf_counter() - piece) / chunk.shape[1]
             if phase == "keys":
                 parts["keys"] = [mx.concatenate(parts["keys"], axis=2)]
                 parts["values"] = [mx.concatenate(parts["values"], axis=2)]
@@ -432,5 +434,5 @@ def encode(model: Any, image: ImagePrompt, first: int, budget: float,
     mx.eval(features)
     for i, t in enumerate(tiles):
         image.features[t] = features[i]
-    return budget
+    return (yield)  # the prefill after it starts a slice of its own
 

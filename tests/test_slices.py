@@ -380,3 +380,26 @@ def test_prompts_sharing_starts_of_different_lengths_wait_in_a_chain(slow, monke
         ids = [runner.tokenizer.encode(p) for p in prompts]
         assert [s.result.usage.cached_tokens for s in streams] == [
             0, shared_length(ids[0], ids[1]), shared_length(ids[1], ids[2]), shared_length(ids[1], ids[3]), 0]
+
+
+def test_a_models_tokenizer_is_converted_for_grammars_once_the_engine_is_idle(slow, tiny_model_path):
+    from mlx_manager_nb import constraints
+
+    pool = slow
+    eos = pool.engine.runner("slow-llama").tokenizer.eos_token_id
+    bystander = pool.chat([{"role": "user", "content": "hi"}], temperature=0, max_tokens=6000, stream=True,
+                          logit_bias={eos: -100})
+    stamps, reader = read_in_thread(bystander)
+    assert wait_for(lambda: len(stamps) > 5)
+    pool.load(tiny_model_path, alias="tiny")
+    tokenizer = pool.engine.runner(pool.find("tiny").name).tokenizer
+    time.sleep(0.3)
+    converted = lambda: tokenizer in constraints._models  # noqa: E731
+    assert not converted()  # its conversion holds the GIL for a while: not beside a running stream
+    bystander.close()
+    reader.join()
+    assert wait_for(converted)  # once the engine is idle
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    answer = pool.chat([{"role": "user", "content": "hi"}], model="tiny", max_tokens=20, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert json.loads(answer.text).keys() == {"a"}

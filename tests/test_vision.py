@@ -3,6 +3,7 @@ reference computation does (processor, a NumPy vision tower, mlx-lm's llama fed 
 batched; the prompt cache never gives one image's KV to another; the encode runs in slices beside a stream."""
 
 import base64
+import contextlib
 import io
 import itertools
 import statistics
@@ -365,6 +366,26 @@ def test_a_stream_keeps_its_pace_while_an_image_encodes(wide_vlm):
     assert tokens >= 20, tokens
     assert statistics.median(loud) <= 3 * max(statistics.median(quiet), slices.SLICE_FLOOR), loud
     assert max(loud) < whole / 2, (max(loud), whole)
+
+
+def test_each_slice_of_an_encode_keeps_to_its_budget(wide_vlm):
+    runner = wide_vlm.engine.runner("wide-vlm")
+    budget = 0.05
+
+    def slice_times() -> list[float]:  # on the engine thread, as the engine drives an encode
+        image = vision.prompt(runner.processor, chat(picture(7, (200, 250)), QUESTION))[1]
+        job = vision.encode(runner.model, image, 0, budget, lambda: True)
+        took, start = [], time.perf_counter()
+        with contextlib.suppress(StopIteration):
+            next(job)
+            while True:
+                took.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                job.send(budget)
+        return took
+
+    took = wide_vlm.engine.run(slice_times).result()
+    assert len(took) > 10 and statistics.median(took) < 1.3 * budget, took  # pieces fit what is left of a slice
 
 
 def _timed(fn) -> float:
