@@ -19,7 +19,7 @@ decodes plus its prompt cache. A request joins the batch only when the batch's e
 otherwise it waits in the runner's queue until sequences finish. A request is always admitted when
 its model decodes (or prefills) nothing else, so one larger than the budget still runs, alone. The prompt cache
 gets what the running sequences leave. When the engine goes idle it hands MLX's buffer cache back, and
-runs the work queued with :meth:`Engine.when_idle` (a model's one-time preparations that hold the GIL).
+makes a newly loaded model's one-time measurements (see :meth:`Engine._prepare`).
 
 Backpressure: a request whose consumer leaves :data:`UNREAD_EVENTS` of its events untaken (a
 stream nobody iterates, an HTTP client that stops reading) leaves the batch, its KV kept in the
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import queue
 import threading
 import time
@@ -272,7 +273,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._slices = Slices()
-        self._idle: deque[Callable[[], Any]] = deque()  # see when_idle
+        self._idle: deque[Callable[[], Any]] = deque()  # run once nothing decodes, prefills or waits
         self._sliced = False  # prefill in slices: only when this engine runs its own loop (not in lockstep)
         _engines.add(self)
 
@@ -298,12 +299,6 @@ class Engine:
         self._ensure_thread()
         self._inbox.put(("job", job, priority))
 
-    def when_idle(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn()`` on the engine thread once nothing decodes, prefills or waits: work that holds the GIL
-        too long to run beside streams (llguidance's tokenizer conversion); its errors are ignored."""
-        self._ensure_thread()
-        self._inbox.put(("idle", fn))
-
     def stop(self, timeout: float = 10.0) -> None:
         """End the engine thread after the work queued before this call; requests still running end as
         cancelled. A later call restarts it."""
@@ -321,8 +316,22 @@ class Engine:
     def add_runner(self, runner: Runner) -> None:
         """Serve a loaded model (call on the engine thread, e.g. inside :meth:`run`)."""
         self._runners[runner.name] = runner
+        if runner.embed_queue is None:
+            self._idle.append(functools.partial(self._prepare, weakref.ref(runner)))
         if runner.disk is not None:  # what leaves the memory tier long enough is on disk (see _on_evict)
             _on_evict(runner.prompt_cache, lambda tokens, cache: self._save(runner, tokens, cache))
+
+    def _prepare(self, ref: weakref.ref[Runner]) -> None:
+        """A text model's one-time measurements, made once the engine is idle after its load, which its first
+        requests would otherwise make beside running streams: its KV bytes a token (a forward pass) and
+        llguidance's view of its tokenizer (grammars and log-probabilities need it: converting the demo
+        model's 49,152 tokens holds the GIL for 0.2 s, a stall of every stream's step)."""
+        runner = ref()
+        if runner is None or self._runners.get(runner.name) is not runner:  # unloaded meanwhile
+            return
+        if runner.token_bytes is None:
+            runner.token_bytes = _kv_bytes_per_token(runner)
+        constraints.ll_tokenizer(runner.tokenizer)
 
     def remove_runner(self, name: str, error: BaseException) -> None:
         """Stop serving ``name``: its requests fail with ``error`` (call on the engine thread)."""
@@ -476,8 +485,6 @@ class Engine:
                 self._enqueue(item[1])
             elif item[0] == "job":
                 self._slices.add(item[1], item[2])
-            elif item[0] == "idle":
-                self._idle.append(item[1])
             else:
                 raise _Stop
             try:

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 # that aborts the process at exit ("terminate called...")
 from mlx_lm.utils import dequantize_model, load_config, load_model, load_tokenizer
 
-from . import attention, constraints, embeddings, kv_disk, kv_quant, store, vision
+from . import attention, embeddings, kv_disk, kv_quant, store, vision
 from .engine import Engine, Request, Runner
 from .errors import EngineError, InvalidModelError, InvalidParameterError, ModelNotFoundError, PoolFullError
 from .request import RequestContext
@@ -177,16 +177,6 @@ def _prepare_vision(name: str, path: Path, dequantize: bool, splitting: bool) ->
         return _runner(name, model, tokenizer, dequantize, processor=processor)
 
     return build
-
-
-def _convert_tokenizer(engine: Engine, name: str, tokenizer: Any) -> Callable[[], None]:
-    """llguidance's view of a model's tokenizer, which grammars and log-probabilities need, made while the
-    engine is idle: its conversion holds the GIL for 0.2 s (49k tokens), a stall beside a stream. A request
-    that needs it sooner converts it then."""
-    def convert() -> None:
-        if engine.runner(name).tokenizer is tokenizer:  # still loaded (else ModelNotFoundError, ignored)
-            constraints.ll_tokenizer(tokenizer)
-    return convert
 
 
 def _load_job(build: Callable[[], Runner], path: Path, progress: Callable[[str, float], None],
@@ -448,8 +438,6 @@ class Registry:
             if disk is not None:
                 runner.disk = self._disks[name] = disk
             self.engine.run(self.engine.add_runner, runner).result()
-            if kind != "embedding":
-                self.engine.when_idle(_convert_tokenizer(self.engine, name, runner.tokenizer))
         except BaseException as e:
             self._set(name, state="failed", error=str(e))
             with self._lock:

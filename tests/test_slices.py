@@ -382,7 +382,7 @@ def test_prompts_sharing_starts_of_different_lengths_wait_in_a_chain(slow, monke
             0, shared_length(ids[0], ids[1]), shared_length(ids[1], ids[2]), shared_length(ids[1], ids[3]), 0]
 
 
-def test_a_models_tokenizer_is_converted_for_grammars_once_the_engine_is_idle(slow, tiny_model_path):
+def test_a_new_models_one_time_measurements_wait_until_the_engine_is_idle(slow, tiny_model_path):
     from mlx_manager_nb import constraints
 
     pool = slow
@@ -392,13 +392,15 @@ def test_a_models_tokenizer_is_converted_for_grammars_once_the_engine_is_idle(sl
     stamps, reader = read_in_thread(bystander)
     assert wait_for(lambda: len(stamps) > 5)
     pool.load(tiny_model_path, alias="tiny")
-    tokenizer = pool.engine.runner(pool.find("tiny").name).tokenizer
+    runner = pool.engine.runner(pool.find("tiny").name)
     time.sleep(0.3)
-    converted = lambda: tokenizer in constraints._models  # noqa: E731
-    assert not converted()  # its conversion holds the GIL for a while: not beside a running stream
+    # llguidance's view of its tokenizer (a conversion holding the GIL a while) and its KV bytes a token
+    # (a forward pass) are not made beside a running stream...
+    prepared = lambda: runner.tokenizer in constraints._models and runner.token_bytes is not None  # noqa: E731
+    assert runner.tokenizer not in constraints._models and runner.token_bytes is None
     bystander.close()
     reader.join()
-    assert wait_for(converted)  # once the engine is idle
+    assert wait_for(prepared)  # ... but once the engine is idle
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     answer = pool.chat([{"role": "user", "content": "hi"}], model="tiny", max_tokens=20, response_format={
         "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
