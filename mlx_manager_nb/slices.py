@@ -8,7 +8,9 @@ at least :data:`SLICE_FLOOR`), and background work gets a share of the decode st
 :data:`BACKGROUND_SHARE` (a slice after every second step) while the sequences decoding are those of
 the jobs' own clients, :data:`FAIR_SHARE` (a slice after every third) while another client's stream
 decodes beside them. That client's inter-token gap thus stays near twice its quiet one, and its total
-time near 1.33 times, whatever else runs; a client's own streams wait more for its own work. When
+time near 1.33 times, whatever else runs; a client's own streams wait more for its own work. A round
+whose decode step ran long (over :data:`LONG_STEP` times the median: the CPU is busy) puts its slice
+off to a later round, so no gap gets both a slow step and a slice. When
 nothing decodes a slice may take :data:`IDLE_SLICE`, one after the other, and the engine still looks at
 its inbox between them.
 Jobs of the highest priority take turns, round-robin; lower ones wait until those are done.
@@ -30,6 +32,7 @@ STEP_WINDOW = 16  # decode steps whose median is a slice's budget
 BACKGROUND_SHARE = 0.5  # seconds of background work per second of decode steps, while its own clients decode
 # ... while another client decodes beside it: its stream's total time is then at most about 1 + this
 FAIR_SHARE = 1 / 3
+LONG_STEP = 1.5  # a decode step longer than this times the median has no slice after it in its round
 
 
 def pause(start: float, budget: float, need: float = 0.0) -> Generator[None, float, tuple[float, float]]:
@@ -56,6 +59,7 @@ class Slices:
         self._jobs: deque[_Entry] = deque()
         self._steps: deque[float] = deque(maxlen=STEP_WINDOW)
         self._credit = 0.0  # seconds of background work due to the jobs beside decoding
+        self._long = False  # the last decode step ran long: its round takes no slice
 
     def __bool__(self) -> bool:
         return bool(self._jobs)
@@ -72,6 +76,7 @@ class Slices:
     def step_took(self, seconds: float, clients: frozenset[str | None] | set[str | None] = frozenset()) -> None:
         """Record how long a decode step took: background work is owed its share of it (at most a slice),
         the smaller :data:`FAIR_SHARE` when the step decoded for ``clients`` other than the jobs' own."""
+        self._long = bool(self._steps) and seconds > LONG_STEP * self._budget(True)
         self._steps.append(seconds)
         others = bool(clients) and not clients <= {e.client for e in self._jobs}
         share = FAIR_SHARE if others else BACKGROUND_SHARE
@@ -88,8 +93,8 @@ class Slices:
 
     def run(self, decoding: bool) -> None:
         """One slice of the next job in turn among those of the highest priority, if one is due: always when
-        nothing decodes, else when the decode steps since the last slice owe it."""
-        if decoding and self._credit <= 0:
+        nothing decodes, else when the decode steps since the last slice owe it and the last one was not long."""
+        if decoding and (self._credit <= 0 or self._long):
             return
         top = max(e.priority for e in self._jobs)
         entry = next(e for e in self._jobs if e.priority == top)

@@ -69,6 +69,19 @@ def test_background_work_gets_a_slice_after_every_second_decode_step():
     assert pieces[-1] == 1.0  # nothing decodes: a long slice at once
 
 
+def test_no_slice_follows_a_decode_step_that_ran_long():
+    slices, pieces = Slices(), []
+    slices.add(busy_job(pieces))
+    after_long = 0
+    for i in range(40):
+        step = 0.09 if i % 4 == 3 else 0.03  # every fourth step three times as long: a busy CPU
+        slices.step_took(step)
+        before = len(pieces)
+        slices.run(decoding=True)
+        after_long += step == 0.09 and len(pieces) > before
+    assert after_long == 0 and len(pieces) >= 8, len(pieces)  # put off to the next rounds, not dropped
+
+
 def test_a_clients_background_work_gets_less_beside_another_clients_stream_than_beside_its_own():
     def slices_run(decoding: set) -> int:
         slices, pieces = Slices(), []
