@@ -27,7 +27,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 from common import (MAX_TOKENS, PROMPT, bandwidth, best_of, concurrently, demo_path, linear_weights,  # first: binds
@@ -96,16 +98,20 @@ def streams(path: Path, threads: int | None, busy: int, tokens: int = 32, gemv: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def blas_threads(path: Path) -> None:
+def blas_threads(path: Path, rounds: int = 3) -> None:
+    """Each setting in a fresh process, idle and beside two busy processes; the settings are taken in turn
+    ``rounds`` times and the medians printed (one run of a setting moves by up to 10% from the next)."""
     cores = len(os.sched_getaffinity(0))
     settings: list[int | None] = [1, cores, None]
     name = {1: "1 thread", cores: f"{cores} threads", None: "library's setting"}
-    print(f"OpenBLAS threads (one per core, OpenBLAS's own default: {cores}), tokens/s of 1 stream and 8 streams")
+    print(f"OpenBLAS threads (one per core, OpenBLAS's own default: {cores}), tokens/s of 1 stream and 8 streams"
+          f" (medians of {rounds} rounds)")
     figures = {}
     for busy in (0, 2):
+        runs = _in_turn(settings, rounds, lambda n, busy=busy: streams(path, n, busy))
         for n in settings:
-            figures[n, busy] = streams(path, n, busy)
-            one, eight = figures[n, busy][:2]
+            figures[n, busy] = [statistics.median(r[i] for r in runs[n]) for i in range(2)]
+            one, eight = figures[n, busy]
             print(f"  {name[n]:18} {'idle CPU' if not busy else '2 busy processes':17} 1 stream {one:7.2f}   "
                   f"8 streams {eight:7.2f}", flush=True)
     for i, label in enumerate(("1 stream", "8 streams")):
@@ -116,20 +122,30 @@ def blas_threads(path: Path) -> None:
             figures[None, 2][i] / figures[1, 2][i], 0.8)
 
 
+def _in_turn(settings: list, rounds: int, measure: Callable[[Any], list[float]]) -> dict[Any, list[list[float]]]:
+    """``measure(setting)`` for every setting, one after the other, ``rounds`` times over."""
+    runs: dict = {n: [] for n in settings}
+    for _ in range(rounds):
+        for n in settings:
+            runs[n].append(measure(n))
+    return runs
+
+
 def one_row(path: Path, rounds: int = 2) -> None:
     """One-row products through sgemv against MLX's direct sgemm: fresh processes in turn, the library's
     thread setting, 64 tokens each; medians of ``rounds``. Beside tokens/s, the process's CPU time per
     token: on one thread (as the library runs a row beside other work), it is the work a token costs,
     which the other processes' load changes far less than the wall clock."""
     print(f"one-row products, 1 stream and 8 streams (medians of {rounds} rounds, taken in turn)")
-    figures: dict[str, list[list[float]]] = {"1": [], "0": []}
-    for _ in range(rounds):
-        for gemv in figures:
-            one, eight, cpu_one, cpu_eight = streams(path, None, 0, tokens=64, gemv=gemv)
-            figures[gemv].append([one, eight, cpu_one, cpu_eight])
-            print(f"  {'sgemv' if gemv == '1' else 'sgemm'}: 1 stream {one:6.2f} tok/s, {cpu_one * 1000:5.1f} CPU ms a "
-                  f"token; 8 streams {eight:6.2f} tok/s, {cpu_eight * 1000:5.1f} CPU ms a token   "
-                  f"(1-min load average {os.getloadavg()[0]:.1f})", flush=True)
+
+    def measure(gemv: str) -> list[float]:
+        one, eight, cpu_one, cpu_eight = streams(path, None, 0, tokens=64, gemv=gemv)
+        print(f"  {'sgemv' if gemv == '1' else 'sgemm'}: 1 stream {one:6.2f} tok/s, {cpu_one * 1000:5.1f} CPU ms a "
+              f"token; 8 streams {eight:6.2f} tok/s, {cpu_eight * 1000:5.1f} CPU ms a token   "
+              f"(1-min load average {os.getloadavg()[0]:.1f})", flush=True)
+        return [one, eight, cpu_one, cpu_eight]
+
+    figures = _in_turn(["1", "0"], rounds, measure)
     for i, label in enumerate(("1 stream", "8 streams")):
         fast, plain = (statistics.median(r[i] for r in figures[g]) for g in ("1", "0"))
         row(f"{label}: sgemv vs sgemm (MLX_NB_GEMV=0)", fast, "tok/s", fast / plain, 1.0 if i else None)
