@@ -827,11 +827,15 @@ class Engine:
 
     def _go_solo(self, runner: Runner, decoded: set[int]) -> None:
         """Take the model's one decoding sequence out of the batch to decode it speculatively (see
-        :mod:`.speculative`) when its request allows and a draft exists (a draft model always drafts).
+        :mod:`.speculative`) when its request allows and a draft exists (a draft model always drafts), and no
+        other client's background work waits: a verifying step costs about two plain ones, and beside that
+        work a stream's steps stay plain and even, so the slices between them keep its gaps short.
         ``decoded``: the sequences this step gave a token (the others are still prompts in the batch)."""
         if len(runner.active) != 1 or runner.waiting or runner.prefilling or not self._sliced:
             return
         ((uid, seq),) = runner.active.items()
+        if self._slices.others_than(seq.request.client):
+            return
         p = seq.request.params
         if uid not in decoded or not p.speculative or seq.faults or runner.processor is not None:  # not a vision model
             return
@@ -854,11 +858,12 @@ class Engine:
 
     def _solo_step(self, runner: Runner) -> bool:
         """One speculative step of the runner's solo sequence; False when it went back into the batch
-        instead (another sequence joined the model, or its drafts stopped coming)."""
+        instead (another sequence joined the model, another client's background work came, or its drafts
+        stopped coming)."""
         solo = runner.solo
         assert solo is not None
         seq, p = solo.seq, solo.seq.request.params
-        if len(runner.active) > 1 or solo.misses >= speculative.MISSES:
+        if len(runner.active) > 1 or solo.misses >= speculative.MISSES or self._slices.others_than(seq.request.client):
             runner.solo = None
             del runner.active[solo.uid]
             cache, _ = solo.release()

@@ -82,6 +82,10 @@ class Slices:
         share = FAIR_SHARE if others else BACKGROUND_SHARE
         self._credit = min(self._credit + share * seconds, self._budget(True))
 
+    def others_than(self, client: str | None) -> bool:
+        """Whether background work of another client than ``client`` is queued."""
+        return any(e.client != client for e in self._jobs)
+
     def step_time(self) -> float | None:
         """The median of the last decode steps' times (None before the first)."""
         return statistics.median(self._steps) if self._steps else None

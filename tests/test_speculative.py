@@ -295,3 +295,21 @@ def test_draft_model_of_another_vocabulary_is_refused(make_pool, tiny_model_path
     with pytest.raises(InvalidParameterError, match="vocabular"):
         pool.load(tiny_model_path, alias="tiny", draft=draft)
     assert pool.models() == []
+
+
+def test_no_drafts_while_another_clients_background_work_waits(pool, runner):
+    release = threading.Event()
+
+    def other_clients_job():  # e.g. another client's long prompt being prefilled in slices
+        yield
+        while not release.is_set():
+            yield
+
+    pool.engine.run(pool.engine._slices.add, other_clients_job(), 0, "10.0.0.9").result()
+    plain = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=60, speculative=False, **LOOPING)
+    beside = pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=60, **LOOPING)
+    assert runner.drafted == 0  # a verifying step costs about two plain ones: beside that work steps stay even
+    release.set()
+    same(beside, plain)
+    same(pool.complete(PROMPTS[1], "tiny", temperature=0, max_tokens=60, **LOOPING), plain)
+    assert runner.drafted > 0  # once it is done, the stream drafts again
