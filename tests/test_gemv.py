@@ -1,4 +1,5 @@
-"""One-row products through sgemv: the same results as numpy, and the same greedy text as through sgemm."""
+"""One-row products through sgemv and products of a few rows through the shim's own kernel: the same
+results as numpy, and the same greedy text as through sgemm."""
 
 import json
 import os
@@ -18,7 +19,8 @@ on = pytest.mark.skipif(blas.gemv_status != "sgemv", reason=f"one-row products a
 @pytest.mark.parametrize("n, k", [(7, 5), (1536, 576), (576, 1536), (300, 1)])
 def test_one_row_products_equal_numpy_in_every_layout(n, k):
     """A weight as stored (transposed in the product, as nn.Linear uses it), as a contiguous transposed
-    copy, a strided slice of a wider one; with addmm's alpha and beta; batched rows of one; two rows (sgemm)."""
+    copy, a strided slice of a wider one; with addmm's alpha and beta; batched rows of one; 2 to 6 rows (the
+    shim's kernel), also of a strided slice; 7 rows (sgemm)."""
     key = mx.random.key(n + k)
     w = mx.random.normal((n, k), key=key)
     wide = mx.random.normal((n, 2 * k + 3), key=mx.random.split(key)[0])
@@ -33,6 +35,9 @@ def test_one_row_products_equal_numpy_in_every_layout(n, k):
         (mx.addmm(c, x, w.T, alpha=0.5, beta=2.0), 0.5 * (xn @ wn.T) + 2.0 * cn),
         (batched @ w.T, np.array(batched) @ wn.T),
         (x2 @ w.T, x2n @ wn.T),
+        *((xs @ w.T, np.array(xs) @ wn.T) for xs in (mx.random.normal((rows, k), key=key) for rows in (3, 5, 6, 7))),
+        (mx.random.normal((5, k), key=key) @ wide[:, 3:k + 3].T,
+         np.array(mx.random.normal((5, k), key=key)) @ widen[:, 3:k + 3].T),
     ]
     for got, want in cases:
         assert np.allclose(np.array(got), want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
