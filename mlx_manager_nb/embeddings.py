@@ -255,13 +255,11 @@ def _submit(pool: Any, inputs: Any, model: str | None, truncate: bool, dimension
         raise
 
     def finish(job: _Job, error: BaseException | None) -> None:
-        if job.cancelled.is_set():  # its caller left; nobody reads the future
-            error = CancelledError()
-            outcome = dict(status="cancelled", prompt_tokens=sum(map(len, tokens)), completion_tokens=0,
-                           duration=time.time() - record.started)
-        else:
-            outcome = (dict(status="ok", prompt_tokens=sum(map(len, tokens)), completion_tokens=0,
-                            duration=time.time() - record.started) if error is None else record.failed(error))
+        cancelled = job.cancelled.is_set()  # its caller left; nobody reads the future
+        outcome = (dict(status="cancelled" if cancelled else "ok", prompt_tokens=sum(map(len, tokens)),
+                        completion_tokens=0, duration=time.time() - record.started)
+                   if error is None or cancelled else record.failed(error))
+        error = CancelledError() if cancelled else error
         row = record.end(outcome, {"prompt": inputs, "completion": ""})
         if error is not None:
             job.future.set_exception(error)
