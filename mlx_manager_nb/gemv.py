@@ -6,12 +6,12 @@ model). OpenBLAS runs those through its general kernel, which reads weights of 5
 on one core of this machine, where its ``sgemv`` reads the same at 11-12 GB/s (the 1536 x 576 MLP
 weights and the 49,152 x 576 output projection; the 576 x 1536 one is even, ~15 GB/s). So a tiny C
 library, compiled here with the system's C compiler and loaded before OpenBLAS, defines
-``cblas_sgemm``: a product with one row goes to OpenBLAS's ``cblas_sgemv``; one of 2 to
-:data:`SMALL_ROWS` rows against a weight as ``nn.Linear`` stores it (a speculative step's drafted
-tokens, a small batch) to a kernel of its own that reads each weight row once for all of them
-(OpenBLAS's ``sgemm`` reads such products at 4-5 GB/s on one core here, this kernel at 12-21 GB/s
-for 2 to 6 rows: the 49,152 x 576 output projection 21 GB/s at 2 rows, 17 at 5); every other product
-to OpenBLAS's ``cblas_sgemm``. MLX binds to it when it loads. Where there is no compiler, or
+``cblas_sgemm``: a product with one row goes to OpenBLAS's ``cblas_sgemv``; one of 2 to 6 rows against
+a weight as ``nn.Linear`` stores it (a speculative step's drafted tokens, a small batch) to a kernel
+of its own that reads each weight row once for all of them (OpenBLAS's ``sgemm`` reads such products
+at 4-5 GB/s on one core here, this kernel at 12-21 GB/s for 2 to 6 rows: the 49,152 x 576 output
+projection 21 GB/s at 2 rows, 17 at 5; at 7 and 8 OpenBLAS's two threads read faster); every other
+product to OpenBLAS's ``cblas_sgemm``. MLX binds to it when it loads. Where there is no compiler, or
 ``MLX_NB_GEMV=0``, MLX calls OpenBLAS directly as before.
 
 They compute the same dot products in another order, so results can differ in the last bits (raw
@@ -24,8 +24,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-
-SMALL_ROWS = 6  # the most rows the shim's own kernel takes (at 7 and 8 OpenBLAS's two threads read faster)
 
 SOURCE = r"""
 #define _GNU_SOURCE
@@ -75,7 +73,8 @@ static void rows_##M(int n, int k, const float *a, int lda, const float *b, int 
 }
 ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6)
 typedef void (*rows_fn)(int, int, const float *, int, const float *, int, float *, int);
-static const rows_fn by_rows[] = {0, 0, rows_2, rows_3, rows_4, rows_5, rows_6};
+static const rows_fn by_rows[] = {0, 0, rows_2, rows_3, rows_4, rows_5, rows_6};  /* by row count */
+enum { SMALL_ROWS = sizeof by_rows / sizeof by_rows[0] - 1 };
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
@@ -111,7 +110,7 @@ def build(folder: str) -> ctypes.CDLL | str:
         return "off (no C compiler)"
     source, lib = os.path.join(folder, "gemv.c"), os.path.join(folder, NAME)
     with open(source, "w") as f:
-        f.write(f"#define SMALL_ROWS {SMALL_ROWS}\n" + SOURCE)
+        f.write(SOURCE)
     error: Exception | None = None
     for flags in (["-O3", "-march=native"], ["-O3"]):  # the machine's vector width where the compiler knows it
         try:
